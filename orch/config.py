@@ -1,0 +1,266 @@
+"""Settings: YAML file + ORCH_* environment + command-line flags, checked once, frozen.
+
+Precedence: flag > environment > file > default. Every key is declared in KEYS
+with its type, default and meaning; ``config/dev.yaml`` documents them all and
+a test keeps the two in step. An unknown key or a bad value stops start-up
+with a message naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from orch.errors import ConfigError
+from orch.models import NAME_RE, RetryPolicy
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # int, float, str, bool, names, codes, choice
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+KEYS: dict[str, Key] = {
+    "scheduler.host": Key("str", "127.0.0.1", "address the scheduler's API listens on"),
+    "scheduler.port": Key("int", 8080, "port of the scheduler's API (0: any free port)", minimum=0),
+    "scheduler.heartbeat_interval": Key("float", 2.0, "seconds between worker heartbeats (told to workers at registration)", minimum=0.05),
+    "scheduler.lease_ttl": Key("float", 10.0, "seconds without a heartbeat after which a worker is lost and its leases expire", minimum=0.1),
+    "scheduler.recovery_grace": Key("float", 10.0, "seconds every lease is extended by when the scheduler starts, so live workers can re-adopt their jobs", minimum=0),
+    "scheduler.long_poll_timeout": Key("float", 30.0, "longest a lease or wait request is held open, in seconds", minimum=0.1),
+    "scheduler.max_body_bytes": Key("int", 8 << 20, "largest request body accepted, in bytes", minimum=1024),
+    "scheduler.output_limit_bytes": Key("int", 1 << 20, "output kept per attempt and stream (the tail; truncation is marked)", minimum=1024),
+    "worker.host": Key("str", "", "host name a worker reports about itself (default: this machine's name)"),
+    "worker.join": Key("str", "http://127.0.0.1:8080", "scheduler a worker joins when --join is not given"),
+    "worker.name": Key("str", "", "worker name (default: host name and process id)"),
+    "worker.concurrency": Key("int", 4, "jobs one worker runs at once", minimum=1),
+    "worker.queues": Key("names", ["default"], "queues a worker takes jobs from"),
+    "worker.kill_grace": Key("float", 5.0, "seconds between SIGTERM and SIGKILL when a job is timed out or cancelled", minimum=0),
+    "worker.drain_grace": Key("float", 30.0, "seconds a stopping worker lets running jobs finish before handing them back", minimum=0),
+    "concurrency": Key("int", None, "alias of worker.concurrency", minimum=1),
+    "retry.max_attempts": Key("int", 3, "attempts a job gets unless it says otherwise (1: no retries)", minimum=1),
+    "retry.backoff.base": Key("float", 1.0, "seconds before the first retry", minimum=0),
+    "retry.backoff.factor": Key("float", 2.0, "growth of the delay per attempt", minimum=1),
+    "retry.backoff.cap": Key("float", 300.0, "longest delay between attempts, in seconds", minimum=0),
+    "retry.backoff.jitter": Key("float", 0.2, "random spread of each delay, as a fraction (0.2: +/-20%)", minimum=0),
+    "retry.on_exit": Key("codes", None, "exit codes that earn a retry (empty/null: every non-zero code)"),
+    "logging.level": Key("choice", "info", "log level", choices=("debug", "info", "warning", "error")),
+    "logging.format": Key("choice", "text", "log line format", choices=("text", "json")),
+    "storage.backend": Key("choice", "sqlite", "where state is kept", choices=("sqlite",)),
+    "storage.data_dir": Key("str", "", "folder of all state (default: the platform's user data dir)"),
+    "storage.path": Key("str", "", "SQLite database file (default: <data_dir>/orch.db)"),
+    "storage.synchronous": Key("choice", "FULL", "SQLite synchronous level: FULL survives power loss, NORMAL only crashes", choices=("FULL", "NORMAL")),
+    "client.server": Key("str", "http://127.0.0.1:8080", "scheduler the CLI talks to"),
+}
+
+# Environment names that are not simply ORCH_<KEY> upper-cased.
+ENV_ALIASES = {"ORCH_SERVER": "client.server", "ORCH_DATA_DIR": "storage.data_dir"}
+
+
+def env_name(key: str) -> str:
+    return "ORCH_" + key.upper().replace(".", "_")
+
+
+def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
+    spec = KEYS[key]
+    bad = f"{key} in {where}"
+    if raw is None:
+        if spec.default is None or spec.kind in ("codes", "str"):
+            return None if spec.kind != "str" else ""
+        raise ConfigError(f"{bad}: a value is required")
+    kind = spec.kind
+    try:
+        if kind == "int":
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, int)):
+                raise ValueError
+            value: Any = int(raw)
+        elif kind == "float":
+            if isinstance(raw, bool) or (not from_text and not isinstance(raw, (int, float))):
+                raise ValueError
+            value = float(raw)
+        elif kind == "bool":
+            if from_text:
+                if str(raw).lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = str(raw).lower() in ("1", "true", "yes", "on")
+            elif not isinstance(raw, bool):
+                raise ValueError
+            else:
+                value = raw
+        elif kind == "str":
+            if not isinstance(raw, (str, int)) or isinstance(raw, bool):
+                raise ValueError
+            value = str(raw)
+        elif kind == "choice":
+            value = str(raw)
+            if key == "storage.synchronous":
+                value = value.upper()
+            elif key.startswith("logging."):
+                value = value.lower()
+            if value not in spec.choices:
+                raise ConfigError(f"{bad}: {raw!r} is not one of {', '.join(spec.choices)}")
+        elif kind == "names":
+            items = raw.split(",") if from_text and isinstance(raw, str) else raw
+            if not isinstance(items, list) or not items:
+                raise ValueError
+            value = [str(i).strip() for i in items]
+            for v in value:
+                if not NAME_RE.match(v):
+                    raise ConfigError(f"{bad}: {v!r} is not a valid queue name")
+        elif kind == "codes":
+            items = [i for i in raw.split(",") if i.strip()] if from_text and isinstance(raw, str) else raw
+            if not isinstance(items, list):
+                raise ValueError
+            value = tuple(int(i) for i in items) or None
+            if value and not all(1 <= c <= 255 for c in value):
+                raise ValueError
+        else:  # pragma: no cover - KEYS only holds the kinds above
+            raise ValueError
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"{bad}: {raw!r} is not a valid {kind}") from None
+    if spec.minimum is not None and isinstance(value, (int, float)) and value < spec.minimum:
+        raise ConfigError(f"{bad}: {value!r} is below the minimum {spec.minimum:g}")
+    if key == "scheduler.port" and value > 65535:
+        raise ConfigError(f"{bad}: {value!r} is not a port number")
+    return value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not any(name == key for name in KEYS):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def default_config_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("orch")) / "config.yaml"
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("orch"))
+
+
+class Settings:
+    """Frozen settings: ``settings["worker.concurrency"]`` or ``settings.get(...)``."""
+
+    def __init__(self, values: Mapping[str, Any], source: str | None) -> None:
+        self._values = dict(values)
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("_values", "source") and name not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError("Settings are frozen")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self["storage.data_dir"]).expanduser() if self["storage.data_dir"] else default_data_dir()
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self["storage.path"]).expanduser() if self["storage.path"] else self.data_dir / "orch.db"
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self["retry.max_attempts"],
+            base=self["retry.backoff.base"],
+            factor=self["retry.backoff.factor"],
+            cap=self["retry.backoff.cap"],
+            jitter=min(1.0, self["retry.backoff.jitter"]),
+            retry_on_exit=self["retry.on_exit"],
+        )
+
+    @property
+    def concurrency(self) -> int:
+        return int(self["worker.concurrency"])
+
+    @property
+    def worker_host(self) -> str:
+        return self["worker.host"] or socket.gethostname()
+
+
+def load_settings(
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the Settings. ``overrides`` are flag values (None means "not given")."""
+    env = os.environ if environ is None else environ
+    values = {k: spec.default for k, spec in KEYS.items()}
+    path: Path | None = None
+    if config is None and env.get("ORCH_CONFIG"):
+        config = env["ORCH_CONFIG"]
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+    elif default_config_path().is_file():
+        path = default_config_path()
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        for key, raw in _flatten(data).items():
+            if key not in KEYS:
+                raise ConfigError(f"unknown key {key!r} in {path}")
+            values[key] = _coerce(key, raw, str(path), from_text=False)
+    names = {env_name(k): k for k in KEYS} | ENV_ALIASES
+    for name, key in names.items():
+        if name in env and env[name] != "":
+            values[key] = _coerce(key, env[name], f"environment variable {name}", from_text=True)
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in KEYS:
+            raise ConfigError(f"unknown key {key!r}")
+        values[key] = _coerce(key, raw, "command-line flags", from_text=isinstance(raw, str))
+    if values.get("concurrency") is not None and not (overrides or {}).get("worker.concurrency"):
+        values["worker.concurrency"] = values["concurrency"]
+    values["client.server"] = normalize_server(values["client.server"])
+    values["worker.join"] = normalize_server(values["worker.join"])
+    return Settings(values, str(path) if path else None)
+
+
+def normalize_server(address: str) -> str:
+    """``host:port``, ``:port`` or a URL to a base URL without a trailing slash."""
+    address = address.strip().rstrip("/")
+    if not address:
+        raise ConfigError("the server address is empty")
+    if "://" not in address:
+        if address.startswith(":"):
+            address = "127.0.0.1" + address
+        address = "http://" + address
+    return address
+
+
+def environ_overrides(pairs: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    return {k: f() for k, f in pairs.items()}

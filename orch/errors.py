@@ -1,0 +1,94 @@
+"""One error root for orch: each error knows its HTTP status, its code and its CLI exit code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchError(Exception):
+    """Base of every error orch raises on purpose.
+
+    The API middleware turns one into ``{"error": {"code", "message", "field"}}``
+    with ``http_status``; the CLI prints ``message`` and exits with ``exit_code``.
+    """
+
+    http_status = 500
+    code = "internal"
+    exit_code = 1
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return {"error": body}
+
+
+class ValidationError(OrchError):
+    http_status = 400
+    code = "invalid"
+    exit_code = 2
+
+
+class NotFound(OrchError):
+    http_status = 404
+    code = "not_found"
+    exit_code = 4
+
+
+class Conflict(OrchError):
+    http_status = 409
+    code = "conflict"
+    exit_code = 5
+
+
+class StaleAttempt(Conflict):
+    """A worker spoke for an attempt that is no longer the job's current one."""
+
+    code = "stale_attempt"
+
+
+class UnknownWorker(Conflict):
+    """A worker id the scheduler does not know, or has marked lost: it must register again."""
+
+    code = "unknown_worker"
+
+
+class PayloadTooLarge(OrchError):
+    http_status = 413
+    code = "too_large"
+    exit_code = 2
+
+
+class IllegalTransition(OrchError):
+    """A state change the transitions table does not allow: a bug in orch, never user input."""
+
+    http_status = 500
+    code = "illegal_transition"
+
+
+class ConfigError(OrchError):
+    code = "config"
+    exit_code = 2
+
+
+class ServerUnavailable(OrchError):
+    """The CLI or a worker could not reach the scheduler."""
+
+    http_status = 503
+    code = "unavailable"
+    exit_code = 3
+
+
+class ApiError(OrchError):
+    """An error answer from the scheduler, seen by the client side."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.http_status = status
+        self.code = code
+        self.exit_code = {400: 2, 404: 4, 409: 5, 413: 2}.get(status, 1)

@@ -1,0 +1,298 @@
+"""The domain: job states and their transitions, job specs and their validation, retry policy."""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from orch.errors import IllegalTransition, ValidationError
+
+
+class State(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+# The one table of allowed moves. Every writer goes through check_transition().
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.RUNNING, State.CANCELLED}),
+    State.RUNNING: frozenset(
+        {State.SUCCEEDED, State.FAILED, State.RETRYING, State.QUEUED, State.CANCELLED}
+    ),
+    State.RETRYING: frozenset({State.QUEUED, State.CANCELLED}),
+    State.SUCCEEDED: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
+}
+
+
+def check_transition(frm: State | str, to: State | str) -> None:
+    """Raise IllegalTransition unless the table allows ``frm -> to``."""
+    f, t = State(frm), State(to)
+    if t not in TRANSITIONS[f]:
+        raise IllegalTransition(f"illegal job state transition {f} -> {t}")
+
+
+def sources_of(to: State) -> tuple[str, ...]:
+    """Every state from which ``to`` may be reached (for conditional UPDATEs)."""
+    return tuple(sorted(s.value for s, targets in TRANSITIONS.items() if to in targets))
+
+
+class Outcome(str, enum.Enum):
+    """How one attempt ended."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+    HANDED_BACK = "handed_back"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------- retry
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 300.0
+    jitter: float = 0.2
+    retry_on_exit: tuple[int, ...] | None = None  # None: every non-zero exit retries
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based); rand in [0, 1)."""
+        raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        return max(0.0, raw * (1.0 + self.jitter * (2.0 * rand - 1.0)))
+
+    def retries(self, outcome: Outcome, exit_code: int | None, attempt: int) -> bool:
+        """Whether an attempt that ended with ``outcome`` earns another attempt."""
+        if attempt >= self.max_attempts:
+            return False
+        if outcome in (Outcome.TIMED_OUT, Outcome.LOST):
+            return True
+        if outcome is Outcome.FAILED:
+            if self.retry_on_exit is None or exit_code is None:
+                return True
+            return exit_code in self.retry_on_exit
+        return False
+
+
+# --------------------------------------------------------------------------- job spec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_ARGS = 4096
+MAX_ARG_LEN = 128 * 1024
+MAX_ENV = 256
+MAX_LABELS = 64
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+SPEC_FIELDS = frozenset(
+    {
+        "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
+        "max_attempts", "labels", "name", "backoff", "retry_on_exit",
+    }
+)
+BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run and how: the validated form of a submitted job."""
+
+    argv: tuple[str, ...]
+    kind: str  # "command", "shell" or "task": how the user wrote it
+    queue: str = "default"
+    priority: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    name: str | None = None
+    backoff: Mapping[str, float] = field(default_factory=dict)
+    retry_on_exit: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "argv": list(self.argv)}
+        if self.kind == "shell":
+            out["shell"] = self.argv[2]
+        out.update(queue=self.queue, priority=self.priority, env=dict(self.env), cwd=self.cwd,
+                   timeout=self.timeout, labels=dict(self.labels), name=self.name)
+        if self.backoff:
+            out["backoff"] = dict(self.backoff)
+        if self.retry_on_exit is not None:
+            out["retry_on_exit"] = list(self.retry_on_exit)
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _str_list(v: Any, fld: str, *, allow_empty: bool) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ValidationError(f"{fld} must be a list of strings", field=fld)
+    if not v and not allow_empty:
+        raise ValidationError(f"{fld} must not be empty", field=fld)
+    if len(v) > MAX_ARGS:
+        raise ValidationError(f"{fld} has more than {MAX_ARGS} items", field=fld)
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise ValidationError(f"{fld}[{i}] must be a string", field=f"{fld}[{i}]")
+        if len(item) > MAX_ARG_LEN or "\x00" in item:
+            raise ValidationError(f"{fld}[{i}] is too long or holds a NUL byte", field=f"{fld}[{i}]")
+    return tuple(v)
+
+
+def _str_map(v: Any, fld: str, key_re: re.Pattern[str], limit: int) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise ValidationError(f"{fld} must be an object of string to string", field=fld)
+    if len(v) > limit:
+        raise ValidationError(f"{fld} has more than {limit} entries", field=fld)
+    for k, val in v.items():
+        if not key_re.match(k):
+            raise ValidationError(f"{fld} key {k[:80]!r} is not a valid name", field=f"{fld}.{k[:80]}")
+        if not isinstance(val, str) or len(val) > MAX_ARG_LEN or "\x00" in val:
+            raise ValidationError(f"{fld}.{k} must be a string without NUL bytes", field=f"{fld}.{k}")
+    return dict(v)
+
+
+def validate_name(v: Any, fld: str) -> str:
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise ValidationError(
+            f"{fld} must be 1-64 characters of letters, digits, '_', '.', ':' or '-'", field=fld
+        )
+    return v
+
+
+def parse_spec(body: Any, prefix: str = "") -> JobSpec:
+    """Validate a submitted job (a decoded JSON object) into a JobSpec.
+
+    Raises ValidationError naming the offending field. ``prefix`` names the
+    job's place in a batch (``jobs[3].``) so errors point at it.
+    """
+    if not isinstance(body, dict):
+        raise ValidationError("a job must be a JSON object", field=prefix.rstrip(".") or None)
+    unknown = sorted(set(body) - SPEC_FIELDS)
+    if unknown:
+        raise ValidationError(f"unknown field {unknown[0]!r}", field=prefix + unknown[0])
+
+    def f(name: str) -> str:
+        return prefix + name
+
+    kinds = [k for k in ("command", "shell", "task") if k in body]
+    if len(kinds) != 1:
+        raise ValidationError("a job needs exactly one of 'command', 'shell' or 'task'", field=f("command"))
+    kind = kinds[0]
+    if "args" in body and kind != "task":
+        raise ValidationError("'args' goes with 'task' only", field=f("args"))
+    if kind == "command":
+        argv = _str_list(body["command"], f("command"), allow_empty=False)
+        if not argv[0]:
+            raise ValidationError("command[0] must not be empty", field=f("command[0]"))
+    elif kind == "shell":
+        line = body["shell"]
+        if not isinstance(line, str) or not line.strip():
+            raise ValidationError("shell must be a non-empty string", field=f("shell"))
+        if len(line) > MAX_ARG_LEN or "\x00" in line:
+            raise ValidationError("shell is too long or holds a NUL byte", field=f("shell"))
+        argv = ("/bin/sh", "-c", line)
+    else:
+        task = body["task"]
+        if not isinstance(task, str) or not task.strip() or "\x00" in task:
+            raise ValidationError("task must be a non-empty string", field=f("task"))
+        argv = (task, *_str_list(body.get("args", []), f("args"), allow_empty=True))
+
+    queue = validate_name(body.get("queue", "default"), f("queue"))
+    priority = body.get("priority", 0)
+    if not _is_int(priority) or not -1000 <= priority <= 1000:
+        raise ValidationError("priority must be an integer from -1000 to 1000", field=f("priority"))
+    env = _str_map(body.get("env", {}), f("env"), ENV_KEY_RE, MAX_ENV)
+    cwd = body.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd or len(cwd) > 4096 or "\x00" in cwd):
+        raise ValidationError("cwd must be a non-empty path string", field=f("cwd"))
+    timeout = body.get("timeout")
+    if timeout is not None and (not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+        raise ValidationError(f"timeout must be a number of seconds in (0, {int(MAX_TIMEOUT)}]", field=f("timeout"))
+    max_attempts = body.get("max_attempts")
+    if max_attempts is not None and (not _is_int(max_attempts) or not 1 <= max_attempts <= 100):
+        raise ValidationError("max_attempts must be an integer from 1 to 100", field=f("max_attempts"))
+    labels = _str_map(body.get("labels", {}), f("labels"), NAME_RE, MAX_LABELS)
+    for k, val in labels.items():
+        if len(val) > 256:
+            raise ValidationError("label values are at most 256 characters", field=f(f"labels.{k}"))
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 200):
+        raise ValidationError("name must be a string of 1-200 characters", field=f("name"))
+    backoff = body.get("backoff", {})
+    if not isinstance(backoff, dict):
+        raise ValidationError("backoff must be an object", field=f("backoff"))
+    for k, val in backoff.items():
+        if k not in BACKOFF_FIELDS:
+            raise ValidationError(f"unknown field {k!r}", field=f(f"backoff.{k}"))
+        hi = 1.0 if k == "jitter" else 86400.0
+        lo_ok = val >= 1.0 if k == "factor" else val >= 0 if _is_num(val) else False
+        if not _is_num(val) or not lo_ok or val > hi:
+            raise ValidationError(f"backoff.{k} is out of range", field=f(f"backoff.{k}"))
+    retry_on_exit = body.get("retry_on_exit")
+    if retry_on_exit is not None:
+        if not isinstance(retry_on_exit, list) or len(retry_on_exit) > 255 or not all(
+            _is_int(c) and 1 <= c <= 255 for c in retry_on_exit
+        ):
+            raise ValidationError("retry_on_exit must be a list of exit codes 1-255", field=f("retry_on_exit"))
+        retry_on_exit = tuple(retry_on_exit)
+    return JobSpec(
+        argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
+        timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
+        labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
+        retry_on_exit=retry_on_exit,
+    )
+
+
+def spec_from_json(d: Mapping[str, Any]) -> JobSpec:
+    """Rebuild a JobSpec from its stored ``to_json`` form (already validated once)."""
+    return JobSpec(
+        argv=tuple(d["argv"]), kind=d["kind"], queue=d.get("queue", "default"),
+        priority=d.get("priority", 0), env=d.get("env") or {}, cwd=d.get("cwd"),
+        timeout=d.get("timeout"), labels=d.get("labels") or {}, name=d.get("name"),
+        backoff=d.get("backoff") or {},
+        retry_on_exit=tuple(d["retry_on_exit"]) if d.get("retry_on_exit") is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------- time
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds to an ISO 8601 UTC string with milliseconds (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

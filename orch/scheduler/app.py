@@ -1,0 +1,510 @@
+"""The scheduler's HTTP API: routes for clients and workers, the JSON error shape, the reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import suppress
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from orch.config import Settings
+from orch.errors import NotFound, OrchError, ValidationError
+from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
+from orch.scheduler.dispatch import Hub, wait_any
+from orch.store.base import AttemptResult, Change, OutputChunk
+from orch.store.sqlite import SqliteStore
+
+log = logging.getLogger("orch.scheduler")
+
+STORE = web.AppKey("store", SqliteStore)
+HUB = web.AppKey("hub", Hub)
+SETTINGS = web.AppKey("settings", Settings)
+MAX_BATCH = 10_000
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OrchError as e:
+        if e.http_status >= 500:
+            log.error("internal error on %s %s: %s", request.method, request.path, e.message)
+        return ok(e.to_json(), status=e.http_status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        if e.status == 413:
+            message = f"request body is larger than {request.app[SETTINGS]['scheduler.max_body_bytes']} bytes"
+        body = {"error": {"code": _HTTP_CODES.get(e.status, "http_error"), "message": message}}
+        return web.json_response(body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return ok({"error": {"code": "internal", "message": "internal error; see the scheduler log"}}, 500)
+
+
+# --------------------------------------------------------------------------- input helpers
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise ValidationError("request body is empty; a JSON object is required", field="body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValidationError(f"request body is not valid JSON: {e}", field="body") from None
+    if not isinstance(data, dict):
+        raise ValidationError("request body must be a JSON object", field="body")
+    return data
+
+
+def only(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
+    for k in data:
+        if k not in allowed:
+            raise ValidationError(f"unknown field {k!r}", field=prefix + k)
+
+
+def int_field(data: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None, prefix: str = "") -> int:
+    v = data.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be an integer from {lo} to {hi}", field=prefix + name)
+    return v
+
+
+def num_field(data: dict[str, Any], name: str, lo: float, hi: float, default: float | None = None, prefix: str = "") -> float:
+    v = data.get(name, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be a number from {lo:g} to {hi:g}", field=prefix + name)
+    return float(v)
+
+
+def opt_str(data: dict[str, Any], name: str, maxlen: int, prefix: str = "") -> str | None:
+    v = data.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > maxlen:
+        raise ValidationError(f"{name} must be a string of at most {maxlen} characters", field=prefix + name)
+    return v
+
+
+def query_num(request: web.Request, name: str, lo: float, hi: float, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be a number", field=name) from None
+    if not lo <= v <= hi:
+        raise ValidationError(f"{name} must be from {lo:g} to {hi:g}", field=name)
+    return v
+
+
+def job_id_of(request: web.Request) -> int:
+    raw = request.match_info["job_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no job {raw[:40]!r}", field="id")
+    return int(raw)
+
+
+def attempt_refs(items: Any, field: str) -> list[tuple[int, int]]:
+    if not isinstance(items, list) or len(items) > MAX_BATCH:
+        raise ValidationError(f"{field} must be a list of at most {MAX_BATCH} items", field=field)
+    out = []
+    for i, item in enumerate(items):
+        p = f"{field}[{i}]."
+        if not isinstance(item, dict):
+            raise ValidationError("each item must be an object", field=f"{field}[{i}]")
+        only(item, {"job_id", "attempt"}, p)
+        out.append((int_field(item, "job_id", 1, 2**62, prefix=p), int_field(item, "attempt", 1, 10**6, prefix=p)))
+    return out
+
+
+def chunk_of(item: Any, p: str) -> OutputChunk:
+    if not isinstance(item, dict):
+        raise ValidationError("each chunk must be an object", field=p.rstrip("."))
+    only(item, {"job_id", "attempt", "stream", "data"}, p)
+    stream = item.get("stream")
+    if stream not in ("stdout", "stderr"):
+        raise ValidationError("stream must be 'stdout' or 'stderr'", field=p + "stream")
+    data = item.get("data")
+    if not isinstance(data, str):
+        raise ValidationError("data must be a string", field=p + "data")
+    return OutputChunk(int_field(item, "job_id", 1, 2**62, prefix=p), int_field(item, "attempt", 1, 10**6, prefix=p),
+                       stream, data)
+
+
+_OUTCOMES = {o.value for o in Outcome} - {Outcome.RUNNING.value, Outcome.LOST.value, Outcome.HANDED_BACK.value}
+
+
+def result_of(item: Any, p: str) -> AttemptResult:
+    if not isinstance(item, dict):
+        raise ValidationError("each result must be an object", field=p.rstrip("."))
+    only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output"}, p)
+    outcome = item.get("outcome")
+    if outcome not in _OUTCOMES:
+        raise ValidationError(f"outcome must be one of {', '.join(sorted(_OUTCOMES))}", field=p + "outcome")
+    exit_code = item.get("exit_code")
+    if exit_code is not None:
+        exit_code = int_field(item, "exit_code", -255, 255, prefix=p)
+    duration = item.get("duration")
+    if duration is not None:
+        duration = num_field(item, "duration", 0, 10**9, prefix=p)
+    output = item.get("output", [])
+    if not isinstance(output, list) or len(output) > MAX_BATCH:
+        raise ValidationError("output must be a list of chunks", field=p + "output")
+    return AttemptResult(
+        job_id=int_field(item, "job_id", 1, 2**62, prefix=p),
+        attempt=int_field(item, "attempt", 1, 10**6, prefix=p),
+        outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p),
+        duration=duration, output=[chunk_of(c, f"{p}output[{i}].") for i, c in enumerate(output)],
+    )
+
+
+# --------------------------------------------------------------------------- the API
+
+
+class Api:
+    """Route handlers; they validate, call the store, and wake whoever waits."""
+
+    def __init__(self, store: SqliteStore, hub: Hub, settings: Settings) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.lease_ttl: float = settings["scheduler.lease_ttl"]
+        self.long_poll: float = settings["scheduler.long_poll_timeout"]
+        self.defaults = settings.retry_policy
+
+    def committed(self, changes: list[Change]) -> None:
+        self.hub.committed(changes)
+        if log.isEnabledFor(logging.INFO):
+            for c in changes:
+                log.info("job %s attempt %s -> %s (queue %s)", c.job_id, c.attempt, c.state, c.queue)
+
+    # ---- clients
+
+    async def health(self, request: web.Request) -> web.Response:
+        return ok({"status": "ok"})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        spec = parse_spec(await read_json(request))
+        jobs = await self.store.submit([spec], self.defaults)
+        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
+        return ok(jobs[0], 201)
+
+    async def submit_batch(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        only(data, {"jobs"})
+        items = data.get("jobs")
+        if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
+            raise ValidationError(f"jobs must be a list of 1 to {MAX_BATCH} job specs", field="jobs")
+        specs = [parse_spec(item, f"jobs[{i}].") for i, item in enumerate(items)]
+        jobs = await self.store.submit(specs, self.defaults)
+        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
+        return ok({"jobs": jobs}, 201)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        return ok(await self.store.get_job(job_id_of(request)))
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        q = request.query
+        only(dict(q), {"state", "queue", "limit", "cursor"})
+        state = q.get("state") or None
+        if state is not None and state not in {s.value for s in State}:
+            raise ValidationError(f"state must be one of {', '.join(s.value for s in State)}", field="state")
+        queue = q.get("queue") or None
+        if queue is not None:
+            validate_name(queue, "queue")
+        limit = int(query_num(request, "limit", 1, 1000, 50))
+        cursor_raw = q.get("cursor") or None
+        if cursor_raw is not None and (not cursor_raw.isdigit() or len(cursor_raw) > 18):
+            raise ValidationError("cursor must be a value from a previous page's next_cursor", field="cursor")
+        jobs, nxt = await self.store.list_jobs(
+            state=state, queue=queue, limit=limit, cursor=int(cursor_raw) if cursor_raw else None
+        )
+        return ok({"jobs": jobs, "next_cursor": str(nxt) if nxt is not None else None})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        job, changes = await self.store.cancel(job_id_of(request))
+        self.committed(changes)
+        return ok(job)
+
+    async def wait(self, request: web.Request) -> web.Response:
+        job_id = job_id_of(request)
+        timeout = query_num(request, "timeout", 0, 3600, self.long_poll)
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = self.hub.job_event(job_id)
+            state, _ = await self.store.job_state(job_id)
+            left = deadline - time.monotonic()
+            if State(state).terminal or left <= 0:
+                break
+            await wait_any([ev], left)
+        return ok(await self.store.get_job(job_id))
+
+    async def events(self, request: web.Request) -> web.Response:
+        job_id = job_id_of(request)
+        await self.store.job_state(job_id)
+        return ok({"events": await self.store.events(job_id)})
+
+    async def output(self, request: web.Request) -> web.StreamResponse:
+        job_id = job_id_of(request)
+        follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
+        if not follow:
+            job = await self.store.get_job(job_id)
+            res = job["result"] or {}
+            return ok({"job_id": job_id, "attempt": job["attempt"], "state": job["state"],
+                       "stdout": res.get("stdout", ""), "stderr": res.get("stderr", ""),
+                       "stdout_truncated": res.get("stdout_truncated", False),
+                       "stderr_truncated": res.get("stderr_truncated", False)})
+        await self.store.job_state(job_id)  # 404 before the stream starts
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        after = 0
+        while True:
+            ev = self.hub.job_event(job_id)
+            state, _ = await self.store.job_state(job_id)  # read before the chunks: see module doc
+            chunks = await self.store.output_after(job_id, after)
+            if chunks:
+                lines = []
+                for c in chunks:
+                    after = c["id"]
+                    lines.append(dumps({"attempt": c["attempt"], "stream": c["stream"], "data": c["data"]}))
+                await resp.write(("\n".join(lines) + "\n").encode())
+            if State(state).terminal:
+                job = await self.store.get_job(job_id, with_output=False)
+                end = {"end": True, "state": job["state"], "attempt": job["attempt"],
+                       "exit_code": job["exit_code"], "error": job["error"]}
+                await resp.write((dumps(end) + "\n").encode())
+                break
+            if not chunks:
+                await wait_any([ev], self.long_poll)
+        await resp.write_eof()
+        return resp
+
+    # ---- workers
+
+    async def register(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        only(data, {"name", "hostname", "queues", "concurrency"})
+        name = opt_str(data, "name", 200) or "worker"
+        hostname = opt_str(data, "hostname", 255) or "unknown"
+        queues = data.get("queues", ["default"])
+        if not isinstance(queues, list) or not queues or len(queues) > 32:
+            raise ValidationError("queues must be a list of 1 to 32 queue names", field="queues")
+        for i, qn in enumerate(queues):
+            validate_name(qn, f"queues[{i}]")
+        concurrency = int_field(data, "concurrency", 1, 10_000, 1)
+        worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues, concurrency=concurrency)
+        log.info("worker %s registered (%s on %s, queues %s, concurrency %d)", worker_id, name, hostname, ",".join(queues), concurrency)
+        return ok({
+            "worker_id": worker_id,
+            "heartbeat_interval": self.settings["scheduler.heartbeat_interval"],
+            "lease_ttl": self.lease_ttl,
+            "long_poll_timeout": self.long_poll,
+        }, 201)
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return ok({"workers": await self.store.list_workers()})
+
+    def _worker_id(self, request: web.Request) -> str:
+        wid = request.match_info["worker_id"]
+        if not NAME_RE.match(wid):
+            raise NotFound("no such worker", field="worker_id")
+        return wid
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        only(data, {"running", "draining"})
+        running = attempt_refs(data.get("running", []), "running")
+        draining = data.get("draining", False)
+        if not isinstance(draining, bool):
+            raise ValidationError("draining must be true or false", field="draining")
+        reply = await self.store.heartbeat(wid, running, self.lease_ttl, draining)
+        if draining:
+            self.hub.wake_worker(wid)
+        return ok({"cancel": reply.cancel, "stale": reply.stale})
+
+    async def lease(self, request: web.Request) -> web.Response:
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        only(data, {"max", "queues", "wait"})
+        limit = int_field(data, "max", 1, 1000, 1)
+        wait = num_field(data, "wait", 0, self.long_poll, 0)
+        queues = data.get("queues", ["default"])
+        if not isinstance(queues, list) or not queues or len(queues) > 32:
+            raise ValidationError("queues must be a list of 1 to 32 queue names", field="queues")
+        for i, qn in enumerate(queues):
+            validate_name(qn, f"queues[{i}]")
+        deadline = time.monotonic() + wait
+        while True:
+            events = self.hub.work_events(queues)
+            stop = self.hub.worker_event(wid)
+            jobs, changes = await self.store.claim(wid, queues, limit, self.lease_ttl)
+            if jobs:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    # The worker hung up while we claimed: give the jobs straight back.
+                    back = await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
+                    self.committed(changes + back)
+                    raise asyncio.CancelledError()
+                self.committed(changes)
+                break
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.is_set():
+                break
+            if await wait_any([*events, stop], left) and stop.is_set():
+                break
+        return ok({"jobs": jobs})
+
+    async def append_output(self, request: web.Request) -> web.Response:
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        only(data, {"chunks"})
+        items = data.get("chunks")
+        if not isinstance(items, list) or len(items) > MAX_BATCH:
+            raise ValidationError(f"chunks must be a list of at most {MAX_BATCH} chunks", field="chunks")
+        chunks = [chunk_of(c, f"chunks[{i}].") for i, c in enumerate(items)]
+        accepted = await self.store.append_output(wid, chunks)
+        for c, a in zip(chunks, accepted):
+            if a:
+                self.hub.job_touched(c.job_id)
+        return ok({"accepted": accepted})
+
+    async def complete(self, request: web.Request) -> web.Response:
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        only(data, {"results"})
+        items = data.get("results")
+        if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
+            raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
+        results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
+        answers, changes = await self.store.complete(wid, results, self.defaults)
+        self.committed(changes)
+        return ok({"results": answers})
+
+    async def complete_one(self, request: web.Request) -> web.Response:
+        """One attempt's completion; a stale attempt gets 409."""
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        data["job_id"] = job_id_of(request)
+        result = result_of(data, "")
+        answers, changes = await self.store.complete(wid, [result], self.defaults)
+        self.committed(changes)
+        if not answers[0]["accepted"]:
+            from orch.errors import StaleAttempt
+
+            raise StaleAttempt(f"attempt {result.attempt} of job {result.job_id} is not current", field="attempt")
+        return ok(answers[0])
+
+    async def hand_back(self, request: web.Request) -> web.Response:
+        wid = self._worker_id(request)
+        data = await read_json(request)
+        only(data, {"attempts", "stop"})
+        attempts = attempt_refs(data.get("attempts", []), "attempts")
+        stop = data.get("stop", False)
+        if not isinstance(stop, bool):
+            raise ValidationError("stop must be true or false", field="stop")
+        changes = await self.store.hand_back(wid, attempts, stop)
+        self.committed(changes)
+        if stop:
+            log.info("worker %s stopped (%d attempts handed back)", wid, len(changes))
+        return ok({"handed_back": [{"job_id": c.job_id, "attempt": c.attempt} for c in changes]})
+
+
+# --------------------------------------------------------------------------- the reaper
+
+
+async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> None:
+    """Mark silent workers lost, expire leases, queue due retries; notice our own stalls."""
+    ttl = settings["scheduler.lease_ttl"]
+    tick = max(0.05, min(1.0, settings["scheduler.heartbeat_interval"] / 2))
+    grace = settings["scheduler.recovery_grace"]
+    defaults = settings.retry_policy
+    last = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now - last > tick + max(2.0, ttl / 2):
+            # We were not running (SIGSTOP, a long pause): nobody could heartbeat to us.
+            log.warning("scheduler stalled for %.1fs; extending leases by %.1fs", now - last, grace)
+            await store.recover(grace)
+        last = now
+        try:
+            sweep = await store.sweep(ttl, defaults)
+        except Exception:
+            log.exception("reaper pass failed")
+            sweep = None
+        wait = tick
+        if sweep is not None:
+            for wid in sweep.lost_workers:
+                log.warning("worker %s lost: no heartbeat for %.1fs", wid, ttl)
+            api.committed(sweep.changes)
+            if sweep.next_due is not None:
+                wait = max(0.0, min(tick, sweep.next_due - store.clock()))
+        hub.retry_scheduled.clear()
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(hub.retry_scheduled.wait(), wait)
+
+
+def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings["scheduler.max_body_bytes"])
+    store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
+                                 output_limit=settings["scheduler.output_limit_bytes"])
+    hub = Hub()
+    api = Api(store, hub, settings)
+    app[STORE] = store
+    app[HUB] = hub
+    app[SETTINGS] = settings
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        await store.recover(settings["scheduler.recovery_grace"])
+        task = asyncio.create_task(reaper(store, hub, api, settings))
+        yield
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    r = app.router
+    r.add_get("/healthz", api.health)
+    r.add_post("/v1/jobs", api.submit)
+    r.add_post("/v1/jobs/batch", api.submit_batch)
+    r.add_get("/v1/jobs", api.list_jobs)
+    r.add_get("/v1/jobs/{job_id}", api.get_job)
+    r.add_post("/v1/jobs/{job_id}/cancel", api.cancel)
+    r.add_get("/v1/jobs/{job_id}/wait", api.wait)
+    r.add_get("/v1/jobs/{job_id}/output", api.output)
+    r.add_get("/v1/jobs/{job_id}/events", api.events)
+    r.add_post("/v1/workers", api.register)
+    r.add_get("/v1/workers", api.list_workers)
+    r.add_post("/v1/workers/{worker_id}/heartbeat", api.heartbeat)
+    r.add_post("/v1/workers/{worker_id}/lease", api.lease)
+    r.add_post("/v1/workers/{worker_id}/output", api.append_output)
+    r.add_post("/v1/workers/{worker_id}/complete", api.complete)
+    r.add_post("/v1/workers/{worker_id}/jobs/{job_id}/complete", api.complete_one)
+    r.add_post("/v1/workers/{worker_id}/hand-back", api.hand_back)
+    # The seed's form, kept working: POST /job {"task": "echo", "args": ["hello"]}.
+    r.add_post("/job", api.submit)
+    r.add_get("/job/{job_id}", api.get_job)
+    return app

@@ -1,0 +1,1 @@
+"""Durable state. All SQL of orch lives in this package."""

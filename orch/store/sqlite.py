@@ -1,0 +1,831 @@
+"""The SQLite store: one WAL file, one writer thread that group-commits, one reader connection.
+
+Writes are functions of a ``sqlite3.Connection`` queued to a single writer
+thread. Whatever is queued while a batch commits goes into the next batch, so
+concurrent submits, claims, heartbeats and completions share one
+``BEGIN IMMEDIATE ... COMMIT`` and, with ``synchronous=FULL``, one fsync. Each
+operation runs inside its own SAVEPOINT, so one that fails is rolled back alone
+and nothing of it is half-written. A caller's await returns only after the
+batch holding its operation has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import aiosqlite
+
+from orch.errors import Conflict, NotFound, UnknownWorker, ValidationError
+from orch.models import (
+    JobSpec,
+    Outcome,
+    RetryPolicy,
+    State,
+    check_transition,
+    iso,
+)
+from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+MAX_QUEUES_PER_CLAIM = 32
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Every migration as (version, sql), in order; read from the package (works inside a zipapp)."""
+    folder = resources.files("orch.store").joinpath("sql", "migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns that version."""
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    steps = migrations()
+    newest = steps[-1][0] if steps else 0
+    if current > newest:
+        raise ValidationError(
+            f"the database is at schema version {current}, newer than this orch knows ({newest}): "
+            "upgrade orch", field="storage.path"
+        )
+    for version, sql in steps:
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return newest
+
+
+def _split_sql(script: str) -> list[str]:
+    statements, buf = [], []
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0]
+        buf.append(stripped)
+        if stripped.rstrip().endswith(";"):
+            stmt = "\n".join(buf).strip()
+            if sqlite3.complete_statement(stmt):
+                statements.append(stmt)
+                buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        statements.append(rest)
+    return statements
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+# --------------------------------------------------------------------------- JSON shapes
+
+
+def job_summary(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    spec = json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
+    return {
+        "id": row["id"],
+        "state": row["state"],
+        "queue": row["queue"],
+        "priority": row["priority"],
+        "name": spec.get("name"),
+        "spec": spec,
+        "attempt": row["attempt"],
+        "max_attempts": row["max_attempts"],
+        "created_at": iso(row["created_at"]),
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
+        "retry_at": iso(row["run_at"]) if row["state"] == State.RETRYING else None,
+        "worker": row["worker_id"],
+        "cancel_requested": bool(row["cancel_requested"]),
+        "exit_code": row["exit_code"],
+        "error": row["error"],
+    }
+
+
+def attempt_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "attempt": row["attempt"],
+        "worker": row["worker_id"],
+        "state": row["state"],
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
+        "exit_code": row["exit_code"],
+        "error": row["error"],
+        "duration": row["duration"],
+        "stdout_bytes": row["stdout_bytes"],
+        "stderr_bytes": row["stderr_bytes"],
+    }
+
+
+def event_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "job_id": row["job_id"],
+        "attempt": row["attempt"],
+        "from": row["from_state"],
+        "to": row["to_state"],
+        "at": iso(row["at"]),
+        "reason": row["reason"],
+    }
+
+
+def _tail(text: str, limit: int) -> tuple[str, bool]:
+    """The last ``limit`` UTF-8 bytes of ``text`` (cut on a character boundary)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text, False
+    return raw[len(raw) - limit:].decode("utf-8", errors="ignore"), True
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        output_limit: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.output_limit = output_limit
+        self.clock = clock
+        self.rand = rand
+        self._executor: ThreadPoolExecutor | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0  # committed write batches, for tests and metrics
+        self.ops = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-writer")
+
+        def setup() -> None:
+            self._wconn = _connect(self.path, self.synchronous)
+            migrate(self._wconn)
+
+        await self._loop.run_in_executor(self._executor, setup)
+        self._reader = await aiosqlite.connect(str(self.path), isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        await self._reader.execute("PRAGMA busy_timeout=10000")
+
+    async def close(self) -> None:
+        # Let queued writes finish before the thread goes away.
+        while self._busy or self._pending:
+            fut = self._loop.create_future() if self._loop else None
+            if fut is None:
+                break
+            self._pending.append((lambda c: None, fut))
+            if not self._busy:
+                self._kick()
+            await fut
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._executor is not None:
+            conn = self._wconn
+
+            def shutdown() -> None:
+                if conn is not None:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.Error:
+                        pass
+                    conn.close()
+
+            await asyncio.get_running_loop().run_in_executor(self._executor, shutdown)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self._wconn = None
+
+    # ------------------------------------------------------------------ group commit
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._loop is not None, "store is not open"
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._pending.append((op, fut))
+        if not self._busy:
+            self._kick()
+        return await fut
+
+    def _kick(self) -> None:
+        assert self._executor is not None and self._loop is not None
+        self._busy = True
+        batch, self._pending = self._pending, []
+        loop = self._loop
+        cf = self._executor.submit(self._run_batch, [op for op, _ in batch])
+        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._batch_done, batch, f))
+
+    def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        conn = self._wconn
+        assert conn is not None
+        out: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            return [(False, e)] * len(ops)
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                out.append((True, op(conn)))
+                conn.execute("RELEASE op")
+            except Exception as e:  # the op's own error goes back to its caller
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                out.append((False, e))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return [(False, e)] * len(ops)
+        return out
+
+    def _batch_done(self, batch: list[tuple[Op, asyncio.Future[Any]]], f: Any) -> None:
+        self.batches += 1
+        self.ops += len(batch)
+        try:
+            results = f.result()
+        except BaseException as e:  # the thread itself failed: every caller hears of it
+            results = [(False, e)] * len(batch)
+        for (_, fut), (ok, value) in zip(batch, results):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        self._busy = False
+        if self._pending:
+            self._kick()
+
+    # ------------------------------------------------------------------ reads
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        assert self._reader is not None, "store is not open"
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def get_job(self, job_id: int, *, with_output: bool = True) -> dict[str, Any]:
+        rows = await self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        job = job_summary(rows[0])
+        attempts = await self._read(
+            "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
+        )
+        job["attempts"] = [attempt_json(a) for a in attempts]
+        job["duration"] = attempts[-1]["duration"] if attempts else None
+        job["result"] = None
+        if attempts and with_output:
+            last = attempts[-1]
+            chunks = await self._read(
+                "SELECT stream, data FROM output WHERE job_id = ? AND attempt = ? ORDER BY id",
+                (job_id, last["attempt"]),
+            )
+            streams = {"stdout": [], "stderr": []}  # type: dict[str, list[str]]
+            for c in chunks:
+                streams[c["stream"]].append(c["data"])
+            result: dict[str, Any] = {
+                "attempt": last["attempt"],
+                "exit_code": last["exit_code"],
+                "error": last["error"],
+                "duration": last["duration"],
+            }
+            for name in ("stdout", "stderr"):
+                text, cut = _tail("".join(streams[name]), self.output_limit)
+                result[name] = text
+                result[f"{name}_truncated"] = cut or last[f"{name}_bytes"] > last[f"{name}_kept"]
+            job["result"] = result
+        return job
+
+    async def job_state(self, job_id: int) -> tuple[str, int]:
+        rows = await self._read("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        return rows[0]["state"], rows[0]["attempt"]
+
+    async def list_jobs(
+        self, *, state: str | None = None, queue: str | None = None, limit: int = 50,
+        cursor: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first; ``cursor`` is the id below which the next page starts."""
+        rows = await self._read(
+            "SELECT * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR queue = ?2)"
+            " AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
+            (state, queue, cursor, limit + 1),
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [job_summary(r) for r in rows], (rows[-1]["id"] if more and rows else None)
+
+    async def count_by_state(self) -> dict[str, int]:
+        rows = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    async def events(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
+        )
+        return [event_json(r) for r in rows]
+
+    async def output_after(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT id, attempt, stream, data FROM output WHERE job_id = ? AND id > ? ORDER BY id",
+            (job_id, after),
+        )
+        return [dict(r) for r in rows]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        rows = await self._read(
+            "SELECT w.*, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running')"
+            " AS running_jobs FROM workers w ORDER BY w.registered_at"
+        )
+        return [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "hostname": r["hostname"],
+                "queues": json.loads(r["queues"]),
+                "concurrency": r["concurrency"],
+                "state": r["state"],
+                "registered_at": iso(r["registered_at"]),
+                "last_heartbeat": iso(r["last_heartbeat"]),
+                "heartbeat_age": round(max(0.0, now - r["last_heartbeat"]), 3),
+                "running": r["running_jobs"],
+            }
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ writes
+
+    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy) -> list[dict[str, Any]]:
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            out = []
+            for spec in specs:
+                spec_json = spec.to_json()
+                max_attempts = spec.max_attempts or defaults.max_attempts
+                row = conn.execute(
+                    "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?) RETURNING id",
+                    (spec.queue, spec.priority, json.dumps(spec_json, separators=(",", ":")),
+                     max_attempts, now),
+                ).fetchone()
+                job_id = row[0]
+                _event(conn, job_id, 0, None, State.QUEUED, now, "submitted")
+                out.append({
+                    "id": job_id, "state": "queued", "queue": spec.queue, "priority": spec.priority,
+                    "name": spec.name, "spec": spec_json, "attempt": 0, "max_attempts": max_attempts,
+                    "created_at": iso(now), "started_at": None, "finished_at": None,
+                    "retry_at": None, "worker": None, "cancel_requested": False,
+                    "exit_code": None, "error": None,
+                })
+            return out
+
+        return await self._write(op)
+
+    async def cancel(self, job_id: int, reason: str = "cancelled by user") -> tuple[dict[str, Any], list[Change]]:
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            row = conn.execute("SELECT state, attempt, queue FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}", field="id")
+            state = State(row["state"])
+            if state.terminal:
+                raise Conflict(f"job {job_id} already ended {state}", field="id")
+            if state is State.RUNNING:
+                # The worker learns it at its next heartbeat and kills the process group;
+                # the job ends cancelled when it reports back (or its lease expires).
+                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                return [Change(job_id, state.value, row["queue"], row["attempt"])]
+            _move(conn, job_id, row["attempt"], state, State.CANCELLED, now, reason,
+                  finished_at=now, run_at=None)
+            return [Change(job_id, State.CANCELLED.value, row["queue"], row["attempt"])]
+
+        changes = await self._write(op)
+        return await self.get_job(job_id, with_output=False), changes
+
+    async def register_worker(
+        self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int
+    ) -> str:
+        now = self.clock()
+        worker_id = "w-" + uuid.uuid4().hex[:12]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
+                " last_heartbeat) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?)",
+                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, now),
+            )
+
+        await self._write(op)
+        return worker_id
+
+    async def heartbeat(
+        self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
+        draining: bool = False,
+    ) -> HeartbeatReply:
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> HeartbeatReply:
+            _live_worker(conn, worker_id)
+            conn.execute(
+                "UPDATE workers SET last_heartbeat = ?, running = ?,"
+                " state = CASE WHEN ? THEN 'draining' ELSE state END WHERE id = ?",
+                (now, len(running), draining, worker_id),
+            )
+            reply = HeartbeatReply()
+            for job_id, attempt in running:
+                row = conn.execute(
+                    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ?"
+                    " AND state = 'running' AND worker_id = ? RETURNING cancel_requested",
+                    (now + lease_ttl, job_id, attempt, worker_id),
+                ).fetchone()
+                if row is None:
+                    reply.stale.append({"job_id": job_id, "attempt": attempt})
+                elif row[0]:
+                    reply.cancel.append({"job_id": job_id, "attempt": attempt})
+            return reply
+
+        return await self._write(op)
+
+    async def claim(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float
+    ) -> tuple[list[dict[str, Any]], list[Change]]:
+        """Hand up to ``limit`` queued jobs from ``queues`` to the worker, each exactly once."""
+        check_transition(State.QUEUED, State.RUNNING)
+        now = self.clock()
+        qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
+        marks = ",".join("?" * len(qs))
+        sql = (
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = ?,"
+            " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
+            " WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND queue IN (" + marks + ")"
+            " ORDER BY priority DESC, id LIMIT ?)"
+            " RETURNING id, attempt, spec, queue, priority, created_at"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            _live_worker(conn, worker_id)
+            rows = conn.execute(sql, (worker_id, now + lease_ttl, now, *qs, limit)).fetchall()
+            if rows:
+                conn.executemany(
+                    "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
+                    " VALUES (?, ?, ?, 'running', ?)",
+                    [(r["id"], r["attempt"], worker_id, now) for r in rows],
+                )
+                conn.executemany(
+                    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                    " VALUES (?, ?, 'queued', 'running', ?, ?)",
+                    [(r["id"], r["attempt"], now, f"claimed by {worker_id}") for r in rows],
+                )
+            return rows
+
+        rows = await self._write(op)
+        rows = sorted(rows, key=lambda r: (-r["priority"], r["id"]))
+        jobs = [
+            {"job_id": r["id"], "attempt": r["attempt"], "spec": json.loads(r["spec"]),
+             "queue": r["queue"], "queued_at": r["created_at"]}
+            for r in rows
+        ]
+        changes = [Change(r["id"], State.RUNNING.value, r["queue"], r["attempt"]) for r in rows]
+        return jobs, changes
+
+    async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
+        limit = self.output_limit
+
+        def op(conn: sqlite3.Connection) -> list[bool]:
+            return [_append(conn, worker_id, c, limit) for c in chunks]
+
+        return await self._write(op)
+
+    async def complete(
+        self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy
+    ) -> tuple[list[dict[str, Any]], list[Change]]:
+        """Record how attempts ended; each answer says ``accepted`` or why not (stale)."""
+        now = self.clock()
+        limit = self.output_limit
+        rand = self.rand
+
+        def op(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[Change]]:
+            answers: list[dict[str, Any]] = []
+            changes: list[Change] = []
+            for r in results:
+                for c in r.output:
+                    if c.job_id == r.job_id and c.attempt == r.attempt:
+                        _append(conn, worker_id, c, limit)
+                change = _end_attempt(
+                    conn, r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
+                    r.duration, now, defaults, rand,
+                )
+                if change is None:
+                    answers.append({"job_id": r.job_id, "attempt": r.attempt, "accepted": False,
+                                    "error": "stale_attempt"})
+                else:
+                    answers.append({"job_id": r.job_id, "attempt": r.attempt, "accepted": True,
+                                    "state": change.state})
+                    changes.append(change)
+            return answers, changes
+
+        return await self._write(op)
+
+    async def hand_back(
+        self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool
+    ) -> list[Change]:
+        """A draining worker gives attempts back: they are queued again at once.
+
+        A handed-back attempt does not count against the job's max_attempts.
+        With ``stop`` the worker is also marked stopped.
+        """
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            _live_worker(conn, worker_id)
+            changes = []
+            for job_id, attempt in attempts:
+                row = conn.execute(
+                    "UPDATE attempts SET state = ?, finished_at = ?, error = ? WHERE job_id = ?"
+                    " AND attempt = ? AND state = 'running' AND worker_id = ? RETURNING job_id",
+                    (Outcome.HANDED_BACK.value, now, "handed back by a stopping worker",
+                     job_id, attempt, worker_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                q = _move(conn, job_id, attempt, State.RUNNING, State.QUEUED, now,
+                          f"handed back by {worker_id}", worker_id=None, lease_expires_at=None,
+                          bump_max_attempts=True)
+                changes.append(Change(job_id, State.QUEUED.value, q, attempt))
+            if stop:
+                conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ?", (worker_id,))
+            return changes
+
+        return await self._write(op)
+
+    async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
+        """One reaper pass: mark silent workers lost, end expired leases, queue due retries."""
+        now = self.clock()
+        rand = self.rand
+
+        def op(conn: sqlite3.Connection) -> Sweep:
+            out = Sweep()
+            lost = conn.execute(
+                "UPDATE workers SET state = 'lost' WHERE state IN ('alive', 'draining')"
+                " AND last_heartbeat < ? RETURNING id",
+                (now - worker_ttl,),
+            ).fetchall()
+            out.lost_workers = [r[0] for r in lost]
+            expired = conn.execute(
+                "SELECT id, attempt, worker_id FROM jobs WHERE state = 'running'"
+                " AND lease_expires_at < ?",
+                (now,),
+            ).fetchall()
+            orphaned = []
+            for wid in out.lost_workers:
+                orphaned += conn.execute(
+                    "SELECT id, attempt, worker_id FROM jobs WHERE state = 'running' AND worker_id = ?",
+                    (wid,),
+                ).fetchall()
+            seen = set()
+            for row in [*orphaned, *expired]:
+                if row["id"] in seen:
+                    continue
+                seen.add(row["id"])
+                why = (f"worker {row['worker_id']} lost" if row["worker_id"] in out.lost_workers
+                       else f"lease expired on worker {row['worker_id']}")
+                change = _end_attempt(conn, row["id"], row["attempt"], row["worker_id"], Outcome.LOST,
+                                      None, why, None, now, defaults, rand)
+                if change is not None:
+                    out.changes.append(change)
+            check_transition(State.RETRYING, State.QUEUED)
+            due = conn.execute(
+                "UPDATE jobs SET state = 'queued', run_at = NULL WHERE state = 'retrying'"
+                " AND run_at <= ? RETURNING id, attempt, queue",
+                (now,),
+            ).fetchall()
+            if due:
+                conn.executemany(
+                    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                    " VALUES (?, ?, 'retrying', 'queued', ?, 'backoff over')",
+                    [(r["id"], r["attempt"], now) for r in due],
+                )
+                out.changes += [Change(r["id"], State.QUEUED.value, r["queue"], r["attempt"]) for r in due]
+            nxt = conn.execute("SELECT MIN(run_at) FROM jobs WHERE state = 'retrying'").fetchone()[0]
+            out.next_due = nxt
+            return out
+
+        return await self._write(op)
+
+    async def recover(self, grace: float) -> None:
+        """After a scheduler start or a stall, give every live lease and worker ``grace`` seconds.
+
+        Workers whose heartbeats were not heard because the scheduler was not
+        listening must not be declared dead for it.
+        """
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE jobs SET lease_expires_at = MAX(lease_expires_at, ?) WHERE state = 'running'",
+                (now + grace,),
+            )
+            conn.execute(
+                "UPDATE workers SET last_heartbeat = MAX(last_heartbeat, ?)"
+                " WHERE state IN ('alive', 'draining')",
+                (now,),
+            )
+
+        await self._write(op)
+
+    async def deregister(self, worker_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ? AND state != 'lost'", (worker_id,))
+
+        await self._write(op)
+
+
+# --------------------------------------------------------------------------- writer-thread helpers
+# These run inside the writer's transaction; they never await.
+
+
+def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State | None, to: State,
+           at: float, reason: str) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, attempt, frm.value if frm else None, to.value, at, reason),
+    )
+
+
+_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error"})
+
+
+def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State, to: State, now: float,
+          reason: str, bump_max_attempts: bool = False, **sets: Any) -> str:
+    """The one way a job changes state: checked against the table, conditional, with its event row.
+
+    Returns the job's queue. Raises Conflict if the job was not in ``frm`` at ``attempt``.
+    """
+    check_transition(frm, to)
+    assert set(sets) <= _MOVE_COLUMNS, sets
+    assignments = "".join(f", {col} = ?" for col in sets)
+    if bump_max_attempts:
+        assignments += ", max_attempts = max_attempts + 1"
+    row = conn.execute(
+        f"UPDATE jobs SET state = ?{assignments} WHERE id = ? AND state = ? AND attempt = ? RETURNING queue",
+        (to.value, *sets.values(), job_id, frm.value, attempt),
+    ).fetchone()
+    if row is None:
+        raise Conflict(f"job {job_id} is no longer {frm} at attempt {attempt}")
+    _event(conn, job_id, attempt, frm, to, now, reason)
+    return row[0]
+
+
+def _live_worker(conn: sqlite3.Connection, worker_id: str) -> None:
+    row = conn.execute("SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    if row is None or row[0] in ("lost", "stopped"):
+        raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                            field="worker_id")
+
+
+def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int) -> bool:
+    """Store one output chunk of a current attempt, keeping at most ~limit bytes per stream."""
+    if c.stream not in ("stdout", "stderr"):
+        return False
+    size = len(c.data.encode("utf-8"))
+    row = conn.execute(
+        f"UPDATE attempts SET {c.stream}_bytes = {c.stream}_bytes + ?, {c.stream}_kept = {c.stream}_kept + ?"
+        f" WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id = ?"
+        f" RETURNING {c.stream}_kept",
+        (size, size, c.job_id, c.attempt, worker_id),
+    ).fetchone()
+    if row is None:
+        return False
+    conn.execute(
+        "INSERT INTO output (job_id, attempt, stream, data, size) VALUES (?, ?, ?, ?, ?)",
+        (c.job_id, c.attempt, c.stream, c.data, size),
+    )
+    kept = row[0]
+    if kept > limit:
+        # Drop the oldest chunks while what is left still covers the limit: the tail stays.
+        dropped = 0
+        for old in conn.execute(
+            "SELECT id, size FROM output WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY id",
+            (c.job_id, c.attempt, c.stream),
+        ).fetchall():
+            if kept - dropped - old["size"] < limit:
+                break
+            conn.execute("DELETE FROM output WHERE id = ?", (old["id"],))
+            dropped += old["size"]
+        if dropped:
+            conn.execute(
+                f"UPDATE attempts SET {c.stream}_kept = {c.stream}_kept - ? WHERE job_id = ? AND attempt = ?",
+                (dropped, c.job_id, c.attempt),
+            )
+    return True
+
+
+def _end_attempt(
+    conn: sqlite3.Connection, job_id: int, attempt: int, worker_id: str | None, outcome: Outcome,
+    exit_code: int | None, error: str | None, duration: float | None, now: float,
+    defaults: RetryPolicy, rand: Callable[[], float],
+) -> Change | None:
+    """End a running attempt and move its job on; None if the attempt was not current (stale)."""
+    row = conn.execute(
+        "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, error = ?, duration = ?"
+        " WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id IS ?"
+        " RETURNING started_at",
+        (outcome.value, now, exit_code, error, duration, job_id, attempt, worker_id),
+    ).fetchone()
+    if row is None:
+        return None
+    job = conn.execute(
+        "SELECT queue, max_attempts, spec, cancel_requested FROM jobs WHERE id = ?"
+        " AND state = 'running' AND attempt = ?",
+        (job_id, attempt),
+    ).fetchone()
+    if job is None:  # the attempt row said running but the job moved on: refuse, change nothing
+        raise Conflict(f"job {job_id} attempt {attempt} is not running")
+    reason = _reason(outcome, exit_code, error)
+    common = dict(lease_expires_at=None, exit_code=exit_code, error=error)
+    if job["cancel_requested"] or outcome is Outcome.CANCELLED:
+        to = State.CANCELLED
+        _move(conn, job_id, attempt, State.RUNNING, to, now, "cancelled by user" if job["cancel_requested"]
+              else reason, finished_at=now, **common)
+    elif outcome is Outcome.SUCCEEDED:
+        to = State.SUCCEEDED
+        _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
+    else:
+        policy = _policy(job["spec"], defaults, job["max_attempts"])
+        if policy.retries(outcome, exit_code, attempt):
+            to = State.RETRYING
+            delay = policy.delay(attempt, rand())
+            _move(conn, job_id, attempt, State.RUNNING, to, now,
+                  f"{reason}; retry in {delay:.1f}s", run_at=now + delay, **common)
+        else:
+            to = State.FAILED
+            _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
+    return Change(job_id, to.value, job["queue"], attempt)
+
+
+def _policy(spec_text: str, defaults: RetryPolicy, max_attempts: int) -> RetryPolicy:
+    spec = json.loads(spec_text)
+    b = spec.get("backoff") or {}
+    roe = spec.get("retry_on_exit")
+    return RetryPolicy(
+        max_attempts=max_attempts,
+        base=b.get("base", defaults.base),
+        factor=b.get("factor", defaults.factor),
+        cap=b.get("cap", defaults.cap),
+        jitter=b.get("jitter", defaults.jitter),
+        retry_on_exit=tuple(roe) if roe is not None else defaults.retry_on_exit,
+    )
+
+
+def _reason(outcome: Outcome, exit_code: int | None, error: str | None) -> str:
+    if outcome is Outcome.SUCCEEDED:
+        return "exited 0"
+    if outcome is Outcome.FAILED:
+        return error or f"exited {exit_code}"
+    if outcome is Outcome.TIMED_OUT:
+        return error or "timed out"
+    if outcome is Outcome.LOST:
+        return error or "worker lost"
+    return error or str(outcome)

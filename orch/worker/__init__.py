@@ -1,0 +1,1 @@
+"""The worker: joins a scheduler, pulls jobs, runs them."""

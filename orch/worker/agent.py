@@ -1,0 +1,345 @@
+"""The worker: join a scheduler, pull work into free slots, run it, report, heartbeat, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from orch.client import Client
+from orch.errors import ApiError, OrchError, ServerUnavailable
+from orch.models import Outcome
+from orch.worker.runners import Ended, Run, execute, use_fast_child_watcher
+
+log = logging.getLogger("orch.worker")
+
+OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while a job runs
+MAX_PENDING_OUTPUT = 256 * 1024
+
+
+@dataclass
+class WorkerOptions:
+    concurrency: int = 4
+    queues: tuple[str, ...] = ("default",)
+    name: str = ""
+    hostname: str = ""
+    kill_grace: float = 5.0
+    drain_grace: float = 30.0
+    long_poll: float = 30.0
+    burst: bool = False  # exit once the queue is empty and nothing runs (tests, batch use)
+
+
+class Backoff:
+    """Exponential backoff with full jitter for reconnecting to the scheduler."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base, self.cap, self.n = base, cap, 0
+
+    def next(self) -> float:
+        self.n += 1
+        return random.uniform(self.base, min(self.cap, self.base * 2 ** self.n))
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+class Agent:
+    def __init__(self, client: Client, options: WorkerOptions) -> None:
+        self.client = client
+        self.opt = options
+        self.worker_id: str | None = None
+        self.heartbeat_interval = 2.0
+        self.runs: dict[tuple[int, int], Run] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._report_wake = asyncio.Event()
+        self._output: dict[tuple[int, int], list[dict[str, Any]]] = {}  # chunks waiting to be sent
+        self._output_bytes = 0
+        self._results: list[dict[str, Any]] = []  # completions waiting to be sent
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._lease_task: asyncio.Task[Any] | None = None
+        self._registered = asyncio.Event()
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self) -> None:
+        """Work until drained (stop()) or, in burst mode, until there is no work left."""
+        use_fast_child_watcher()
+        await self._register()
+        loops = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._report_loop(), name="report"),
+        ]
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="lease")
+        try:
+            await self._lease_task
+            await self._drain()
+        finally:
+            for t in loops:
+                t.cancel()
+            for t in loops:
+                with suppress(asyncio.CancelledError):
+                    await t
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Begin draining: take no new work; running jobs get drain_grace to finish."""
+        if not self.draining.is_set():
+            log.info("worker %s draining", self.worker_id)
+            self.draining.set()
+            self._slot_freed.set()
+            asyncio.ensure_future(self._tell_draining())
+
+    def stop_now(self) -> None:
+        """Second signal: hand running jobs back without waiting for them."""
+        self.opt.drain_grace = 0
+        self.stop()
+        for run in list(self.runs.values()):
+            run.request_stop(Outcome.HANDED_BACK, "worker stopping")
+
+    # ------------------------------------------------------------------ joining
+
+    async def _register(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                reply = await self.client.register(
+                    name=self.opt.name or f"{self.opt.hostname or socket.gethostname()}-{os.getpid()}",
+                    hostname=self.opt.hostname or socket.gethostname(),
+                    queues=list(self.opt.queues), concurrency=self.opt.concurrency,
+                )
+                break
+            except ServerUnavailable as e:
+                if self.draining.is_set():
+                    raise
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1fs", e.message, delay)
+                await asyncio.sleep(delay)
+        self.worker_id = reply["worker_id"]
+        self.heartbeat_interval = float(reply["heartbeat_interval"])
+        self.opt.long_poll = min(self.opt.long_poll, float(reply["long_poll_timeout"]))
+        self._registered.set()
+        log.info("worker %s joined %s (concurrency %d, queues %s)", self.worker_id, self.client.server,
+                 self.opt.concurrency, ",".join(self.opt.queues))
+
+    async def _reregister(self) -> None:
+        """The scheduler no longer knows us (it marked us lost): join again.
+
+        Attempts we still run were ended as lost when we were marked lost, so
+        their results would be refused; they are stopped.
+        """
+        log.warning("worker %s is unknown to the scheduler; registering again", self.worker_id)
+        self._registered.clear()
+        for run in list(self.runs.values()):
+            run.request_stop(Outcome.CANCELLED, "superseded: this worker was marked lost")
+        await self._register()
+
+    # ------------------------------------------------------------------ pulling work
+
+    def free_slots(self) -> int:
+        return self.opt.concurrency - len(self.runs)
+
+    async def _lease_loop(self) -> None:
+        backoff = Backoff()
+        while not self.draining.is_set():
+            free = self.free_slots()
+            if free <= 0:
+                self._slot_freed.clear()
+                if self.free_slots() <= 0:
+                    await self._slot_freed.wait()
+                continue
+            wait = 0.0 if self.opt.burst else self.opt.long_poll
+            try:
+                jobs = await self.client.lease(self.worker_id or "", self.opt.queues, free, wait)
+                backoff.reset()
+            except ServerUnavailable as e:
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1fs", e.message, delay)
+                await self._sleep_unless_draining(delay)
+                continue
+            except ApiError as e:
+                if e.code == "unknown_worker":
+                    await self._reregister()
+                    continue
+                raise
+            for job in jobs:
+                self._start(job)
+            if self.opt.burst and not jobs:
+                if not self.runs:
+                    return
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+
+    async def _sleep_unless_draining(self, delay: float) -> None:
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.draining.wait(), delay)
+
+    def _start(self, job: dict[str, Any]) -> None:
+        run = Run.from_lease(job)
+        self.runs[(run.job_id, run.attempt)] = run
+        task = asyncio.create_task(self._run(run), name=f"job-{run.job_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, run: Run) -> None:
+        log.debug("job %s attempt %s starting: %s", run.job_id, run.attempt, run.argv)
+
+        def on_output(stream: str, text: str) -> None:
+            self._output.setdefault((run.job_id, run.attempt), []).append(
+                {"job_id": run.job_id, "attempt": run.attempt, "stream": stream, "data": text})
+            self._output_bytes += len(text)
+            if self._output_bytes >= MAX_PENDING_OUTPUT:
+                self._report_wake.set()
+            elif self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(OUTPUT_COALESCE, self._flush_soon)
+
+        try:
+            ended = await execute(run, on_output, self.opt.kill_grace)
+        except Exception as e:  # a bug of ours must not leave the attempt hanging
+            log.exception("job %s attempt %s: runner failed", run.job_id, run.attempt)
+            ended = Ended(Outcome.FAILED, None, f"worker error: {e}", 0.0)
+        if ended.outcome is Outcome.HANDED_BACK:
+            self._results.append({"hand_back": True, **run.ref})
+        else:
+            self._results.append({
+                **run.ref, "outcome": ended.outcome.value, "exit_code": ended.exit_code,
+                "error": ended.error, "duration": round(ended.duration, 6),
+            })
+        del self.runs[(run.job_id, run.attempt)]
+        self._slot_freed.set()
+        self._report_wake.set()
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        self._report_wake.set()
+
+    # ------------------------------------------------------------------ reporting
+
+    async def _report_loop(self) -> None:
+        """Send output and completions, in order, batched; keep them while the scheduler is away."""
+        backoff = Backoff()
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            try:
+                await self._report_once()
+                backoff.reset()
+            except ServerUnavailable as e:
+                delay = backoff.next()
+                log.warning("%s; keeping %d results and %d output chunks, retrying in %.1fs",
+                            e.message, len(self._results), len(self._output), delay)
+                await asyncio.sleep(delay)
+                self._report_wake.set()
+            except ApiError as e:
+                if e.code == "unknown_worker":
+                    # Our attempts were ended as lost; what we hold for them would be refused.
+                    self._results.clear()
+                    self._output.clear()
+                    self._output_bytes = 0
+                    continue
+                log.error("scheduler refused a report: %s", e.message)
+                await asyncio.sleep(backoff.next())
+                self._report_wake.set()
+
+    async def _report_once(self) -> None:
+        await self._registered.wait()
+        wid = self.worker_id or ""
+        # Output of attempts that are still running (or handed back) goes first and
+        # alone; output of finished attempts rides with their completion, so it is
+        # stored before the attempt is closed. Nothing leaves the buffers until the
+        # scheduler has taken it.
+        results = list(self._results)
+        finished = {(r["job_id"], r["attempt"]) for r in results if not r.get("hand_back")}
+        live_keys = [k for k in self._output if k not in finished]
+        if live_keys:
+            sent = {k: len(self._output[k]) for k in live_keys}
+            await self.client.send_output(wid, [c for k in live_keys for c in self._output[k]])
+            for k, n in sent.items():  # more may have come in while we sent
+                del self._output[k][:n]
+                if not self._output[k]:
+                    del self._output[k]
+        self._output_bytes = sum(len(c["data"]) for cs in self._output.values() for c in cs)
+        done = [dict(r, output=self._output.get((r["job_id"], r["attempt"]), []))
+                for r in results if not r.get("hand_back")]
+        if done:
+            await self.client.complete(wid, done)
+            for r in done:
+                self._output.pop((r["job_id"], r["attempt"]), None)
+        backs = [{"job_id": r["job_id"], "attempt": r["attempt"]} for r in results if r.get("hand_back")]
+        if backs:
+            await self.client.hand_back(wid, backs, stop=False)
+        del self._results[:len(results)]
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            await self._sleep_or(self.heartbeat_interval)
+            await self._registered.wait()
+            try:
+                reply = await self.client.heartbeat(
+                    self.worker_id or "", [r.ref for r in self.runs.values()], self.draining.is_set()
+                )
+                backoff.reset()
+            except ServerUnavailable as e:
+                log.warning("heartbeat failed: %s", e.message)
+                await asyncio.sleep(backoff.next())
+                continue
+            except ApiError as e:
+                if e.code == "unknown_worker":
+                    await self._reregister()
+                    continue
+                log.error("heartbeat refused: %s", e.message)
+                continue
+            for ref in reply.get("cancel", []):
+                run = self.runs.get((ref["job_id"], ref["attempt"]))
+                if run:
+                    log.info("job %s attempt %s cancelled", run.job_id, run.attempt)
+                    run.request_stop(Outcome.CANCELLED, "cancelled by user")
+            for ref in reply.get("stale", []):
+                run = self.runs.get((ref["job_id"], ref["attempt"]))
+                if run:
+                    log.warning("job %s attempt %s was superseded; stopping it", run.job_id, run.attempt)
+                    run.request_stop(Outcome.CANCELLED, "superseded attempt")
+
+    async def _sleep_or(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _tell_draining(self) -> None:
+        with suppress(OrchError):
+            if self.worker_id:
+                await self.client.heartbeat(self.worker_id, [r.ref for r in self.runs.values()], True)
+
+    # ------------------------------------------------------------------ draining
+
+    async def _drain(self) -> None:
+        if self.runs:
+            log.info("waiting up to %.0fs for %d running jobs", self.opt.drain_grace, len(self.runs))
+            if self.tasks and self.opt.drain_grace > 0:
+                await asyncio.wait(set(self.tasks), timeout=self.opt.drain_grace)
+        for run in list(self.runs.values()):
+            run.request_stop(Outcome.HANDED_BACK, "worker stopping")
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        # Deliver everything that is left, then say goodbye.
+        backoff = Backoff(cap=2.0)
+        for _ in range(20):
+            try:
+                await self._report_once()
+                break
+            except ServerUnavailable:
+                await asyncio.sleep(backoff.next())
+            except ApiError:
+                break
+        with suppress(OrchError):
+            if self.worker_id:
+                await self.client.hand_back(self.worker_id, [], stop=True)
+        log.info("worker %s stopped", self.worker_id)
