@@ -89,11 +89,12 @@ def orch_argv() -> list[str]:
     """How to start this same orch again as a child process (pip install or zipapp)."""
     import orch
 
+    flags = ["-I"] if sys.flags.isolated else []
     here = Path(orch.__file__).resolve()
     for parent in here.parents:
         if parent.is_file() and zipfile.is_zipfile(parent):
-            return [sys.executable, str(parent)]
-    return [sys.executable, "-m", "orch"]
+            return [sys.executable, *flags, str(parent)]
+    return [sys.executable, *flags, "-m", "orch"]
 
 
 def _logging(settings: Settings, log_format: Optional[str]) -> None:

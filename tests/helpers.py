@@ -1,0 +1,143 @@
+"""Test helpers: wait on conditions with a deadline, and run real orch processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(check: Callable[[], T], timeout: float = 20.0, what: str = "condition", interval: float = 0.02) -> T:
+    """Call ``check`` until it returns something truthy; fail with what it last saw after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:  # the check may fail while things start up
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw: {last!r}")
+        time.sleep(interval)
+
+
+def orch_cmd() -> list[str]:
+    return [sys.executable, "-m", "orch"]
+
+
+def test_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(ORCH_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **extra)
+    # A config file in the user's home must not leak into tests.
+    env["XDG_CONFIG_HOME"] = str(data_dir / "xdg-config")
+    return env
+
+
+class Proc:
+    """A real orch process; its output goes to a log file the test can read on failure."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], stdin: Any = subprocess.DEVNULL) -> None:
+        self.args = args
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.p = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, stdin=stdin,
+                                  start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.p.pid, sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.p.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL the whole process group if it lingers."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.p.wait(10)
+
+
+URL_RE = re.compile(r"(?:listening on|API) (http://[^\s]+)")
+
+
+def start_scheduler(tmp: Path, env: dict[str, str], port: int = 0, name: str = "scheduler", extra: list[str] | None = None) -> tuple[Proc, str]:
+    proc = Proc([*orch_cmd(), "scheduler", "--port", str(port), *(extra or [])], tmp / f"{name}.log", env)
+    url = wait_until(lambda: _url(proc), 30, f"{name} to print its URL")
+    wait_until(lambda: http("GET", url + "/healthz")[0] == 200, 30, f"{name} healthz")
+    return proc, url
+
+
+def _url(proc: Proc) -> str | None:
+    if not proc.alive():
+        raise AssertionError(f"process exited {proc.p.returncode}: {proc.log()}")
+    m = URL_RE.search(proc.log())
+    return m.group(1) if m else None
+
+
+def start_worker(tmp: Path, env: dict[str, str], url: str, name: str, concurrency: int = 4, extra: list[str] | None = None) -> Proc:
+    return Proc([*orch_cmd(), "worker", "--join", url, "--name", name, "--concurrency", str(concurrency), *(extra or [])],
+                tmp / f"{name}.log", env)
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 60.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*orch_cmd(), *args], env=env, capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def workers_alive(url: str) -> int:
+    status, body = http("GET", url + "/v1/workers")
+    return sum(1 for w in body["workers"] if w["state"] == "alive") if status == 200 else 0
