@@ -307,6 +307,7 @@ def run(
     env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job's environment (repeatable)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds before the job is killed."),
     retries: Optional[int] = typer.Option(None, "--retries", min=0, max=99, help="Retries after a failure (default from retry.max_attempts)."),
+    retry_on_exit: Optional[str] = typer.Option(None, "--retry-on-exit", help="Only these exit codes retry, e.g. 75,111."),
     queue: Optional[str] = typer.Option(None, "--queue", help="Queue (default: default)."),
     priority: Optional[int] = typer.Option(None, "--priority", help="Higher runs first (-1000..1000)."),
     name: Optional[str] = typer.Option(None, "--name", help="A name for the job."),
@@ -320,6 +321,11 @@ def run(
     extra = {"env": _parse_env(env) or None, "timeout": timeout, "queue": queue, "priority": priority,
              "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None}
     spec.update({k: v for k, v in extra.items() if v is not None})
+    if retry_on_exit is not None:
+        try:
+            spec["retry_on_exit"] = [int(c) for c in retry_on_exit.split(",") if c.strip()]
+        except ValueError:
+            fail(f"--retry-on-exit takes exit codes like 1,75, not {retry_on_exit!r}", 2)
 
     async def main() -> int:
         async with client_for(settings) as client:

@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, ValidationError
+from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
+from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.store.base import AttemptResult, Change, OutputChunk
@@ -192,6 +193,7 @@ class Api:
         self.lease_ttl: float = settings["scheduler.lease_ttl"]
         self.long_poll: float = settings["scheduler.long_poll_timeout"]
         self.defaults = settings.retry_policy
+        self.metrics = SchedulerMetrics()
 
     def committed(self, changes: list[Change]) -> None:
         self.hub.committed(changes)
@@ -204,10 +206,19 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         return ok({"status": "ok"})
 
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _submitted(self, jobs: list[dict[str, Any]]) -> None:
+        for j in jobs:
+            self.metrics.submitted.labels(j["queue"]).inc()
+        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
+
     async def submit(self, request: web.Request) -> web.Response:
         spec = parse_spec(await read_json(request))
         jobs = await self.store.submit([spec], self.defaults)
-        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
+        self._submitted(jobs)
         return ok(jobs[0], 201)
 
     async def submit_batch(self, request: web.Request) -> web.Response:
@@ -218,7 +229,7 @@ class Api:
             raise ValidationError(f"jobs must be a list of 1 to {MAX_BATCH} job specs", field="jobs")
         specs = [parse_spec(item, f"jobs[{i}].") for i, item in enumerate(items)]
         jobs = await self.store.submit(specs, self.defaults)
-        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
+        self._submitted(jobs)
         return ok({"jobs": jobs}, 201)
 
     async def get_job(self, request: web.Request) -> web.Response:
@@ -340,6 +351,8 @@ class Api:
         if not isinstance(draining, bool):
             raise ValidationError("draining must be true or false", field="draining")
         reply = await self.store.heartbeat(wid, running, self.lease_ttl, draining)
+        if reply.stale:
+            self.metrics.stale.labels("heartbeat").inc(len(reply.stale))
         if draining:
             self.hub.wake_worker(wid)
         return ok({"cancel": reply.cancel, "stale": reply.stale})
@@ -366,7 +379,7 @@ class Api:
                     # The worker hung up while we claimed: give the jobs straight back.
                     back = await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
                     self.committed(changes + back)
-                    raise asyncio.CancelledError()
+                    return ok({"jobs": []})
                 self.committed(changes)
                 break
             left = deadline - time.monotonic()
@@ -385,6 +398,8 @@ class Api:
             raise ValidationError(f"chunks must be a list of at most {MAX_BATCH} chunks", field="chunks")
         chunks = [chunk_of(c, f"chunks[{i}].") for i, c in enumerate(items)]
         accepted = await self.store.append_output(wid, chunks)
+        if not all(accepted):
+            self.metrics.stale.labels("output").inc(accepted.count(False))
         for c, a in zip(chunks, accepted):
             if a:
                 self.hub.job_touched(c.job_id)
@@ -400,7 +415,13 @@ class Api:
         results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
         answers, changes = await self.store.complete(wid, results, self.defaults)
         self.committed(changes)
+        self._count_stale(answers)
         return ok({"results": answers})
+
+    def _count_stale(self, answers: list[dict[str, Any]]) -> None:
+        refused = sum(1 for a in answers if not a["accepted"])
+        if refused:
+            self.metrics.stale.labels("completion").inc(refused)
 
     async def complete_one(self, request: web.Request) -> web.Response:
         """One attempt's completion; a stale attempt gets 409."""
@@ -410,9 +431,8 @@ class Api:
         result = result_of(data, "")
         answers, changes = await self.store.complete(wid, [result], self.defaults)
         self.committed(changes)
+        self._count_stale(answers)
         if not answers[0]["accepted"]:
-            from orch.errors import StaleAttempt
-
             raise StaleAttempt(f"attempt {result.attempt} of job {result.job_id} is not current", field="attempt")
         return ok(answers[0])
 
@@ -456,6 +476,7 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
         wait = tick
         if sweep is not None:
             for wid in sweep.lost_workers:
+                api.metrics.lost_workers.inc()
                 log.warning("worker %s lost: no heartbeat for %.1fs", wid, ttl)
             api.committed(sweep.changes)
             if sweep.next_due is not None:
@@ -488,6 +509,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     app.cleanup_ctx.append(lifecycle)
     r = app.router
     r.add_get("/healthz", api.health)
+    r.add_get("/metrics", api.metrics_page)
     r.add_post("/v1/jobs", api.submit)
     r.add_post("/v1/jobs/batch", api.submit_batch)
     r.add_get("/v1/jobs", api.list_jobs)
