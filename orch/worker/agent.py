@@ -20,6 +20,7 @@ log = logging.getLogger("orch.worker")
 
 OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while a job runs
 MAX_PENDING_OUTPUT = 256 * 1024
+FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
 
 
 @dataclass
@@ -330,12 +331,18 @@ class Agent:
         if self.tasks:
             await asyncio.wait(set(self.tasks))
         # Deliver everything that is left, then say goodbye.
+        # Bounded: if the scheduler stays away, the leases of what we could not report
+        # expire there and those jobs run again (at-least-once).
         backoff = Backoff(cap=2.0)
-        for _ in range(20):
+        give_up = asyncio.get_running_loop().time() + FINAL_REPORT_TIMEOUT
+        while self._results or self._output:
             try:
                 await self._report_once()
                 break
             except ServerUnavailable:
+                if asyncio.get_running_loop().time() > give_up:
+                    log.error("scheduler unreachable; %d results not delivered", len(self._results))
+                    break
                 await asyncio.sleep(backoff.next())
             except ApiError:
                 break

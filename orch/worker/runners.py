@@ -73,7 +73,10 @@ def _killpg(pid: int, sig: int) -> None:
 async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: float) -> Ended:
     """Run the attempt to its end; ``on_output(stream, text)`` gets output as it comes."""
     started = time.monotonic()
-    env = {**os.environ, **run.env}
+    # The job knows who it is: ids to make side effects idempotent across attempts.
+    # The worker's own ORCH_* settings (its server, later its token) are not the job's business.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env = {**inherited, **run.env, "ORCH_JOB_ID": str(run.job_id), "ORCH_ATTEMPT": str(run.attempt)}
     try:
         proc = await asyncio.create_subprocess_exec(
             *run.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
