@@ -56,9 +56,11 @@ def run_async(coro: Awaitable[T]) -> T:
     """Run a coroutine; turn orch errors into one line and an exit code, never a traceback."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except OrchError as e:
+    except ValidationError as e:
         where = f" ({e.field})" if e.field and e.field not in e.message else ""
         fail(f"{e.message}{where}", e.exit_code)
+    except OrchError as e:
+        fail(e.message, e.exit_code)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     raise AssertionError("unreachable")
@@ -252,8 +254,9 @@ def up(
         runner, url = await _start_scheduler(settings)
         print(f"orch is up: API {url}", flush=True)
         print(f"database: {settings.db_path}", flush=True)
-        print(f"try: orch run --server {url} echo hello --wait", flush=True)
         argv = orch_argv()
+        me = "orch" if argv[-1] == "orch" else " ".join(argv[1:])
+        print(f"try: {me} run --server {url} echo hello --wait", flush=True)
         children: list[asyncio.subprocess.Process] = []
         for i in range(workers):
             args = [*argv, "worker", "--join", url, "--stop-on-stdin-eof",
@@ -488,19 +491,19 @@ def logs(
     """Print a job's output (stdout to stdout, stderr to stderr)."""
     settings = settings_for(config, **{"client.server": server})
 
-    async def main() -> None:
+    async def main() -> int:
         async with client_for(settings) as client:
             if follow:
-                await _stream(client, int(_job_ref(job)))
-                return
+                return await _stream(client, int(_job_ref(job)))
             out = await client.output(_job_ref(job))
         sys.stdout.write(out["stdout"])
         sys.stdout.flush()
         sys.stderr.write(out["stderr"])
         if out.get("stdout_truncated") or out.get("stderr_truncated"):
             typer.echo("orch: output was truncated; only its tail is kept", err=True)
+        return 0
 
-    run_async(main())
+    raise typer.Exit(run_async(main()))
 
 
 @app.command()

@@ -62,7 +62,8 @@ KEYS: dict[str, Key] = {
 }
 
 # Environment names that are not simply ORCH_<KEY> upper-cased.
-ENV_ALIASES = {"ORCH_SERVER": "client.server", "ORCH_DATA_DIR": "storage.data_dir"}
+ENV_ALIASES = {"ORCH_SERVER": "client.server", "ORCH_DATA_DIR": "storage.data_dir",
+               "ORCH_CONCURRENCY": "worker.concurrency"}
 
 
 def env_name(key: str) -> str:
@@ -113,7 +114,7 @@ def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
                 raise ValueError
             value = [str(i).strip() for i in items]
             for v in value:
-                if not NAME_RE.match(v):
+                if not NAME_RE.fullmatch(v):
                     raise ConfigError(f"{bad}: {v!r} is not a valid queue name")
         elif kind == "codes":
             items = [i for i in raw.split(",") if i.strip()] if from_text and isinstance(raw, str) else raw
@@ -229,11 +230,16 @@ def load_settings(
             raise ConfigError(f"cannot read config file {path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys")
-        for key, raw in _flatten(data).items():
+        flat = _flatten(data)
+        if "concurrency" in flat:  # the original README's short form of worker.concurrency
+            if "worker.concurrency" in flat:
+                raise ConfigError(f"both concurrency and worker.concurrency are set in {path}: keep one")
+            flat["worker.concurrency"] = _coerce("concurrency", flat.pop("concurrency"), str(path), from_text=False)
+        for key, raw in flat.items():
             if key not in KEYS:
                 raise ConfigError(f"unknown key {key!r} in {path}")
             values[key] = _coerce(key, raw, str(path), from_text=False)
-    names = {env_name(k): k for k in KEYS} | ENV_ALIASES
+    names = {env_name(k): k for k in KEYS if k != "concurrency"} | ENV_ALIASES
     for name, key in names.items():
         if name in env and env[name] != "":
             values[key] = _coerce(key, env[name], f"environment variable {name}", from_text=True)
@@ -243,8 +249,6 @@ def load_settings(
         if key not in KEYS:
             raise ConfigError(f"unknown key {key!r}")
         values[key] = _coerce(key, raw, "command-line flags", from_text=isinstance(raw, str))
-    if values.get("concurrency") is not None and not (overrides or {}).get("worker.concurrency"):
-        values["worker.concurrency"] = values["concurrency"]
     values["client.server"] = normalize_server(values["client.server"])
     values["worker.join"] = normalize_server(values["worker.join"])
     return Settings(values, str(path) if path else None)
@@ -260,7 +264,3 @@ def normalize_server(address: str) -> str:
             address = "127.0.0.1" + address
         address = "http://" + address
     return address
-
-
-def environ_overrides(pairs: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
-    return {k: f() for k, f in pairs.items()}

@@ -178,7 +178,7 @@ def _str_map(v: Any, fld: str, key_re: re.Pattern[str], limit: int) -> dict[str,
     if len(v) > limit:
         raise ValidationError(f"{fld} has more than {limit} entries", field=fld)
     for k, val in v.items():
-        if not key_re.match(k):
+        if not key_re.fullmatch(k):
             raise ValidationError(f"{fld} key {k[:80]!r} is not a valid name", field=f"{fld}.{k[:80]}")
         if not isinstance(val, str) or len(val) > MAX_ARG_LEN or "\x00" in val:
             raise ValidationError(f"{fld}.{k} must be a string without NUL bytes", field=f"{fld}.{k}")
@@ -186,7 +186,7 @@ def _str_map(v: Any, fld: str, key_re: re.Pattern[str], limit: int) -> dict[str,
 
 
 def validate_name(v: Any, fld: str) -> str:
-    if not isinstance(v, str) or not NAME_RE.match(v):
+    if not isinstance(v, str) or not NAME_RE.fullmatch(v):
         raise ValidationError(
             f"{fld} must be 1-64 characters of letters, digits, '_', '.', ':' or '-'", field=fld
         )
@@ -258,9 +258,8 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     for k, val in backoff.items():
         if k not in BACKOFF_FIELDS:
             raise ValidationError(f"unknown field {k!r}", field=f(f"backoff.{k}"))
-        hi = 1.0 if k == "jitter" else 86400.0
-        lo_ok = val >= 1.0 if k == "factor" else val >= 0 if _is_num(val) else False
-        if not _is_num(val) or not lo_ok or val > hi:
+        lo, hi = (1.0 if k == "factor" else 0.0), (1.0 if k == "jitter" else 86400.0)
+        if not _is_num(val) or not lo <= val <= hi:
             raise ValidationError(f"backoff.{k} is out of range", field=f(f"backoff.{k}"))
     retry_on_exit = body.get("retry_on_exit")
     if retry_on_exit is not None:

@@ -70,6 +70,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ValidationError("request body is empty; a JSON object is required", field="body")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ValidationError("request body is nested too deeply", field="body") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ValidationError(f"request body is not valid JSON: {e}", field="body") from None
     if not isinstance(data, dict):
@@ -121,7 +123,7 @@ def query_num(request: web.Request, name: str, lo: float, hi: float, default: fl
 
 def job_id_of(request: web.Request) -> int:
     raw = request.match_info["job_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound(f"no job {raw[:40]!r}", field="id")
     return int(raw)
 
@@ -246,7 +248,7 @@ class Api:
             validate_name(queue, "queue")
         limit = int(query_num(request, "limit", 1, 1000, 50))
         cursor_raw = q.get("cursor") or None
-        if cursor_raw is not None and (not cursor_raw.isdigit() or len(cursor_raw) > 18):
+        if cursor_raw is not None and (not (cursor_raw.isascii() and cursor_raw.isdigit()) or len(cursor_raw) > 18):
             raise ValidationError("cursor must be a value from a previous page's next_cursor", field="cursor")
         jobs, nxt = await self.store.list_jobs(
             state=state, queue=queue, limit=limit, cursor=int(cursor_raw) if cursor_raw else None
@@ -338,7 +340,7 @@ class Api:
 
     def _worker_id(self, request: web.Request) -> str:
         wid = request.match_info["worker_id"]
-        if not NAME_RE.match(wid):
+        if not NAME_RE.fullmatch(wid):
             raise NotFound("no such worker", field="worker_id")
         return wid
 
@@ -466,7 +468,7 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
         if now - last > tick + max(2.0, ttl / 2):
             # We were not running (SIGSTOP, a long pause): nobody could heartbeat to us.
             log.warning("scheduler stalled for %.1fs; extending leases by %.1fs", now - last, grace)
-            await store.recover(grace)
+            await store.recover(grace, ttl)
         last = now
         try:
             sweep = await store.sweep(ttl, defaults)
@@ -498,7 +500,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        await store.recover(settings["scheduler.recovery_grace"])
+        await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
         task = asyncio.create_task(reaper(store, hub, api, settings))
         yield
         task.cancel()

@@ -77,19 +77,19 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 def _split_sql(script: str) -> list[str]:
-    statements, buf = [], []
+    """Statements of a script; sqlite3.complete_statement knows about comments and string literals."""
+    statements: list[str] = []
+    buf: list[str] = []
     for line in script.splitlines():
-        stripped = line.split("--", 1)[0]
-        buf.append(stripped)
-        if stripped.rstrip().endswith(";"):
-            stmt = "\n".join(buf).strip()
-            if sqlite3.complete_statement(stmt):
-                statements.append(stmt)
-                buf = []
+        buf.append(line)
+        text = "\n".join(buf)
+        if sqlite3.complete_statement(text):
+            statements.append(text.strip())
+            buf = []
     rest = "\n".join(buf).strip()
-    if rest:
+    if rest and sqlite3.complete_statement(rest + ";"):
         statements.append(rest)
-    return statements
+    return [s for s in statements if s.strip(" \n;")]
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -654,11 +654,13 @@ class SqliteStore:
 
         return await self._write(op)
 
-    async def recover(self, grace: float) -> None:
+    async def recover(self, grace: float, worker_ttl: float) -> None:
         """After a scheduler start or a stall, give every live lease and worker ``grace`` seconds.
 
         Workers whose heartbeats were not heard because the scheduler was not
-        listening must not be declared dead for it.
+        listening must not be declared dead for it: a worker is lost only after
+        ``worker_ttl`` of silence, so its last heartbeat is moved to where that
+        silence ends no sooner than the grace does.
         """
         now = self.clock()
 
@@ -670,7 +672,7 @@ class SqliteStore:
             conn.execute(
                 "UPDATE workers SET last_heartbeat = MAX(last_heartbeat, ?)"
                 " WHERE state IN ('alive', 'draining')",
-                (now,),
+                (now + max(0.0, grace - worker_ttl),),
             )
 
         await self._write(op)
@@ -781,8 +783,11 @@ def _end_attempt(
         " AND state = 'running' AND attempt = ?",
         (job_id, attempt),
     ).fetchone()
-    if job is None:  # the attempt row said running but the job moved on: refuse, change nothing
-        raise Conflict(f"job {job_id} attempt {attempt} is not running")
+    if job is None:
+        # The attempt row said running but the job has moved on (an invariant broken
+        # elsewhere). The attempt stays ended; the job is not touched. Raising here
+        # would roll back a whole reaper pass, again on every tick.
+        return None
     reason = _reason(outcome, exit_code, error)
     common = dict(lease_expires_at=None, exit_code=exit_code, error=error)
     if job["cancel_requested"] or outcome is Outcome.CANCELLED:

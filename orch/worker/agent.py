@@ -67,6 +67,8 @@ class Agent:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._lease_task: asyncio.Task[Any] | None = None
         self._registered = asyncio.Event()
+        self._register_lock = asyncio.Lock()
+        self.lease_ttl = 10.0
 
     # ------------------------------------------------------------------ public
 
@@ -125,22 +127,28 @@ class Agent:
                 await asyncio.sleep(delay)
         self.worker_id = reply["worker_id"]
         self.heartbeat_interval = float(reply["heartbeat_interval"])
+        self.lease_ttl = float(reply["lease_ttl"])
         self.opt.long_poll = min(self.opt.long_poll, float(reply["long_poll_timeout"]))
         self._registered.set()
         log.info("worker %s joined %s (concurrency %d, queues %s)", self.worker_id, self.client.server,
                  self.opt.concurrency, ",".join(self.opt.queues))
 
-    async def _reregister(self) -> None:
-        """The scheduler no longer knows us (it marked us lost): join again.
+    async def _reregister(self, stale_id: str | None) -> None:
+        """The scheduler no longer knows ``stale_id`` (it marked us lost): join again, once.
 
-        Attempts we still run were ended as lost when we were marked lost, so
-        their results would be refused; they are stopped.
+        Several loops can hear "unknown worker" for the same id; the first one
+        joins and the others find the id already replaced. Attempts we still run
+        were ended as lost when we were marked lost, so their results would be
+        refused; they are stopped.
         """
-        log.warning("worker %s is unknown to the scheduler; registering again", self.worker_id)
-        self._registered.clear()
-        for run in list(self.runs.values()):
-            run.request_stop(Outcome.CANCELLED, "superseded: this worker was marked lost")
-        await self._register()
+        async with self._register_lock:
+            if self.worker_id != stale_id:
+                return
+            log.warning("worker %s is unknown to the scheduler; registering again", stale_id)
+            self._registered.clear()
+            for run in list(self.runs.values()):
+                run.request_stop(Outcome.CANCELLED, "superseded: this worker was marked lost")
+            await self._register()
 
     # ------------------------------------------------------------------ pulling work
 
@@ -157,8 +165,9 @@ class Agent:
                     await self._slot_freed.wait()
                 continue
             wait = 0.0 if self.opt.burst else self.opt.long_poll
+            wid = self.worker_id
             try:
-                jobs = await self.client.lease(self.worker_id or "", self.opt.queues, free, wait)
+                jobs = await self.client.lease(wid or "", self.opt.queues, free, wait)
                 backoff.reset()
             except ServerUnavailable as e:
                 delay = backoff.next()
@@ -167,7 +176,7 @@ class Agent:
                 continue
             except ApiError as e:
                 if e.code == "unknown_worker":
-                    await self._reregister()
+                    await self._reregister(wid)
                     continue
                 raise
             for job in jobs:
@@ -225,7 +234,8 @@ class Agent:
 
     async def _report_loop(self) -> None:
         """Send output and completions, in order, batched; keep them while the scheduler is away."""
-        backoff = Backoff()
+        await self._registered.wait()
+        backoff = self._retry_backoff()
         while True:
             await self._report_wake.wait()
             self._report_wake.clear()
@@ -280,14 +290,21 @@ class Agent:
 
     # ------------------------------------------------------------------ heartbeats
 
+    def _retry_backoff(self) -> Backoff:
+        # Never wait longer than a heartbeat interval between tries: a scheduler that
+        # comes back gives us only the lease TTL to be heard from.
+        return Backoff(base=min(0.1, self.heartbeat_interval / 4), cap=self.heartbeat_interval)
+
     async def _heartbeat_loop(self) -> None:
-        backoff = Backoff()
+        await self._registered.wait()
+        backoff = self._retry_backoff()
         while True:
-            await self._sleep_or(self.heartbeat_interval)
+            await asyncio.sleep(self.heartbeat_interval)
             await self._registered.wait()
+            wid = self.worker_id
             try:
                 reply = await self.client.heartbeat(
-                    self.worker_id or "", [r.ref for r in self.runs.values()], self.draining.is_set()
+                    wid or "", [r.ref for r in self.runs.values()], self.draining.is_set()
                 )
                 backoff.reset()
             except ServerUnavailable as e:
@@ -296,7 +313,7 @@ class Agent:
                 continue
             except ApiError as e:
                 if e.code == "unknown_worker":
-                    await self._reregister()
+                    await self._reregister(wid)
                     continue
                 log.error("heartbeat refused: %s", e.message)
                 continue
@@ -310,9 +327,6 @@ class Agent:
                 if run:
                     log.warning("job %s attempt %s was superseded; stopping it", run.job_id, run.attempt)
                     run.request_stop(Outcome.CANCELLED, "superseded attempt")
-
-    async def _sleep_or(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
     async def _tell_draining(self) -> None:
         with suppress(OrchError):
