@@ -587,8 +587,6 @@ class Chaos:
             return "killed"
         if a["worker"] in self.stopped_ids:
             return "stopped"
-        if a["worker"] in self.phantom_ids:
-            return "stopped worker's extra registration"
         if self.scheduler_kill:
             started, finished = parse_ts(a["started_at"]), parse_ts(a["finished_at"])
             if started is not None and started <= self.scheduler_kill[1] and (finished is None or finished >= self.scheduler_kill[0]):

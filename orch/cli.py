@@ -76,13 +76,18 @@ def client_for(settings: Settings) -> Any:
     return Client(settings["client.server"])
 
 
-@app.callback()
-def main_callback(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         typer.echo(f"orch {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """orch: a distributed job orchestrator in one executable."""
 
 
 # =========================================================================== server side

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import test_env  # noqa: E402
+from helpers import orch_test_env  # noqa: E402
 
 
 @pytest.fixture
@@ -17,4 +17,4 @@ def orch_env(tmp_path: Path) -> dict[str, str]:
     """Environment for orch processes: state under tmp_path, no user config."""
     data = tmp_path / "data"
     data.mkdir()
-    return test_env(data)
+    return orch_test_env(data)

@@ -39,7 +39,7 @@ def orch_cmd() -> list[str]:
     return [sys.executable, "-m", "orch"]
 
 
-def test_env(data_dir: Path, **extra: str) -> dict[str, str]:
+def orch_test_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     env.update(ORCH_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **extra)
     # A config file in the user's home must not leak into tests.

@@ -1,0 +1,97 @@
+"""The zipapp: built by zipapp.sh, it runs a local cluster on a Python with no packages installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, URL_RE, Proc, http, wait_until, workers_alive
+
+
+def _pids_running(needle: str) -> list[int]:
+    """Processes (not zombies) whose command line mentions ``needle``: here, the test's own pyz path."""
+    found = []
+    if Path("/proc/self/cmdline").exists():
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                zombie = (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z"
+            except OSError:  # gone meanwhile
+                continue
+            if needle in cmdline and not zombie:
+                found.append(int(entry.name))
+    else:
+        out = subprocess.run(["ps", "-Ao", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            pid, stat, args = line.strip().split(None, 2)
+            if needle in args and not stat.startswith("Z"):
+                found.append(int(pid))
+    return [pid for pid in found if pid != os.getpid()]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_zipapp_runs_a_cluster_with_no_packages(tmp_path: Path, orch_env: dict[str, str]) -> None:
+    pyz = tmp_path / "orch.pyz"
+    build = subprocess.run(["bash", str(ROOT / "zipapp.sh"), str(pyz)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "ZIPAPP_BUILD_DIR": str(tmp_path / "build")})
+    assert build.returncode == 0, f"zipapp.sh failed:\n{build.stdout}\n{build.stderr}"
+    assert str(pyz) in build.stdout
+
+    names = zipfile.ZipFile(pyz).namelist()
+    assert "__main__.py" in names
+    assert "orch/store/sql/migrations/0001_initial.sql" in names
+    assert [n for n in names if n.endswith((".so", ".pyd", ".dylib"))] == []
+
+    # A Python with nothing installed; -I also keeps PYTHONPATH and user site-packages out.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    python = str(bare / "bin" / "python")
+    orch = [python, "-I", str(pyz)]
+    data = tmp_path / "data"  # orch_env's data dir
+    env = orch_env
+
+    helped = subprocess.run([*orch, "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert "Usage" in helped.stdout
+
+    up = Proc([*orch, "up", "--port", "0", "--data-dir", str(data)], tmp_path / "up.log", env)
+    try:
+        def url() -> str | None:
+            if not up.alive():
+                raise AssertionError(f"orch up exited {up.p.returncode}: {up.log()}")
+            m = URL_RE.search(up.log())
+            return m.group(1) if m else None
+
+        server = wait_until(url, 60, "orch up to print its URL")
+        assert server.startswith("http://127.0.0.1:")
+        wait_until(lambda: http("GET", server + "/healthz", timeout=5)[0] == 200, 30, "healthz")
+        wait_until(lambda: workers_alive(server) >= 1, 60, "a local worker to be alive")
+
+        hello = subprocess.run([*orch, "run", "--server", server, "echo", "hello", "--wait"],
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert (hello.returncode, hello.stdout) == (0, "hello\n"), hello.stderr
+
+        failed = subprocess.run([*orch, "run", "--server", server, "--wait", "--retries", "0", "--", "sh", "-c", "exit 3"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 3, failed.stdout + failed.stderr
+
+        up.signal(signal.SIGTERM)
+        assert up.wait(30) == 0, up.log()
+        # `up` waits for its workers before it exits; nothing started from this pyz may outlive it.
+        wait_until(lambda: not _pids_running(str(pyz)), 10, "no orch process left")
+    finally:
+        up.stop()
+        for pid in _pids_running(str(pyz)):  # only if the test failed: workers run in their own sessions
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
