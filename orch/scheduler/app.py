@@ -52,7 +52,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         if e.status == 413:
             message = f"request body is larger than {request.app[SETTINGS]['scheduler.max_body_bytes']} bytes"
-        body = {"error": {"code": _HTTP_CODES.get(e.status, "http_error"), "message": message}}
+        body: dict[str, Any] = {"error": {"code": _HTTP_CODES.get(e.status, "http_error"), "message": message}}
+        if e.status == 413:
+            body["error"]["field"] = "body"
         return web.json_response(body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
     except (asyncio.CancelledError, ConnectionResetError):
         raise

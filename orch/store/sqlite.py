@@ -790,13 +790,14 @@ def _end_attempt(
         return None
     reason = _reason(outcome, exit_code, error)
     common = dict(lease_expires_at=None, exit_code=exit_code, error=error)
-    if job["cancel_requested"] or outcome is Outcome.CANCELLED:
+    if outcome is Outcome.SUCCEEDED:
+        # Done before the cancel reached it: the honest end is the real one.
+        to = State.SUCCEEDED
+        _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
+    elif job["cancel_requested"] or outcome is Outcome.CANCELLED:
         to = State.CANCELLED
         _move(conn, job_id, attempt, State.RUNNING, to, now, "cancelled by user" if job["cancel_requested"]
               else reason, finished_at=now, **common)
-    elif outcome is Outcome.SUCCEEDED:
-        to = State.SUCCEEDED
-        _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
     else:
         policy = _policy(job["spec"], defaults, job["max_attempts"])
         if policy.retries(outcome, exit_code, attempt):

@@ -14,7 +14,7 @@ from typing import Any
 from orch.client import Client
 from orch.errors import ApiError, OrchError, ServerUnavailable
 from orch.models import Outcome
-from orch.worker.runners import Ended, Run, execute, use_fast_child_watcher
+from orch.worker.runners import Ended, Run, execute
 
 log = logging.getLogger("orch.worker")
 
@@ -74,7 +74,6 @@ class Agent:
 
     async def run(self) -> None:
         """Work until drained (stop()) or, in burst mode, until there is no work left."""
-        use_fast_child_watcher()
         await self._register()
         loops = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),

@@ -1,0 +1,644 @@
+"""Integration tests of the scheduler's HTTP API, in process on loopback: jobs, workers, long polls, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import orch.config
+from orch.config import load_settings
+from orch.scheduler.app import HUB, build_app
+
+Body = Callable[[TestClient], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(orch.config, "default_config_path", lambda: tmp_path / "no-config" / "config.yaml")
+
+
+def serve(tmp_path: Path, body: Body, **overrides: Any) -> None:
+    """Run ``body`` against a scheduler app whose state lives in tmp_path."""
+    settings = load_settings(None, {"storage.data_dir": str(tmp_path), **overrides}, environ={})
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(settings), host="127.0.0.1")) as client:
+            await asyncio.wait_for(body(client), 20)
+
+    asyncio.run(main())
+
+
+async def call(client: TestClient, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+               params: dict[str, str] | None = None) -> tuple[int, Any]:
+    kw: dict[str, Any] = {"params": params}
+    if raw is not None:
+        kw["data"] = raw
+        kw["headers"] = {"Content-Type": "application/json"}
+    elif body is not None:
+        kw["json"] = body
+    async with client.request(method, path, **kw) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text) if text else None
+        except ValueError:
+            return resp.status, text
+
+
+async def submit(client: TestClient, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("command", ["true"])
+    status, job = await call(client, "POST", "/v1/jobs", spec)
+    assert status == 201, job
+    return job
+
+
+async def register(client: TestClient, **kw: Any) -> str:
+    status, body = await call(client, "POST", "/v1/workers", {"name": "w", "hostname": "h", **kw})
+    assert status == 201, body
+    assert body["heartbeat_interval"] > 0 and body["lease_ttl"] > 0
+    return body["worker_id"]
+
+
+async def lease(client: TestClient, wid: str, n: int = 1, wait: float = 0, **kw: Any) -> list[dict[str, Any]]:
+    status, body = await call(client, "POST", f"/v1/workers/{wid}/lease", {"max": n, "wait": wait, **kw})
+    assert status == 200, body
+    return body["jobs"]
+
+
+async def job_count(client: TestClient) -> int:
+    status, body = await call(client, "GET", "/v1/jobs", params={"limit": "1000"})
+    assert status == 200
+    return len(body["jobs"])
+
+
+async def until(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Await a condition on the loop (no fixed sleeps): poll ``check`` until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def assert_error(status: int, body: Any, want_status: int, field: str | None = None, code: str | None = None) -> None:
+    assert status == want_status, (status, body)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err.get("code"), str) and err["code"]
+    assert isinstance(err.get("message"), str) and err["message"]
+    if field is not None:
+        assert err.get("field") == field, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def test_healthz(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        status, data = await call(client, "GET", "/healthz")
+        assert status == 200 and data == {"status": "ok"}
+
+    serve(tmp_path, body)
+
+
+def test_submit_and_get_job(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        status, job = await call(client, "POST", "/v1/jobs", {"command": ["echo", "hi"], "name": "greet"})
+        assert status == 201
+        assert isinstance(job["id"], int)
+        assert job["state"] == "queued"
+        assert job["created_at"] and job["created_at"].endswith("Z")
+        assert job["spec"]["argv"] == ["echo", "hi"] and job["name"] == "greet"
+        status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert status == 200
+        assert got["id"] == job["id"] and got["state"] == "queued" and got["created_at"] == job["created_at"]
+        assert got["attempts"] == [] and got["result"] is None
+
+    serve(tmp_path, body)
+
+
+def test_seed_form_job_route(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        status, job = await call(client, "POST", "/job", {"task": "echo", "args": ["hello"]})
+        assert status == 201, job
+        assert job["state"] == "queued"
+        assert job["spec"]["argv"] == ["echo", "hello"]
+        status, got = await call(client, "GET", f"/job/{job['id']}")
+        assert status == 200 and got["id"] == job["id"]
+
+    serve(tmp_path, body)
+
+
+def test_list_jobs_pages_cover_every_job_once(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        status, data = await call(client, "POST", "/v1/jobs/batch",
+                                  {"jobs": [{"command": ["true"], "name": f"j{i}"} for i in range(23)]})
+        assert status == 201
+        ids = [j["id"] for j in data["jobs"]]
+        seen: list[int] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params = {"limit": "5"} | ({"cursor": cursor} if cursor else {})
+            status, page = await call(client, "GET", "/v1/jobs", params=params)
+            assert status == 200, page
+            assert len(page["jobs"]) <= 5
+            seen += [j["id"] for j in page["jobs"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+            assert pages < 10, "pagination does not end"
+        assert pages == 5
+        assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))
+
+    serve(tmp_path, body)
+
+
+def test_list_jobs_filters_by_state_and_queue(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        a1 = await submit(client, queue="alpha")
+        a2 = await submit(client, queue="alpha")
+        b1 = await submit(client, queue="beta")
+        wid = await register(client, queues=["alpha"])
+        got = await lease(client, wid, 1, queues=["alpha"])
+        assert [j["job_id"] for j in got] == [a1["id"]]
+
+        async def ids(**params: str) -> set[int]:
+            status, data = await call(client, "GET", "/v1/jobs", params=params)
+            assert status == 200, data
+            return {j["id"] for j in data["jobs"]}
+
+        assert await ids(queue="alpha") == {a1["id"], a2["id"]}
+        assert await ids(queue="beta") == {b1["id"]}
+        assert await ids(state="running") == {a1["id"]}
+        assert await ids(state="queued") == {a2["id"], b1["id"]}
+        assert await ids(state="queued", queue="alpha") == {a2["id"]}
+        assert await ids(state="failed") == set()
+
+    serve(tmp_path, body)
+
+
+def test_cancel_queued_job(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        status, got = await call(client, "POST", f"/v1/jobs/{job['id']}/cancel")
+        assert status == 200, got
+        assert got["state"] == "cancelled" and got["finished_at"]
+        status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert got["state"] == "cancelled"
+        # Nothing left to hand out.
+        wid = await register(client)
+        assert await lease(client, wid) == []
+        status, again = await call(client, "POST", f"/v1/jobs/{job['id']}/cancel")
+        assert_error(status, again, 409, code="conflict")
+
+    serve(tmp_path, body)
+
+
+def test_cancel_running_job_ends_when_the_worker_reports(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)
+        status, got = await call(client, "POST", f"/v1/jobs/{job['id']}/cancel")
+        assert status == 200 and got["state"] == "running" and got["cancel_requested"] is True
+        status, hb = await call(client, "POST", f"/v1/workers/{wid}/heartbeat",
+                                {"running": [{"job_id": job["id"], "attempt": 1}]})
+        assert hb["cancel"] == [{"job_id": job["id"], "attempt": 1}]
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job["id"], "attempt": 1, "outcome": "cancelled", "exit_code": -15}]})
+        assert data["results"][0]["state"] == "cancelled"
+        status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert got["state"] == "cancelled" and got["finished_at"]
+
+    serve(tmp_path, body)
+
+
+def test_batch_with_one_bad_job_creates_nothing(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        jobs: list[Any] = [{"command": ["true"]} for _ in range(5)]
+        jobs[3] = {"command": []}
+        status, data = await call(client, "POST", "/v1/jobs/batch", {"jobs": jobs})
+        assert_error(status, data, 400, field="jobs[3].command")
+        assert await job_count(client) == 0
+        jobs[3] = {"command": ["true"], "priority": "high"}
+        status, data = await call(client, "POST", "/v1/jobs/batch", {"jobs": jobs})
+        assert_error(status, data, 400, field="jobs[3].priority")
+        assert await job_count(client) == 0
+        # The same batch, made right, creates all five.
+        jobs[3] = {"command": ["true"]}
+        status, data = await call(client, "POST", "/v1/jobs/batch", {"jobs": jobs})
+        assert status == 201 and len(data["jobs"]) == 5
+        assert await job_count(client) == 5
+
+    serve(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- a worker over HTTP
+
+
+def test_worker_flow_register_lease_output_complete(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client, command=["echo", "hello"])
+        other = await submit(client, command=["echo", "other"])
+        wid = await register(client, queues=["default"], concurrency=2)
+        got = await lease(client, wid, 2)
+        assert [j["job_id"] for j in got] == [job["id"], other["id"]]
+        assert got[0]["attempt"] == 1 and got[0]["spec"]["argv"] == ["echo", "hello"]
+        status, running = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert running["state"] == "running" and running["worker"] == wid and running["started_at"]
+
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/output", {"chunks": [
+            {"job_id": job["id"], "attempt": 1, "stream": "stdout", "data": "hel"},
+            {"job_id": job["id"], "attempt": 1, "stream": "stderr", "data": "note\n"},
+        ]})
+        assert status == 200 and data == {"accepted": [True, True]}
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/heartbeat",
+                                  {"running": [{"job_id": job["id"], "attempt": 1}]})
+        assert status == 200 and data == {"cancel": [], "stale": []}
+
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [{
+            "job_id": job["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0, "duration": 0.01,
+            "output": [{"job_id": job["id"], "attempt": 1, "stream": "stdout", "data": "lo\n"}],
+        }]})
+        assert status == 200, data
+        assert data["results"] == [{"job_id": job["id"], "attempt": 1, "accepted": True, "state": "succeeded"}]
+
+        status, done = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert status == 200
+        assert done["state"] == "succeeded"
+        assert done["exit_code"] == 0
+        assert done["result"]["stdout"] == "hello\n"
+        assert done["result"]["stderr"] == "note\n"
+        assert done["created_at"] and done["started_at"] and done["finished_at"]
+        assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+        assert done["duration"] == 0.01
+        status, events = await call(client, "GET", f"/v1/jobs/{job['id']}/events")
+        assert [e["to"] for e in events["events"]] == ["queued", "running", "succeeded"]
+        status, out = await call(client, "GET", f"/v1/jobs/{job['id']}/output")
+        assert status == 200 and out["stdout"] == "hello\n" and out["state"] == "succeeded"
+        status, workers = await call(client, "GET", "/v1/workers")
+        assert [(w["id"], w["state"], w["running"]) for w in workers["workers"]] == [(wid, "alive", 1)]
+
+    serve(tmp_path, body)
+
+
+def test_long_poll_lease_is_woken_by_a_submit(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        wid = await register(client)
+        hub = client.server.app[HUB]
+        started = time.monotonic()
+        task = asyncio.ensure_future(lease(client, wid, 1, wait=10))
+        await until(lambda: "default" in hub._queues, what="the lease to wait on the queue")
+        assert not task.done()
+        job = await submit(client)
+        got = await asyncio.wait_for(task, 5)
+        assert [j["job_id"] for j in got] == [job["id"]]
+        assert time.monotonic() - started < 5, "the lease was not woken by the submit"
+
+    serve(tmp_path, body)
+
+
+def test_lease_with_wait_returns_empty_after_its_wait(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        wid = await register(client)
+        started = time.monotonic()
+        assert await lease(client, wid, 1, wait=0.2) == []
+        assert 0.15 <= time.monotonic() - started < 3
+
+    serve(tmp_path, body)
+
+
+def test_wait_returns_when_the_job_completes(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)
+        hub = client.server.app[HUB]
+        assert job["id"] not in hub._jobs  # nobody waits on it yet
+        started = time.monotonic()
+        task = asyncio.ensure_future(call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "5"}))
+        await until(lambda: job["id"] in hub._jobs, what="the wait to start")
+        assert not task.done()
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0}]})
+        assert status == 200 and data["results"][0]["accepted"]
+        status, waited = await asyncio.wait_for(task, 5)
+        assert status == 200 and waited["state"] == "succeeded" and waited["exit_code"] == 0
+        assert time.monotonic() - started < 4, "the wait was not woken by the completion"
+
+    serve(tmp_path, body)
+
+
+def test_short_wait_returns_the_current_state(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        first = await submit(client)
+        second = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)  # takes the older job only
+        for job, state in ((first, "running"), (second, "queued")):
+            started = time.monotonic()
+            status, now = await call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "0.1"})
+            assert status == 200 and now["state"] == state and now["id"] == job["id"]
+            assert 0.05 <= time.monotonic() - started < 3
+        status, now = await call(client, "GET", f"/v1/jobs/{first['id']}/wait", params={"timeout": "0"})
+        assert status == 200 and now["state"] == "running"
+
+    serve(tmp_path, body)
+
+
+def test_wait_stays_open_while_the_job_is_retrying(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client, max_attempts=2, backoff={"base": 30})
+        wid = await register(client)
+        await lease(client, wid)
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job["id"], "attempt": 1, "outcome": "failed", "exit_code": 2}]})
+        assert data["results"][0]["state"] == "retrying"
+        started = time.monotonic()
+        status, waited = await call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "0.3"})
+        assert status == 200 and waited["state"] == "retrying"
+        assert time.monotonic() - started >= 0.25, "a retrying job is not finished: the wait must hold"
+
+    serve(tmp_path, body)
+
+
+def test_follow_output_streams_lines_then_an_end_line(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)
+        jid = job["id"]
+        lines: list[dict[str, Any]] = []
+
+        async def follow() -> None:
+            async with client.get(f"/v1/jobs/{jid}/output", params={"follow": "1"}) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+                async for raw in resp.content:
+                    if raw.strip():
+                        lines.append(json.loads(raw))
+
+        task = asyncio.ensure_future(follow())
+        await call(client, "POST", f"/v1/workers/{wid}/output", {"chunks": [
+            {"job_id": jid, "attempt": 1, "stream": "stdout", "data": "first\n"}]})
+        await until(lambda: lines, what="the first streamed line")
+        assert not task.done()
+        await call(client, "POST", f"/v1/workers/{wid}/output", {"chunks": [
+            {"job_id": jid, "attempt": 1, "stream": "stderr", "data": "second\n"}]})
+        await until(lambda: len(lines) >= 2, what="the second streamed line")
+        status, _ = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": jid, "attempt": 1, "outcome": "failed", "exit_code": 7,
+             "output": [{"job_id": jid, "attempt": 1, "stream": "stdout", "data": "last\n"}]}]})
+        assert status == 200
+        # Failed with attempts left is retrying, not an end; finish the job for good by cancelling it.
+        status, _ = await call(client, "POST", f"/v1/jobs/{jid}/cancel")
+        assert status == 200
+        await asyncio.wait_for(task, 5)
+        assert lines[:3] == [
+            {"attempt": 1, "stream": "stdout", "data": "first\n"},
+            {"attempt": 1, "stream": "stderr", "data": "second\n"},
+            {"attempt": 1, "stream": "stdout", "data": "last\n"},
+        ]
+        end = lines[-1]
+        assert len(lines) == 4
+        assert end["end"] is True and end["state"] == "cancelled" and end["exit_code"] == 7
+
+    serve(tmp_path, body)
+
+
+def test_follow_output_of_a_finished_job_ends_at_once(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)
+        await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0,
+             "output": [{"job_id": job["id"], "attempt": 1, "stream": "stdout", "data": "hello\n"}]}]})
+        async with client.get(f"/v1/jobs/{job['id']}/output", params={"follow": "1"}) as resp:
+            text = await asyncio.wait_for(resp.text(), 5)
+        lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+        assert lines[0] == {"attempt": 1, "stream": "stdout", "data": "hello\n"}
+        assert lines[-1]["end"] is True and lines[-1]["state"] == "succeeded" and lines[-1]["exit_code"] == 0
+
+    serve(tmp_path, body)
+
+
+def test_single_completion_route_refuses_a_stale_attempt(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        other = await register(client, name="other")
+        await lease(client, wid)
+        path = f"/v1/workers/{wid}/jobs/{job['id']}/complete"
+        status, data = await call(client, "POST", path, {"attempt": 1, "outcome": "succeeded", "exit_code": 0})
+        assert status == 200 and data["accepted"] is True and data["state"] == "succeeded"
+        status, again = await call(client, "POST", path, {"attempt": 1, "outcome": "failed", "exit_code": 1})
+        assert_error(status, again, 409, field="attempt", code="stale_attempt")
+        status, wrong = await call(client, "POST", f"/v1/workers/{other}/jobs/{job['id']}/complete",
+                                   {"attempt": 1, "outcome": "failed", "exit_code": 1})
+        assert_error(status, wrong, 409, code="stale_attempt")
+        status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert got["state"] == "succeeded" and got["exit_code"] == 0
+
+    serve(tmp_path, body)
+
+
+def test_unknown_worker_must_register_again(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        await submit(client)
+        for path, payload in [("lease", {"max": 1}), ("heartbeat", {"running": []})]:
+            status, data = await call(client, "POST", f"/v1/workers/w-000000000000/{path}", payload)
+            assert_error(status, data, 409, field="worker_id", code="unknown_worker")
+        status, data = await call(client, "POST", "/v1/workers/bad%20id/lease", {"max": 1})
+        assert_error(status, data, 404, code="not_found")
+
+    serve(tmp_path, body)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_submit_bodies_are_4xx_json_naming_the_field(tmp_path: Path) -> None:
+    cases: list[tuple[bytes, int, str | None]] = [
+        (b"{not json", 400, "body"),
+        (b"", 400, "body"),
+        (b"[1, 2]", 400, "body"),
+        (b'"echo hi"', 400, "body"),
+        (b"\xff\xfe", 400, "body"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+        (json.dumps({"command": "echo hi"}).encode(), 400, "command"),
+        (json.dumps({"command": []}).encode(), 400, "command"),
+        (json.dumps({"command": ["echo", 1]}).encode(), 400, "command[1]"),
+        (json.dumps({"command": ["x"], "colour": "red"}).encode(), 400, "colour"),
+        (json.dumps({"command": ["x"], "priority": "high"}).encode(), 400, "priority"),
+        (json.dumps({"command": ["x"], "timeout": 0}).encode(), 400, "timeout"),
+        (json.dumps({"command": ["x"], "queue": "no spaces"}).encode(), 400, "queue"),
+        (json.dumps({"command": ["x"], "env": {"1X": "y"}}).encode(), 400, "env.1X"),
+        (json.dumps({"command": ["x"], "backoff": {"factor": "2"}}).encode(), 400, "backoff.factor"),
+        (json.dumps({"task": "echo", "args": "hello"}).encode(), 400, "args"),
+    ]
+
+    async def body(client: TestClient) -> None:
+        wrong = []
+        for raw, want, field in cases:
+            for path in ("/v1/jobs", "/job"):
+                status, data = await call(client, "POST", path, raw=raw)
+                try:
+                    assert_error(status, data, want, field=field)
+                except AssertionError as e:
+                    wrong.append(f"POST {path} {raw[:50]!r}: {e}")
+        assert not wrong, "\n".join(wrong)
+        assert await job_count(client) == 0
+
+    serve(tmp_path, body)
+
+
+def test_bad_batch_bodies(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        for payload, field in [({}, "jobs"), ({"jobs": []}, "jobs"), ({"jobs": {"command": ["x"]}}, "jobs"),
+                               ({"jobs": [{"command": ["x"]}], "extra": 1}, "extra"),
+                               ({"jobs": [{"command": ["x"]}, 5]}, "jobs[1]")]:
+            status, data = await call(client, "POST", "/v1/jobs/batch", payload)
+            assert_error(status, data, 400, field=field)
+        assert await job_count(client) == 0
+
+    serve(tmp_path, body)
+
+
+def test_oversize_body_is_413_json_and_writes_nothing(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        big = {"command": ["echo", "x" * 4096]}
+        status, data = await call(client, "POST", "/v1/jobs", big)
+        assert_error(status, data, 413, code="too_large")
+        assert "2048" in data["error"]["message"]
+        status, data = await call(client, "POST", "/v1/jobs/batch", {"jobs": [big]})
+        assert_error(status, data, 413, code="too_large")
+        assert await job_count(client) == 0
+        await submit(client)  # a small body still goes through
+        assert await job_count(client) == 1
+
+    serve(tmp_path, body, **{"scheduler.max_body_bytes": 2048})
+
+
+@pytest.mark.parametrize("job_id", ["999999", "abc", "1e3", "-1", "²", "12345678901234567890"])
+def test_unknown_or_malformed_job_id_is_404_json(tmp_path: Path, job_id: str) -> None:
+    async def body(client: TestClient) -> None:
+        await submit(client)
+        for method, suffix in [("GET", ""), ("GET", "/wait?timeout=0"), ("GET", "/events"), ("GET", "/output"),
+                               ("GET", "/output?follow=1"), ("POST", "/cancel")]:
+            status, data = await call(client, method, f"/v1/jobs/{job_id}{suffix}")
+            assert_error(status, data, 404, field="id", code="not_found")
+        status, data = await call(client, "GET", f"/job/{job_id}")
+        assert_error(status, data, 404, code="not_found")
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": "abc"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "100000"}, "limit"),
+        ({"limit": "nan"}, "limit"),
+        ({"state": "bogus"}, "state"),
+        ({"queue": "no spaces"}, "queue"),
+        ({"cursor": "xyz"}, "cursor"),
+        ({"cursor": "²"}, "cursor"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_list_query_is_400(tmp_path: Path, params: dict[str, str], field: str) -> None:
+    async def body(client: TestClient) -> None:
+        status, data = await call(client, "GET", "/v1/jobs", params=params)
+        assert_error(status, data, 400, field=field)
+
+    serve(tmp_path, body)
+
+
+def test_bad_wait_timeout_is_400(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        for bad in ("soon", "-1", "99999", "inf"):
+            status, data = await call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": bad})
+            assert_error(status, data, 400, field="timeout")
+
+    serve(tmp_path, body)
+
+
+def test_bad_worker_requests_are_4xx_json_naming_the_field(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        job = await submit(client)
+        wid = await register(client)
+        w = f"/v1/workers/{wid}"
+        cases: list[tuple[str, Any, str]] = [
+            ("/v1/workers", [], "body"),
+            ("/v1/workers", {"queues": "default"}, "queues"),
+            ("/v1/workers", {"queues": ["bad name"]}, "queues[0]"),
+            ("/v1/workers", {"concurrency": 0}, "concurrency"),
+            ("/v1/workers", {"concurrency": "4"}, "concurrency"),
+            ("/v1/workers", {"nickname": "x"}, "nickname"),
+            (f"{w}/lease", {"max": "2"}, "max"),
+            (f"{w}/lease", {"max": 0}, "max"),
+            (f"{w}/lease", {"max": 1, "wait": -1}, "wait"),
+            (f"{w}/lease", {"max": 1, "wait": 10_000}, "wait"),
+            (f"{w}/lease", {"max": 1, "queues": []}, "queues"),
+            (f"{w}/lease", {"max": 1, "greedy": True}, "greedy"),
+            (f"{w}/heartbeat", {"running": "all"}, "running"),
+            (f"{w}/heartbeat", {"running": [{"job_id": "1", "attempt": 1}]}, "running[0].job_id"),
+            (f"{w}/heartbeat", {"draining": "yes"}, "draining"),
+            (f"{w}/output", {"chunks": "text"}, "chunks"),
+            (f"{w}/output", {"chunks": [{"job_id": job["id"], "attempt": 1, "stream": "stdin", "data": "x"}]},
+             "chunks[0].stream"),
+            (f"{w}/output", {"chunks": [{"job_id": job["id"], "attempt": 1, "stream": "stdout", "data": 5}]},
+             "chunks[0].data"),
+            (f"{w}/complete", {"results": []}, "results"),
+            (f"{w}/complete", {"results": [{"job_id": job["id"], "attempt": 1, "outcome": "lost"}]},
+             "results[0].outcome"),
+            (f"{w}/complete", {"results": [{"job_id": job["id"], "attempt": 1, "outcome": "succeeded",
+                                            "exit_code": "0"}]}, "results[0].exit_code"),
+            (f"{w}/complete", {"results": [{"job_id": job["id"], "attempt": True, "outcome": "succeeded"}]},
+             "results[0].attempt"),
+            (f"{w}/complete", {"results": [{"job_id": job["id"], "attempt": 1, "outcome": "succeeded",
+                                            "duration": -1}]}, "results[0].duration"),
+            (f"{w}/complete", {"results": [{"job_id": job["id"], "attempt": 1, "outcome": "succeeded",
+                                            "output": [{"stream": "stdout"}]}]}, "results[0].output[0].data"),
+            (f"{w}/jobs/{job['id']}/complete", {"attempt": 1, "outcome": "done"}, "outcome"),
+            (f"{w}/jobs/{job['id']}/complete", {"attempt": 1, "outcome": "succeeded", "why": "x"}, "why"),
+            (f"{w}/hand-back", {"attempts": {}}, "attempts"),
+            (f"{w}/hand-back", {"attempts": [], "stop": "yes"}, "stop"),
+        ]
+        for path, payload, field in cases:
+            status, data = await call(client, "POST", path, payload)
+            assert 400 <= status < 500, (path, payload, status, data)
+            assert_error(status, data, 400, field=field)
+        for path in (f"{w}/lease", f"{w}/complete", f"{w}/heartbeat", "/v1/workers"):
+            status, data = await call(client, "POST", path, raw=b"{oops")
+            assert_error(status, data, 400, field="body")
+        # None of it changed the job.
+        status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
+        assert got["state"] == "queued" and got["attempt"] == 0
+
+    serve(tmp_path, body)
+
+
+def test_unknown_route_and_wrong_method_are_json(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        status, data = await call(client, "GET", "/v1/nothing-here")
+        assert_error(status, data, 404)
+        status, data = await call(client, "DELETE", "/v1/jobs")
+        assert_error(status, data, 405, code="method_not_allowed")
+
+    serve(tmp_path, body)
