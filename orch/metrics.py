@@ -1,9 +1,40 @@
-"""Prometheus collectors of the scheduler, in a registry of its own (one per app)."""
+"""Prometheus collectors of the scheduler and of the worker, each in a registry of its own.
+
+Counters and histograms move as things happen (the scheduler's ``Api.committed()``
+feeds every job state change to ``SchedulerMetrics.observe()``; the worker counts
+the attempts it ends). Gauges of "how many are in each state right now" are
+read at scrape time from a snapshot the scheduler refreshes just before it
+renders (``set_snapshot``): a few GROUP BY reads per scrape, nothing per job.
+
+Names follow Prometheus conventions: ``orch_`` prefix, ``_total`` on counters,
+``_seconds`` for times; labels are bounded sets (queue, state, outcome, route,
+live worker), never job ids.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from typing import Any, Awaitable, Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
+
+from orch import __version__
+from orch.errors import ConfigError
+
+# Execution and queue-wait times: 5 ms to 1 h.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0, 600.0, 1800.0, 3600.0)
+# API requests: 1 ms to 60 s (lease and wait requests long-poll for up to scheduler.long_poll_timeout).
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
+WORKER_STATES = ("alive", "draining", "lost", "stopped")
+UNFINISHED = ("queued", "running", "retrying")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+# Attempt outcomes whose duration the worker measured (lost and handed-back attempts did not end by themselves).
+TIMED_OUTCOMES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 
 
 class SchedulerMetrics:
@@ -20,6 +51,202 @@ class SchedulerMetrics:
         self.lost_workers = Counter(
             "orch_workers_lost", "Workers marked lost after missing heartbeats.", registry=self.registry
         )
+        r = self.registry
+        self.completed = Counter(
+            "orch_jobs_completed", "Jobs that reached an end state, by queue and outcome (succeeded, failed, cancelled).",
+            ["queue", "outcome"], registry=r,
+        )
+        self.retries = Counter(
+            "orch_job_retries", "Attempts that ended in a retry (the job went to backoff), by queue.", ["queue"], registry=r,
+        )
+        self.attempts = Counter(
+            "orch_attempts_ended",
+            "Attempts that ended, by queue and outcome (succeeded, failed, timed_out, lost, cancelled, handed_back).",
+            ["queue", "outcome"], registry=r,
+        )
+        self.started = Counter("orch_attempts_started", "Attempts handed to workers, by queue.", ["queue"], registry=r)
+        self.duration = Histogram(
+            "orch_job_duration_seconds", "Execution time of attempts that ended on their worker, by queue.",
+            ["queue"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "orch_job_queue_wait_seconds", "Time from a job's submit to its first start (claim by a worker), by queue.",
+            ["queue"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.http = Histogram(
+            "orch_http_request_duration_seconds",
+            "Scheduler API request latency, by method, route template and status (long polls included).",
+            ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=r,
+        )
+        Info("orch_build", "Version of orch.", registry=r).info({"version": __version__})
+        self._state = _StateCollector()
+        r.register(self._state)
+
+    # ---- fed by the scheduler
+
+    def observe(self, changes: Iterable[Any]) -> None:
+        """Count committed job state changes (``store.base.Change``); cheap, no I/O."""
+        for c in changes:
+            state = c.state
+            if c.outcome is not None:
+                self.attempts.labels(c.queue, c.outcome).inc()
+                if c.duration is not None and c.outcome in TIMED_OUTCOMES:
+                    self.duration.labels(c.queue).observe(c.duration)
+            if state == "running" and c.worker is not None and c.outcome is None:
+                self.started.labels(c.queue).inc()
+                if c.queue_wait is not None:
+                    self.queue_wait.labels(c.queue).observe(c.queue_wait)
+            elif state == "retrying":
+                self.retries.labels(c.queue).inc()
+            elif state in TERMINAL:
+                self.completed.labels(c.queue, state).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http.labels(method if method in HTTP_METHODS else "other", route, str(status)).observe(seconds)
+
+    def set_snapshot(self, snapshot: dict[str, Any], store: Any = None) -> None:
+        """The latest ``store.metrics_snapshot()``; ``store`` lends its batch and op counters."""
+        self._state.snapshot = snapshot
+        self._state.store = store
+        self._state.queues.update(q for q, _ in snapshot.get("queues", {}))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """Text format, or OpenMetrics when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class _StateCollector:
+    """Gauges read at scrape time from the scheduler's last snapshot."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] = {}
+        self.store: Any = None
+        self.queues: set[str] = set()  # queues seen: they stay at 0 when they empty, rather than vanish
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self.snapshot))
+
+    def _families(self, snap: dict[str, Any] | None = None) -> list[Metric]:
+        jobs = GaugeMetricFamily("orch_jobs", "Jobs in each state right now.", labels=["state"])
+        queues = GaugeMetricFamily(
+            "orch_queue_jobs", "Unfinished jobs per queue and state (queued is the queue depth).", labels=["queue", "state"]
+        )
+        workers = GaugeMetricFamily("orch_workers", "Workers in each state right now.", labels=["state"])
+        age = GaugeMetricFamily(
+            "orch_worker_heartbeat_age_seconds", "Seconds since each live worker's last heartbeat.", labels=["worker", "name"]
+        )
+        slots = GaugeMetricFamily(
+            "orch_cluster_slots", "Job slots of live (alive) workers, busy or free.", labels=["state"]
+        )
+        batches = CounterMetricFamily("orch_store_batches", "Write transactions committed by the store (group commits).")
+        ops = CounterMetricFamily("orch_store_ops", "Write operations committed by the store.")
+        out: list[Metric] = [jobs, queues, workers, age, slots, batches, ops]
+        if snap is None:
+            return out
+        for state in sorted(set(JOB_STATES) | set(snap.get("jobs", {}))):
+            jobs.add_metric([state], snap.get("jobs", {}).get(state, 0))
+        counts = snap.get("queues", {})
+        for q in sorted(self.queues):
+            for state in UNFINISHED:
+                queues.add_metric([q, state], counts.get((q, state), 0))
+        for state in sorted(set(WORKER_STATES) | set(snap.get("workers", {}))):
+            workers.add_metric([state], snap.get("workers", {}).get(state, 0))
+        busy = free = 0
+        for w in snap.get("live_workers", []):
+            age.add_metric([w["id"], w["name"]], round(w["heartbeat_age"], 3))
+            if w["state"] == "alive":
+                busy += min(w["busy"], w["concurrency"])
+                free += max(0, w["concurrency"] - w["busy"])
+        slots.add_metric(["busy"], busy)
+        slots.add_metric(["free"], free)
+        batches.add_metric([], getattr(self.store, "batches", 0))
+        ops.add_metric([], getattr(self.store, "ops", 0))
+        return out
+
+
+class WorkerMetrics:
+    """A worker's own metrics: its slots, the attempts it ran by outcome, their execution time."""
+
+    def __init__(self, slots: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+        """``slots()`` returns (busy, total) at scrape time."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.slots = slots
+        self.jobs = Counter(
+            "orch_worker_jobs", "Attempts this worker ran to an end, by queue and outcome.",
+            ["queue", "outcome"], registry=self.registry,
+        )
+        self.duration = Histogram(
+            "orch_worker_job_duration_seconds", "Execution time of the attempts this worker ran, by queue.",
+            ["queue"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        Info("orch_build", "Version of orch.", registry=self.registry).info({"version": __version__})
+        self.registry.register(_SlotCollector(self))
+
+    def ended(self, queue: str, outcome: str, seconds: float) -> None:
+        self.jobs.labels(queue, outcome).inc()
+        if outcome in TIMED_OUTCOMES:
+            self.duration.labels(queue).observe(seconds)
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class _SlotCollector:
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter([GaugeMetricFamily("orch_worker_slots", "This worker's job slots, busy or free.", labels=["state"])])
+
+    def collect(self) -> Iterator[Metric]:
+        fam = GaugeMetricFamily("orch_worker_slots", "This worker's job slots, busy or free.", labels=["state"])
+        busy, total = self.metrics.slots()
+        fam.add_metric(["busy"], busy)
+        fam.add_metric(["free"], max(0, total - busy))
+        return iter([fam])
+
+
+async def serve_metrics(host: str, port: int, render: Callable[[str], Awaitable[tuple[bytes, str]]],
+                        field: str) -> Any:
+    """A small HTTP listener with GET /metrics on the running loop; returns its AppRunner (cleanup() it).
+
+    A port that cannot be had is a ConfigError naming ``field``, not a traceback.
+    """
+    from aiohttp import web
+
+    async def page(request: web.Request) -> web.Response:
+        body, content_type = await render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text="orch metrics: GET /metrics\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", page)
+    app.router.add_get("/", index)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} for metrics: {e.strerror or e}; choose another port with"
+            f" --metrics-port or {field} (0 turns the metrics listener off)", field=field,
+        ) from None
+    return runner
+
+
+def metrics_url(runner: Any) -> str:
+    host, port = runner.addresses[0][:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/metrics"

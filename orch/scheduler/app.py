@@ -163,7 +163,7 @@ _OUTCOMES = {o.value for o in Outcome} - {Outcome.RUNNING.value, Outcome.LOST.va
 def result_of(item: Any, p: str) -> AttemptResult:
     if not isinstance(item, dict):
         raise ValidationError("each result must be an object", field=p.rstrip("."))
-    only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output"}, p)
+    only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output", "waited"}, p)
     outcome = item.get("outcome")
     if outcome not in _OUTCOMES:
         raise ValidationError(f"outcome must be one of {', '.join(sorted(_OUTCOMES))}", field=p + "outcome")
@@ -181,6 +181,7 @@ def result_of(item: Any, p: str) -> AttemptResult:
         attempt=int_field(item, "attempt", 1, 10**6, prefix=p),
         outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p),
         duration=duration, output=[chunk_of(c, f"{p}output[{i}].") for i, c in enumerate(output)],
+        waited=num_field(item, "waited", 0, 86400, 0.0, prefix=p),
     )
 
 

@@ -35,6 +35,7 @@ class AttemptResult:
     error: str | None = None
     duration: float | None = None
     output: Sequence[OutputChunk] = ()
+    waited: float = 0.0  # seconds the worker held the job before starting it (started_at moves by this)
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Change:
     state: str
     queue: str
     attempt: int
+    # For metrics and the state-change log line; filled where the store has them at hand.
+    worker: str | None = None  # the worker that claimed, ended or handed back the attempt
+    outcome: str | None = None  # how the attempt ended (models.Outcome), when this change ends one
+    duration: float | None = None  # seconds the attempt ran, when this change ends one
+    queue_wait: float | None = None  # seconds from submit to the first start (attempt 1 claims)
 
 
 @dataclass

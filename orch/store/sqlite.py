@@ -3,16 +3,27 @@
 Writes are functions of a ``sqlite3.Connection`` queued to a single writer
 thread. Whatever is queued while a batch commits goes into the next batch, so
 concurrent submits, claims, heartbeats and completions share one
-``BEGIN IMMEDIATE ... COMMIT`` and, with ``synchronous=FULL``, one fsync. Each
-operation runs inside its own SAVEPOINT, so one that fails is rolled back alone
-and nothing of it is half-written. A caller's await returns only after the
-batch holding its operation has committed.
+``BEGIN IMMEDIATE ... COMMIT``. Each operation runs inside its own SAVEPOINT,
+so one that fails is rolled back alone and nothing of it is half-written. A
+caller's await returns only after the batch holding its operation has committed.
+
+Durability (``storage.synchronous``). With FULL, an operation whose answer
+promises durability (a submit, a completion, a cancel, a hand-back) is answered
+only after the WAL has been fsynced past its commit. The fsync runs on a
+thread of its own, once for everything committed since the last one, while the
+writer goes on with the next batch: the connection itself runs with
+synchronous=NORMAL (crash-safe, fsync at checkpoints) and the flusher supplies
+the per-answer durability. Claims, heartbeats and output need no fsync of their
+own: they survive a crash of the process either way, and a power loss that
+takes one back is covered by fencing (a lease names its worker as well as its
+attempt). With NORMAL, nothing waits for an fsync.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 import time
@@ -183,8 +194,13 @@ class SqliteStore:
         self._executor: ThreadPoolExecutor | None = None
         self._wconn: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Op, asyncio.Future[Any], bool]] = []
         self._busy = False
+        self._flusher: ThreadPoolExecutor | None = None
+        self._wal_fd: int | None = None
+        self._unflushed: list[tuple[asyncio.Future[Any], bool, Any]] = []  # (future, ok, value) awaiting fsync
+        self._flushing = False
+        self.flushes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # committed write batches, for tests and metrics
         self.ops = 0
@@ -197,21 +213,32 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-writer")
 
         def setup() -> None:
-            self._wconn = _connect(self.path, self.synchronous)
+            # FULL durability comes from our own flusher (see the module doc); the connection
+            # needs only NORMAL's crash safety.
+            self._wconn = _connect(self.path, "NORMAL")
             migrate(self._wconn)
+            if self.synchronous == "FULL":
+                self._wal_fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
+                dir_fd = os.open(str(self.path.parent), os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)  # the WAL file's own directory entry
+                finally:
+                    os.close(dir_fd)
+                os.fsync(self._wal_fd)
 
         await self._loop.run_in_executor(self._executor, setup)
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-fsync")
         self._reader = await aiosqlite.connect(str(self.path), isolation_level=None)
         self._reader.row_factory = sqlite3.Row
         await self._reader.execute("PRAGMA busy_timeout=10000")
 
     async def close(self) -> None:
-        # Let queued writes finish before the thread goes away.
-        while self._busy or self._pending:
+        # Let queued writes finish (and reach the disk) before the threads go away.
+        while self._busy or self._pending or self._flushing or self._unflushed:
             fut = self._loop.create_future() if self._loop else None
             if fut is None:
                 break
-            self._pending.append((lambda c: None, fut))
+            self._pending.append((lambda c: None, fut, True))
             if not self._busy:
                 self._kick()
             await fut
@@ -233,13 +260,20 @@ class SqliteStore:
             self._executor.shutdown(wait=True)
             self._executor = None
             self._wconn = None
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     # ------------------------------------------------------------------ group commit
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
+        """Run ``op`` in the next batch; with ``durable`` its answer also waits for the fsync."""
         assert self._loop is not None, "store is not open"
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._pending.append((op, fut))
+        self._pending.append((op, fut, durable))
         if not self._busy:
             self._kick()
         return await fut
@@ -249,7 +283,7 @@ class SqliteStore:
         self._busy = True
         batch, self._pending = self._pending, []
         loop = self._loop
-        cf = self._executor.submit(self._run_batch, [op for op, _ in batch])
+        cf = self._executor.submit(self._run_batch, [op for op, _, _ in batch])
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._batch_done, batch, f))
 
     def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
@@ -277,23 +311,44 @@ class SqliteStore:
             return [(False, e)] * len(ops)
         return out
 
-    def _batch_done(self, batch: list[tuple[Op, asyncio.Future[Any]]], f: Any) -> None:
+    def _batch_done(self, batch: list[tuple[Op, asyncio.Future[Any], bool]], f: Any) -> None:
         self.batches += 1
         self.ops += len(batch)
         try:
             results = f.result()
         except BaseException as e:  # the thread itself failed: every caller hears of it
             results = [(False, e)] * len(batch)
-        for (_, fut), (ok, value) in zip(batch, results):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
+        for (_, fut, durable), (ok, value) in zip(batch, results):
+            if durable and ok and self._wal_fd is not None:
+                self._unflushed.append((fut, ok, value))
             else:
-                fut.set_exception(value)
+                _settle(fut, ok, value)
         self._busy = False
         if self._pending:
             self._kick()
+        if self._unflushed and not self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
+        """fsync the WAL once for every durable answer committed so far, then give the answers."""
+        assert self._flusher is not None and self._loop is not None and self._wal_fd is not None
+        self._flushing = True
+        waiting, self._unflushed = self._unflushed, []
+        loop = self._loop
+        cf = self._flusher.submit(os.fsync, self._wal_fd)
+        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flushed, waiting, f))
+
+    def _flushed(self, waiting: list[tuple[asyncio.Future[Any], bool, Any]], f: Any) -> None:
+        self.flushes += 1
+        error = f.exception()
+        for fut, ok, value in waiting:
+            if error is not None:  # committed but not known to be on disk: do not claim it is
+                _settle(fut, False, error)
+            else:
+                _settle(fut, ok, value)
+        self._flushing = False
+        if self._unflushed:
+            self._flush()
 
     # ------------------------------------------------------------------ reads
 
@@ -358,6 +413,96 @@ class SqliteStore:
         rows = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
 
+    # ---- observability: aggregates read once per /metrics scrape, facts for one job's `why`
+
+    async def _busy_by_worker(self, worker_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """Running jobs per worker (all workers, or only ``worker_ids``)."""
+        if worker_ids is not None and not worker_ids:
+            return {}
+        sql = "SELECT worker_id, COUNT(*) AS n FROM jobs WHERE state = 'running'"
+        params: tuple[Any, ...] = ()
+        if worker_ids is not None:
+            sql += " AND worker_id IN (" + ",".join("?" * len(worker_ids)) + ")"
+            params = tuple(worker_ids)
+        rows = await self._read(sql + " GROUP BY worker_id", params)
+        return {r["worker_id"]: r["n"] for r in rows}
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """Jobs by state, unfinished jobs by queue and state, workers by state, live workers' slots and heartbeat ages.
+
+        A handful of GROUP BY reads on the reader connection: meant for a
+        scrape every few seconds, never for each job.
+        """
+        now = self.clock()
+        jobs = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        queues = await self._read(
+            "SELECT queue, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retrying')"
+            " GROUP BY queue, state"
+        )
+        workers = await self._read("SELECT state, COUNT(*) AS n FROM workers GROUP BY state")
+        live = await self._read(
+            "SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE state IN ('alive', 'draining')"
+        )
+        busy = await self._busy_by_worker([r["id"] for r in live]) if live else {}
+        return {
+            "jobs": {r["state"]: r["n"] for r in jobs},
+            "queues": {(r["queue"], r["state"]): r["n"] for r in queues},
+            "workers": {r["state"]: r["n"] for r in workers},
+            "live_workers": [
+                {"id": r["id"], "name": r["name"], "state": r["state"], "concurrency": r["concurrency"],
+                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, now - r["last_heartbeat"])}
+                for r in live
+            ],
+        }
+
+    async def why_facts(self, job_id: int) -> dict[str, Any]:
+        """What `orch why` needs about one job: its row, its last event and, by state, its queue
+        position and the live workers serving its queue, or the worker holding its lease."""
+        now = self.clock()
+        rows = await self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        row = rows[0]
+        last = await self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
+        facts: dict[str, Any] = {
+            "now": now,
+            "job": job_summary(row),
+            "run_at": row["run_at"],
+            "lease_expires_at": row["lease_expires_at"],
+            "last_event": event_json(last[0]) if last else None,
+        }
+        if row["state"] == State.QUEUED:
+            ahead = await self._read(
+                "SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND queue = ?"
+                " AND (priority > ? OR (priority = ? AND id < ?))",
+                (row["queue"], row["priority"], row["priority"], job_id),
+            )
+            total = await self._read(
+                "SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND queue = ?", (row["queue"],)
+            )
+            facts["position"] = ahead[0]["n"] + 1
+            facts["queued"] = total[0]["n"]
+            live = await self._read(
+                "SELECT id, name, state, queues, concurrency, last_heartbeat FROM workers"
+                " WHERE state IN ('alive', 'draining')"
+            )
+            serving = [r for r in live if row["queue"] in json.loads(r["queues"])]
+            busy = await self._busy_by_worker([r["id"] for r in serving])
+            facts["workers"] = [
+                {"id": r["id"], "name": r["name"], "state": r["state"], "concurrency": r["concurrency"],
+                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, now - r["last_heartbeat"])}
+                for r in serving
+            ]
+        elif row["state"] == State.RUNNING and row["worker_id"]:
+            w = await self._read(
+                "SELECT id, name, state, last_heartbeat FROM workers WHERE id = ?", (row["worker_id"],)
+            )
+            facts["worker"] = (
+                {"id": w[0]["id"], "name": w[0]["name"], "state": w[0]["state"],
+                 "heartbeat_age": max(0.0, now - w[0]["last_heartbeat"])} if w else None
+            )
+        return facts
+
     async def events(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
         rows = await self._read(
             "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
@@ -420,7 +565,7 @@ class SqliteStore:
                 })
             return out
 
-        return await self._write(op)
+        return await self._write(op, durable=True)
 
     async def cancel(self, job_id: int, reason: str = "cancelled by user") -> tuple[dict[str, Any], list[Change]]:
         now = self.clock()
@@ -441,7 +586,7 @@ class SqliteStore:
                   finished_at=now, run_at=None)
             return [Change(job_id, State.CANCELLED.value, row["queue"], row["attempt"])]
 
-        changes = await self._write(op)
+        changes = await self._write(op, durable=True)
         return await self.get_job(job_id, with_output=False), changes
 
     async def register_worker(
@@ -527,7 +672,9 @@ class SqliteStore:
              "queue": r["queue"], "queued_at": r["created_at"]}
             for r in rows
         ]
-        changes = [Change(r["id"], State.RUNNING.value, r["queue"], r["attempt"]) for r in rows]
+        changes = [Change(r["id"], State.RUNNING.value, r["queue"], r["attempt"], worker=worker_id,
+                          queue_wait=max(0.0, now - r["created_at"]) if r["attempt"] == 1 else None)
+                   for r in rows]
         return jobs, changes
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
@@ -555,7 +702,7 @@ class SqliteStore:
                         _append(conn, worker_id, c, limit)
                 change = _end_attempt(
                     conn, r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
-                    r.duration, now, defaults, rand,
+                    r.duration, now, defaults, rand, r.waited,
                 )
                 if change is None:
                     answers.append({"job_id": r.job_id, "attempt": r.attempt, "accepted": False,
@@ -566,7 +713,7 @@ class SqliteStore:
                     changes.append(change)
             return answers, changes
 
-        return await self._write(op)
+        return await self._write(op, durable=True)
 
     async def hand_back(
         self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool
@@ -593,12 +740,13 @@ class SqliteStore:
                 q = _move(conn, job_id, attempt, State.RUNNING, State.QUEUED, now,
                           f"handed back by {worker_id}", worker_id=None, lease_expires_at=None,
                           bump_max_attempts=True)
-                changes.append(Change(job_id, State.QUEUED.value, q, attempt))
+                changes.append(Change(job_id, State.QUEUED.value, q, attempt, worker=worker_id,
+                                      outcome=Outcome.HANDED_BACK.value))
             if stop:
                 conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ?", (worker_id,))
             return changes
 
-        return await self._write(op)
+        return await self._write(op, durable=True)
 
     async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
         """One reaper pass: mark silent workers lost, end expired leases, queue due retries."""
@@ -684,6 +832,15 @@ class SqliteStore:
         await self._write(op)
 
 
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
 # --------------------------------------------------------------------------- writer-thread helpers
 # These run inside the writer's transaction; they never await.
 
@@ -767,17 +924,24 @@ def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int
 def _end_attempt(
     conn: sqlite3.Connection, job_id: int, attempt: int, worker_id: str | None, outcome: Outcome,
     exit_code: int | None, error: str | None, duration: float | None, now: float,
-    defaults: RetryPolicy, rand: Callable[[], float],
+    defaults: RetryPolicy, rand: Callable[[], float], waited: float = 0.0,
 ) -> Change | None:
-    """End a running attempt and move its job on; None if the attempt was not current (stale)."""
+    """End a running attempt and move its job on; None if the attempt was not current (stale).
+
+    ``waited``: the worker held the job that long before starting it, so the
+    attempt (and the job) really started that much after the claim.
+    """
     row = conn.execute(
-        "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, error = ?, duration = ?"
+        "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, error = ?, duration = ?,"
+        " started_at = MIN(started_at + ?, ?)"
         " WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id IS ?"
         " RETURNING started_at",
-        (outcome.value, now, exit_code, error, duration, job_id, attempt, worker_id),
+        (outcome.value, now, exit_code, error, duration, waited, now, job_id, attempt, worker_id),
     ).fetchone()
     if row is None:
         return None
+    if waited:
+        conn.execute("UPDATE jobs SET started_at = ? WHERE id = ? AND attempt = ?", (row[0], job_id, attempt))
     job = conn.execute(
         "SELECT queue, max_attempts, spec, cancel_requested FROM jobs WHERE id = ?"
         " AND state = 'running' AND attempt = ?",
@@ -808,7 +972,8 @@ def _end_attempt(
         else:
             to = State.FAILED
             _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
-    return Change(job_id, to.value, job["queue"], attempt)
+    return Change(job_id, to.value, job["queue"], attempt, worker=worker_id, outcome=outcome.value,
+                  duration=duration if duration is not None else max(0.0, now - row[0]))
 
 
 def _policy(spec_text: str, defaults: RetryPolicy, max_attempts: int) -> RetryPolicy:

@@ -21,6 +21,9 @@ log = logging.getLogger("orch.worker")
 OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while a job runs
 MAX_PENDING_OUTPUT = 256 * 1024
 FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
+# Jobs shorter than this on average are worth holding a few of in hand: a slot that
+# frees then starts the next one at once instead of after a lease round trip.
+PREFETCH_BELOW = 0.05
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Agent:
         self.worker_id: str | None = None
         self.heartbeat_interval = 2.0
         self.runs: dict[tuple[int, int], Run] = {}
+        self.waiting: dict[tuple[int, int], tuple[Run, float]] = {}  # leased, not started: (run, leased at)
+        self._avg_duration: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -96,6 +101,8 @@ class Agent:
         if not self.draining.is_set():
             log.info("worker %s draining", self.worker_id)
             self.draining.set()
+            for key in list(self.waiting):  # never started: straight back to the queue
+                self._drop_waiting(key, Outcome.HANDED_BACK, "")
             self._slot_freed.set()
             asyncio.ensure_future(self._tell_draining())
 
@@ -147,6 +154,8 @@ class Agent:
             self._registered.clear()
             for run in list(self.runs.values()):
                 run.request_stop(Outcome.CANCELLED, "superseded: this worker was marked lost")
+            for key in list(self.waiting):
+                self._drop_waiting(key, None, "")
             await self._register()
 
     # ------------------------------------------------------------------ pulling work
@@ -154,13 +163,26 @@ class Agent:
     def free_slots(self) -> int:
         return self.opt.concurrency - len(self.runs)
 
+    def _prefetch(self) -> int:
+        """How many leased jobs to hold beyond the free slots: some for short jobs, none for long ones."""
+        if self.opt.burst or self.draining.is_set() or self._avg_duration is None:
+            return 0
+        return self.opt.concurrency if self._avg_duration < PREFETCH_BELOW else 0
+
+    def _wanted(self) -> int:
+        return self.free_slots() + self._prefetch() - len(self.waiting)
+
+    def held(self) -> list[dict[str, int]]:
+        """Every attempt this worker holds a lease on: running or waiting for a slot."""
+        return [r.ref for r in self.runs.values()] + [r.ref for r, _ in self.waiting.values()]
+
     async def _lease_loop(self) -> None:
         backoff = Backoff()
         while not self.draining.is_set():
-            free = self.free_slots()
+            free = self._wanted()
             if free <= 0:
                 self._slot_freed.clear()
-                if self.free_slots() <= 0:
+                if self._wanted() <= 0:
                     await self._slot_freed.wait()
                 continue
             wait = 0.0 if self.opt.burst else self.opt.long_poll
@@ -192,12 +214,39 @@ class Agent:
 
     def _start(self, job: dict[str, Any]) -> None:
         run = Run.from_lease(job)
+        if self.free_slots() > 0:
+            self._launch(run, 0.0)
+        else:
+            self.waiting[(run.job_id, run.attempt)] = (run, asyncio.get_running_loop().time())
+
+    def _fill_slots(self) -> None:
+        now = asyncio.get_running_loop().time()
+        while self.waiting and self.free_slots() > 0:
+            key = next(iter(self.waiting))
+            run, leased_at = self.waiting.pop(key)
+            self._launch(run, now - leased_at)
+
+    def _launch(self, run: Run, waited: float) -> None:
         self.runs[(run.job_id, run.attempt)] = run
-        task = asyncio.create_task(self._run(run), name=f"job-{run.job_id}")
+        task = asyncio.create_task(self._run(run, waited), name=f"job-{run.job_id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, run: Run) -> None:
+    def _drop_waiting(self, key: tuple[int, int], outcome: Outcome | None, reason: str) -> bool:
+        """Take a job that never started out of hand; report it with ``outcome`` (None: just forget it)."""
+        item = self.waiting.pop(key, None)
+        if item is None:
+            return False
+        run = item[0]
+        if outcome is Outcome.HANDED_BACK:
+            self._results.append({"hand_back": True, **run.ref})
+        elif outcome is not None:
+            self._results.append({**run.ref, "outcome": outcome.value, "exit_code": None, "error": reason,
+                                  "duration": 0.0})
+        self._report_wake.set()
+        return True
+
+    async def _run(self, run: Run, waited: float) -> None:
         log.debug("job %s attempt %s starting: %s", run.job_id, run.attempt, run.argv)
 
         def on_output(stream: str, text: str) -> None:
@@ -217,11 +266,15 @@ class Agent:
         if ended.outcome is Outcome.HANDED_BACK:
             self._results.append({"hand_back": True, **run.ref})
         else:
-            self._results.append({
-                **run.ref, "outcome": ended.outcome.value, "exit_code": ended.exit_code,
-                "error": ended.error, "duration": round(ended.duration, 6),
-            })
+            result = {**run.ref, "outcome": ended.outcome.value, "exit_code": ended.exit_code,
+                      "error": ended.error, "duration": round(ended.duration, 6)}
+            if waited > 0:
+                result["waited"] = round(waited, 6)
+            self._results.append(result)
+        d = ended.duration
+        self._avg_duration = d if self._avg_duration is None else 0.8 * self._avg_duration + 0.2 * d
         del self.runs[(run.job_id, run.attempt)]
+        self._fill_slots()
         self._slot_freed.set()
         self._report_wake.set()
 
@@ -302,9 +355,7 @@ class Agent:
             await self._registered.wait()
             wid = self.worker_id
             try:
-                reply = await self.client.heartbeat(
-                    wid or "", [r.ref for r in self.runs.values()], self.draining.is_set()
-                )
+                reply = await self.client.heartbeat(wid or "", self.held(), self.draining.is_set())
                 backoff.reset()
             except ServerUnavailable as e:
                 log.warning("heartbeat failed: %s", e.message)
@@ -317,12 +368,18 @@ class Agent:
                 log.error("heartbeat refused: %s", e.message)
                 continue
             for ref in reply.get("cancel", []):
-                run = self.runs.get((ref["job_id"], ref["attempt"]))
+                key = (ref["job_id"], ref["attempt"])
+                if self._drop_waiting(key, Outcome.CANCELLED, "cancelled by user"):
+                    continue
+                run = self.runs.get(key)
                 if run:
                     log.info("job %s attempt %s cancelled", run.job_id, run.attempt)
                     run.request_stop(Outcome.CANCELLED, "cancelled by user")
             for ref in reply.get("stale", []):
-                run = self.runs.get((ref["job_id"], ref["attempt"]))
+                key = (ref["job_id"], ref["attempt"])
+                if self._drop_waiting(key, None, ""):
+                    continue
+                run = self.runs.get(key)
                 if run:
                     log.warning("job %s attempt %s was superseded; stopping it", run.job_id, run.attempt)
                     run.request_stop(Outcome.CANCELLED, "superseded attempt")
@@ -330,7 +387,7 @@ class Agent:
     async def _tell_draining(self) -> None:
         with suppress(OrchError):
             if self.worker_id:
-                await self.client.heartbeat(self.worker_id, [r.ref for r in self.runs.values()], True)
+                await self.client.heartbeat(self.worker_id, self.held(), True)
 
     # ------------------------------------------------------------------ draining
 
