@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -74,10 +75,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def new_tokens() -> dict[str, str]:
+    """Fresh client and join tokens for a scheduler we start, as its environment (its workers inherit them)."""
+    return {"ORCH_TOKEN": "orch_c_" + secrets.token_urlsafe(24), "ORCH_JOIN_TOKEN": "orch_j_" + secrets.token_urlsafe(24)}
+
+
+def auth_header(url: str = "", path: str = "", method: str = "GET",
+                credentials: dict[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header for a request to a scheduler we started (tokens from ``new_tokens()``, in our
+    environment or the process's): a worker's own credential on its routes, the join token to register,
+    else the client token."""
+    env = _TOKENS or os.environ
+    if credentials and path.startswith("/v1/workers/"):
+        cred = credentials.get(path.split("/")[3])
+        if cred:
+            return {"Authorization": f"Bearer {cred}"}
+    token = env.get("ORCH_JOIN_TOKEN") if (path.startswith("/v1/workers/") or (path == "/v1/workers" and method == "POST")) \
+        else env.get("ORCH_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+_TOKENS: dict[str, str] = {}  # the tokens of the schedulers this process started (one set per process)
+
+
+def use_tokens(env: dict[str, str]) -> None:
+    _TOKENS.update({k: env[k] for k in ("ORCH_TOKEN", "ORCH_JOIN_TOKEN") if k in env})
+
+
 def http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
     """One request; HTTP errors come back as (status, body), connection errors raise OSError."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **auth_header()})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -271,7 +300,10 @@ class Chaos:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "CHAOS_"))}
         env.update(ORCH_DATA_DIR=str(self.data), XDG_CONFIG_HOME=str(tmp / "xdg-config"), PYTHONUNBUFFERED="1",
-                   ORCH_STORAGE_SYNCHRONOUS="FULL", **timings)
+                   ORCH_STORAGE_SYNCHRONOUS="FULL", **timings, **new_tokens(),
+                   # No metrics listeners on their fixed default ports: several workers share this machine.
+                   ORCH_METRICS_SCHEDULER_PORT="0", ORCH_METRICS_WORKER_PORT="0")
+        use_tokens(env)
         self.env = env
         self.ttl = float(timings["ORCH_SCHEDULER_LEASE_TTL"])
         self.procs: list[Proc] = []

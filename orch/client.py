@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import ssl as ssl_module
 from typing import Any, AsyncIterator, Sequence
 
 import aiohttp
 
 from orch.errors import ApiError, ServerUnavailable
 
+WORKERS_PATH = "/v1/workers/"
+TOO_MANY_TRIES = 60  # 429 answers (too many long-polls open) waited out before giving up
+
 
 class Client:
-    """One connection pool to one scheduler. Use as ``async with Client(url) as c:``."""
+    """One connection pool to one scheduler. Use as ``async with Client(url) as c:``.
 
-    def __init__(self, server: str, *, connect_timeout: float = 10.0) -> None:
+    ``token``: the bearer token sent with every request (the client token, or a
+    worker's join token). A worker's own credential, returned by ``register()``,
+    is then sent instead on that worker's ``/v1/workers/{id}/...`` routes.
+    ``ca``: a PEM file of the CA to trust for an https:// scheduler (default:
+    the system's CAs); ``ssl``: a ready ``ssl.SSLContext`` instead.
+    Certificates are always verified.
+    """
+
+    def __init__(self, server: str, *, token: str | None = None, ca: str | None = None,
+                 ssl: ssl_module.SSLContext | None = None, connect_timeout: float = 10.0) -> None:
         self.server = server.rstrip("/")
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self.token = token or None
+        self._credentials: dict[str, str] = {}  # worker id -> its own credential
+        if ssl is None and ca:
+            from orch.tls import client_context
 
-    async def __aenter__(self) -> "Client":
+            ssl = client_context(ca)
+        self._ssl: ssl_module.SSLContext | bool = ssl if ssl is not None else True
+
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -28,11 +50,20 @@ class Client:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=self._ssl),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 json_serialize=lambda o: json.dumps(o, separators=(",", ":")),
+                headers={"Authorization": f"Bearer {self.token}"} if self.token else None,
             )
         return self._session
+
+    def _headers(self, path: str) -> dict[str, str] | None:
+        """A worker's own credential on its own routes; otherwise the session's token."""
+        if self._credentials and path.startswith(WORKERS_PATH):
+            cred = self._credentials.get(path[len(WORKERS_PATH):].split("/", 1)[0])
+            if cred:
+                return {"Authorization": f"Bearer {cred}"}
+        return None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -42,17 +73,25 @@ class Client:
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
                       read_timeout: float | None = 60.0) -> Any:
         url = self.server + path
-        try:
-            async with self.session.request(
-                method, url, json=body, params=params,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=read_timeout),
-            ) as resp:
-                raw = await resp.read()
-                return _decode(resp.status, raw)
-        except aiohttp.ClientConnectionError as e:
-            raise ServerUnavailable(f"cannot reach the orch scheduler at {self.server}: {_why(e)}") from None
-        except TimeoutError:
-            raise ServerUnavailable(f"the orch scheduler at {self.server} did not answer in time") from None
+        headers = self._headers(path)
+        tries = 0
+        while True:
+            try:
+                async with self.session.request(
+                    method, url, json=body, params=params, headers=headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=read_timeout),
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except aiohttp.ClientConnectionError as e:
+                raise ServerUnavailable(f"cannot reach the orch scheduler at {self.server}: {_why(e, self.server)}") from None
+            except TimeoutError:
+                raise ServerUnavailable(f"the orch scheduler at {self.server} did not answer in time") from None
+            if status == 429 and tries < TOO_MANY_TRIES:
+                tries += 1  # too many long-polls open from here: wait for one to end, then ask again
+                await asyncio.sleep(random.uniform(0.2, 1.0))
+                continue
+            return _decode(status, raw)
 
     # ---- clients
 
@@ -80,18 +119,25 @@ class Client:
         return await self.request("GET", f"/v1/jobs/{job_id}/wait", params={"timeout": timeout},
                                   read_timeout=timeout + 30)
 
-    async def events(self, job_id: int | str) -> list[dict[str, Any]]:
-        return (await self.request("GET", f"/v1/jobs/{job_id}/events"))["events"]
+    async def events(self, job_id: int | str, after: int = 0) -> list[dict[str, Any]]:
+        params = {"after": after} if after else None
+        return (await self.request("GET", f"/v1/jobs/{job_id}/events", params=params))["events"]
 
-    async def output(self, job_id: int | str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/jobs/{job_id}/output")
+    async def follow_events(self, job_id: int | str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """State changes as they happen (``{"id", "attempt", "from", "to", "at", "reason", ...}``),
+        then ``{"end": true, "state": ...}`` once the job has ended."""
+        async for item in self._stream(f"/v1/jobs/{job_id}/events", {"follow": "1", "after": str(after)}):
+            yield item
 
-    async def follow(self, job_id: int | str) -> AsyncIterator[dict[str, Any]]:
-        """Output chunks as they come (``{"attempt", "stream", "data"}``), then ``{"end": true, ...}``."""
-        url = f"{self.server}/v1/jobs/{job_id}/output"
+    async def why(self, job_id: int | str) -> dict[str, Any]:
+        """Why the job is (not) running: ``{"reason": code, "message": text, ...}``."""
+        return await self.request("GET", f"/v1/jobs/{job_id}/why")
+
+    async def _stream(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """NDJSON lines of a streaming GET, decoded."""
         try:
             async with self.session.get(
-                url, params={"follow": "1"},
+                self.server + path, params=params,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
             ) as resp:
                 if resp.status >= 400:
@@ -102,13 +148,42 @@ class Client:
         except aiohttp.ClientConnectionError as e:
             raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e)}") from None
 
+    async def output(self, job_id: int | str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/jobs/{job_id}/output")
+
+    async def follow(self, job_id: int | str) -> AsyncIterator[dict[str, Any]]:
+        """Output chunks as they come (``{"attempt", "stream", "data"}``), then ``{"end": true, ...}``."""
+        url = f"{self.server}/v1/jobs/{job_id}/output"
+        for tries in range(TOO_MANY_TRIES + 1):
+            try:
+                async with self.session.get(
+                    url, params={"follow": "1"}, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
+                ) as resp:
+                    if resp.status == 429 and tries < TOO_MANY_TRIES:
+                        await resp.read()
+                    else:
+                        if resp.status >= 400:
+                            _decode(resp.status, await resp.read())
+                        async for line in resp.content:
+                            if line.strip():
+                                yield json.loads(line)
+                        return
+            except aiohttp.ClientConnectionError as e:
+                raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e, self.server)}") from None
+            await asyncio.sleep(random.uniform(0.2, 1.0))  # 429: too many long-polls open from here
+
     async def workers(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/workers"))["workers"]
 
     # ---- workers
 
     async def register(self, **info: Any) -> dict[str, Any]:
-        return await self.request("POST", "/v1/workers", body=info)
+        """Register a worker with the join token; its own credential is used for its routes from now on."""
+        reply = await self.request("POST", "/v1/workers", body=info)
+        if isinstance(reply, dict) and reply.get("credential") and reply.get("worker_id"):
+            self._credentials[str(reply["worker_id"])] = reply["credential"]
+        return reply
 
     async def heartbeat(self, worker_id: str, running: list[dict[str, int]], draining: bool = False) -> dict[str, Any]:
         return await self.request("POST", f"/v1/workers/{worker_id}/heartbeat",
@@ -143,8 +218,22 @@ def _decode(status: int, raw: bytes) -> Any:
     return data
 
 
-def _why(e: Exception) -> str:
+def _why(e: Exception, server: str = "") -> str:
     text = str(e) or type(e).__name__
     if "Connect call failed" in text or "Connection refused" in text:
         return "connection refused (is it running?)"
+    https = server.startswith("https://")
+    if isinstance(e, aiohttp.ClientConnectorCertificateError) or "CERTIFICATE_VERIFY_FAILED" in text:
+        cert_error = getattr(e, "certificate_error", None)
+        detail = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None) or ""
+        return (f"certificate verify failed{': ' + str(detail) if detail else ''} "
+                "(trust the scheduler's CA with --ca FILE or tls.ca)")
+    if https and (isinstance(e, aiohttp.ClientSSLError) or "WRONG_VERSION_NUMBER" in text
+                  or "record layer failure" in text or "SSL" in text):
+        return "TLS handshake failed: the scheduler does not seem to speak TLS here (use http://)"
+    if not https and (isinstance(e, aiohttp.ServerDisconnectedError) or (
+            isinstance(e, aiohttp.ClientOSError) and not isinstance(e, aiohttp.ClientConnectorError))):
+        base = server.split("://", 1)[-1]
+        return (f"the connection was closed without an answer; if the scheduler serves TLS, use https://{base} "
+                "(and --ca FILE for a private CA)")
     return text.splitlines()[0][:200]

@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -54,16 +54,30 @@ KEYS: dict[str, Key] = {
     "retry.on_exit": Key("codes", None, "exit codes that earn a retry (empty/null: every non-zero code)"),
     "logging.level": Key("choice", "info", "log level", choices=("debug", "info", "warning", "error")),
     "logging.format": Key("choice", "text", "log line format", choices=("text", "json")),
+    "metrics.host": Key("str", "127.0.0.1", "address the Prometheus metrics listeners (scheduler's and worker's) listen on"),
+    "metrics.scheduler_port": Key("int", 9090, "port of the scheduler's Prometheus /metrics listener (0: none)", minimum=0),
+    "metrics.worker_port": Key("int", 9091, "port of a worker's Prometheus /metrics listener (0: none)", minimum=0),
     "storage.backend": Key("choice", "sqlite", "where state is kept", choices=("sqlite",)),
     "storage.data_dir": Key("str", "", "folder of all state (default: the platform's user data dir)"),
     "storage.path": Key("str", "", "SQLite database file (default: <data_dir>/orch.db)"),
     "storage.synchronous": Key("choice", "FULL", "SQLite synchronous level: FULL survives power loss, NORMAL only crashes", choices=("FULL", "NORMAL")),
     "client.server": Key("str", "http://127.0.0.1:8080", "scheduler the CLI talks to"),
+    "auth.enabled": Key("bool", True, "demand a token on every /v1 route (false also needs the --no-auth flag)"),
+    "auth.token": Key("str", "", "client token (submit, read, cancel); empty: the data dir's tokens.json"),
+    "auth.join_token": Key("str", "", "worker join token (register); empty: the data dir's tokens.json"),
+    "auth.metrics_open": Key("bool", False, "serve /metrics on the API port without a token"),
+    "tls.cert": Key("str", "", "the scheduler's TLS certificate chain (PEM); with tls.key, the API speaks HTTPS"),
+    "tls.key": Key("str", "", "the private key of tls.cert (PEM)"),
+    "tls.ca": Key("str", "", "CA certificate (PEM) workers and clients trust for the scheduler (default: the system's)"),
+    "scheduler.max_long_polls": Key("int", 64, "long-polls (wait, follow, lease) one client address or one worker may hold open at once; more get 429", minimum=1),
+    "scheduler.body_timeout": Key("float", 30.0, "seconds a request body may take to arrive; a slower sender gets 408", minimum=0.1),
+    "scheduler.idle_timeout": Key("float", 75.0, "seconds a connection may sit idle (or without a complete request head) before it is closed", minimum=1),
 }
 
 # Environment names that are not simply ORCH_<KEY> upper-cased.
 ENV_ALIASES = {"ORCH_SERVER": "client.server", "ORCH_DATA_DIR": "storage.data_dir",
-               "ORCH_CONCURRENCY": "worker.concurrency"}
+               "ORCH_CONCURRENCY": "worker.concurrency",
+               "ORCH_TOKEN": "auth.token", "ORCH_JOIN_TOKEN": "auth.join_token"}
 
 
 def env_name(key: str) -> str:
@@ -131,7 +145,7 @@ def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
         raise ConfigError(f"{bad}: {raw!r} is not a valid {kind}") from None
     if spec.minimum is not None and isinstance(value, (int, float)) and value < spec.minimum:
         raise ConfigError(f"{bad}: {value!r} is below the minimum {spec.minimum:g}")
-    if key == "scheduler.port" and value > 65535:
+    if key in ("scheduler.port", "metrics.scheduler_port", "metrics.worker_port") and value > 65535:
         raise ConfigError(f"{bad}: {value!r} is not a port number")
     return value
 
@@ -249,18 +263,20 @@ def load_settings(
         if key not in KEYS:
             raise ConfigError(f"unknown key {key!r}")
         values[key] = _coerce(key, raw, "command-line flags", from_text=isinstance(raw, str))
-    values["client.server"] = normalize_server(values["client.server"])
-    values["worker.join"] = normalize_server(values["worker.join"])
+    # With a private CA configured, a bare HOST:PORT means HTTPS.
+    scheme = "https" if values.get("tls.ca") else "http"
+    values["client.server"] = normalize_server(values["client.server"], scheme)
+    values["worker.join"] = normalize_server(values["worker.join"], scheme)
     return Settings(values, str(path) if path else None)
 
 
-def normalize_server(address: str) -> str:
-    """``host:port``, ``:port`` or a URL to a base URL without a trailing slash."""
+def normalize_server(address: str, scheme: str = "http") -> str:
+    """``host:port``, ``:port`` or a URL to a base URL without a trailing slash (``scheme`` for bare addresses)."""
     address = address.strip().rstrip("/")
     if not address:
         raise ConfigError("the server address is empty")
     if "://" not in address:
         if address.startswith(":"):
             address = "127.0.0.1" + address
-        address = "http://" + address
+        address = f"{scheme}://" + address
     return address

@@ -64,6 +64,38 @@ class PayloadTooLarge(OrchError):
     exit_code = 2
 
 
+class Unauthorized(OrchError):
+    """No credential, or one the scheduler does not know (wrong, revoked, rotated away)."""
+
+    http_status = 401
+    code = "unauthorized"
+    exit_code = 6
+
+
+class Forbidden(OrchError):
+    """A known credential used where its role does not allow (a worker token submitting, a client leasing)."""
+
+    http_status = 403
+    code = "forbidden"
+    exit_code = 6
+
+
+class TooManyRequests(OrchError):
+    """A client holds too many long-polls open at once; it may try again after a while."""
+
+    http_status = 429
+    code = "too_many_requests"
+    exit_code = 1
+
+
+class RequestTimeout(OrchError):
+    """A request body did not arrive in time (a slow or stalled sender)."""
+
+    http_status = 408
+    code = "timeout"
+    exit_code = 2
+
+
 class IllegalTransition(OrchError):
     """A state change the transitions table does not allow: a bug in orch, never user input."""
 
@@ -91,4 +123,4 @@ class ApiError(OrchError):
         super().__init__(message, field=field)
         self.http_status = status
         self.code = code
-        self.exit_code = {400: 2, 404: 4, 409: 5, 413: 2}.get(status, 1)
+        self.exit_code = {400: 2, 401: 6, 403: 6, 404: 4, 408: 2, 409: 5, 413: 2}.get(status, 1)

@@ -13,6 +13,7 @@ live worker), never job ids.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -240,7 +241,7 @@ async def serve_metrics(host: str, port: int, render: Callable[[str], Awaitable[
     except OSError as e:
         await runner.cleanup()
         raise ConfigError(
-            f"cannot listen on {host}:{port} for metrics: {e.strerror or e}; choose another port with"
+            f"cannot listen on {host}:{port} for metrics: {os.strerror(e.errno) if e.errno else e}; choose another port with"
             f" --metrics-port or {field} (0 turns the metrics listener off)", field=field,
         ) from None
     return runner

@@ -6,7 +6,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Mapping
 
 from orch.errors import IllegalTransition, ValidationError
@@ -294,4 +294,4 @@ def iso(ts: float | None) -> str | None:
     """Unix seconds to an ISO 8601 UTC string with milliseconds (None stays None)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -39,9 +39,32 @@ def orch_cmd() -> list[str]:
     return [sys.executable, "-m", "orch"]
 
 
+# The data dir of the current test's orch_env, and of each scheduler start_scheduler() started: http()
+# sends the client token the scheduler keeps there.
+_DATA_DIR: Path | None = None
+_SCHEDULER_DATA: dict[str, Path] = {}
+AUTO: Any = object()
+
+
+def client_token(data_dir: Path | None = None, role: str = "client") -> str | None:
+    """The client (or ``role="join"``) token in a data dir's tokens.json (default: the current test's)."""
+    folder = data_dir or _DATA_DIR
+    if folder is None:
+        return None
+    try:
+        return json.loads((Path(folder) / "tokens.json").read_text()).get(role)
+    except (OSError, ValueError):
+        return None
+
+
 def orch_test_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    global _DATA_DIR
+    _DATA_DIR = Path(data_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
-    env.update(ORCH_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **extra)
+    # No metrics listeners on the fixed default ports (9090, 9091): tests that want them pass free ports.
+    env.update(ORCH_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", ORCH_METRICS_SCHEDULER_PORT="0",
+               ORCH_METRICS_WORKER_PORT="0")
+    env.update(extra)
     # A config file in the user's home must not leak into tests.
     env["XDG_CONFIG_HOME"] = str(data_dir / "xdg-config")
     return env
@@ -97,12 +120,14 @@ class Proc:
         self.p.wait(10)
 
 
-URL_RE = re.compile(r"(?:listening on|API) (http://[^\s]+)")
+URL_RE = re.compile(r"(?:listening on|API) (https?://[^\s]+)")
 
 
 def start_scheduler(tmp: Path, env: dict[str, str], port: int = 0, name: str = "scheduler", extra: list[str] | None = None) -> tuple[Proc, str]:
     proc = Proc([*orch_cmd(), "scheduler", "--port", str(port), *(extra or [])], tmp / f"{name}.log", env)
     url = wait_until(lambda: _url(proc), 30, f"{name} to print its URL")
+    if env.get("ORCH_DATA_DIR"):
+        _SCHEDULER_DATA[url] = Path(env["ORCH_DATA_DIR"])  # http() to this URL sends its client token
     wait_until(lambda: http("GET", url + "/healthz")[0] == 200, 30, f"{name} healthz")
     return proc, url
 
@@ -119,11 +144,19 @@ def start_worker(tmp: Path, env: dict[str, str], url: str, name: str, concurrenc
                 tmp / f"{name}.log", env)
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+def http(method: str, url: str, body: Any = None, timeout: float = 30.0, token: Any = AUTO,
+         context: Any = None) -> tuple[int, Any]:
+    """One request; ``token``: by default the current test's client token (None: send none)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token is AUTO:
+        base = next((u for u in _SCHEDULER_DATA if url.startswith(u + "/")), None)
+        token = client_token(_SCHEDULER_DATA[base] if base else None)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             raw = resp.read()
             return resp.status, json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:

@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from contextlib import suppress
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from orch.auth import new_worker_credential
 from orch.config import Settings
 from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
+from orch.scheduler.openapi import document as openapi_document
+from orch.scheduler.security import GUARD, Guard, security_middleware, unencodable_field
+from orch.scheduler.why import explain
 from orch.store.base import AttemptResult, Change, OutputChunk
 from orch.store.sqlite import SqliteStore
 
@@ -63,6 +68,28 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return ok({"error": {"code": "internal", "message": "internal error; see the scheduler log"}}, 500)
 
 
+@web.middleware
+async def timing_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """API latency by method, route template (never the raw path) and status."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the client went away
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        request.app[API].metrics.observe_request(
+            request.method, resource.canonical if resource is not None else "unmatched", status,
+            time.perf_counter() - start)
+
+
 # --------------------------------------------------------------------------- input helpers
 
 
@@ -78,7 +105,14 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ValidationError(f"request body is not valid JSON: {e}", field="body") from None
     if not isinstance(data, dict):
         raise ValidationError("request body must be a JSON object", field="body")
+    if _SURROGATE.search(raw):  # only a \uD800-\uDFFF escape can make a string SQLite cannot store
+        bad = unencodable_field(data)
+        if bad is not None:
+            raise ValidationError("strings must be valid Unicode (this one holds a lone surrogate)", field=bad)
     return data
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def only(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
@@ -191,6 +225,8 @@ def result_of(item: Any, p: str) -> AttemptResult:
 class Api:
     """Route handlers; they validate, call the store, and wake whoever waits."""
 
+    guard: Guard | None = None  # set by build_app: tokens and worker credentials (orch/scheduler/security.py)
+
     def __init__(self, store: SqliteStore, hub: Hub, settings: Settings) -> None:
         self.store = store
         self.hub = hub
@@ -202,9 +238,10 @@ class Api:
 
     def committed(self, changes: list[Change]) -> None:
         self.hub.committed(changes)
+        self.metrics.observe(changes)
         if log.isEnabledFor(logging.INFO):
             for c in changes:
-                log.info("job %s attempt %s -> %s (queue %s)", c.job_id, c.attempt, c.state, c.queue)
+                _log_change(c)
 
     # ---- clients
 
@@ -212,8 +249,20 @@ class Api:
         return ok({"status": "ok"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        body, content_type = self.metrics.render()
+        body, content_type = await self.render_metrics(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def render_metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """Refresh the state gauges' snapshot (a few GROUP BY reads), then render; also serves metrics.scheduler_port."""
+        try:
+            self.metrics.set_snapshot(await self.store.metrics_snapshot(), self.store)
+        except Exception:  # the counters are still worth serving; the gauges keep their last values
+            log.exception("could not read the metrics snapshot")
+        return self.metrics.render_for(accept)
+
+    async def why(self, request: web.Request) -> web.Response:
+        facts = await self.store.why_facts(job_id_of(request))
+        return ok(explain(facts, self.settings["scheduler.heartbeat_interval"]))
 
     def _submitted(self, jobs: list[dict[str, Any]]) -> None:
         for j in jobs:
@@ -273,13 +322,41 @@ class Api:
             left = deadline - time.monotonic()
             if State(state).terminal or left <= 0:
                 break
-            await wait_any([ev], left)
+            if not await wait_any([ev], min(left, self.long_poll)):
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break  # the waiter hung up: do not hold its long-poll slot for the rest of its timeout
         return ok(await self.store.get_job(job_id))
 
-    async def events(self, request: web.Request) -> web.Response:
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
         job_id = job_id_of(request)
-        await self.store.job_state(job_id)
-        return ok({"events": await self.store.events(job_id)})
+        after = int(query_num(request, "after", 0, 2**62, 0))
+        follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
+        await self.store.job_state(job_id)  # 404 before anything else
+        if not follow:
+            return ok({"events": await self.store.events(job_id, after)})
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            while True:
+                ev = self.hub.job_event(job_id)
+                state, _ = await self.store.job_state(job_id)  # before the events: a change cannot slip between
+                events = await self.store.events(job_id, after)
+                if events:
+                    after = events[-1]["id"]
+                    await resp.write(("\n".join(dumps(e) for e in events) + "\n").encode())
+                if State(state).terminal:
+                    await resp.write((dumps({"end": True, "job_id": job_id, "state": state}) + "\n").encode())
+                    break
+                if not events and not await wait_any([ev], self.long_poll):
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        return resp  # the follower hung up (write_eof would raise on the closed transport)
+            await resp.write_eof()
+        except ConnectionResetError:  # the follower hung up mid-write: the end of the stream, not an error
+            pass
+        return resp
 
     async def output(self, request: web.Request) -> web.StreamResponse:
         job_id = job_id_of(request)
@@ -311,8 +388,10 @@ class Api:
                        "exit_code": job["exit_code"], "error": job["error"]}
                 await resp.write((dumps(end) + "\n").encode())
                 break
-            if not chunks:
-                await wait_any([ev], self.long_poll)
+            if not chunks and not await wait_any([ev], self.long_poll):
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    return resp  # the follower hung up: stop polling (and free its long-poll slot)
         await resp.write_eof()
         return resp
 
@@ -329,13 +408,18 @@ class Api:
         for i, qn in enumerate(queues):
             validate_name(qn, f"queues[{i}]")
         concurrency = int_field(data, "concurrency", 1, 10_000, 1)
-        worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues, concurrency=concurrency)
+        credential, digest = new_worker_credential()  # the worker's own token; only its digest is kept
+        worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
+                                                     concurrency=concurrency, credential_hash=digest)
+        if self.guard is not None:
+            self.guard.worker_registered(worker_id, digest)
         log.info("worker %s registered (%s on %s, queues %s, concurrency %d)", worker_id, name, hostname, ",".join(queues), concurrency)
         return ok({
             "worker_id": worker_id,
             "heartbeat_interval": self.settings["scheduler.heartbeat_interval"],
             "lease_ttl": self.lease_ttl,
             "long_poll_timeout": self.long_poll,
+            "credential": credential,
         }, 201)
 
     async def list_workers(self, request: web.Request) -> web.Response:
@@ -374,25 +458,42 @@ class Api:
         for i, qn in enumerate(queues):
             validate_name(qn, f"queues[{i}]")
         deadline = time.monotonic() + wait
-        while True:
-            events = self.hub.work_events(queues)
-            stop = self.hub.worker_event(wid)
-            jobs, changes = await self.store.claim(wid, queues, limit, self.lease_ttl)
-            if jobs:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    # The worker hung up while we claimed: give the jobs straight back.
-                    back = await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
-                    self.committed(changes + back)
-                    return ok({"jobs": []})
-                self.committed(changes)
-                break
-            left = deadline - time.monotonic()
-            if left <= 0 or stop.is_set():
-                break
-            if await wait_any([*events, stop], left) and stop.is_set():
-                break
-        return ok({"jobs": jobs})
+        self.hub.stopping.discard(wid)
+        woken_for: str | None = None  # a queue whose wake we owe a claim (or must pass on)
+        try:
+            while True:
+                # Register before claiming: a job queued after the claim looked still wakes us.
+                waiter = self.hub.work_waiter(queues, wid)
+                try:
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        return ok({"jobs": []})  # the worker hung up: claim nothing for it
+                    jobs, changes = await self.store.claim(wid, queues, limit, self.lease_ttl)
+                    woken_for = None
+                    if jobs:
+                        if transport.is_closing():
+                            # The worker hung up while we claimed: give the jobs straight back.
+                            back = await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
+                            self.committed(changes + back)
+                            return ok({"jobs": []})
+                        self.committed(changes)
+                        return ok({"jobs": jobs})
+                    left = deadline - time.monotonic()
+                    if left <= 0 or wid in self.hub.stopping:
+                        return ok({"jobs": []})
+                    with suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(waiter), left)
+                    if waiter.done():
+                        woken_for = waiter.result()
+                    if wid in self.hub.stopping or not waiter.done():
+                        return ok({"jobs": []})
+                finally:
+                    self.hub.release(waiter, queues, wid)
+        finally:
+            self.hub.stopping.discard(wid)
+            if woken_for is not None:
+                # Woken for a job we are not going to claim: the next waiter gets the wake.
+                self.hub.wake_queue(woken_for, 1)
 
     async def append_output(self, request: web.Request) -> web.Response:
         wid = self._worker_id(request)
@@ -452,8 +553,30 @@ class Api:
         changes = await self.store.hand_back(wid, attempts, stop)
         self.committed(changes)
         if stop:
+            if self.guard is not None:
+                self.guard.worker_gone(wid)
             log.info("worker %s stopped (%d attempts handed back)", wid, len(changes))
         return ok({"handed_back": [{"job_id": c.job_id, "attempt": c.attempt} for c in changes]})
+
+
+API = web.AppKey("api", Api)
+
+
+def _log_change(c: Change) -> None:
+    """One info line per job state change: job, attempt, state, queue, worker, outcome, times (never the spec)."""
+    text = f"job {c.job_id} attempt {c.attempt} -> {c.state} (queue {c.queue}, worker {c.worker or '-'}"
+    fields: dict[str, Any] = {"job_id": c.job_id, "attempt": c.attempt, "state": c.state, "queue": c.queue,
+                              "worker": c.worker}
+    if c.outcome is not None:
+        text += f", {c.outcome}"
+        fields["outcome"] = c.outcome
+    if c.duration is not None:
+        text += f", ran {c.duration:.3f}s"
+        fields["duration"] = round(c.duration, 6)
+    if c.queue_wait is not None:
+        text += f", waited {c.queue_wait:.3f}s"
+        fields["queue_wait"] = round(c.queue_wait, 6)
+    log.info(text + ")", extra={"fields": fields})
 
 
 # --------------------------------------------------------------------------- the reaper
@@ -481,6 +604,9 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
         wait = tick
         if sweep is not None:
             for wid in sweep.lost_workers:
+                hub.wake_worker(wid)  # its lease long-poll, if the connection still looks open, ends
+                if api.guard is not None:
+                    api.guard.worker_gone(wid)  # its credential now earns 409 unknown_worker
                 api.metrics.lost_workers.inc()
                 log.warning("worker %s lost: no heartbeat for %.1fs", wid, ttl)
             api.committed(sweep.changes)
@@ -492,7 +618,8 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
 
 
 def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings["scheduler.max_body_bytes"])
+    app = web.Application(middlewares=[timing_middleware, error_middleware, security_middleware],
+                          client_max_size=settings["scheduler.max_body_bytes"])
     store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
                                  output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()
@@ -500,9 +627,18 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     app[STORE] = store
     app[HUB] = hub
     app[SETTINGS] = settings
+    app[API] = api
+    guard = api.guard = app[GUARD] = Guard(settings)
+    openapi = openapi_document(metrics_open=settings["auth.metrics_open"], long_poll=settings["scheduler.long_poll_timeout"],
+                               max_body=settings["scheduler.max_body_bytes"])
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return ok(openapi)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        guard.load()
         await store.open()
+        guard.load_workers(await store.worker_credentials())
         await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
         task = asyncio.create_task(reaper(store, hub, api, settings))
         yield
@@ -515,6 +651,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r = app.router
     r.add_get("/healthz", api.health)
     r.add_get("/metrics", api.metrics_page)
+    r.add_get("/v1/openapi.json", openapi_json)
     r.add_post("/v1/jobs", api.submit)
     r.add_post("/v1/jobs/batch", api.submit_batch)
     r.add_get("/v1/jobs", api.list_jobs)
@@ -523,6 +660,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r.add_get("/v1/jobs/{job_id}/wait", api.wait)
     r.add_get("/v1/jobs/{job_id}/output", api.output)
     r.add_get("/v1/jobs/{job_id}/events", api.events)
+    r.add_get("/v1/jobs/{job_id}/why", api.why)
     r.add_post("/v1/workers", api.register)
     r.add_get("/v1/workers", api.list_workers)
     r.add_post("/v1/workers/{worker_id}/heartbeat", api.heartbeat)

@@ -8,6 +8,7 @@ read and the wait.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Iterable, Sequence
 
 from orch.store.base import Change
@@ -16,9 +17,13 @@ from orch.store.base import Change
 class Hub:
     def __init__(self) -> None:
         self._jobs: dict[int, asyncio.Event] = {}
-        self._queues: dict[str, asyncio.Event] = {}
-        self._workers: dict[str, asyncio.Event] = {}
         self.retry_scheduled = asyncio.Event()
+        # Lease long-polls waiting for work, per queue, oldest first. A newly queued
+        # job wakes one waiter, not all of them: 500 idle workers must not all run a
+        # claim for every submit.
+        self._waiters: dict[str, deque[asyncio.Future[str | None]]] = {}
+        self._by_worker: dict[str, asyncio.Future[str | None]] = {}
+        self.stopping: set[str] = set()  # workers draining: their long-polls end now
 
     # Each key has one event until something happens to it; then the event is
     # set and dropped, and the next waiter gets a fresh one.
@@ -38,26 +43,63 @@ class Hub:
     def job_event(self, job_id: int) -> asyncio.Event:
         return self._event(self._jobs, job_id)
 
-    def work_events(self, queues: Sequence[str]) -> list[asyncio.Event]:
-        return [self._event(self._queues, q) for q in queues]
-
-    def worker_event(self, worker_id: str) -> asyncio.Event:
-        return self._event(self._workers, worker_id)
-
     def job_touched(self, job_id: int) -> None:
         """New output or a state change of one job."""
         self._fire(self._jobs, job_id)
 
     def wake_worker(self, worker_id: str) -> None:
-        self._fire(self._workers, worker_id)
+        """The worker is draining: end its lease long-poll now."""
+        self.stopping.add(worker_id)
+        fut = self._by_worker.get(worker_id)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def work_waiter(self, queues: Sequence[str], worker_id: str) -> asyncio.Future[str | None]:
+        """A future set to a queue's name when a job may be waiting there for this long-poll."""
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        for q in queues:
+            self._waiters.setdefault(q, deque()).append(fut)
+        self._by_worker[worker_id] = fut
+        return fut
+
+    def release(self, fut: asyncio.Future[str | None], queues: Sequence[str], worker_id: str) -> None:
+        """The long-poll is done with ``fut`` (the caller passes on a wake it will not use)."""
+        for q in queues:
+            dq = self._waiters.get(q)
+            if dq is not None:
+                try:
+                    dq.remove(fut)
+                except ValueError:
+                    pass
+                if not dq:
+                    del self._waiters[q]
+        if self._by_worker.get(worker_id) is fut:
+            del self._by_worker[worker_id]
+        if not fut.done():
+            fut.cancel()
+
+    def wake_queue(self, queue: str, n: int) -> None:
+        dq = self._waiters.get(queue)
+        while n > 0 and dq:
+            fut = dq.popleft()
+            if not fut.done():
+                fut.set_result(queue)
+                n -= 1
+
+    def waiting(self, queue: str) -> int:
+        """Lease long-polls now waiting on ``queue`` (for tests and metrics)."""
+        return sum(1 for f in self._waiters.get(queue, ()) if not f.done())
 
     def committed(self, changes: Iterable[Change]) -> None:
+        queued: dict[str, int] = {}
         for c in changes:
             self._fire(self._jobs, c.job_id)
             if c.state == "queued":
-                self._fire(self._queues, c.queue)
+                queued[c.queue] = queued.get(c.queue, 0) + 1
             elif c.state == "retrying":
                 self.retry_scheduled.set()
+        for q, n in queued.items():
+            self.wake_queue(q, n)
 
 
 async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> bool:
@@ -68,7 +110,7 @@ async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> bool:
         try:
             await asyncio.wait_for(events[0].wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
     tasks = [asyncio.ensure_future(e.wait()) for e in events]
     try:

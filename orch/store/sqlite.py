@@ -335,7 +335,7 @@ class SqliteStore:
         self._flushing = True
         waiting, self._unflushed = self._unflushed, []
         loop = self._loop
-        cf = self._flusher.submit(os.fsync, self._wal_fd)
+        cf = self._flusher.submit(os.fdatasync, self._wal_fd)
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._flushed, waiting, f))
 
     def _flushed(self, waiting: list[tuple[asyncio.Future[Any], bool, Any]], f: Any) -> None:
@@ -590,20 +590,27 @@ class SqliteStore:
         return await self.get_job(job_id, with_output=False), changes
 
     async def register_worker(
-        self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int
+        self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
+        credential_hash: str | None = None,
     ) -> str:
+        """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued."""
         now = self.clock()
         worker_id = "w-" + uuid.uuid4().hex[:12]
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
-                " last_heartbeat) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?)",
-                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, now),
+                " last_heartbeat, credential_hash) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?)",
+                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, now, credential_hash),
             )
 
         await self._write(op)
         return worker_id
+
+    async def worker_credentials(self) -> list[tuple[str, str, str]]:
+        """(worker id, credential hash, state) of every worker that was issued a credential."""
+        rows = await self._read("SELECT id, credential_hash, state FROM workers WHERE credential_hash IS NOT NULL")
+        return [(r["id"], r["credential_hash"], r["state"]) for r in rows]
 
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,

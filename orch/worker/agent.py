@@ -13,6 +13,7 @@ from typing import Any
 
 from orch.client import Client
 from orch.errors import ApiError, OrchError, ServerUnavailable
+from orch.metrics import WorkerMetrics
 from orch.models import Outcome
 from orch.worker.runners import Ended, Run, execute
 
@@ -74,6 +75,7 @@ class Agent:
         self._registered = asyncio.Event()
         self._register_lock = asyncio.Lock()
         self.lease_ttl = 10.0
+        self.metrics = WorkerMetrics(lambda: (len(self.runs), self.opt.concurrency))
 
     # ------------------------------------------------------------------ public
 
@@ -247,7 +249,8 @@ class Agent:
         return True
 
     async def _run(self, run: Run, waited: float) -> None:
-        log.debug("job %s attempt %s starting: %s", run.job_id, run.attempt, run.argv)
+        # Only the program: arguments (and the job's env) may carry secrets.
+        log.debug("job %s attempt %s starting %s", run.job_id, run.attempt, run.argv[0] if run.argv else "?")
 
         def on_output(stream: str, text: str) -> None:
             self._output.setdefault((run.job_id, run.attempt), []).append(
@@ -272,6 +275,7 @@ class Agent:
                 result["waited"] = round(waited, 6)
             self._results.append(result)
         d = ended.duration
+        self.metrics.ended(run.queue, ended.outcome.value, d)
         self._avg_duration = d if self._avg_duration is None else 0.8 * self._avg_duration + 0.2 * d
         del self.runs[(run.job_id, run.attempt)]
         self._fill_slots()

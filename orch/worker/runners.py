@@ -39,6 +39,7 @@ class Run:
     env: dict[str, str]
     cwd: str | None
     timeout: float | None
+    queue: str = "default"  # for the worker's metrics
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_outcome: Outcome | None = None  # why we were told to stop: cancelled or handed_back
     stop_reason: str = ""
@@ -62,10 +63,11 @@ class Run:
             _killpg(self.pid, sig)
 
     @classmethod
-    def from_lease(cls, job: dict[str, Any]) -> "Run":
+    def from_lease(cls, job: dict[str, Any]) -> Run:
         spec = job["spec"]
         return cls(job_id=job["job_id"], attempt=job["attempt"], argv=list(spec["argv"]),
-                   env=dict(spec.get("env") or {}), cwd=spec.get("cwd"), timeout=spec.get("timeout"))
+                   env=dict(spec.get("env") or {}), cwd=spec.get("cwd"), timeout=spec.get("timeout"),
+                   queue=job.get("queue") or spec.get("queue") or "default")
 
 
 @dataclass
@@ -239,7 +241,7 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
             run.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(done), kill_grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 run.signal(signal.SIGKILL)
         try:
             code = await done

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT
 
 if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root

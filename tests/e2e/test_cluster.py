@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    URL_RE,
     Proc,
     http,
     orch_cmd,
@@ -20,7 +21,6 @@ from helpers import (
     start_worker,
     wait_until,
     workers_alive,
-    URL_RE,
 )
 
 pytestmark = pytest.mark.e2e

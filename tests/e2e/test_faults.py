@@ -199,3 +199,30 @@ def test_stopped_scheduler_does_not_declare_workers_dead(cluster) -> None:
     assert final["state"] == "succeeded" and final["attempt"] == 1, final["attempts"]
     _, body = http("GET", f"{url}/v1/workers")
     assert [w["state"] for w in body["workers"]] == ["alive"]
+
+
+def test_default_timings_rerun_a_killed_workers_job_within_15s(tmp_path: Path, orch_env: dict[str, str]) -> None:
+    """The promise as shipped: default heartbeat, lease TTL and backoff."""
+    sched, url = start_scheduler(tmp_path, orch_env)
+    first = start_worker(tmp_path, orch_env, url, "first")
+    second = None
+    try:
+        marker = tmp_path / "runs"
+        script = f"echo run >> {marker}; [ $(wc -l < {marker}) -gt 1 ] || sleep 600"
+        job_id = submit(url, {"shell": script})
+        wait_until(lambda: marker.exists() and job(url, job_id)["state"] == "running", 30, "the job to start")
+        second = start_worker(tmp_path, orch_env, url, "second")
+        wait_until(lambda: workers_alive(url) == 2, 30, "the second worker")
+        killed_at = time.time()
+        first.kill9()
+        final = ended(url, job_id, 40)
+        assert final["state"] == "succeeded" and final["attempt"] == 2
+        from datetime import datetime
+
+        restarted = datetime.fromisoformat(final["attempts"][1]["started_at"].replace("Z", "+00:00")).timestamp()
+        assert restarted - killed_at <= 15.0, f"running again after {restarted - killed_at:.1f}s"
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+        sched.stop()

@@ -23,12 +23,20 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(orch.config, "default_config_path", lambda: tmp_path / "no-config" / "config.yaml")
 
 
+# Known tokens: the client sends the client token, the join token to register, then each worker's own credential.
+CLIENT_TOKEN = "test-client-token"
+JOIN_TOKEN = "test-join-token"
+CREDENTIALS: dict[str, str] = {}  # worker id -> its credential (ids are random: one dict serves every test)
+
+
 def serve(tmp_path: Path, body: Body, **overrides: Any) -> None:
     """Run ``body`` against a scheduler app whose state lives in tmp_path."""
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), **overrides}, environ={})
+    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
+                                    "auth.join_token": JOIN_TOKEN, **overrides}, environ={})
 
     async def main() -> None:
-        async with TestClient(TestServer(build_app(settings), host="127.0.0.1")) as client:
+        async with TestClient(TestServer(build_app(settings), host="127.0.0.1"),
+                              headers={"Authorization": f"Bearer {CLIENT_TOKEN}"}) as client:
             await asyncio.wait_for(body(client), 20)
 
     asyncio.run(main())
@@ -36,12 +44,16 @@ def serve(tmp_path: Path, body: Body, **overrides: Any) -> None:
 
 async def call(client: TestClient, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                params: dict[str, str] | None = None) -> tuple[int, Any]:
-    kw: dict[str, Any] = {"params": params}
+    kw: dict[str, Any] = {"params": params, "headers": {}}
     if raw is not None:
         kw["data"] = raw
-        kw["headers"] = {"Content-Type": "application/json"}
+        kw["headers"]["Content-Type"] = "application/json"
     elif body is not None:
         kw["json"] = body
+    if path.startswith("/v1/workers/"):  # a worker's own routes: its credential (else the join token)
+        kw["headers"]["Authorization"] = f"Bearer {CREDENTIALS.get(path.split('/')[3], JOIN_TOKEN)}"
+    elif path == "/v1/workers" and method == "POST":
+        kw["headers"]["Authorization"] = f"Bearer {JOIN_TOKEN}"
     async with client.request(method, path, **kw) as resp:
         text = await resp.text()
         try:
@@ -61,6 +73,7 @@ async def register(client: TestClient, **kw: Any) -> str:
     status, body = await call(client, "POST", "/v1/workers", {"name": "w", "hostname": "h", **kw})
     assert status == 201, body
     assert body["heartbeat_interval"] > 0 and body["lease_ttl"] > 0
+    CREDENTIALS[body["worker_id"]] = body["credential"]
     return body["worker_id"]
 
 
@@ -300,7 +313,7 @@ def test_long_poll_lease_is_woken_by_a_submit(tmp_path: Path) -> None:
         hub = client.server.app[HUB]
         started = time.monotonic()
         task = asyncio.ensure_future(lease(client, wid, 1, wait=10))
-        await until(lambda: "default" in hub._queues, what="the lease to wait on the queue")
+        await until(lambda: hub.waiting("default") == 1, what="the lease to wait on the queue")
         assert not task.done()
         job = await submit(client)
         got = await asyncio.wait_for(task, 5)

@@ -1,0 +1,615 @@
+"""The benchmarks themselves. Each one starts its own processes in fresh temp dirs and returns table rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+from benchmarks.chaos import auth_header
+from benchmarks.common import (
+    NON_TERMINAL,
+    TERMINAL,
+    Cluster,
+    Row,
+    Workdir,
+    median,
+    percentile,
+    python_cmd,
+    read_json_line,
+)
+from benchmarks.peer import Huey
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int  # runs of each timed figure; the table shows the median
+    shell_jobs: int
+    concurrency: int  # the worker's slots, Huey's threads, the raw limit's processes in flight
+    control_jobs: int
+    submit_clients: int
+    submit_requests: int
+    latency_runs: int
+    idle_s: float
+    scale_jobs: int
+    scale_probe_batches: int  # batches of 1,000 for the submit rate against the big and the empty store
+    claim_samples: int
+    sim_workers: int
+    sim_settle: float
+    sim_window: float
+    sim_jobs: int
+    sim_rate: float
+
+
+FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
+             latency_runs=300, idle_s=60.0, scale_jobs=1_000_000, scale_probe_batches=10, claim_samples=200,
+             sim_workers=500, sim_settle=4.0, sim_window=20.0, sim_jobs=200, sim_rate=20.0)
+SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_clients=8, submit_requests=200,
+              latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
+              sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0)
+SIZES = {"full": FULL, "smoke": SMOKE}
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    size_name: str
+    huey: Huey
+    keep: bool = False
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def workdir(self, name: str) -> Workdir:
+        return Workdir(name, keep=self.keep)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class Http:
+    """A small aiohttp client for the benchmarks: JSON in, JSON out, any error status raises."""
+
+    def __init__(self, url: str, connections: int = 0) -> None:
+        self.url = url.rstrip("/")
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
+        self.credentials: dict[str, str] = {}  # worker id -> the credential its registration returned
+
+    async def __aenter__(self) -> Http:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body, separators=(",", ":")) if body is not None else None
+        headers = {"Content-Type": "application/json", **auth_header(self.url, path, method, self.credentials)}
+        async with self.session.request(method, self.url + path, data=data, params=params, headers=headers) as r:
+            raw = await r.read()
+            if r.status >= 400:
+                raise RuntimeError(f"{method} {path}: HTTP {r.status}: {raw[:300]!r}")
+            reply = json.loads(raw) if raw else None
+            if path == "/v1/workers" and method == "POST" and isinstance(reply, dict) and reply.get("credential"):
+                self.credentials[reply["worker_id"]] = reply["credential"]
+            return reply
+
+    async def submit_batches(self, spec: dict[str, Any], n: int, batch: int, in_flight: int = 1) -> list[int]:
+        """Submit ``n`` copies of ``spec`` in batches, ``in_flight`` requests at a time; their ids in order."""
+        sizes = [min(batch, n - i) for i in range(0, n, batch)]
+        out: list[list[int]] = [[] for _ in sizes]
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(k: int) -> None:
+            async with sem:
+                reply = await self.call("POST", "/v1/jobs/batch", {"jobs": [spec] * sizes[k]})
+                out[k] = [j["id"] for j in reply["jobs"]]
+
+        await asyncio.gather(*(one(k) for k in range(len(sizes))))
+        return [i for ids in out for i in ids]
+
+    async def wait_job(self, job_id: int, timeout: float = 30.0) -> dict[str, Any]:
+        while True:
+            job = await self.call("GET", f"/v1/jobs/{job_id}/wait", params={"timeout": str(timeout)})
+            if job["state"] in TERMINAL:
+                return job
+
+    async def states_in(self, states: tuple[str, ...], lo: int, hi: int) -> dict[str, list[dict[str, Any]]]:
+        """Jobs with ids in [lo, hi] in each of ``states``, paged newest first through GET /v1/jobs."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for state in states:
+            rows: list[dict[str, Any]] = []
+            cursor: str | None = str(hi + 1)
+            while cursor is not None:
+                page = await self.call("GET", "/v1/jobs", params={"state": state, "limit": "1000", "cursor": cursor})
+                rows += [j for j in page["jobs"] if lo <= j["id"] <= hi]
+                cursor = page["next_cursor"]
+                if page["jobs"] and page["jobs"][-1]["id"] < lo:
+                    break
+            found[state] = rows
+        return found
+
+    async def wait_all(self, ids: list[int]) -> dict[str, int]:
+        """Wait until every job in ``ids`` (a contiguous range) ended, without polling hard.
+
+        Long-poll the newest job's wait, then read the jobs' end states back by
+        pages; if some are still going, long-poll the oldest of them and look again.
+        A job seen ended stays ended, so the count of ended jobs is exact.
+        """
+        lo, hi = min(ids), max(ids)
+        await self.wait_job(hi)
+        while True:
+            ended = await self.states_in(TERMINAL, lo, hi)
+            counts = {s: len(rows) for s, rows in ended.items()}
+            if sum(counts.values()) >= len(ids):
+                return counts
+            going = await self.states_in(NON_TERMINAL, lo, hi)
+            pending = [j["id"] for rows in going.values() for j in rows]
+            if pending:
+                await self.wait_job(min(pending))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- shell throughput and the raw limit
+
+
+ECHO = {"command": ["echo", "hello"]}
+
+
+async def _orch_shell(url: str, n: int) -> dict[str, Any]:
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        ids = await api.submit_batches(ECHO, n, 1000)
+        submitted = time.perf_counter() - t0
+        counts = await api.wait_all(ids)
+        elapsed = time.perf_counter() - t0
+        if counts.get("succeeded") != n:
+            raise RuntimeError(f"not every echo job succeeded: {counts}")
+        sample = await api.call("GET", f"/v1/jobs/{ids[-1]}")
+        if (sample["result"] or {}).get("stdout") != "hello\n":
+            raise RuntimeError(f"job {ids[-1]} did not print hello: {sample['result']}")
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "submit_s": submitted}
+
+
+def orch_shell_once(ctx: Context) -> dict[str, Any]:
+    s = ctx.sizes
+    with ctx.workdir("shell") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        worker = c.start_worker("w1", s.concurrency)
+        c.wait_workers(1)
+        assert c.scheduler is not None
+        cpu0 = (_cpu(c.scheduler.pid), _cpu(worker.pid))
+        out = run(_orch_shell(c.url, s.shell_jobs))
+        out["scheduler_cpu_s"] = _cpu(c.scheduler.pid) - cpu0[0]
+        out["worker_cpu_s"] = _cpu(worker.pid) - cpu0[1]  # its own, not its jobs' (those are its children)
+        return out
+
+
+def raw_once(ctx: Context) -> dict[str, Any]:
+    import subprocess
+
+    s = ctx.sizes
+    p = subprocess.run([*python_cmd(), "-m", "benchmarks.raw", "--n", str(s.shell_jobs), "--inflight",
+                        str(s.concurrency)], capture_output=True, text=True, timeout=600,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmarks.raw exited {p.returncode}: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])["raw"]
+
+
+def huey_shell_once(ctx: Context) -> dict[str, Any] | None:
+    if not ctx.huey.ensure(ctx.log):
+        return None
+    s = ctx.sizes
+    with ctx.workdir("huey-shell") as tmp:
+        try:
+            lines = ctx.huey.run("shell", tmp, ["--n", str(s.shell_jobs), "--threads", str(s.concurrency)],
+                                 timeout=900)
+            return next(line["shell"] for line in lines if "shell" in line)
+        except (RuntimeError, StopIteration) as e:  # the peer failing must not cost orch's figures
+            ctx.log(f"shell: the Huey run failed: {e}")
+            return None
+
+
+def bench_shell(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    orch_runs, huey_runs, raw_runs = [], [], []
+    for i in range(s.repeats):
+        ctx.log(f"shell: run {i + 1}/{s.repeats}: raw spawns")
+        raw_runs.append(raw_once(ctx))
+        ctx.log(f"shell: run {i + 1}/{s.repeats}: orch")
+        orch_runs.append(orch_shell_once(ctx))
+        ctx.log(f"shell: run {i + 1}/{s.repeats}: huey")
+        h = huey_shell_once(ctx)
+        if h is not None:
+            huey_runs.append(h)
+    orch_rate = median([r["rate"] for r in orch_runs])
+    raw_rate = median([r["rate"] for r in raw_runs])
+    huey_rate = median([r["rate"] for r in huey_runs]) if huey_runs else None
+    n = f"{s.shell_jobs:,}"
+    rows = [
+        Row(f"shell throughput: {n} x echo hello, 1 worker x {s.concurrency}", ">= 1.6x Huey", orch_rate, "/s",
+            peer=huey_rate, peer_label=f"Huey {ctx.huey.version}".strip(),
+            peer_note="" if huey_rate is not None else (ctx.huey.unavailable or "peer failed: see the log"),
+            ratio_goal=1.6, detail={"orch": orch_runs, "huey": huey_runs}),
+        Row(f"overhead vs raw spawn limit ({s.concurrency} in flight)", ">= 85 % of raw", orch_rate, "/s",
+            peer=raw_rate, peer_label="raw", ratio_goal=0.85, detail={"raw": raw_runs}),
+    ]
+    return rows
+
+
+# --------------------------------------------------------------------------- control plane
+
+
+async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1000) -> dict[str, Any]:
+    async with Http(url) as api:
+        reg = await api.call("POST", "/v1/workers", {"name": "bench", "hostname": "bench", "queues": ["default"],
+                                                     "concurrency": 10_000})
+        wid = reg["worker_id"]
+        interval = float(reg["heartbeat_interval"])
+        holding: dict[tuple[int, int], None] = {}
+        completed = 0
+        refused = 0
+        requests = {"submit": 0, "lease": 0, "complete": 0, "heartbeat": 0}
+        done = asyncio.Event()
+
+        async def heartbeat() -> None:
+            while not done.is_set():
+                await asyncio.sleep(interval)
+                running = [{"job_id": j, "attempt": a} for j, a in holding]
+                await api.call("POST", f"/v1/workers/{wid}/heartbeat", {"running": running, "draining": False})
+                requests["heartbeat"] += 1
+
+        async def complete(jobs: list[dict[str, Any]]) -> None:
+            nonlocal completed, refused
+            results = [{"job_id": j["job_id"], "attempt": j["attempt"], "outcome": "succeeded", "exit_code": 0,
+                        "duration": 0.0} for j in jobs]
+            answers = (await api.call("POST", f"/v1/workers/{wid}/complete", {"results": results}))["results"]
+            requests["complete"] += 1
+            refused += sum(1 for a in answers if not a["accepted"])
+            for j in jobs:
+                holding.pop((j["job_id"], j["attempt"]), None)
+            completed += len(jobs)
+            if completed >= n:
+                done.set()
+
+        async def submitter() -> None:
+            for i in range(0, n, batch):
+                await api.call("POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"]}] * min(batch, n - i)})
+                requests["submit"] += 1
+
+        async def leaser() -> None:
+            leased = 0
+            pending: set[asyncio.Task[None]] = set()
+            while leased < n:
+                jobs = (await api.call("POST", f"/v1/workers/{wid}/lease",
+                                       {"max": lease_max, "queues": ["default"], "wait": 5}))["jobs"]
+                requests["lease"] += 1
+                leased += len(jobs)
+                for j in jobs:
+                    holding[(j["job_id"], j["attempt"])] = None
+                if jobs:
+                    t = asyncio.create_task(complete(jobs))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                    if len(pending) >= 4:
+                        await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+            if pending:
+                await asyncio.gather(*pending)
+
+        beat = asyncio.create_task(heartbeat())
+        t0 = time.perf_counter()
+        try:
+            await asyncio.gather(submitter(), leaser())
+            elapsed = time.perf_counter() - t0
+        finally:
+            done.set()
+            beat.cancel()
+        if refused:
+            raise RuntimeError(f"{refused} completions were refused")
+        left = await api.states_in(("queued", "running"), 1, 10**12)
+        if any(left.values()):
+            raise RuntimeError(f"jobs left unfinished: { {k: len(v) for k, v in left.items()} }")
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "requests": requests}
+
+
+def bench_control(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    runs = []
+    for i in range(s.repeats):
+        ctx.log(f"control plane: run {i + 1}/{s.repeats}")
+        with ctx.workdir("control") as tmp, Cluster(tmp) as c:
+            c.start_scheduler()
+            assert c.scheduler is not None
+            cpu0 = _cpu(c.scheduler.pid)
+            out = run(_control_plane(c.url, s.control_jobs))
+            out["scheduler_cpu_s"] = _cpu(c.scheduler.pid) - cpu0
+            runs.append(out)
+    rate = median([r["rate"] for r in runs])
+    return [Row(f"control plane: {s.control_jobs:,} jobs submit -> lease -> complete", ">= 10,000/s", rate, "/s",
+                goal=10_000, detail={"runs": runs})]
+
+
+def _cpu(pid: int) -> float:
+    from benchmarks.common import cpu_seconds
+
+    return cpu_seconds(pid)
+
+
+# --------------------------------------------------------------------------- single submits
+
+
+async def _single_submits(url: str, clients: int, total: int) -> dict[str, Any]:
+    per = total // clients
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(clients)]
+    body = json.dumps({"command": ["true"], "queue": "parked"}).encode()
+    headers = {"Content-Type": "application/json", **auth_header(url, "/v1/jobs", "POST")}
+    acked = 0
+    errors: list[str] = []
+
+    async def one(s: aiohttp.ClientSession) -> None:
+        nonlocal acked
+        async with s.post(url + "/v1/jobs", data=body, headers=headers) as r:
+            await r.read()
+            if r.status == 201:
+                acked += 1
+            else:
+                errors.append(f"HTTP {r.status}")
+
+    async def client(s: aiohttp.ClientSession) -> None:
+        for _ in range(per):
+            await one(s)
+
+    try:
+        await asyncio.gather(*(one(s) for s in sessions))  # connect every client first
+        acked = 0
+        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        await asyncio.gather(*(client(s) for s in sessions))
+        elapsed = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    if errors:
+        raise RuntimeError(f"{len(errors)} submits failed, e.g. {errors[0]}")
+    client_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    return {"clients": clients, "requests": per * clients, "acked": acked, "elapsed": elapsed,
+            "rate": acked / elapsed, "client_cpu_pct": 100 * client_cpu / elapsed}
+
+
+def bench_submits(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    runs = []
+    for i in range(s.repeats):
+        ctx.log(f"single submits: run {i + 1}/{s.repeats}")
+        with ctx.workdir("submits") as tmp, Cluster(tmp) as c:
+            c.start_scheduler()
+            assert c.scheduler is not None
+            cpu0 = _cpu(c.scheduler.pid)
+            out = run(_single_submits(c.url, s.submit_clients, s.submit_requests))
+            out["scheduler_cpu_s"] = _cpu(c.scheduler.pid) - cpu0
+            runs.append(out)
+    rate = median([r["rate"] for r in runs])
+    return [Row(f"single submits: {s.submit_clients} clients, 1 job per request", ">= 3,000/s", rate, "/s",
+                goal=3000, detail={"runs": runs})]
+
+
+# --------------------------------------------------------------------------- latency at idle
+
+
+async def _round_trip(api: Http) -> float:
+    t0 = time.perf_counter()
+    job = await api.call("POST", "/v1/jobs", {"command": ["true"]})
+    done = await api.call("GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "30"})
+    ms = (time.perf_counter() - t0) * 1000
+    if done["state"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} ended {done['state']}: {done.get('error')}")
+    return ms
+
+
+async def _orch_latency(url: str, n: int) -> list[float]:
+    async with Http(url) as api:
+        for _ in range(10):
+            await _round_trip(api)
+        return [await _round_trip(api) for _ in range(n)]
+
+
+async def _orch_after_idle(url: str) -> float:
+    async with Http(url) as api:  # a new client, as `orch run --wait` would be
+        return await _round_trip(api)
+
+
+def bench_latency(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    huey_ok = ctx.huey.ensure(ctx.log)
+    huey_lat: list[float] = []
+    huey_idle: float | None = None
+    with ctx.workdir("latency") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        c.start_worker("w1", s.concurrency)
+        c.wait_workers(1)
+        ctx.log(f"latency: {s.latency_runs} sequential round trips (orch)")
+        samples = run(_orch_latency(c.url, s.latency_runs))
+        idle_from = time.monotonic()
+        peer = None
+        if huey_ok:
+            # Huey's round trips run while orch idles; both then idle the same time before their last one.
+            ctx.log(f"latency: {s.latency_runs} sequential round trips (huey), then {s.idle_s:g} s idle")
+            peer = ctx.huey.start("latency", tmp / "huey", ["--n", str(s.latency_runs), "--idle", str(s.idle_s),
+                                                             "--threads", str(s.concurrency)])
+        try:
+            if peer is not None:
+                assert peer.stdout is not None
+                first = json.loads(peer.stdout.readline() or "{}")
+                huey_lat = first.get("latencies_ms", [])
+            left = s.idle_s - (time.monotonic() - idle_from)
+            if left > 0:
+                ctx.log(f"latency: idling {left:.0f} s")
+                time.sleep(left)  # the figure is the round trip after this idle time
+            after = run(_orch_after_idle(c.url))
+            if peer is not None:
+                assert peer.stdout is not None
+                second = json.loads(peer.stdout.readline() or "{}")
+                huey_idle = second.get("after_idle_ms")
+                peer.wait(60)
+                if not huey_lat or huey_idle is None:  # the peer failing must not cost orch's figures
+                    ctx.log("latency: the Huey run failed: "
+                            + (tmp / "huey" / "peer.err").read_text(errors="replace")[-2000:])
+                    huey_ok = False
+        finally:
+            if peer is not None and peer.poll() is None:
+                import signal
+
+                os.killpg(peer.pid, signal.SIGKILL)
+                peer.wait()
+    note = "" if huey_ok else (ctx.huey.unavailable or "peer failed: see the log")
+    if not huey_ok:
+        huey_lat, huey_idle = [], None
+    label = f"Huey {ctx.huey.version}".strip()
+    idle_name = f"after {s.idle_s:g} s idle" + (" (smoke: not 60 s)" if s.idle_s < 60 else "")
+    p50, p99 = percentile(samples, 50), percentile(samples, 99)
+    hp50 = percentile(huey_lat, 50) if huey_lat else None
+    hp99 = percentile(huey_lat, 99) if huey_lat else None
+    detail = {"orch_ms": samples, "huey_ms": huey_lat}
+    return [
+        Row(f"latency at idle: submit -> result, p50 of {s.latency_runs}", "<= 4 ms", p50, "ms", goal=4,
+            higher_better=False, peer=hp50, peer_label=label, peer_note=note, detail=detail),
+        Row(f"latency at idle: submit -> result, p99 of {s.latency_runs}", "<= 10 ms", p99, "ms", goal=10,
+            higher_better=False, peer=hp99, peer_label=label, peer_note=note),
+        Row(f"latency: one round trip {idle_name}", "<= 10 ms", after, "ms", goal=10, higher_better=False,
+            peer=huey_idle, peer_label=label, peer_note=note, detail={"idle_s": s.idle_s}),
+    ]
+
+
+# --------------------------------------------------------------------------- scale
+
+
+BIG_QUEUE = "parked"
+
+
+async def _fill(url: str, n: int) -> dict[str, Any]:
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        ids = await api.submit_batches({"command": ["true"], "queue": BIG_QUEUE}, n, 10_000, in_flight=2)
+        elapsed = time.perf_counter() - t0
+    if len(ids) != n:
+        raise RuntimeError(f"filled {len(ids)} of {n}")
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed}
+
+
+async def _probe(url: str, batches: int, claims: int, repeats: int, big: bool) -> dict[str, Any]:
+    """Lease latency from a small queue (and, with ``big``, from the big one), then the batched submit rate.
+
+    Each is measured ``repeats`` times; the figures are medians of the runs' p50s (and of the rates).
+    """
+    async with Http(url) as api:
+        out: dict[str, Any] = {}
+        await api.submit_batches({"command": ["true"], "queue": "work"}, (claims + 10) * repeats, 1000)
+        for label, queue in (("other", "work"), ("big", BIG_QUEUE)) if big else (("other", "work"),):
+            reg = await api.call("POST", "/v1/workers", {"name": f"probe-{label}", "hostname": "bench",
+                                                         "queues": [queue], "concurrency": 1})
+            path = f"/v1/workers/{reg['worker_id']}/lease"
+            body = {"max": 1, "queues": [queue], "wait": 0}
+            runs = []
+            for _ in range(repeats):
+                for _ in range(10):  # warm up: connection, caches
+                    await api.call("POST", path, body)
+                samples = []
+                for _ in range(claims):
+                    t0 = time.perf_counter()
+                    jobs = (await api.call("POST", path, body))["jobs"]
+                    samples.append((time.perf_counter() - t0) * 1000)
+                    if len(jobs) != 1:
+                        raise RuntimeError(f"lease from {queue} returned {len(jobs)} jobs")
+                runs.append(samples)
+            out[f"claim_{label}_p50s"] = [percentile(r, 50) for r in runs]
+            out[f"claim_{label}_p99s"] = [percentile(r, 99) for r in runs]
+            out[f"claim_{label}_p50"] = median(out[f"claim_{label}_p50s"])
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            await api.submit_batches({"command": ["true"], "queue": BIG_QUEUE}, batches * 1000, 1000)
+            rates.append(batches * 1000 / (time.perf_counter() - t0))
+        out.update(submit_rates=rates, submit_rate=median(rates))
+        return out
+
+
+def bench_scale(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    reps = max(1, s.repeats)
+    ctx.log("scale: empty store")
+    with ctx.workdir("scale-empty") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        empty = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=False))
+    with ctx.workdir("scale-big") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        ctx.log(f"scale: filling the store with {s.scale_jobs:,} queued jobs (batched POSTs of 10,000)")
+        fill = run(_fill(c.url, s.scale_jobs))
+        ctx.log(f"scale: filled at {fill['rate']:,.0f} jobs/s; probing")
+        big = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=True))
+        total_jobs = s.scale_jobs + reps * (s.scale_probe_batches * 1000 + s.claim_samples + 10)
+        c.stop_scheduler()  # SIGTERM: the store checkpoints the WAL (TRUNCATE) as it closes
+        files = {p.name: p.stat().st_size for p in c.data.glob("orch.db*")}
+        size = sum(v for k, v in files.items() if not k.endswith("-shm"))
+    per_job = size / total_jobs
+    n = f"{s.scale_jobs:,}"
+    detail = {"fill": fill, "empty": empty, "big": big, "db_files": files, "jobs_in_db": total_jobs}
+    return [
+        Row(f"scale: batched submit rate, {n} queued", ">= 0.5x empty store", big["submit_rate"], "/s",
+            peer=empty["submit_rate"], peer_label="empty store", ratio_goal=0.5, detail=detail),
+        Row(f"scale: claim latency p50, other queue, {n} queued", "<= 2x empty store", big["claim_other_p50"], "ms",
+            higher_better=False, peer=empty["claim_other_p50"], peer_label="empty store", ratio_goal=0.5),
+        Row(f"scale: claim latency p50, the {n}-job queue", "<= 2x empty store", big["claim_big_p50"], "ms",
+            higher_better=False, peer=empty["claim_other_p50"], peer_label="empty store", ratio_goal=0.5),
+        Row(f"scale: database bytes per queued job ({n})", "<= 1 KiB", per_job, "B", goal=1024,
+            higher_better=False),
+    ]
+
+
+# --------------------------------------------------------------------------- many workers
+
+
+def bench_workers(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    with ctx.workdir("workers") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        assert c.scheduler is not None
+        ctx.log(f"many workers: {s.sim_workers} simulated workers, {s.sim_window:g} s idle window, "
+                f"then {s.sim_jobs} jobs at {s.sim_rate:g}/s")
+        sim = c.spawn("sim", [*python_cmd(), "-m", "benchmarks.sim_workers", "--url", c.url, "--scheduler-pid",
+                              str(c.scheduler.pid), "--workers", str(s.sim_workers), "--settle", str(s.sim_settle),
+                              "--window", str(s.sim_window), "--jobs", str(s.sim_jobs), "--rate", str(s.sim_rate)])
+        timeout = 120 + s.sim_settle + s.sim_window + s.sim_jobs / s.sim_rate + 60
+        result = read_json_line(sim, "many_workers", timeout)["many_workers"]
+    if result["error_count"]:
+        ctx.log(f"many workers: {result['error_count']} errors, e.g. {result['errors'][:3]}")
+    lat = result["jobs"]
+    w = s.sim_workers
+    return [
+        Row(f"many workers: scheduler CPU, {w} idle workers", "< 30 % of a core", result["idle"]["cpu_pct"], "%",
+            goal=30, higher_better=False, detail=result),
+        Row(f"many workers: lease latency p99, {w} workers", "<= 50 ms", lat.get("p99_ms"), "ms", goal=50,
+            higher_better=False,
+            error="" if lat.get("p99_ms") is not None else f"no job was leased: {result['errors'][:2]}"),
+    ]
+
+
+BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
+    "shell": bench_shell,
+    "control": bench_control,
+    "submits": bench_submits,
+    "latency": bench_latency,
+    "scale": bench_scale,
+    "workers": bench_workers,
+}

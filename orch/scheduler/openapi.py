@@ -1,0 +1,329 @@
+"""The API described as an OpenAPI 3.1 document, served at ``GET /v1/openapi.json``.
+
+Written by hand, next to the validation it describes (``orch/models.py``,
+``orch/scheduler/app.py``); tests keep them together: every route that
+``build_app`` registers must be here (``test_openapi_lists_every_route``) and a
+property-based fuzz test sends requests made from these schemas and checks
+that every answer is a 2xx/4xx that matches its documented schema
+(``tests/integration/test_fuzz_api.py``). The security middleware refuses
+query parameters a route does not document here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orch import __version__
+from orch.models import ENV_KEY_RE, MAX_ARG_LEN, MAX_ARGS, MAX_ENV, MAX_LABELS, MAX_TIMEOUT, NAME_RE, Outcome, State
+
+MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
+REF = "#/components/schemas/"
+
+
+def ref(name: str) -> dict[str, Any]:
+    return {"$ref": REF + name}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(props: dict[str, Any], required: tuple[str, ...] = (), *, closed: bool = False, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = list(required)
+    if closed:
+        out["additionalProperties"] = False
+    out.update(extra)
+    return out
+
+
+NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
+TIME = {"type": "string", "description": "ISO 8601 UTC time with milliseconds, e.g. 2026-01-05T10:00:07.101Z"}
+INT = {"type": "integer"}
+JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}
+ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
+ARG = {"type": "string", "maxLength": MAX_ARG_LEN}
+RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
+
+SCHEMAS: dict[str, Any] = {
+    "Error": obj({
+        "error": obj({
+            "code": {"type": "string", "description": "invalid, not_found, conflict, stale_attempt, unknown_worker, "
+                                                      "unauthorized, forbidden, too_large, timeout, too_many_requests, ..."},
+            "message": {"type": "string"},
+            "field": {"type": "string", "description": "the offending field, e.g. jobs[3].queue"},
+        }, ("code", "message")),
+    }, ("error",)),
+    "JobSpec": obj({
+        "command": {"type": "array", "prefixItems": [{**ARG, "minLength": 1}], "items": ARG, "minItems": 1,
+                    "maxItems": MAX_ARGS, "description": "argv, run without a shell"},
+        "shell": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "run as /bin/sh -c LINE"},
+        "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "the original form: task + args"},
+        "args": {"type": "array", "items": ARG, "maxItems": MAX_ARGS, "description": "only with task"},
+        "queue": NAME,
+        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
+        "env": {"type": "object", "maxProperties": MAX_ENV, "propertyNames": {"pattern": ENV_KEY_RE.pattern},
+                "additionalProperties": ARG},
+        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+        "labels": {"type": "object", "maxProperties": MAX_LABELS, "propertyNames": {"pattern": NAME_RE.pattern},
+                   "additionalProperties": {"type": "string", "maxLength": 256}},
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "backoff": obj({
+            "base": {"type": "number", "minimum": 0, "maximum": 86400},
+            "factor": {"type": "number", "minimum": 1, "maximum": 86400},
+            "cap": {"type": "number", "minimum": 0, "maximum": 86400},
+            "jitter": {"type": "number", "minimum": 0, "maximum": 1},
+        }, closed=True),
+        "retry_on_exit": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 255}, "maxItems": 255},
+    }, closed=True, oneOf=[{"required": ["command"], "not": {"required": ["args"]}},
+                           {"required": ["shell"], "not": {"required": ["args"]}},
+                           {"required": ["task"]}],
+        description="exactly one of command, shell, task (args only with task); strings hold no NUL byte"),
+    "Job": obj({
+        "id": INT, "state": {"type": "string", "enum": [s.value for s in State]}, "queue": {"type": "string"},
+        "priority": INT, "name": nullable({"type": "string"}), "spec": {"type": "object"},
+        "attempt": INT, "max_attempts": INT, "created_at": TIME, "started_at": nullable(TIME),
+        "finished_at": nullable(TIME), "retry_at": nullable(TIME), "worker": nullable({"type": "string"}),
+        "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
+    }, ("id", "state", "queue", "priority", "spec", "attempt", "max_attempts", "created_at", "started_at",
+        "finished_at", "worker", "cancel_requested", "exit_code", "error")),
+    "Attempt": obj({
+        "attempt": INT, "worker": nullable({"type": "string"}), "state": {"type": "string"},
+        "started_at": TIME, "finished_at": nullable(TIME), "exit_code": nullable(INT),
+        "error": nullable({"type": "string"}), "duration": nullable({"type": "number"}),
+        "stdout_bytes": INT, "stderr_bytes": INT,
+    }, ("attempt", "worker", "state", "started_at", "finished_at", "exit_code", "error", "duration")),
+    "Result": obj({
+        "attempt": INT, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
+        "duration": nullable({"type": "number"}), "stdout": {"type": "string"}, "stderr": {"type": "string"},
+        "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+    }, ("attempt", "exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated")),
+    "JobDetail": {"allOf": [ref("Job"), obj({
+        "attempts": {"type": "array", "items": ref("Attempt")},
+        "duration": nullable({"type": "number"}),
+        "result": nullable(ref("Result")),
+    }, ("attempts", "result"))]},
+    "JobPage": obj({"jobs": {"type": "array", "items": ref("Job")}, "next_cursor": nullable({"type": "string"})},
+                   ("jobs", "next_cursor")),
+    "Jobs": obj({"jobs": {"type": "array", "items": ref("Job")}}, ("jobs",)),
+    "Event": obj({
+        "id": INT, "job_id": INT, "attempt": INT, "from": nullable({"type": "string"}), "to": {"type": "string"},
+        "at": TIME, "reason": {"type": "string"},
+    }, ("id", "job_id", "attempt", "from", "to", "at", "reason")),
+    "Events": obj({"events": {"type": "array", "items": ref("Event")}}, ("events",)),
+    "Output": obj({
+        "job_id": INT, "attempt": INT, "state": {"type": "string"}, "stdout": {"type": "string"},
+        "stderr": {"type": "string"}, "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+    }, ("job_id", "attempt", "state", "stdout", "stderr", "stdout_truncated", "stderr_truncated")),
+    "Why": obj({
+        "job_id": INT, "state": {"type": "string"}, "queue": {"type": "string"}, "attempt": INT,
+        "max_attempts": INT, "reason": {"type": "string"}, "message": {"type": "string"},
+    }, ("job_id", "state", "reason", "message")),
+    "Worker": obj({
+        "id": {"type": "string"}, "name": {"type": "string"}, "hostname": {"type": "string"},
+        "queues": {"type": "array", "items": {"type": "string"}}, "concurrency": INT,
+        "state": {"type": "string", "enum": ["alive", "draining", "lost", "stopped"]},
+        "registered_at": TIME, "last_heartbeat": TIME, "heartbeat_age": {"type": "number"}, "running": INT,
+    }, ("id", "name", "hostname", "queues", "concurrency", "state", "running")),
+    "Workers": obj({"workers": {"type": "array", "items": ref("Worker")}}, ("workers",)),
+    "Register": obj({
+        "name": {"type": "string", "maxLength": 200},
+        "hostname": {"type": "string", "maxLength": 255},
+        "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
+        "concurrency": {"type": "integer", "minimum": 1, "maximum": 10_000},
+    }, closed=True),
+    "Registered": obj({
+        "worker_id": {"type": "string"}, "heartbeat_interval": {"type": "number"}, "lease_ttl": {"type": "number"},
+        "long_poll_timeout": {"type": "number"},
+        "credential": {"type": "string", "description": "this worker's own bearer token for /v1/workers/{worker_id}/..."},
+    }, ("worker_id", "heartbeat_interval", "lease_ttl", "long_poll_timeout", "credential")),
+    "AttemptRef": obj({"job_id": JOB_ID, "attempt": ATTEMPT}, ("job_id", "attempt"), closed=True),
+    "Heartbeat": obj({
+        "running": {"type": "array", "items": ref("AttemptRef"), "maxItems": MAX_BATCH},
+        "draining": {"type": "boolean"},
+    }, closed=True),
+    "HeartbeatReply": obj({"cancel": {"type": "array", "items": ref("AttemptRef")},
+                           "stale": {"type": "array", "items": ref("AttemptRef")}}, ("cancel", "stale")),
+    "LeaseRequest": obj({
+        "max": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
+        "wait": {"type": "number", "minimum": 0, "description": "seconds to hold the request open, at most scheduler.long_poll_timeout"},
+    }, closed=True),
+    "Lease": obj({"job_id": INT, "attempt": INT, "spec": {"type": "object"}, "queue": {"type": "string"},
+                  "queued_at": {"type": "number"}}, ("job_id", "attempt", "spec")),
+    "Leases": obj({"jobs": {"type": "array", "items": ref("Lease")}}, ("jobs",)),
+    "Chunk": obj({"job_id": JOB_ID, "attempt": ATTEMPT, "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+                  "data": {"type": "string"}}, ("job_id", "attempt", "stream", "data"), closed=True),
+    "Chunks": obj({"chunks": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH}}, ("chunks",), closed=True),
+    "Accepted": obj({"accepted": {"type": "array", "items": {"type": "boolean"}}}, ("accepted",)),
+    "AttemptEnd": obj({
+        "job_id": JOB_ID, "attempt": ATTEMPT, "outcome": {"type": "string", "enum": RESULT_OUTCOMES},
+        "exit_code": nullable({"type": "integer", "minimum": -255, "maximum": 255}),
+        "error": nullable({"type": "string", "maxLength": 4096}),
+        "duration": nullable({"type": "number", "minimum": 0, "maximum": 10**9}),
+        "output": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH},
+        "waited": {"type": "number", "minimum": 0, "maximum": 86400},
+    }, ("job_id", "attempt", "outcome"), closed=True),
+    "OneEnd": obj({
+        "attempt": ATTEMPT, "outcome": {"type": "string", "enum": RESULT_OUTCOMES},
+        "exit_code": nullable({"type": "integer", "minimum": -255, "maximum": 255}),
+        "error": nullable({"type": "string", "maxLength": 4096}),
+        "duration": nullable({"type": "number", "minimum": 0, "maximum": 10**9}),
+        "output": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH},
+        "waited": {"type": "number", "minimum": 0, "maximum": 86400},
+    }, ("attempt", "outcome"), closed=True),
+    "Completions": obj({"results": {"type": "array", "items": ref("AttemptEnd"), "minItems": 1, "maxItems": MAX_BATCH}},
+                       ("results",), closed=True),
+    "Answer": obj({"job_id": INT, "attempt": INT, "accepted": {"type": "boolean"}, "state": {"type": "string"},
+                   "error": {"type": "string"}}, ("job_id", "attempt", "accepted")),
+    "Answers": obj({"results": {"type": "array", "items": ref("Answer")}}, ("results",)),
+    "HandBack": obj({"attempts": {"type": "array", "items": ref("AttemptRef"), "maxItems": MAX_BATCH},
+                     "stop": {"type": "boolean"}}, closed=True),
+    "HandedBack": obj({"handed_back": {"type": "array", "items": ref("AttemptRef")}}, ("handed_back",)),
+    "Batch": obj({"jobs": {"type": "array", "items": ref("JobSpec"), "minItems": 1, "maxItems": MAX_BATCH}},
+                 ("jobs",), closed=True),
+    "Health": obj({"status": {"type": "string", "const": "ok"}}, ("status",)),
+}
+
+SECURITY_SCHEMES = {
+    "clientToken": {"type": "http", "scheme": "bearer",
+                    "description": "the client token: submit, read, cancel (orch token show --client)"},
+    "joinToken": {"type": "http", "scheme": "bearer",
+                  "description": "the worker join token: register a worker (orch token show --worker)"},
+    "workerCredential": {"type": "http", "scheme": "bearer",
+                         "description": "the credential POST /v1/workers returned to this worker; only its own routes"},
+}
+
+_ERROR = {"description": "an error naming the field", "content": {"application/json": {"schema": ref("Error")}}}
+
+
+def _json(schema_name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ref(schema_name)}}}
+
+
+def _op(summary: str, ok: dict[str, Any], *, status: str = "200", security: str | None = "clientToken",
+        body: str | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {status: ok, "4XX": _ERROR}}
+    op["security"] = [{security: []}] if security else []
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    p = {"name": name, "in": "query", "required": False, "schema": schema}
+    if description:
+        p["description"] = description
+    return p
+
+
+JOB_PARAM = _path("job_id", JOB_ID)
+WORKER_PARAM = _path("worker_id", NAME)
+FOLLOW = _query("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
+                "1: stream NDJSON lines until the job ends")
+NDJSON = {"description": "the document, or with follow=1 a stream of NDJSON lines",
+          "content": {"application/json": {}, "application/x-ndjson": {}}}
+
+
+def document(*, metrics_open: bool = False, long_poll: float | None = None, max_body: int | None = None) -> dict[str, Any]:
+    """The OpenAPI document; the arguments fill in what depends on the scheduler's settings."""
+    schemas = dict(SCHEMAS)
+    if long_poll is not None:
+        lease = {**schemas["LeaseRequest"], "properties": dict(schemas["LeaseRequest"]["properties"])}
+        lease["properties"]["wait"] = {"type": "number", "minimum": 0, "maximum": long_poll}
+        schemas["LeaseRequest"] = lease
+    w = "workerCredential"
+    paths: dict[str, Any] = {
+        "/healthz": {"get": _op("liveness", _json("Health", "alive"), security=None)},
+        "/metrics": {"get": _op("Prometheus metrics", {"description": "text exposition format",
+                                                       "content": {"text/plain": {}}},
+                                security=None if metrics_open else "clientToken")},
+        "/v1/openapi.json": {"get": _op("this document", {"description": "OpenAPI 3.1",
+                                                          "content": {"application/json": {}}})},
+        "/v1/jobs": {
+            "post": _op("submit one job", _json("Job", "the new job"), status="201", body="JobSpec"),
+            "get": _op("list jobs, newest first", _json("JobPage", "a page of jobs"), params=[
+                _query("state", {"type": "string", "enum": [s.value for s in State]}),
+                _query("queue", NAME),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "next_cursor of the previous page"),
+            ]),
+        },
+        "/v1/jobs/batch": {"post": _op("submit many jobs in one transaction", _json("Jobs", "the new jobs"),
+                                       status="201", body="Batch")},
+        "/v1/jobs/{job_id}": {"get": _op("a job, its attempts, its last output", _json("JobDetail", "the job"),
+                                         params=[JOB_PARAM])},
+        "/v1/jobs/{job_id}/cancel": {"post": _op("cancel a job", _json("Job", "the job"), params=[JOB_PARAM])},
+        "/v1/jobs/{job_id}/wait": {"get": _op("hold until the job ends or timeout passes",
+                                              _json("JobDetail", "the job"), params=[
+                                                  JOB_PARAM, _query("timeout", {"type": "number", "minimum": 0,
+                                                                                "maximum": 3600})])},
+        "/v1/jobs/{job_id}/output": {"get": _op("stored output, or a stream of it", NDJSON,
+                                                params=[JOB_PARAM, FOLLOW])},
+        "/v1/jobs/{job_id}/events": {"get": _op("the job's state changes, or a stream of them", NDJSON,
+                                                params=[JOB_PARAM, FOLLOW,
+                                                        _query("after", {"type": "integer", "minimum": 0,
+                                                                         "maximum": 2**62})])},
+        "/v1/jobs/{job_id}/why": {"get": _op("why the job is (not) running", _json("Why", "the explanation"),
+                                             params=[JOB_PARAM])},
+        "/v1/workers": {
+            "post": _op("register a worker; returns its own credential", _json("Registered", "registered"),
+                        status="201", security="joinToken", body="Register"),
+            "get": _op("list workers", _json("Workers", "the workers")),
+        },
+        "/v1/workers/{worker_id}/heartbeat": {"post": _op(
+            "renew the leases of running attempts", _json("HeartbeatReply", "attempts to cancel, stale ones"),
+            security=w, body="Heartbeat", params=[WORKER_PARAM])},
+        "/v1/workers/{worker_id}/lease": {"post": _op(
+            "claim jobs, long-polling up to wait seconds", _json("Leases", "claimed jobs (maybe none)"),
+            security=w, body="LeaseRequest", params=[WORKER_PARAM])},
+        "/v1/workers/{worker_id}/output": {"post": _op(
+            "append output chunks of running attempts", _json("Accepted", "which chunks were stored"),
+            security=w, body="Chunks", params=[WORKER_PARAM])},
+        "/v1/workers/{worker_id}/complete": {"post": _op(
+            "report how attempts ended", _json("Answers", "accepted or stale, per attempt"),
+            security=w, body="Completions", params=[WORKER_PARAM])},
+        "/v1/workers/{worker_id}/jobs/{job_id}/complete": {"post": _op(
+            "report one attempt; 409 if it is not current", _json("Answer", "accepted"),
+            security=w, body="OneEnd", params=[WORKER_PARAM, JOB_PARAM])},
+        "/v1/workers/{worker_id}/hand-back": {"post": _op(
+            "give attempts back to be queued again", _json("HandedBack", "what was handed back"),
+            security=w, body="HandBack", params=[WORKER_PARAM])},
+        "/job": {"post": _op("submit, original form", _json("Job", "the new job"), status="201", body="JobSpec")},
+        "/job/{job_id}": {"get": _op("a job, original form", _json("JobDetail", "the job"), params=[JOB_PARAM])},
+    }
+    info = {"title": "orch scheduler API", "version": __version__,
+            "description": "Every /v1 route needs a bearer token of the right role; errors are "
+                           "{\"error\": {\"code\", \"message\", \"field\"}} with a 4xx status."
+                           + (f" Request bodies are at most {max_body} bytes." if max_body else "")}
+    return {"openapi": "3.1.0", "info": info, "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES}}
+
+
+METHODS = ("get", "post", "put", "delete", "patch")
+
+
+def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(METHOD, path) -> operation."""
+    return {(m.upper(), path): op for path, item in doc["paths"].items() for m, op in item.items() if m in METHODS}
+
+
+def query_names(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, frozenset[str] | None]]:
+    """(METHOD, path) -> {query parameter: its allowed values, or None if any} (HEAD as GET)."""
+    out = {}
+    for (method, path), op in operations(doc).items():
+        names = {p["name"]: frozenset(p["schema"]["enum"]) if "enum" in p["schema"] else None
+                 for p in op.get("parameters", []) if p["in"] == "query"}
+        out[(method, path)] = names
+        if method == "GET":
+            out[("HEAD", path)] = names
+    return out

@@ -1,0 +1,324 @@
+"""The scheduler's gate: who may call which route, and limits that keep one client from starving the rest.
+
+Roles (``Authorization: Bearer <token>``):
+
+* open: ``GET /healthz`` (and ``GET /metrics`` with ``auth.metrics_open``);
+* join token: ``POST /v1/workers`` (registration) only;
+* worker credential: ``/v1/workers/{worker_id}/...``, and only that worker's;
+* client token: every other route (so a route added later is protected by default).
+
+Tokens are compared in constant time. The client and join tokens come from the
+configuration or the data dir's ``tokens.json``; the file is looked at (one
+``stat``) at most once a second and re-read when it changed, so
+``orch token rotate`` takes effect without a restart. Worker credentials are
+kept as SHA-256 digests in the store and in memory here: checking one costs a
+hash and a dict lookup, never a query.
+
+Limits: a request body must arrive within ``scheduler.body_timeout`` (and is
+read only after the caller is authenticated); one client address (or one
+worker) may hold at most ``scheduler.max_long_polls`` long-polls (wait,
+follow, lease) at once, beyond which it gets 429; query parameters a route
+does not document are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator
+
+from aiohttp import web
+
+from orch import auth
+from orch.config import Settings
+from orch.errors import (
+    Forbidden,
+    NotFound,
+    RequestTimeout,
+    TooManyRequests,
+    Unauthorized,
+    UnknownWorker,
+    ValidationError,
+)
+from orch.models import NAME_RE
+from orch.scheduler.openapi import document, query_names
+
+log = logging.getLogger("orch.scheduler")
+
+WORKER_PREFIX = "/v1/workers/{worker_id}/"
+# Routes that may hold a request open, and the query flag that makes them do so ("" = always).
+LONG_POLLS = {
+    ("GET", "/v1/jobs/{job_id}/wait"): "",
+    ("GET", "/v1/jobs/{job_id}/output"): "follow",
+    ("GET", "/v1/jobs/{job_id}/events"): "follow",
+    ("POST", "/v1/workers/{worker_id}/lease"): "",
+}
+_NO = ("0", "", "false", "no")
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="orch"'}
+
+
+def _compact(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class Guard:
+    """Tokens, worker credentials and long-poll counts of one scheduler."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.enabled: bool = settings["auth.enabled"]
+        self.metrics_open: bool = settings["auth.metrics_open"]
+        self.configured = auth.Tokens(client=settings["auth.token"].strip() or None,
+                                      join=settings["auth.join_token"].strip() or None)
+        self.data_dir = settings.data_dir
+        self.path = auth.token_path(self.data_dir)
+        self.client: bytes | None = None
+        self.join: bytes | None = None
+        self.created = False  # the token file was made (or completed) at this start
+        self._sig: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self.workers: dict[str, tuple[str, bool]] = {}  # worker id -> (credential digest, alive)
+        self.owner: dict[str, str] = {}  # credential digest -> worker id
+        self.max_long_polls: int = settings["scheduler.max_long_polls"]
+        self.long_polls: dict[str, int] = {}
+        self.body_timeout: float = settings["scheduler.body_timeout"]
+        self.query = query_names(document())
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def uses_file(self) -> bool:
+        return not (self.configured.client and self.configured.join)
+
+    def load(self) -> None:
+        """Read (or make) the token file; called once at start-up, before serving."""
+        if not self.enabled:
+            return
+        tokens = None
+        if self.uses_file:
+            tokens, self.created = auth.ensure_tokens(self.data_dir)
+            self._sig = auth.file_signature(self.path)
+        self._apply(tokens)
+        self._next_check = time.monotonic() + 1.0
+
+    def _apply(self, tokens: auth.Tokens | None) -> None:
+        client = self.configured.client or (tokens.client if tokens else None)
+        join = self.configured.join or (tokens.join if tokens else None)
+        self.client = auth.as_bytes(client) if client else None
+        self.join = auth.as_bytes(join) if join else None
+
+    def refresh(self, now: float) -> None:
+        """Notice a rewritten token file (``orch token rotate``): one stat at most once a second."""
+        if now < self._next_check or not self.uses_file:
+            return
+        self._next_check = now + 1.0
+        sig = auth.file_signature(self.path)
+        if sig == self._sig:
+            return
+        try:
+            tokens = auth.read_tokens(self.data_dir)
+        except auth.TokenFileError as e:
+            log.error("keeping the current tokens: %s", e)
+            return
+        self._sig = sig
+        if tokens is None:
+            log.warning("token file %s is gone; keeping the current tokens", self.path)
+            return
+        old = (self.client, self.join)
+        self._apply(tokens)
+        changed = [name for name, before, now_ in (("client", old[0], self.client), ("join", old[1], self.join))
+                   if before != now_]
+        if changed:
+            log.warning("token file changed: new %s token%s in effect; the old one%s refused",
+                        " and ".join(changed), "s" if len(changed) > 1 else "",
+                        "s are" if len(changed) > 1 else " is")
+
+    # ------------------------------------------------------------------ worker credentials
+
+    def load_workers(self, rows: list[tuple[str, str, str]]) -> None:
+        for wid, digest, state in rows:
+            self.workers[wid] = (digest, state in ("alive", "draining"))
+            self.owner[digest] = wid
+
+    def worker_registered(self, worker_id: str, digest: str) -> None:
+        self.workers[worker_id] = (digest, True)
+        self.owner[digest] = worker_id
+
+    def worker_gone(self, worker_id: str) -> None:
+        """The worker was marked lost or stopped: its credential now only earns 409 unknown_worker."""
+        entry = self.workers.get(worker_id)
+        if entry is not None and entry[1]:
+            self.workers[worker_id] = (entry[0], False)
+
+    # ------------------------------------------------------------------ checks
+
+    def _is(self, token: bytes, expected: bytes | None) -> bool:
+        return expected is not None and hmac.compare_digest(token, expected)
+
+    def _wrong_role(self, token: str, raw: bytes, want: str) -> None:
+        """Raise Forbidden if ``token`` is a real credential of another role, else Unauthorized."""
+        if want != "client" and self._is(raw, self.client):
+            raise Forbidden(f"the client token cannot be used here: this route needs {want}")
+        if want != "join token" and self._is(raw, self.join):
+            raise Forbidden(f"the worker join token only registers workers (POST /v1/workers): this route needs {want}")
+        wid = self.owner.get(auth.digest(token))
+        if wid is not None:
+            raise Forbidden(f"a worker credential (of {wid}) cannot be used here: this route needs {want}")
+        raise Unauthorized(f"unknown or revoked token: this route needs {want} (orch token show)")
+
+    def authenticate(self, request: web.Request, kind: str, worker_id: str | None) -> None:
+        header = request.headers.get("Authorization")
+        token = auth.bearer(header)
+        want = {"client": "the client token", "join": "the join token",
+                "worker": f"the credential worker {worker_id} got at registration"}[kind]
+        if token is None:
+            how = "missing" if not header else "malformed"
+            raise Unauthorized(f"{how} credential: send 'Authorization: Bearer <token>' with {want} (orch token show)")
+        raw = auth.as_bytes(token)
+        if kind == "client":
+            if not self._is(raw, self.client):
+                self._wrong_role(token, raw, want)
+            return
+        if kind == "join":
+            if not self._is(raw, self.join):
+                self._wrong_role(token, raw, want)
+            return
+        assert worker_id is not None
+        digest = auth.digest(token)
+        entry = self.workers.get(worker_id)
+        if entry is not None and hmac.compare_digest(entry[0], digest):
+            if not entry[1]:
+                raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                                    field="worker_id")
+            return
+        if (entry is None or not entry[1]) and (self._is(raw, self.join) or token.startswith(auth.PREFIX["worker"])):
+            # A worker whose registration is gone (lost, stopped, or unknown here): it must join again.
+            raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                                field="worker_id")
+        other = self.owner.get(digest)
+        if other is not None:
+            raise Forbidden(f"this credential belongs to worker {other}, not {worker_id}", field="worker_id")
+        self._wrong_role(token, raw, want)
+
+    def kind_of(self, method: str, path: str) -> str:
+        if path == "/healthz":
+            return "open"
+        if path == "/metrics":
+            return "open" if self.metrics_open else "client"
+        if path.startswith(WORKER_PREFIX):
+            return "worker"
+        if path == "/v1/workers" and method == "POST":
+            return "join"
+        return "client"
+
+    @contextmanager
+    def long_poll(self, key: str, who: str) -> Iterator[None]:
+        n = self.long_polls.get(key, 0)
+        if n >= self.max_long_polls:
+            raise TooManyRequests(f"{who} already holds {n} long-polls open (scheduler.max_long_polls); "
+                                  "try again when one has ended")
+        self.long_polls[key] = n + 1
+        try:
+            yield
+        finally:
+            left = self.long_polls.get(key, 1) - 1
+            if left > 0:
+                self.long_polls[key] = left
+            else:
+                self.long_polls.pop(key, None)
+
+
+GUARD = web.AppKey("guard", Guard)
+
+
+@web.middleware
+async def security_middleware(request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    guard = request.app[GUARD]
+    resource = request.match_info.route.resource
+    if resource is None:  # no such route or method: the 404/405 is answered as it is
+        return await handler(request)
+    path = resource.canonical
+    method = request.method
+    worker_id = None
+    if path.startswith(WORKER_PREFIX):
+        worker_id = request.match_info.get("worker_id", "")
+        if not NAME_RE.fullmatch(worker_id):
+            raise NotFound("no such worker", field="worker_id")
+    if guard.enabled:
+        kind = guard.kind_of(method, path)
+        if kind != "open":
+            guard.refresh(time.monotonic())
+            try:
+                guard.authenticate(request, kind, worker_id)
+            except Unauthorized as e:
+                return web.json_response(e.to_json(), status=401, headers=CHALLENGE, dumps=_compact)
+    allowed = guard.query.get((method, path))
+    if allowed is not None and request.query:
+        for name, value in request.query.items():
+            if name not in allowed:
+                raise ValidationError(f"unknown query parameter {name[:80]!r}", field=name[:80])
+            choices = allowed[name]
+            if choices is not None and value not in choices:
+                raise ValidationError(f"{name} must be one of {', '.join(sorted(choices))}", field=name)
+    if request.body_exists:
+        # Read here, after the caller is known, within a deadline: a stalled sender holds one
+        # coroutine, never a thread, and gives up its connection after body_timeout.
+        try:
+            async with asyncio.timeout(guard.body_timeout):
+                await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {guard.body_timeout:g}s "
+                                 "(scheduler.body_timeout)", field="body") from None
+    flag = LONG_POLLS.get((method, path))
+    try:
+        if flag is not None and (flag == "" or request.query.get(flag, "0") not in _NO):
+            key, who = ((f"worker:{worker_id}", f"worker {worker_id}") if worker_id
+                        else (f"client:{request.remote}", f"client {request.remote}"))
+            with guard.long_poll(key, who):
+                return await handler(request)
+        return await handler(request)
+    except UnknownWorker:
+        if worker_id:
+            guard.worker_gone(worker_id)
+        raise
+
+
+def exposure_warnings(host: str, tls: bool, auth_enabled: bool) -> list[str]:
+    """What a listening scheduler exposes that its operator should hear about at start-up."""
+    from orch.tls import is_loopback
+
+    out = []
+    if not auth_enabled:
+        out.append("AUTHENTICATION IS OFF (--no-auth): anyone who can reach this port can run any command "
+                   "as this user")
+    if not is_loopback(host) and not tls:
+        out.append(f"listening on {host} without TLS: tokens, job specs and output cross the network in clear "
+                   "text; set tls.cert and tls.key (orch certs init makes them)")
+    return out
+
+
+def unencodable_field(data: object, path: str = "") -> str | None:
+    """The first string (key or value) in decoded JSON that is not valid Unicode (a lone surrogate)."""
+    stack: list[tuple[object, str]] = [(data, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                sub = f"{where}.{k}" if where else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "body"
+                stack.append((v, sub))
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None

@@ -1,0 +1,118 @@
+"""`orch why JOB`: why a job is (not) running, in one or two lines, from facts the store gathered.
+
+``explain(facts, heartbeat_interval)`` is pure: ``store.why_facts(job_id)``
+reads the job row, its last event, its queue position and the live workers
+serving its queue (or the worker holding its lease); this module turns them
+into ``{"reason": code, "message": text, ...details}``.
+
+Reason codes: ``no_worker``, ``waiting_for_slot``, ``backoff``, ``lease_held``
+(the lease holder has gone quiet), ``running``, ``cancel_requested``,
+``succeeded``, ``failed``, ``cancelled``. ``blocked`` (waiting on
+dependencies) comes with DAGs, which orch does not have yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orch.models import iso
+
+# A worker is "quiet" once it has missed this many heartbeats.
+QUIET_HEARTBEATS = 2.0
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.1f}s"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _worker_name(w: dict[str, Any] | None, fallback: str | None) -> str:
+    if not w:
+        return str(fallback)
+    return f"{w['id']} ({w['name']})" if w.get("name") and w["name"] != w["id"] else str(w["id"])
+
+
+def explain(facts: dict[str, Any], heartbeat_interval: float) -> dict[str, Any]:
+    job = facts["job"]
+    now: float = facts["now"]
+    jid, state, queue = job["id"], job["state"], job["queue"]
+    last = facts.get("last_event") or {}
+    last_reason = last.get("reason")
+    out: dict[str, Any] = {"job_id": jid, "state": state, "queue": queue, "attempt": job["attempt"],
+                           "max_attempts": job["max_attempts"]}
+
+    def done(reason: str, message: str, **details: Any) -> dict[str, Any]:
+        out.update(details, reason=reason, message=message)
+        return out
+
+    if state == "succeeded":
+        return done("succeeded", f"job {jid} is not running because it is done: it succeeded at "
+                                 f"{job['finished_at']} (attempt {job['attempt']}, exit {job['exit_code']}).")
+    if state == "failed":
+        why = job.get("error") or (f"exited {job['exit_code']}" if job.get("exit_code") is not None else last_reason)
+        return done("failed", f"job {jid} failed for good at {job['finished_at']} after attempt "
+                              f"{job['attempt']} of {job['max_attempts']}: {why}; it will not run again.")
+    if state == "cancelled":
+        return done("cancelled", f"job {jid} was cancelled at {job['finished_at']}"
+                                 + (f" ({last_reason})" if last_reason else "") + "; it will not run again.")
+    if state == "retrying":
+        run_at = facts.get("run_at") or now
+        left = run_at - now
+        after = f"after attempt {job['attempt']} of {job['max_attempts']}" + (f" ({last_reason})" if last_reason else "")
+        if left > 0:
+            msg = (f"job {jid} is in backoff until {iso(run_at)} ({_s(left)} from now) {after}; "
+                   f"then it is queued again on {queue}.")
+        else:
+            msg = f"job {jid}'s backoff ended at {iso(run_at)} {after}; it is being queued again on {queue}."
+        return done("backoff", msg, retry_at=iso(run_at), retry_in=round(max(0.0, left), 3))
+    if state == "running":
+        w = facts.get("worker")
+        name = _worker_name(w, job.get("worker"))
+        lease_left = (facts.get("lease_expires_at") or now) - now
+        age = w["heartbeat_age"] if w else None
+        details = {"worker": job.get("worker"), "heartbeat_age": round(age, 3) if age is not None else None,
+                   "lease_expires_in": round(max(0.0, lease_left), 3)}
+        if job.get("cancel_requested"):
+            return done("cancel_requested", f"job {jid} is being cancelled: worker {name} kills it at its next "
+                                            f"heartbeat and reports back.", **details)
+        heard = f"last heartbeated {_s(age)} ago" if age is not None else "is no longer registered"
+        then = ("retried" if job["attempt"] < job["max_attempts"] else "failed")
+        if w is None or w["state"] in ("lost", "stopped") or (age is not None and age > QUIET_HEARTBEATS * heartbeat_interval):
+            gone = f" and was marked {w['state']}" if w and w["state"] in ("lost", "stopped") else ""
+            return done("lease_held", f"job {jid} is held by a lease on worker {name}, which {heard}{gone} "
+                                      f"(heartbeats are due every {heartbeat_interval:g}s); unless it is heard "
+                                      f"from, the lease expires in {_s(max(0.0, lease_left))} and the job is {then}.",
+                        **details)
+        return done("running", f"job {jid} is running: attempt {job['attempt']} on worker {name}, which {heard}; "
+                               f"its lease runs {_s(max(0.0, lease_left))} more unless renewed.", **details)
+    if state == "queued":
+        workers = facts.get("workers") or []
+        alive = [w for w in workers if w["state"] == "alive"]
+        position, queued = facts.get("position", 1), facts.get("queued", 1)
+        details = {"position": position, "queued_in_queue": queued, "workers": len(alive)}
+        if not alive:
+            draining = len(workers) - len(alive)
+            extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""
+            return done("no_worker", f"job {jid} is queued, but no live worker serves queue {queue}{extra}; start one "
+                                     f"with `orch worker --join SCHEDULER --queue {queue}`.", **details)
+        slots = sum(w["concurrency"] for w in alive)
+        busy = sum(min(w["busy"], w["concurrency"]) for w in alive)
+        free = slots - busy
+        details.update(slots=slots, busy_slots=busy)
+        served = f"{_plural(len(alive), 'live worker')} serve{'s' if len(alive) == 1 else ''} {queue}"
+        if free <= 0:
+            msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
+                   f"{served} and {'its one slot is' if slots == 1 else f'all {slots} slots are'} busy.")
+        elif free < position:
+            msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
+                   f"{served} with {free} of {_plural(slots, 'slot')} free, and {_plural(position - 1, 'job')} "
+                   f"{'is' if position == 2 else 'are'} ahead of it.")
+        else:
+            msg = (f"job {jid} is next in line on queue {queue} (position {position} of {queued}) and "
+                   f"{free} of {_plural(slots, 'slot')} are free on the {served.split(' serve')[0]}: it should start "
+                   f"at their next lease request.")
+        return done("waiting_for_slot", msg, **details)
+    return done(state, f"job {jid} is {state}.")

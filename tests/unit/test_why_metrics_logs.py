@@ -1,0 +1,295 @@
+"""Unit tests of observability: `orch why` explanations, metric names and values, JSON log fields, the examples."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from orch.logs import JsonFormatter
+from orch.metrics import DURATION_BUCKETS, SchedulerMetrics, WorkerMetrics
+from orch.scheduler.why import explain
+from orch.store.base import Change
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = 1_800_000_000.0
+
+
+# --------------------------------------------------------------------------- orch why
+
+
+def job(state: str, **kw: Any) -> dict[str, Any]:
+    base = {"id": 7, "state": state, "queue": "q", "attempt": 1, "max_attempts": 3, "worker": None,
+            "cancel_requested": False, "exit_code": None, "error": None,
+            "finished_at": "2027-01-15T08:00:00.000Z"}
+    base.update(kw)
+    return base
+
+
+def worker(wid: str = "w-1", busy: int = 0, concurrency: int = 2, state: str = "alive", age: float = 0.5) -> dict[str, Any]:
+    return {"id": wid, "name": f"n-{wid}", "state": state, "concurrency": concurrency, "busy": busy, "heartbeat_age": age}
+
+
+def why(j: dict[str, Any], **facts: Any) -> dict[str, Any]:
+    out = explain({"now": NOW, "job": j, **facts}, heartbeat_interval=2.0)
+    assert out["message"].count("\n") <= 1, "one or two lines"
+    assert out["job_id"] == 7 and out["state"] == j["state"]
+    return out
+
+
+def test_why_no_live_worker_serves_the_queue() -> None:
+    out = why(job("queued", attempt=0), position=1, queued=1, workers=[])
+    assert out["reason"] == "no_worker"
+    assert "no live worker serves queue q" in out["message"]
+    out = why(job("queued", attempt=0), position=1, queued=1, workers=[worker(state="draining")])
+    assert out["reason"] == "no_worker" and "draining" in out["message"]
+
+
+def test_why_waiting_for_a_free_slot_with_position() -> None:
+    out = why(job("queued", attempt=0), position=3, queued=5, workers=[worker(busy=2), worker("w-2", busy=1, concurrency=1)])
+    assert out["reason"] == "waiting_for_slot"
+    assert "waiting for a free slot on queue q (position 3 of 5)" in out["message"]
+    assert "all 3 slots are busy" in out["message"]
+    assert (out["position"], out["slots"], out["busy_slots"]) == (3, 3, 3)
+    # Some free slots, but more jobs ahead than slots.
+    out = why(job("queued", attempt=0), position=4, queued=4, workers=[worker(busy=1)])
+    assert out["reason"] == "waiting_for_slot" and "1 of 2 slots free" in out["message"]
+    assert "3 jobs are ahead" in out["message"]
+    # Next in line with a free slot.
+    out = why(job("queued", attempt=0), position=1, queued=1, workers=[worker(busy=0)])
+    assert out["reason"] == "waiting_for_slot" and "should start" in out["message"]
+
+
+def test_why_in_backoff_until_a_time() -> None:
+    out = why(job("retrying"), run_at=NOW + 42, last_event={"reason": "exited 3; retry in 42.0s"})
+    assert out["reason"] == "backoff"
+    assert "in backoff until 2027-01-15T08:00:42.000Z (42.0s from now)" in out["message"]
+    assert "after attempt 1 of 3 (exited 3; retry in 42.0s)" in out["message"]
+    assert out["retry_in"] == 42
+    out = why(job("retrying"), run_at=NOW - 1)
+    assert out["reason"] == "backoff" and "being queued again" in out["message"]
+
+
+def test_why_lease_held_by_a_quiet_worker() -> None:
+    j = job("running", worker="w-1")
+    out = why(j, worker=worker(age=7.25), lease_expires_at=NOW + 2.75)
+    assert out["reason"] == "lease_held"
+    assert "held by a lease on worker w-1 (n-w-1), which last heartbeated 7.2s ago" in out["message"]
+    assert "expires in 2.8s" in out["message"] and "retried" in out["message"]
+    out = why(job("running", worker="w-1", attempt=3), worker=worker(age=12, state="lost"), lease_expires_at=NOW - 1)
+    assert out["reason"] == "lease_held" and "marked lost" in out["message"] and "failed" in out["message"]
+    out = why(j, worker=None, lease_expires_at=NOW + 1)
+    assert out["reason"] == "lease_held" and "no longer registered" in out["message"]
+
+
+def test_why_running_and_cancel_requested() -> None:
+    j = job("running", worker="w-1")
+    out = why(j, worker=worker(age=0.4), lease_expires_at=NOW + 9.6)
+    assert out["reason"] == "running"
+    assert "running: attempt 1 on worker w-1 (n-w-1), which last heartbeated 0.4s ago" in out["message"]
+    out = why(job("running", worker="w-1", cancel_requested=True), worker=worker(), lease_expires_at=NOW + 5)
+    assert out["reason"] == "cancel_requested" and "being cancelled" in out["message"]
+
+
+def test_why_finished_jobs_explain_themselves() -> None:
+    out = why(job("succeeded", exit_code=0))
+    assert out["reason"] == "succeeded" and "done" in out["message"]
+    out = why(job("failed", attempt=3, exit_code=3, error="exited 3"))
+    assert out["reason"] == "failed" and "after attempt 3 of 3: exited 3" in out["message"]
+    out = why(job("cancelled"), last_event={"reason": "cancelled by user"})
+    assert out["reason"] == "cancelled" and "cancelled at 2027-01-15T08:00:00.000Z (cancelled by user)" in out["message"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict[str, Any], family: str, sample: str | None = None, **labels: str) -> float:
+    fam = fams[family]
+    for s in fam.samples:
+        if s.name == (sample or family) and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError((family, sample, labels))
+
+
+def populated() -> tuple[SchedulerMetrics, WorkerMetrics]:
+    m = SchedulerMetrics()
+    m.submitted.labels("default").inc(3)
+    m.stale.labels("heartbeat").inc()
+    m.lost_workers.inc()
+    m.observe([
+        Change(1, "queued", "default", 0),
+        Change(1, "running", "default", 1, worker="w-1", queue_wait=0.25),
+        Change(1, "retrying", "default", 1, worker="w-1", outcome="failed", duration=0.5),
+        Change(1, "queued", "default", 1),
+        Change(1, "running", "default", 2, worker="w-1"),
+        Change(1, "succeeded", "default", 2, worker="w-1", outcome="succeeded", duration=1.5),
+        Change(2, "running", "default", 1, worker="w-1", queue_wait=0.01),
+        Change(2, "failed", "default", 1, worker="w-1", outcome="lost", duration=30.0),
+        Change(3, "cancelled", "default", 0),
+        Change(4, "running", "default", 1),  # a cancel request on a running job: no new attempt
+    ])
+    m.observe_request("GET", "/v1/jobs/{job_id}", 200, 0.002)
+    m.observe_request("BREW", "unmatched", 405, 0.001)
+    m.set_snapshot({
+        "jobs": {"succeeded": 1, "failed": 1, "cancelled": 1, "queued": 2},
+        "queues": {("default", "queued"): 2},
+        "workers": {"alive": 1, "lost": 2},
+        "live_workers": [{"id": "w-1", "name": "one", "state": "alive", "concurrency": 4, "busy": 1,
+                          "heartbeat_age": 1.25}],
+    })
+    w = WorkerMetrics(lambda: (1, 4))
+    w.ended("default", "succeeded", 0.2)
+    w.ended("default", "failed", 0.3)
+    w.ended("default", "handed_back", 9.0)
+    return m, w
+
+
+def test_scheduler_metrics_count_state_changes() -> None:
+    m, _ = populated()
+    f = families(m.render()[0].decode())
+    assert value(f, "orch_jobs_submitted", "orch_jobs_submitted_total", queue="default") == 3
+    assert value(f, "orch_jobs_completed", "orch_jobs_completed_total", outcome="succeeded") == 1
+    assert value(f, "orch_jobs_completed", "orch_jobs_completed_total", outcome="failed") == 1
+    assert value(f, "orch_jobs_completed", "orch_jobs_completed_total", outcome="cancelled") == 1
+    assert value(f, "orch_job_retries", "orch_job_retries_total", queue="default") == 1
+    assert value(f, "orch_attempts_started", "orch_attempts_started_total", queue="default") == 3
+    assert value(f, "orch_attempts_ended", "orch_attempts_ended_total", outcome="lost") == 1
+    # Lost attempts did not end on their worker: their "duration" is not an execution time.
+    assert value(f, "orch_job_duration_seconds", "orch_job_duration_seconds_count", queue="default") == 2
+    assert value(f, "orch_job_duration_seconds", "orch_job_duration_seconds_sum", queue="default") == 2.0
+    assert value(f, "orch_job_queue_wait_seconds", "orch_job_queue_wait_seconds_count", queue="default") == 2
+    assert value(f, "orch_jobs", state="queued") == 2 and value(f, "orch_jobs", state="running") == 0
+    assert value(f, "orch_queue_jobs", queue="default", state="queued") == 2
+    assert value(f, "orch_workers", state="lost") == 2 and value(f, "orch_workers", state="draining") == 0
+    assert value(f, "orch_worker_heartbeat_age_seconds", worker="w-1", name="one") == 1.25
+    assert value(f, "orch_cluster_slots", state="busy") == 1 and value(f, "orch_cluster_slots", state="free") == 3
+    req = "orch_http_request_duration_seconds"
+    assert value(f, req, req + "_count", method="GET", route="/v1/jobs/{job_id}", status="200") == 1
+    assert value(f, req, req + "_count", method="other", route="unmatched", status="405") == 1
+    # A queue that empties stays, at 0, rather than vanish.
+    m.set_snapshot({"jobs": {}, "queues": {}, "workers": {}, "live_workers": []})
+    f = families(m.render()[0].decode())
+    assert value(f, "orch_queue_jobs", queue="default", state="queued") == 0
+
+
+def test_worker_metrics_count_attempts_and_slots() -> None:
+    _, w = populated()
+    f = families(w.render_for("")[0].decode())
+    assert value(f, "orch_worker_jobs", "orch_worker_jobs_total", outcome="succeeded") == 1
+    assert value(f, "orch_worker_jobs", "orch_worker_jobs_total", outcome="handed_back") == 1
+    assert value(f, "orch_worker_job_duration_seconds", "orch_worker_job_duration_seconds_count") == 2
+    assert value(f, "orch_worker_slots", state="busy") == 1 and value(f, "orch_worker_slots", state="free") == 3
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    m, w = populated()
+    for text in (m.render()[0].decode(), w.render_for("")[0].decode()):
+        helps = dict(re.findall(r"^# HELP (\S+) (.+)$", text, re.M))
+        for fam in text_string_to_metric_families(text):
+            assert fam.name.startswith("orch_"), fam.name
+            assert fam.documentation and fam.documentation != fam.name, f"{fam.name} has no HELP text"
+            assert re.fullmatch(r"[a-z][a-z0-9_]*", fam.name), fam.name
+            for s in fam.samples:
+                assert not {"job", "job_id", "id", "path"} & set(s.labels), (s.name, s.labels)
+                if fam.type == "counter" and not s.name.endswith("_created"):
+                    assert s.name.endswith("_total"), s.name
+            if fam.type == "histogram":
+                assert fam.name.endswith("_seconds"), fam.name
+        assert all(h.strip() for h in helps.values())
+
+
+def test_duration_buckets_run_from_5ms_to_an_hour() -> None:
+    assert DURATION_BUCKETS[0] == 0.005 and DURATION_BUCKETS[-1] == 3600
+    assert list(DURATION_BUCKETS) == sorted(DURATION_BUCKETS)
+    m, _ = populated()
+    buckets = [s.labels["le"] for f in text_string_to_metric_families(m.render()[0].decode())
+               if f.name == "orch_job_duration_seconds" for s in f.samples if s.name.endswith("_bucket")]
+    assert buckets[0] == "0.005" and "3600.0" in buckets and buckets[-1] == "+Inf"
+
+
+def test_openmetrics_on_request() -> None:
+    m, _ = populated()
+    body, content_type = m.render_for("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    body, content_type = m.render_for("")
+    assert content_type.startswith("text/plain")
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_json_log_lines_carry_structured_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("orch.test.json")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("job 3 attempt 1 -> succeeded", extra={"fields": {"job_id": 3, "attempt": 1, "worker": "w-1",
+                                                                        "queue": "q", "duration": 0.5,
+                                                                        "message": "not overwritten"}})
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "job 3 attempt 1 -> succeeded"
+    assert (line["job_id"], line["attempt"], line["worker"], line["queue"], line["duration"]) == (3, 1, "w-1", "q", 0.5)
+    assert line["level"] == "info"
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def exposed_names() -> set[str]:
+    m, w = populated()
+    names: set[str] = set()
+    for text in (m.render()[0].decode(), w.render_for("")[0].decode()):
+        for fam in text_string_to_metric_families(text):
+            names.add(fam.name)
+            names.update(s.name for s in fam.samples)
+    return names
+
+
+def test_grafana_dashboard_uses_only_metrics_orch_exposes() -> None:
+    board = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    used = {n for e in exprs for n in re.findall(r"\borch_[a-z0-9_]+", e)}
+    assert used - exposed_names() == set(), "the dashboard queries metrics orch does not expose"
+    titles = " ".join(p["title"].lower() for p in board["panels"])
+    for topic in ("throughput", "queue depth", "latency", "fail", "worker"):
+        assert topic in titles, f"no panel about {topic}"
+
+
+def test_prometheus_example_scrapes_scheduler_and_workers() -> None:
+    conf = yaml.safe_load((ROOT / "examples" / "prometheus.yml").read_text(encoding="utf-8"))
+    targets = [t for job in conf["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert "127.0.0.1:9090" in targets and "127.0.0.1:9091" in targets
+
+
+@pytest.mark.parametrize("path", ["examples/prometheus.yml"])
+def test_prometheus_example_passes_promtool(path: str) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("promtool")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing; .ci/run installs it (Debian's prometheus package)")
+        pytest.skip("promtool is not installed (apt-get install prometheus); CI installs it")
+    r = subprocess.run([exe, "check", "config", "--syntax-only", str(ROOT / path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
