@@ -174,3 +174,20 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 60.0, input: 
 def workers_alive(url: str) -> int:
     status, body = http("GET", url + "/v1/workers")
     return sum(1 for w in body["workers"] if w["state"] == "alive") if status == 200 else 0
+
+
+async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> Any:
+    """The event-loop form of wait_until: ``check`` may be sync or async; fails saying what it last saw."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {got!r}")
+        await asyncio.sleep(interval)

@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
+from helpers import until
 from orch.config import load_settings
 from orch.scheduler.app import HUB, build_app
 
@@ -87,18 +88,6 @@ async def job_count(client: TestClient) -> int:
     status, body = await call(client, "GET", "/v1/jobs", params={"limit": "1000"})
     assert status == 200
     return len(body["jobs"])
-
-
-async def until(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Await a condition on the loop (no fixed sleeps): poll ``check`` until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def assert_error(status: int, body: Any, want_status: int, field: str | None = None, code: str | None = None) -> None:

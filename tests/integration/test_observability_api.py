@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -13,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
+from helpers import until
 from orch.config import load_settings
 from orch.scheduler.app import build_app
 
@@ -103,18 +103,6 @@ async def why(client: TestClient, job_id: int) -> dict[str, Any]:
     assert status == 200, body
     assert body["job_id"] == job_id and body["reason"] and body["message"]
     return body
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last saw {last!r}")
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- /metrics

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
+from helpers import until
 from orch import auth
 from orch.config import load_settings
 from orch.scheduler.app import build_app
@@ -83,17 +84,6 @@ async def submit(client: TestClient, **spec: Any) -> dict[str, Any]:
     status, job, _ = await req(client, "POST", "/v1/jobs", CLIENT, spec)
     assert status == 201, job
     return job
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last saw {got!r}")
-        await asyncio.sleep(0.02)
 
 
 def concrete(path: str, job_id: int, worker_id: str) -> str:
