@@ -264,7 +264,7 @@ def test_why_each_reason(tmp_path: Path) -> None:
 
         w = await until(quiet, 5, "the lease holder to go quiet")
         assert f"held by a lease on worker {wid} (solo), which last heartbeated" in w["message"]
-        assert w["heartbeat_age"] > 1.0 and w["lease_expires_in"] > 0
+        assert w["heartbeat_age"] >= 1.0 and w["lease_expires_in"] > 0  # rounded to ms: 1.0004 shows as 1.0
 
         # Cancel requested on a running job.
         await call(client, "POST", f"/v1/jobs/{busy['id']}/cancel")
