@@ -191,3 +191,19 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {got!r}")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a process that must restart on the same port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job(url: str, job_id: int, **kw: Any) -> dict[str, Any]:
+    """GET a job; the request must succeed."""
+    status, body = http("GET", f"{url}/v1/jobs/{job_id}", **kw)
+    assert status == 200, body
+    return body

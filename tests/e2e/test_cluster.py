@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 from helpers import (
     URL_RE,
     Proc,
+    free_port,
     http,
+    job,
     orch_cmd,
     run_cli,
     start_scheduler,
@@ -24,18 +25,6 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def job(url: str, job_id: int) -> dict:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}")
-    assert status == 200, body
-    return body
 
 
 def test_up_run_wait_seed_form_and_second_worker(tmp_path: Path, orch_env: dict[str, str]) -> None:

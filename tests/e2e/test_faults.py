@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import http, run_cli, start_scheduler, start_worker, wait_until, workers_alive
+from helpers import free_port, http, job, run_cli, start_scheduler, start_worker, wait_until, workers_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -21,12 +20,6 @@ FAST = {
     "ORCH_RETRY_BACKOFF_BASE": "0.1",
     "ORCH_WORKER_KILL_GRACE": "1",
 }
-
-
-def job(url: str, job_id: int) -> dict:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}")
-    assert status == 200, body
-    return body
 
 
 def submit(url: str, spec: dict) -> int:
@@ -56,7 +49,7 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture
 def cluster(tmp_path: Path, orch_env: dict[str, str]):
     env = {**orch_env, **FAST}
-    port = _free_port()
+    port = free_port()
     sched, url = start_scheduler(tmp_path, env, port=port)
     procs = {"scheduler": sched}
     try:
@@ -64,12 +57,6 @@ def cluster(tmp_path: Path, orch_env: dict[str, str]):
     finally:
         for p in reversed(list(procs.values())):  # workers first, while the scheduler still answers
             p.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_timeout_kills_the_process_group_and_retries(cluster) -> None:

@@ -26,6 +26,7 @@ from helpers import (
     Proc,
     client_token,
     http,
+    job,
     orch_cmd,
     orch_test_env,
     run_cli,
@@ -87,12 +88,6 @@ def samples(text: str) -> Samples:
 
 def val(m: Samples, metric: str, **labels: str) -> float:
     return m.get((metric, tuple(sorted(labels.items()))), 0.0)
-
-
-def job(url: str, job_id: int) -> dict[str, Any]:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}")
-    assert status == 200, body
-    return body
 
 
 def submit(url: str, **spec: Any) -> int:

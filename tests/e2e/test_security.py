@@ -23,6 +23,7 @@ from helpers import (
     Proc,
     client_token,
     http,
+    job,
     orch_cmd,
     orch_test_env,
     run_cli,
@@ -35,12 +36,6 @@ from helpers import (
 pytestmark = pytest.mark.e2e
 
 TLS_URL_RE = re.compile(r"listening on (https?://[^\s]+)")
-
-
-def job(url: str, job_id: int, **kw: Any) -> dict[str, Any]:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}", **kw)
-    assert status == 200, body
-    return body
 
 
 def ended(url: str, job_id: int, timeout: float = 30, **kw: Any) -> dict[str, Any]:
