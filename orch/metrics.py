@@ -80,27 +80,58 @@ class SchedulerMetrics:
             ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=r,
         )
         Info("orch_build", "Version of orch.", registry=r).info({"version": __version__})
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._state = _StateCollector()
         r.register(self._state)
 
     # ---- fed by the scheduler
 
     def observe(self, changes: Iterable[Any]) -> None:
-        """Count committed job state changes (``store.base.Change``); cheap, no I/O."""
+        """Count committed job state changes (``store.base.Change``); cheap, no I/O.
+
+        Called once per committed batch: counts are summed per label set first,
+        so a batch of a thousand completions costs a few increments, not a
+        thousand (each ``labels()`` lookup and locked increment is ~2 us).
+        """
+        counts: dict[tuple[Any, tuple[str, ...]], int] = {}
+        durations: list[tuple[str, float]] = []
+        waits: list[tuple[str, float]] = []
         for c in changes:
-            state = c.state
-            if c.outcome is not None:
-                self.attempts.labels(c.queue, c.outcome).inc()
-                if c.duration is not None and c.outcome in TIMED_OUTCOMES:
-                    self.duration.labels(c.queue).observe(c.duration)
-            if state == "running" and c.worker is not None and c.outcome is None:
-                self.started.labels(c.queue).inc()
+            state, queue = c.state, c.queue
+            if state == "queued" and c.attempt == 0:  # a submit: only they are queued before any attempt
+                key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
+                counts[key] = counts.get(key, 0) + 1
+                continue
+            outcome = c.outcome
+            if outcome is not None:
+                key = (self.attempts, (queue, outcome))
+                counts[key] = counts.get(key, 0) + 1
+                if c.duration is not None and outcome in TIMED_OUTCOMES:
+                    durations.append((queue, c.duration))
+            if state == "running" and c.worker is not None and outcome is None:
+                key = (self.started, (queue,))
+                counts[key] = counts.get(key, 0) + 1
                 if c.queue_wait is not None:
-                    self.queue_wait.labels(c.queue).observe(c.queue_wait)
+                    waits.append((queue, c.queue_wait))
             elif state == "retrying":
-                self.retries.labels(c.queue).inc()
+                key = (self.retries, (queue,))
+                counts[key] = counts.get(key, 0) + 1
             elif state in TERMINAL:
-                self.completed.labels(c.queue, state).inc()
+                key = (self.completed, (queue, state))
+                counts[key] = counts.get(key, 0) + 1
+        for (metric, labels), n in counts.items():
+            self._child(metric, labels).inc(n)
+        for hist, values in ((self.duration, durations), (self.queue_wait, waits)):
+            for queue, v in values:
+                self._child(hist, (queue,)).observe(v)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, remembered (label sets are bounded: queues and outcomes)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http.labels(method if method in HTTP_METHODS else "other", route, str(status)).observe(seconds)

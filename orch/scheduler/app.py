@@ -15,6 +15,7 @@ from aiohttp import web
 from orch.auth import new_worker_credential
 from orch.config import Settings
 from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
+from orch.logs import info_fields
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
@@ -237,6 +238,7 @@ class Api:
         self.metrics = SchedulerMetrics()
 
     def committed(self, changes: list[Change]) -> None:
+        """Every job state change, once its batch has committed (the store's on_commit): wake, count, log."""
         self.hub.committed(changes)
         self.metrics.observe(changes)
         if log.isEnabledFor(logging.INFO):
@@ -264,15 +266,9 @@ class Api:
         facts = await self.store.why_facts(job_id_of(request))
         return ok(explain(facts, self.settings["scheduler.heartbeat_interval"]))
 
-    def _submitted(self, jobs: list[dict[str, Any]]) -> None:
-        for j in jobs:
-            self.metrics.submitted.labels(j["queue"]).inc()
-        self.committed([Change(j["id"], "queued", j["queue"], 0) for j in jobs])
-
     async def submit(self, request: web.Request) -> web.Response:
         spec = parse_spec(await read_json(request))
         jobs = await self.store.submit([spec], self.defaults)
-        self._submitted(jobs)
         return ok(jobs[0], 201)
 
     async def submit_batch(self, request: web.Request) -> web.Response:
@@ -283,7 +279,6 @@ class Api:
             raise ValidationError(f"jobs must be a list of 1 to {MAX_BATCH} job specs", field="jobs")
         specs = [parse_spec(item, f"jobs[{i}].") for i, item in enumerate(items)]
         jobs = await self.store.submit(specs, self.defaults)
-        self._submitted(jobs)
         return ok({"jobs": jobs}, 201)
 
     async def get_job(self, request: web.Request) -> web.Response:
@@ -308,8 +303,7 @@ class Api:
         return ok({"jobs": jobs, "next_cursor": str(nxt) if nxt is not None else None})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        job, changes = await self.store.cancel(job_id_of(request))
-        self.committed(changes)
+        job, _ = await self.store.cancel(job_id_of(request))
         return ok(job)
 
     async def wait(self, request: web.Request) -> web.Response:
@@ -468,15 +462,13 @@ class Api:
                     transport = request.transport
                     if transport is None or transport.is_closing():
                         return ok({"jobs": []})  # the worker hung up: claim nothing for it
-                    jobs, changes = await self.store.claim(wid, queues, limit, self.lease_ttl)
+                    jobs, _ = await self.store.claim(wid, queues, limit, self.lease_ttl)
                     woken_for = None
                     if jobs:
                         if transport.is_closing():
                             # The worker hung up while we claimed: give the jobs straight back.
-                            back = await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
-                            self.committed(changes + back)
+                            await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
                             return ok({"jobs": []})
-                        self.committed(changes)
                         return ok({"jobs": jobs})
                     left = deadline - time.monotonic()
                     if left <= 0 or wid in self.hub.stopping:
@@ -506,7 +498,7 @@ class Api:
         accepted = await self.store.append_output(wid, chunks)
         if not all(accepted):
             self.metrics.stale.labels("output").inc(accepted.count(False))
-        for c, a in zip(chunks, accepted):
+        for c, a in zip(chunks, accepted, strict=True):
             if a:
                 self.hub.job_touched(c.job_id)
         return ok({"accepted": accepted})
@@ -519,8 +511,7 @@ class Api:
         if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
             raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
         results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
-        answers, changes = await self.store.complete(wid, results, self.defaults)
-        self.committed(changes)
+        answers, _ = await self.store.complete(wid, results, self.defaults)
         self._count_stale(answers)
         return ok({"results": answers})
 
@@ -535,8 +526,7 @@ class Api:
         data = await read_json(request)
         data["job_id"] = job_id_of(request)
         result = result_of(data, "")
-        answers, changes = await self.store.complete(wid, [result], self.defaults)
-        self.committed(changes)
+        answers, _ = await self.store.complete(wid, [result], self.defaults)
         self._count_stale(answers)
         if not answers[0]["accepted"]:
             raise StaleAttempt(f"attempt {result.attempt} of job {result.job_id} is not current", field="attempt")
@@ -551,7 +541,6 @@ class Api:
         if not isinstance(stop, bool):
             raise ValidationError("stop must be true or false", field="stop")
         changes = await self.store.hand_back(wid, attempts, stop)
-        self.committed(changes)
         if stop:
             if self.guard is not None:
                 self.guard.worker_gone(wid)
@@ -576,7 +565,7 @@ def _log_change(c: Change) -> None:
     if c.queue_wait is not None:
         text += f", waited {c.queue_wait:.3f}s"
         fields["queue_wait"] = round(c.queue_wait, 6)
-    log.info(text + ")", extra={"fields": fields})
+    info_fields(log, text + ")", fields)
 
 
 # --------------------------------------------------------------------------- the reaper
@@ -609,7 +598,6 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
                     api.guard.worker_gone(wid)  # its credential now earns 409 unknown_worker
                 api.metrics.lost_workers.inc()
                 log.warning("worker %s lost: no heartbeat for %.1fs", wid, ttl)
-            api.committed(sweep.changes)
             if sweep.next_due is not None:
                 wait = max(0.0, min(tick, sweep.next_due - store.clock()))
         hub.retry_scheduled.clear()
@@ -624,6 +612,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
                                  output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()
     api = Api(store, hub, settings)
+    store.on_commit = api.committed  # wake-ups, metrics and state-change logs, once per committed batch
     app[STORE] = store
     app[HUB] = hub
     app[SETTINGS] = settings

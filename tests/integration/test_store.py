@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
+from helpers import until
 from orch.errors import Conflict, NotFound, UnknownWorker
 from orch.models import JobSpec, Outcome, RetryPolicy, iso, parse_spec
 from orch.store.base import AttemptResult, OutputChunk
@@ -764,8 +765,8 @@ def test_a_failing_op_does_not_undo_its_batch_mates(tmp_path: Path) -> None:
             store.submit([spec(name="mate-2")], POLICY),
             return_exceptions=True,
         )
-        # The first op went alone; the other four shared one transaction.
-        assert store.batches - b0 == 2
+        # All five were queued in the same turn of the event loop: they shared one transaction.
+        assert store.batches - b0 == 1
         assert isinstance(results[1], sqlite3.IntegrityError)
         assert isinstance(results[3], UnknownWorker)
         listed, _ = await store.list_jobs(limit=100)
@@ -774,6 +775,79 @@ def test_a_failing_op_does_not_undo_its_batch_mates(tmp_path: Path) -> None:
         for r in (results[0], results[2], results[4]):
             assert (await store.get_job(r[0]["id"]))["state"] == "queued"
         assert [e["job_id"] for e in await store.events(results[2][0]["id"])] == [results[2][0]["id"]]
+
+    run(tmp_path, body)
+
+
+def test_small_batches_commit_on_the_loop_and_big_ones_on_the_writer_thread(tmp_path: Path) -> None:
+    import orch.store.sqlite as sqlite_store
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        i0, b0 = store.inline_batches, store.batches
+        small = await store.submit([spec(name=f"s{i}") for i in range(sqlite_store.INLINE_WEIGHT)], POLICY)
+        assert (store.inline_batches - i0, store.batches - b0) == (1, 1)
+        big = await store.submit([spec(name=f"b{i}") for i in range(sqlite_store.INLINE_WEIGHT + 1)], POLICY)
+        assert (store.inline_batches - i0, store.batches - b0) == (1, 2)
+        # Either way the ids are consecutive, in the order given, and every job has its event.
+        ids = [j["id"] for j in small + big]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+        for j in (small[0], small[-1], big[0], big[-1]):
+            got = await store.get_job(j["id"])
+            assert (got["name"], got["state"]) == (j["name"], "queued")
+            assert [e["to"] for e in await store.events(j["id"])] == ["queued"]
+
+    run(tmp_path, body)
+
+
+def test_listener_hears_each_committed_batch_once_before_any_answer(tmp_path: Path) -> None:
+    heard: list[list[tuple[int, str]]] = []
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        store.on_commit = lambda changes: heard.append([(c.job_id, c.state) for c in changes])
+        wid = await worker(store)
+        assert heard == []  # a registration changes no job
+        first, second = await asyncio.gather(submit_one(store), submit_one(store))
+        assert heard == [[(first, "queued"), (second, "queued")]]
+        job = await claim_one(store, wid)
+        assert heard[-1] == [(job["job_id"], "running")]
+        await finish(store, wid, job["job_id"], 1, Outcome.SUCCEEDED, 0)
+        assert heard[-1] == [(job["job_id"], "succeeded")]
+        # A failed op's changes were rolled back with it: nobody hears of them.
+        bad = JobSpec(argv=("true",), kind="command", queue=None)  # type: ignore[arg-type]
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.submit([spec(), bad], POLICY)
+        assert len(heard) == 3
+
+    run(tmp_path, body)
+
+
+def test_synced_waits_for_the_fsync_of_what_is_committed(tmp_path: Path) -> None:
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        wid = await worker(store)
+        await submit_one(store)
+        f0 = store.flushes
+        await store.synced()  # the submit's own fsync already covered everything
+        assert store.flushes == f0
+        await claim_one(store, wid)  # a claim waits for no fsync...
+        assert store.flushes == f0
+        await store.synced()  # ...but a reader that must only tell what is on disk can wait for one
+        assert store.flushes == f0 + 1
+
+    run(tmp_path, body)
+
+
+def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import orch.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 5)
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        assert store._wconn is not None
+        for _ in range(12):
+            await submit_one(store)
+        # Inline batches never checkpoint as they commit (that would fsync on the loop).
+        assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        await until(lambda: store.checkpoints >= 2, 10, "two PASSIVE checkpoints")
 
     run(tmp_path, body)
 

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,12 @@ def value(fams: dict[str, Any], family: str, sample: str | None = None, **labels
 
 def populated() -> tuple[SchedulerMetrics, WorkerMetrics]:
     m = SchedulerMetrics()
-    m.submitted.labels("default").inc(3)
     m.stale.labels("heartbeat").inc()
     m.lost_workers.inc()
     m.observe([
-        Change(1, "queued", "default", 0),
+        Change(1, "queued", "default", 0),  # submits: queued before any attempt
+        Change(2, "queued", "default", 0),
+        Change(3, "queued", "default", 0),
         Change(1, "running", "default", 1, worker="w-1", queue_wait=0.25),
         Change(1, "retrying", "default", 1, worker="w-1", outcome="failed", duration=0.5),
         Change(1, "queued", "default", 1),
@@ -247,6 +249,44 @@ def test_json_log_lines_carry_structured_fields() -> None:
     assert line["message"] == "job 3 attempt 1 -> succeeded"
     assert (line["job_id"], line["attempt"], line["worker"], line["queue"], line["duration"]) == (3, 1, "w-1", "q", 0.5)
     assert line["level"] == "info"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_cheap_state_change_line_is_the_line_a_record_makes(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """info_fields() skips the LogRecord only when orch's own handler is the sole listener, and writes the same text."""
+    import time as time_module
+
+    from orch import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logs._handler)
+    stream = io.StringIO()
+    fields = {"job_id": 3, "attempt": 1, "state": "succeeded", "queue": "q", "worker": "w-1", "duration": 0.5}
+    # Both lines carry the same timestamp (LogRecord reads time_ns on newer Pythons).
+    monkeypatch.setattr(time_module, "time", lambda: 1_800_000_000.25)
+    monkeypatch.setattr(time_module, "time_ns", lambda: 1_800_000_000_250_000_000)
+    try:
+        monkeypatch.setattr(sys, "stderr", stream)
+        logs.setup_logging("info", fmt)
+        logger = logging.getLogger("orch.test.fast")
+        logs.info_fields(logger, "job 3 attempt 1 -> succeeded (queue q)", fields)  # formatted straight in
+        logger.info("job 3 attempt 1 -> succeeded (queue q)", extra={"fields": fields})  # through a LogRecord
+        logs._handler.flush()
+        fast, slow = stream.getvalue().splitlines()
+        assert fast == slow
+        # Another listener (a capture, an embedding program's handler): the ordinary record, which it sees.
+        seen: list[logging.LogRecord] = []
+        extra = logging.Handler()
+        extra.emit = seen.append  # type: ignore[method-assign]
+        root.addHandler(extra)
+        logs.info_fields(logger, "job 4 attempt 1 -> queued", {"job_id": 4})
+        assert [r.getMessage() for r in seen] == ["job 4 attempt 1 -> queued"] and seen[0].fields == {"job_id": 4}
+        # Below the level: nothing at all.
+        root.setLevel(logging.WARNING)
+        logs.info_fields(logger, "job 5 attempt 1 -> queued", {"job_id": 5})
+        assert len(seen) == 1
+    finally:
+        root.handlers[:], root.level, logs._handler = saved
 
 
 # --------------------------------------------------------------------------- examples
