@@ -320,7 +320,12 @@ class Api:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break  # the waiter hung up: do not hold its long-poll slot for the rest of its timeout
-        return ok(await self.store.get_job(job_id))
+        job = await self.store.get_job(job_id)
+        if State(job["state"]).terminal:
+            # Woken at the commit of the job's end, maybe before its fsync: a waiter is told
+            # that a job ended only once the end is on disk (storage.synchronous FULL).
+            await self.store.synced()
+        return ok(job)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
@@ -341,6 +346,7 @@ class Api:
                     after = events[-1]["id"]
                     await resp.write(("\n".join(dumps(e) for e in events) + "\n").encode())
                 if State(state).terminal:
+                    await self.store.synced()  # as for wait: an end is told once it is on disk
                     await resp.write((dumps({"end": True, "job_id": job_id, "state": state}) + "\n").encode())
                     break
                 if not events and not await wait_any([ev], self.long_poll):
@@ -377,6 +383,7 @@ class Api:
                     lines.append(dumps({"attempt": c["attempt"], "stream": c["stream"], "data": c["data"]}))
                 await resp.write(("\n".join(lines) + "\n").encode())
             if State(state).terminal:
+                await self.store.synced()  # as for wait: an end is told once it is on disk
                 job = await self.store.get_job(job_id, with_output=False)
                 end = {"end": True, "state": job["state"], "attempt": job["attempt"],
                        "exit_code": job["exit_code"], "error": job["error"]}

@@ -343,6 +343,55 @@ def test_wait_returns_when_the_job_completes(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+def test_wait_tells_of_an_end_only_once_it_is_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiters are woken at the commit of a job's end, but answered only after its fsync (synchronous FULL)."""
+    import os
+    import threading
+
+    real_fdatasync = os.fdatasync
+    gate = threading.Event()
+    gate.set()
+    synced: list[int] = []
+
+    def gated(fd: int) -> None:
+        gate.wait(10)
+        real_fdatasync(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", gated)
+
+    async def body(client: TestClient) -> None:
+        from orch.scheduler.app import STORE
+
+        store = client.server.app[STORE]
+        job = await submit(client)
+        wid = await register(client)
+        await lease(client, wid)
+        hub = client.server.app[HUB]
+        waiter = asyncio.ensure_future(call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "10"}))
+        await until(lambda: job["id"] in hub._jobs, what="the wait to start")
+        gate.clear()  # from here the disk "takes its time"
+        done = asyncio.ensure_future(call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0}]}))
+        await until(lambda: _state_is(store, job["id"], "succeeded"), what="the end to be committed")
+        for _ in range(50):  # let the woken wait run as far as it will
+            await asyncio.sleep(0)
+        assert not waiter.done() and not done.done(), "answered before the end reached the disk"
+        flushes = len(synced)
+        gate.set()
+        status, waited = await asyncio.wait_for(waiter, 5)
+        assert status == 200 and waited["state"] == "succeeded"
+        status, answer = await asyncio.wait_for(done, 5)
+        assert status == 200 and answer["results"][0]["accepted"]
+        assert len(synced) > flushes
+
+    serve(tmp_path, body)
+
+
+async def _state_is(store: Any, job_id: int, state: str) -> bool:
+    return (await store.job_state(job_id))[0] == state
+
+
 def test_short_wait_returns_the_current_state(tmp_path: Path) -> None:
     async def body(client: TestClient) -> None:
         first = await submit(client)
