@@ -1,18 +1,36 @@
 """Runs one attempt as a subprocess in its own process group: output, timeout, kill.
 
-Each attempt's process is started, read and reaped on a thread of its own
-(blocking Popen, poll and waitpid), and the event loop hears of output and the
-exit through call_soon_threadsafe. Measured on 2 cores, this starts ~950
-`echo hello`/s against ~500/s for asyncio's subprocess transports: starting a
-process blocks until the child has exec'd, and on threads several can be
-starting at once while the loop carries on. Timeouts and cancels stay on the
-loop: it signals the process group, and the thread sees the pipes close.
+The fast path starts, reads and reaps the process on the event loop's own
+thread: os.posix_spawn (the child in a session of its own, stdin from
+/dev/null, stdout and stderr on pipes, SIGPIPE and SIGXFSZ back at their
+default, an empty signal mask), loop readers on the two non-blocking pipes and
+on a pidfd (os.pidfd_open), which becomes readable when the process exits, and
+os.waitpid to reap it. Measured on 2 cores for 2,000 `echo hello`, 8 in
+flight: ~1,830/s and 0.157 ms of the worker's CPU a job, against ~1,710/s and
+0.30 ms for 8 threads each running subprocess.run, and ~1,200/s for
+posix_spawn on 8 threads (each holds the GIL while its child gets to exec).
+Starting blocks the loop only until the child has exec'd, a fraction of a
+millisecond, and nothing crosses threads. posix_spawn cannot close the
+worker's other fds in the child as Popen's close_fds does; Python opens all its
+own fds close-on-exec, and the fds the worker inherited are made so once.
+
+The thread path is the fallback: the process is started, read and reaped on a
+thread of its own (blocking Popen, poll and waitpid), and the loop hears of
+output and the exit through call_soon_threadsafe. It is used for a job with a
+working directory (Python's posix_spawn has no chdir), where os.posix_spawn or
+os.pidfd_open are missing or the kernel refuses pidfds, where the loop cannot
+watch fds or /proc/self/fd cannot be read, and when FAST_SPAWN is off.
+
+On both paths timeouts and cancels stay on the loop: it signals the process
+group, and the readers see the pipes close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
+import logging
 import os
 import select
 import shutil
@@ -25,8 +43,15 @@ from typing import Any, Callable
 
 from orch.models import Outcome
 
+log = logging.getLogger("orch.worker")
+
 READ_CHUNK = 64 * 1024
 DRAIN_AFTER_EXIT = 1.0  # seconds left-over children may hold the job's pipes once it has exited
+READ_AFTER_KILL = 5.0  # seconds to read what they flushed once they were killed; then the pipes are let go
+# Start processes on the loop's thread (posix_spawn + pidfd); off, or where unavailable: a thread per attempt.
+FAST_SPAWN = all(hasattr(os, n) for n in ("posix_spawn", "pidfd_open", "POSIX_SPAWN_OPEN", "POSIX_SPAWN_DUP2"))
+# Python ignores these; the child gets them at their default, as with Popen(restore_signals=True).
+_SIGDEF = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n))
 
 
 @dataclass
@@ -43,8 +68,8 @@ class Run:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_outcome: Outcome | None = None  # why we were told to stop: cancelled or handed_back
     stop_reason: str = ""
-    pid: int | None = None  # set by the attempt's thread once the process exists
-    kill_signal: int | None = None  # set by the loop; the thread honours it if it starts late
+    pid: int | None = None  # set as soon as the process exists (by the loop, or the attempt's thread)
+    kill_signal: int | None = None  # set by the loop; honoured if the process starts later
 
     @property
     def ref(self) -> dict[str, int]:
@@ -153,12 +178,8 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
     try:
         proc = subprocess.Popen(run.argv, executable=path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, cwd=run.cwd, start_new_session=True)
-    except FileNotFoundError as e:
-        raise StartError(127, f"command not found: {run.argv[0]} ({e.strerror})") from None
-    except PermissionError as e:
-        raise StartError(126, f"permission denied: {run.argv[0]} ({e.strerror})") from None
     except OSError as e:
-        raise StartError(126, f"cannot start {run.argv[0]}: {e.strerror or e}") from None
+        raise _start_error(run.argv[0], e) from None
     run.pid = proc.pid
     if run.kill_signal is not None:  # the loop asked before the process existed
         _killpg(proc.pid, run.kill_signal)
@@ -174,6 +195,7 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
     except (AttributeError, OSError):
         pidfd = None
     exited_at: float | None = None
+    give_up_at: float | None = None  # once the group was killed: stop reading then
     try:
         while streams:
             # Until the leader exits, wait on its pipes and its pidfd only; then give
@@ -183,11 +205,20 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
             if exited_at is None:
                 timeout_ms = None if pidfd is not None else 100
             else:
-                left = DRAIN_AFTER_EXIT - (time.monotonic() - exited_at)
-                if left <= 0:
+                now = time.monotonic()
+                if give_up_at is None and now - exited_at >= DRAIN_AFTER_EXIT:
                     _killpg(proc.pid, signal.SIGKILL)
-                    exited_at = time.monotonic() + 3600  # keep reading what they flushed
-                    left = 5.0
+                    give_up_at = now + READ_AFTER_KILL  # keep reading what they flushed
+                if give_up_at is None:
+                    left = DRAIN_AFTER_EXIT - (now - exited_at)
+                else:
+                    left = give_up_at - now
+                    if left <= 0:  # something outside the group holds the pipes: let them go
+                        for fd, name in streams.items():
+                            text = decoders[fd].decode(b"", final=True)
+                            if text:
+                                emit(name, text)
+                        break
                 timeout_ms = int(left * 1000) + 1
             for fd, _ in poller.poll(timeout_ms):
                 if fd == pidfd:
@@ -217,6 +248,250 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
             proc.wait()
 
 
+def _start_error(name: str, e: OSError) -> StartError:
+    """What an exec error means for the job (Popen and posix_spawn raise the same ones)."""
+    if isinstance(e, FileNotFoundError):
+        return StartError(127, f"command not found: {name} ({e.strerror})")
+    if isinstance(e, PermissionError):
+        return StartError(126, f"permission denied: {name} ({e.strerror})")
+    return StartError(126, f"cannot start {name}: {e.strerror or e}")
+
+
+def _waitpid(pid: int) -> int:
+    """On a pool thread: the wait status, once the process has ended."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # reaped by someone else: Popen calls that 0 too
+        return 0
+
+
+_sealed_in: int | None = None  # the pid of the process whose inherited fds were made close-on-exec
+
+
+def _seal_inherited_fds() -> bool:
+    """Once per process: make the fds the worker was started with close-on-exec; False if it cannot.
+
+    Popen closes every fd but 0/1/2 in the child (close_fds); posix_spawn here has no closefrom,
+    so an inheritable fd would reach every job (and a pipe a supervisor waits on stay open while
+    a job's leftovers live). Python makes every fd it opens non-inheritable, so what the worker
+    inherited is all there is to seal, once; scanning on every start would cost ~35 us a job.
+    """
+    global _sealed_in
+    if _sealed_in == os.getpid():
+        return True
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:  # the directory listdir had open, or one closed since
+                pass
+    _sealed_in = os.getpid()
+    return True
+
+
+class _Child:
+    """An attempt's process on the fast path: started on the loop's thread, read and reaped by the loop.
+
+    ``done`` gets the return code once the process has been reaped and both pipes are
+    closed; close() undoes everything on any path and kills what is still running.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_output: Callable[[str, str], None]) -> None:
+        self.loop = loop
+        self.on_output = on_output
+        self.done: asyncio.Future[int] = loop.create_future()
+        self.pid: int | None = None
+        self.code: int | None = None  # once reaped
+        self._streams: dict[int, tuple[str, codecs.IncrementalDecoder]] = {}  # our read ends
+        self._pidfd: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reaper_thread = False  # a pool thread waits for the process (no pidfd)
+        self._closed = False
+
+    def start(self, run: Run, path: str, env: dict[str, str]) -> bool:
+        """Start the process; False (nothing started, nothing left open) if this path cannot be used."""
+        global FAST_SPAWN
+        child_ends: list[int] = []
+        started = False
+        try:
+            for name in ("stdout", "stderr"):
+                try:
+                    r, w = os.pipe()  # both ends close-on-exec: the child keeps only the dup2'd copy
+                except OSError as e:
+                    raise StartError(126, f"cannot start {run.argv[0]}: {e.strerror or e}") from None
+                child_ends.append(w)
+                self._streams[r] = (name, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+            if min(*self._streams, *child_ends) <= 2:
+                return False  # our own stdio is closed: the file actions below would trip over each other
+            if not _seal_inherited_fds():
+                log.info("starting jobs on threads: cannot list /proc/self/fd")
+                FAST_SPAWN = False
+                return False
+            for r in self._streams:
+                os.set_blocking(r, False)
+                try:
+                    self.loop.add_reader(r, self._readable, r)
+                except NotImplementedError:  # a loop that cannot watch fds
+                    return False
+            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, child_ends[0], 1),
+                       (os.POSIX_SPAWN_DUP2, child_ends[1], 2)]
+            try:
+                self.pid = os.posix_spawn(path, run.argv, env, file_actions=actions, setsid=True,
+                                          setsigmask=(), setsigdef=_SIGDEF)
+            except NotImplementedError as e:  # e.g. no POSIX_SPAWN_SETSID in this libc
+                log.info("starting jobs on threads: %s", e)
+                FAST_SPAWN = False
+                return False
+            except OSError as e:
+                raise _start_error(run.argv[0], e) from None
+            started = True
+            run.pid = self.pid
+            for w in child_ends:
+                os.close(w)
+            child_ends.clear()
+            if run.kill_signal is not None:  # asked before the process existed
+                _killpg(self.pid, run.kill_signal)
+            self._watch_exit()
+            return True
+        finally:
+            for w in child_ends:
+                os.close(w)
+            if not started:
+                self.close()
+
+    def _watch_exit(self) -> None:
+        global FAST_SPAWN
+        assert self.pid is not None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):  # an old kernel, or a sandbox
+                log.info("starting jobs on threads: pidfd_open: %s", e.strerror or e)
+                FAST_SPAWN = False
+            # This one is running already: a pool thread waits for it.
+            self._wait_on_thread()
+            return
+        self.loop.add_reader(self._pidfd, self._exited)
+
+    def _wait_on_thread(self) -> None:
+        assert self.pid is not None
+        self._reaper_thread = True
+        self.loop.run_in_executor(_pool(), _waitpid, self.pid).add_done_callback(self._reaped_on_thread)
+
+    def _reaped_on_thread(self, fut: asyncio.Future[int]) -> None:
+        if not self._closed and not fut.cancelled():
+            self._reaped(fut.result())
+
+    def _exited(self) -> None:
+        """The pidfd is readable: the process has ended."""
+        assert self.pid is not None and self._pidfd is not None
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: Popen calls that 0 too
+            pid, status = self.pid, 0
+        if pid == 0:  # not waitable yet after all: never block the loop on it
+            self._wait_on_thread()
+            return
+        self._reaped(status)
+
+    def _reaped(self, status: int) -> None:
+        self.code = os.waitstatus_to_exitcode(status)
+        if self._streams:  # children it left behind hold the pipes: give them DRAIN_AFTER_EXIT
+            self._timer = self.loop.call_later(DRAIN_AFTER_EXIT, self._drain_over)
+        self._maybe_done()
+
+    def _drain_over(self) -> None:
+        assert self.pid is not None
+        _killpg(self.pid, signal.SIGKILL)
+        self._timer = self.loop.call_later(READ_AFTER_KILL, self._give_up)  # read what they flushed
+
+    def _give_up(self) -> None:
+        """Something outside the group still holds the pipes: let them go."""
+        self._timer = None
+        rest = []
+        for fd, (name, decoder) in list(self._streams.items()):
+            rest.append((name, decoder.decode(b"", final=True)))
+            self._close_stream(fd)
+        self._maybe_done()
+        for name, text in rest:
+            if text:
+                self.on_output(name, text)
+
+    def _readable(self, fd: int) -> None:
+        entry = self._streams.get(fd)
+        if entry is None:
+            return
+        name, decoder = entry
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            text = decoder.decode(data)
+        else:
+            text = decoder.decode(b"", final=True)
+            self._close_stream(fd)
+            self._maybe_done()
+        # Last: should on_output raise, the loop reports it and our state is whole.
+        if text:
+            self.on_output(name, text)
+
+    def _close_stream(self, fd: int) -> None:
+        del self._streams[fd]
+        self.loop.remove_reader(fd)
+        os.close(fd)
+
+    def _maybe_done(self) -> None:
+        if self.code is not None and not self._streams:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self.done.done():
+                self.done.set_result(self.code)
+
+    def close(self) -> None:
+        """Remove the readers, close every fd; if it has not finished, kill the group and see it reaped."""
+        if self._closed:
+            return
+        self._closed = True
+        unfinished = not self.done.done() or self.done.cancelled()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fd in list(self._streams):
+            self._close_stream(fd)
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.pid is None or not unfinished:
+            return
+        _killpg(self.pid, signal.SIGKILL)
+        if self.code is not None or self._reaper_thread:
+            return
+        try:
+            reaped = os.waitpid(self.pid, os.WNOHANG)[0]
+        except ChildProcessError:
+            reaped = self.pid
+        if reaped == 0:  # not dead yet: a pool thread reaps it, the loop never blocks on it
+            try:
+                _pool().submit(_waitpid, self.pid)
+            except RuntimeError:  # shut down: the worker is exiting, and its zombies go with it
+                pass
+
+
 async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: float) -> Ended:
     """Run the attempt to its end; ``on_output(stream, text)`` gets output as it comes."""
     loop = asyncio.get_running_loop()
@@ -224,10 +499,21 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
     # The job knows who it is: ids to make side effects idempotent across attempts.
     env = {**inherited_env(), **run.env, "ORCH_JOB_ID": str(run.job_id), "ORCH_ATTEMPT": str(run.attempt)}
 
-    def emit(name: str, text: str) -> None:
-        loop.call_soon_threadsafe(on_output, name, text)
+    child: _Child | None = None
+    if FAST_SPAWN and run.cwd is None:
+        child = _Child(loop, on_output)
+        try:
+            if not child.start(run, _resolve(run.argv[0], env.get("PATH", os.defpath)), env):
+                child = None
+        except StartError as e:
+            return Ended(Outcome.FAILED, e.exit_code, e.message, time.monotonic() - started)
+    if child is not None:
+        done: asyncio.Future[int] = child.done
+    else:
+        def emit(name: str, text: str) -> None:
+            loop.call_soon_threadsafe(on_output, name, text)
 
-    done = loop.run_in_executor(_pool(), _run_blocking, run, env, emit)
+        done = loop.run_in_executor(_pool(), _run_blocking, run, env, emit)
     stopped = asyncio.ensure_future(run.stop.wait())
     outcome: Outcome | None = None
     error: str | None = None
@@ -251,6 +537,8 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
         stopped.cancel()
         if not done.done():  # we are being cancelled ourselves: leave nothing running
             run.signal(signal.SIGKILL)
+        if child is not None:
+            child.close()  # readers and fds; kills and reaps what is unfinished
     if code < 0:
         exit_code = 128 - code
         sig_error: str | None = f"killed by {_signal_name(-code)}"
@@ -259,7 +547,8 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
     if outcome is None:
         outcome = Outcome.SUCCEEDED if code == 0 else Outcome.FAILED
         error = sig_error
-    # The thread queued its output callbacks before its result, so on_output has seen all of it.
+    # Fast path: output was passed on by the loop's readers before ``done`` was set. Threads:
+    # the thread queued its output callbacks before its result, so on_output has seen all of it.
     return Ended(outcome, exit_code, error, time.monotonic() - started)
 
 
@@ -267,4 +556,3 @@ def shutdown() -> None:
     """Let the attempt threads go (they end with their processes)."""
     if _threads is not None:
         _threads.shutdown(wait=False)
-
