@@ -200,6 +200,13 @@ class Client:
     async def complete(self, worker_id: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (await self.request("POST", f"/v1/workers/{worker_id}/complete", body={"results": results}))["results"]
 
+    async def complete_and_lease(self, worker_id: str, results: list[dict[str, Any]], queues: Sequence[str],
+                                 limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Report attempts' ends and claim up to ``limit`` more jobs (no waiting) in one round trip."""
+        body = {"results": results, "lease": {"max": limit, "queues": list(queues)}}
+        reply = await self.request("POST", f"/v1/workers/{worker_id}/complete", body=body)
+        return reply["results"], reply.get("jobs", [])
+
     async def hand_back(self, worker_id: str, attempts: list[dict[str, int]], stop: bool) -> dict[str, Any]:
         return await self.request("POST", f"/v1/workers/{worker_id}/hand-back",
                                   body={"attempts": attempts, "stop": stop})

@@ -158,6 +158,15 @@ def query_num(request: web.Request, name: str, lo: float, hi: float, default: fl
     return v
 
 
+def queues_of(data: dict[str, Any], prefix: str = "") -> list[str]:
+    queues = data.get("queues", ["default"])
+    if not isinstance(queues, list) or not queues or len(queues) > 32:
+        raise ValidationError("queues must be a list of 1 to 32 queue names", field=prefix + "queues")
+    for i, qn in enumerate(queues):
+        validate_name(qn, f"{prefix}queues[{i}]")
+    return queues
+
+
 def job_id_of(request: web.Request) -> int:
     raw = request.match_info["job_id"]
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
@@ -403,11 +412,7 @@ class Api:
         only(data, {"name", "hostname", "queues", "concurrency"})
         name = opt_str(data, "name", 200) or "worker"
         hostname = opt_str(data, "hostname", 255) or "unknown"
-        queues = data.get("queues", ["default"])
-        if not isinstance(queues, list) or not queues or len(queues) > 32:
-            raise ValidationError("queues must be a list of 1 to 32 queue names", field="queues")
-        for i, qn in enumerate(queues):
-            validate_name(qn, f"queues[{i}]")
+        queues = queues_of(data)
         concurrency = int_field(data, "concurrency", 1, 10_000, 1)
         credential, digest = new_worker_credential()  # the worker's own token; only its digest is kept
         worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
@@ -447,17 +452,25 @@ class Api:
             self.hub.wake_worker(wid)
         return ok({"cancel": reply.cancel, "stale": reply.stale})
 
+    async def _claim(self, request: web.Request, wid: str, queues: list[str], limit: int) -> list[dict[str, Any]]:
+        """Claim for a worker whose request is still open; what it cannot receive any more goes straight back."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return []  # the worker hung up: claim nothing for it
+        jobs, _ = await self.store.claim(wid, queues, limit, self.lease_ttl)
+        if jobs and transport.is_closing():
+            # The worker hung up while we claimed: give the jobs straight back.
+            await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
+            return []
+        return jobs
+
     async def lease(self, request: web.Request) -> web.Response:
         wid = self._worker_id(request)
         data = await read_json(request)
         only(data, {"max", "queues", "wait"})
         limit = int_field(data, "max", 1, 1000, 1)
         wait = num_field(data, "wait", 0, self.long_poll, 0)
-        queues = data.get("queues", ["default"])
-        if not isinstance(queues, list) or not queues or len(queues) > 32:
-            raise ValidationError("queues must be a list of 1 to 32 queue names", field="queues")
-        for i, qn in enumerate(queues):
-            validate_name(qn, f"queues[{i}]")
+        queues = queues_of(data)
         deadline = time.monotonic() + wait
         self.hub.stopping.discard(wid)
         woken_for: str | None = None  # a queue whose wake we owe a claim (or must pass on)
@@ -469,17 +482,11 @@ class Api:
                     transport = request.transport
                     if transport is None or transport.is_closing():
                         return ok({"jobs": []})  # the worker hung up: claim nothing for it
-                    jobs, _ = await self.store.claim(wid, queues, limit, self.lease_ttl)
+                    jobs = await self._claim(request, wid, queues, limit)
                     woken_for = None
-                    if jobs:
-                        if transport.is_closing():
-                            # The worker hung up while we claimed: give the jobs straight back.
-                            await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
-                            return ok({"jobs": []})
-                        return ok({"jobs": jobs})
                     left = deadline - time.monotonic()
-                    if left <= 0 or wid in self.hub.stopping:
-                        return ok({"jobs": []})
+                    if jobs or left <= 0 or wid in self.hub.stopping or transport.is_closing():
+                        return ok({"jobs": jobs})
                     with suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(waiter), left)
                     if waiter.done():
@@ -511,16 +518,29 @@ class Api:
         return ok({"accepted": accepted})
 
     async def complete(self, request: web.Request) -> web.Response:
+        """Attempts' ends; with ``lease``, also up to ``lease.max`` new jobs at once (no waiting), in one commit."""
         wid = self._worker_id(request)
         data = await read_json(request)
-        only(data, {"results"})
+        only(data, {"results", "lease"})
         items = data.get("results")
         if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
             raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
         results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
-        answers, _ = await self.store.complete(wid, results, self.defaults)
+        ask = data.get("lease")
+        if ask is None:
+            answers, _ = await self.store.complete(wid, results, self.defaults)
+            self._count_stale(answers)
+            return ok({"results": answers})
+        if not isinstance(ask, dict):
+            raise ValidationError("lease must be an object with max and queues", field="lease")
+        only(ask, {"max", "queues"}, "lease.")
+        limit = int_field(ask, "max", 1, 1000, 1, prefix="lease.")
+        queues = queues_of(ask, "lease.")
+        # Both writes are queued in this turn of the loop: they share one transaction.
+        (answers, _), jobs = await asyncio.gather(self.store.complete(wid, results, self.defaults),
+                                                  self._claim(request, wid, queues, limit))
         self._count_stale(answers)
-        return ok({"results": answers})
+        return ok({"results": answers, "jobs": jobs})
 
     def _count_stale(self, answers: list[dict[str, Any]]) -> None:
         refused = sum(1 for a in answers if not a["accepted"])

@@ -175,11 +175,18 @@ SCHEMAS: dict[str, Any] = {
         "output": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH},
         "waited": {"type": "number", "minimum": 0, "maximum": 86400},
     }, ("attempt", "outcome"), closed=True),
-    "Completions": obj({"results": {"type": "array", "items": ref("AttemptEnd"), "minItems": 1, "maxItems": MAX_BATCH}},
-                       ("results",), closed=True),
+    "Completions": obj({
+        "results": {"type": "array", "items": ref("AttemptEnd"), "minItems": 1, "maxItems": MAX_BATCH},
+        "lease": obj({
+            "max": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
+        }, closed=True, description="also claim up to max jobs now (no waiting), in the same commit"),
+    }, ("results",), closed=True),
     "Answer": obj({"job_id": INT, "attempt": INT, "accepted": {"type": "boolean"}, "state": {"type": "string"},
                    "error": {"type": "string"}}, ("job_id", "attempt", "accepted")),
-    "Answers": obj({"results": {"type": "array", "items": ref("Answer")}}, ("results",)),
+    "Answers": obj({"results": {"type": "array", "items": ref("Answer")},
+                    "jobs": {"type": "array", "items": ref("Lease"), "description": "claimed, when lease was asked"}},
+                   ("results",)),
     "HandBack": obj({"attempts": {"type": "array", "items": ref("AttemptRef"), "maxItems": MAX_BATCH},
                      "stop": {"type": "boolean"}}, closed=True),
     "HandedBack": obj({"handed_back": {"type": "array", "items": ref("AttemptRef")}}, ("handed_back",)),
@@ -290,7 +297,7 @@ def document(*, metrics_open: bool = False, long_poll: float | None = None, max_
             "append output chunks of running attempts", _json("Accepted", "which chunks were stored"),
             security=w, body="Chunks", params=[WORKER_PARAM])},
         "/v1/workers/{worker_id}/complete": {"post": _op(
-            "report how attempts ended", _json("Answers", "accepted or stale, per attempt"),
+            "report how attempts ended (and claim more jobs)", _json("Answers", "accepted or stale, per attempt"),
             security=w, body="Completions", params=[WORKER_PARAM])},
         "/v1/workers/{worker_id}/jobs/{job_id}/complete": {"post": _op(
             "report one attempt; 409 if it is not current", _json("Answer", "accepted"),

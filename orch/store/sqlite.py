@@ -449,6 +449,11 @@ class SqliteStore:
         error = f.exception()
         if error is None:
             self._flushed_seq = max(self._flushed_seq, seq)
+            # Who began to wait while this fsync ran, for a commit it covers, need not wait for another.
+            covered = [w for w in self._unflushed if w[0] <= seq]
+            if covered:
+                waiting = waiting + covered
+                self._unflushed = [w for w in self._unflushed if w[0] > seq]
         for _, fut, value in waiting:
             if error is not None:  # committed but not known to be on disk: do not claim it is
                 _settle(fut, False, error)

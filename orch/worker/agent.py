@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import socket
@@ -21,10 +22,14 @@ log = logging.getLogger("orch.worker")
 
 OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while a job runs
 MAX_PENDING_OUTPUT = 256 * 1024
+# While jobs run, reports go out at most this often, so each carries several results (and the
+# scheduler commits them together); an idle worker reports a job's end at once.
+REPORT_EVERY = 0.005
 FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
 # Jobs shorter than this on average are worth holding a few of in hand: a slot that
 # frees then starts the next one at once instead of after a lease round trip.
 PREFETCH_BELOW = 0.05
+PREFETCH_MAX = 4  # held jobs beyond the slots, at most this many times the concurrency
 
 
 @dataclass
@@ -65,9 +70,15 @@ class Agent:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = asyncio.Event()
         self.stopped = asyncio.Event()
-        self._slot_freed = asyncio.Event()
+        # Set when what the lease loop decides on changes: a slot freed, results reported.
+        self._lease_wake = asyncio.Event()
         self._report_wake = asyncio.Event()
+        self._polling = False  # the lease loop's request is open (a long-poll, maybe)
+        self._reporting = False  # a report is on its way
+        self._last_report = -1e9  # loop time the last report was sent
+        self._report_rtt = 0.002  # seconds a report takes to be answered (moving average)
         self._output: dict[tuple[int, int], list[dict[str, Any]]] = {}  # chunks waiting to be sent
+        self._output_since: dict[tuple[int, int], float] = {}  # loop time of each attempt's oldest unsent chunk
         self._output_bytes = 0
         self._results: list[dict[str, Any]] = []  # completions waiting to be sent
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -105,7 +116,7 @@ class Agent:
             self.draining.set()
             for key in list(self.waiting):  # never started: straight back to the queue
                 self._drop_waiting(key, Outcome.HANDED_BACK, "")
-            self._slot_freed.set()
+            self._lease_wake.set()
             asyncio.ensure_future(self._tell_draining())
 
     def stop_now(self) -> None:
@@ -166,10 +177,13 @@ class Agent:
         return self.opt.concurrency - len(self.runs)
 
     def _prefetch(self) -> int:
-        """How many leased jobs to hold beyond the free slots: some for short jobs, none for long ones."""
-        if self.opt.burst or self.draining.is_set() or self._avg_duration is None:
+        """How many leased jobs to hold beyond the free slots: none for long jobs; for short ones,
+        enough to keep every slot busy through one report cycle (the report asks for the next ones)."""
+        avg = self._avg_duration
+        if self.opt.burst or self.draining.is_set() or avg is None or avg >= PREFETCH_BELOW:
             return 0
-        return self.opt.concurrency if self._avg_duration < PREFETCH_BELOW else 0
+        cycle = REPORT_EVERY + self._report_rtt
+        return min(PREFETCH_MAX * self.opt.concurrency, math.ceil(self.opt.concurrency * cycle / max(avg, 1e-4)))
 
     def _wanted(self) -> int:
         return self.free_slots() + self._prefetch() - len(self.waiting)
@@ -178,17 +192,22 @@ class Agent:
         """Every attempt this worker holds a lease on: running or waiting for a slot."""
         return [r.ref for r in self.runs.values()] + [r.ref for r, _ in self.waiting.values()]
 
+    def _deferring(self) -> bool:
+        """Results are due or on their way: their report asks for work as it goes, so the lease loop waits."""
+        return bool(self._results) or self._reporting
+
     async def _lease_loop(self) -> None:
         backoff = Backoff()
         while not self.draining.is_set():
             free = self._wanted()
-            if free <= 0:
-                self._slot_freed.clear()
-                if self._wanted() <= 0:
-                    await self._slot_freed.wait()
+            if free <= 0 or self._deferring():
+                self._lease_wake.clear()
+                if self._wanted() <= 0 or self._deferring():
+                    await self._lease_wake.wait()
                 continue
             wait = 0.0 if self.opt.burst else self.opt.long_poll
             wid = self.worker_id
+            self._polling = True
             try:
                 jobs = await self.client.lease(wid or "", self.opt.queues, free, wait)
                 backoff.reset()
@@ -202,13 +221,15 @@ class Agent:
                     await self._reregister(wid)
                     continue
                 raise
+            finally:
+                self._polling = False
             for job in jobs:
                 self._start(job)
             if self.opt.burst and not jobs:
-                if not self.runs:
+                if not self.runs and not self._deferring():
                     return
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
+                self._lease_wake.clear()
+                await self._lease_wake.wait()
 
     async def _sleep_unless_draining(self, delay: float) -> None:
         with suppress(asyncio.TimeoutError):
@@ -216,6 +237,10 @@ class Agent:
 
     def _start(self, job: dict[str, Any]) -> None:
         run = Run.from_lease(job)
+        if self.draining.is_set():  # claimed while we began to stop: straight back to the queue
+            self._results.append({"hand_back": True, **run.ref})
+            self._report_wake.set()
+            return
         if self.free_slots() > 0:
             self._launch(run, 0.0)
         else:
@@ -253,8 +278,12 @@ class Agent:
         log.debug("job %s attempt %s starting %s", run.job_id, run.attempt, run.argv[0] if run.argv else "?")
 
         def on_output(stream: str, text: str) -> None:
-            self._output.setdefault((run.job_id, run.attempt), []).append(
-                {"job_id": run.job_id, "attempt": run.attempt, "stream": stream, "data": text})
+            key = (run.job_id, run.attempt)
+            chunks = self._output.get(key)
+            if chunks is None:
+                chunks = self._output[key] = []
+                self._output_since[key] = asyncio.get_running_loop().time()
+            chunks.append({"job_id": run.job_id, "attempt": run.attempt, "stream": stream, "data": text})
             self._output_bytes += len(text)
             if self._output_bytes >= MAX_PENDING_OUTPUT:
                 self._report_wake.set()
@@ -279,7 +308,7 @@ class Agent:
         self._avg_duration = d if self._avg_duration is None else 0.8 * self._avg_duration + 0.2 * d
         del self.runs[(run.job_id, run.attempt)]
         self._fill_slots()
-        self._slot_freed.set()
+        self._lease_wake.set()
         self._report_wake.set()
 
     def _flush_soon(self) -> None:
@@ -292,12 +321,21 @@ class Agent:
         """Send output and completions, in order, batched; keep them while the scheduler is away."""
         await self._registered.wait()
         backoff = self._retry_backoff()
+        loop = asyncio.get_running_loop()
         while True:
             await self._report_wake.wait()
             self._report_wake.clear()
+            if (self.runs or self.waiting) and not self.draining.is_set():
+                # Busy: let the next few ends join this report. Idle: the end goes out at once.
+                due = self._last_report + REPORT_EVERY - loop.time()
+                if due > 0:
+                    await asyncio.sleep(due)
+            self._reporting = True
+            self._last_report = sent = loop.time()
             try:
                 await self._report_once()
                 backoff.reset()
+                self._report_rtt = 0.8 * self._report_rtt + 0.2 * (loop.time() - sent)
             except ServerUnavailable as e:
                 delay = backoff.next()
                 log.warning("%s; keeping %d results and %d output chunks, retrying in %.1fs",
@@ -309,22 +347,32 @@ class Agent:
                     # Our attempts were ended as lost; what we hold for them would be refused.
                     self._results.clear()
                     self._output.clear()
+                    self._output_since.clear()
                     self._output_bytes = 0
                     continue
                 log.error("scheduler refused a report: %s", e.message)
                 await asyncio.sleep(backoff.next())
                 self._report_wake.set()
+            finally:
+                self._reporting = False
+                self._lease_wake.set()
 
-    async def _report_once(self) -> None:
+    async def _report_once(self, everything: bool = False) -> None:
+        """One report: live output that has waited long enough, then completions (asking for more work
+        when the lease loop is not already asking), then hand-backs. ``everything``: all live output too."""
         await self._registered.wait()
         wid = self.worker_id or ""
+        loop = asyncio.get_running_loop()
         # Output of attempts that are still running (or handed back) goes first and
         # alone; output of finished attempts rides with their completion, so it is
         # stored before the attempt is closed. Nothing leaves the buffers until the
         # scheduler has taken it.
         results = list(self._results)
         finished = {(r["job_id"], r["attempt"]) for r in results if not r.get("hand_back")}
-        live_keys = [k for k in self._output if k not in finished]
+        now = loop.time()
+        ripe = now - OUTPUT_COALESCE
+        live_keys = [k for k in self._output if k not in finished
+                     and (everything or self._output_bytes >= MAX_PENDING_OUTPUT or self._output_since[k] <= ripe)]
         if live_keys:
             sent = {k: len(self._output[k]) for k in live_keys}
             await self.client.send_output(wid, [c for k in live_keys for c in self._output[k]])
@@ -332,17 +380,32 @@ class Agent:
                 del self._output[k][:n]
                 if not self._output[k]:
                     del self._output[k]
+                    del self._output_since[k]
+                else:
+                    self._output_since[k] = now
         self._output_bytes = sum(len(c["data"]) for cs in self._output.values() for c in cs)
         done = [dict(r, output=self._output.get((r["job_id"], r["attempt"]), []))
                 for r in results if not r.get("hand_back")]
         if done:
-            await self.client.complete(wid, done)
+            wanted = self._wanted()
+            if wanted > 0 and not self._polling and not self.draining.is_set():
+                _, jobs = await self.client.complete_and_lease(wid, done, self.opt.queues, wanted)
+                for job in jobs:
+                    self._start(job)
+            else:
+                await self.client.complete(wid, done)
             for r in done:
-                self._output.pop((r["job_id"], r["attempt"]), None)
+                key = (r["job_id"], r["attempt"])
+                self._output.pop(key, None)
+                self._output_since.pop(key, None)
         backs = [{"job_id": r["job_id"], "attempt": r["attempt"]} for r in results if r.get("hand_back")]
         if backs:
             await self.client.hand_back(wid, backs, stop=False)
         del self._results[:len(results)]
+        if self._output and self._flush_handle is None:
+            # Live output still too young to send: a report when the oldest of it is ripe.
+            oldest = min(self._output_since.values())
+            self._flush_handle = loop.call_at(oldest + OUTPUT_COALESCE, self._flush_soon)
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -411,7 +474,7 @@ class Agent:
         give_up = asyncio.get_running_loop().time() + FINAL_REPORT_TIMEOUT
         while self._results or self._output:
             try:
-                await self._report_once()
+                await self._report_once(everything=True)
                 break
             except ServerUnavailable:
                 if asyncio.get_running_loop().time() > give_up:

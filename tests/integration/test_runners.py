@@ -344,6 +344,7 @@ def test_cancelling_execute_kills_the_group_and_frees_everything(path: str) -> N
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
+        await runners.execute(make_run(["true"]), Out(), 1.0)  # the loop's own fds (its job poller) exist now
         fds = open_fds()
         watched = len(loop._selector.get_map())  # type: ignore[attr-defined]
         out = Out()
@@ -355,6 +356,7 @@ def test_cancelling_execute_kills_the_group_and_frees_everything(path: str) -> N
         if path == "fast":  # at once: nothing is left to the loop
             assert open_fds() == fds
             assert len(loop._selector.get_map()) == watched  # type: ignore[attr-defined]
+            assert runners._pollers[loop].callbacks == {}  # no pipe or pidfd of it is watched any more
         assert run.pid is not None
         await until(lambda: not group_alive(run.pid), 5, "the job's process group to be gone")
         # The thread path's thread lets go of its fds once the process is gone.
@@ -366,6 +368,7 @@ def test_cancelling_execute_kills_the_group_and_frees_everything(path: str) -> N
 
 def test_fds_are_closed_after_every_end(path: str, tmp_path: Path) -> None:
     async def body() -> None:
+        await runners.execute(make_run(["true"]), Out(), 1.0)  # the loop's own fds (its job poller) exist now
         fds = open_fds()
         for run in (make_run(["echo", "x"]), make_run(["orch-no-such-command-xyz"]), make_run(["/nonexistent/x"]),
                     sh("sleep 5", timeout=0.1), sh("sleep 30 & exit 0")):

@@ -836,6 +836,28 @@ def test_synced_waits_for_the_fsync_of_what_is_committed(tmp_path: Path) -> None
     run(tmp_path, body)
 
 
+def test_a_reader_waiting_during_an_fsync_that_covers_it_needs_no_other(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    real = os.fdatasync
+    gate = threading.Event()
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (gate.wait(10), real(fd)))
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        f0 = store.flushes
+        submitted = asyncio.ensure_future(submit_one(store))  # its fsync starts, and is held
+        await until(lambda: store._flushing, 5, "the submit's fsync to start")
+        reader = asyncio.ensure_future(store.synced())  # wants the very commit that fsync covers
+        await until(lambda: store._unflushed, 5, "the reader to wait")
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(submitted, reader), 5)
+        assert store.flushes - f0 == 1
+
+    run(tmp_path, body)  # opening fsyncs with os.fsync: only the store's own flushes are held
+
+
 def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import orch.store.sqlite as sqlite_store
 
