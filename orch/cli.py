@@ -70,7 +70,7 @@ def run_async(coro: Awaitable[T]) -> T:
     except OrchError as e:
         fail(e.message, e.exit_code)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     raise AssertionError("unreachable")
 
 
@@ -741,7 +741,7 @@ def jobs(
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 @app.command()

@@ -134,7 +134,7 @@ class SchedulerMetrics:
         return child
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http.labels(method if method in HTTP_METHODS else "other", route, str(status)).observe(seconds)
+        self._child(self.http, (method if method in HTTP_METHODS else "other", route, str(status))).observe(seconds)
 
     def set_snapshot(self, snapshot: dict[str, Any], store: Any = None) -> None:
         """The latest ``store.metrics_snapshot()``; ``store`` lends its batch and op counters."""

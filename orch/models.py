@@ -12,16 +12,13 @@ from typing import Any, Mapping
 from orch.errors import IllegalTransition, ValidationError
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def terminal(self) -> bool:
@@ -55,7 +52,7 @@ def sources_of(to: State) -> tuple[str, ...]:
     return tuple(sorted(s.value for s, targets in TRANSITIONS.items() if to in targets))
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How one attempt ended."""
 
     RUNNING = "running"
@@ -65,9 +62,6 @@ class Outcome(str, enum.Enum):
     LOST = "lost"
     CANCELLED = "cancelled"
     HANDED_BACK = "handed_back"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # --------------------------------------------------------------------------- retry

@@ -234,9 +234,10 @@ class Guard:
 GUARD = web.AppKey("guard", Guard)
 
 
-@web.middleware
-async def security_middleware(request: web.Request,
-                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def guard_request(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Who may call this route, its query parameters, its body within a deadline, its long-poll count;
+    then the handler. Called by the scheduler's one middleware (orch/scheduler/app.py)."""
     guard = request.app[GUARD]
     resource = request.match_info.route.resource
     if resource is None:  # no such route or method: the 404/405 is answered as it is
@@ -264,7 +265,9 @@ async def security_middleware(request: web.Request,
             choices = allowed[name]
             if choices is not None and value not in choices:
                 raise ValidationError(f"{name} must be one of {', '.join(sorted(choices))}", field=name)
-    if request.body_exists:
+    if request.body_exists and request.content.is_eof():
+        await request.read()  # all of it has arrived already: nothing to wait for, no deadline to arm
+    elif request.body_exists:
         # Read here, after the caller is known, within a deadline: a stalled sender holds one
         # coroutine, never a thread, and gives up its connection after body_timeout.
         try:

@@ -810,12 +810,9 @@ class SqliteStore:
 
         return await self._write(op, weight=max(1, len(running)))
 
-    async def claim(
-        self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float
-    ) -> tuple[list[dict[str, Any]], list[Change]]:
-        """Hand up to ``limit`` queued jobs from ``queues`` to the worker, each exactly once."""
+    def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float,
+                  check_worker: bool = True) -> Op:
         check_transition(State.QUEUED, State.RUNNING)
-        now = self.clock()
         qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
         marks = ",".join("?" * len(qs))
         sql = (
@@ -828,7 +825,8 @@ class SqliteStore:
         reason = f"claimed by {worker_id}"
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            _live_worker(conn, worker_id)
+            if check_worker:
+                _live_worker(conn, worker_id)
             rows = conn.execute(sql, (worker_id, now + lease_ttl, now, *qs, limit)).fetchall()
             if rows:
                 conn.executemany(
@@ -845,15 +843,33 @@ class SqliteStore:
                                   queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
             return rows
 
-        rows = await self._write(op, weight=limit)
+        return op
+
+    @staticmethod
+    def _leases(rows: list[sqlite3.Row], raw_spec: bool) -> list[dict[str, Any]]:
+        """Claimed rows as the worker gets them, in dispatch order; ``raw_spec``: the spec as its stored JSON text."""
         rows = sorted(rows, key=lambda r: (-r[4], r[0]))
-        jobs = [
-            {"job_id": r[0], "attempt": r[1], "spec": json.loads(r[2]), "queue": r[3], "queued_at": r[5]}
-            for r in rows
-        ]
-        changes = [Change(r[0], State.RUNNING.value, r[3], r[1], worker=worker_id,
-                          queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows]
-        return jobs, changes
+        return [{"job_id": r[0], "attempt": r[1], "spec": r[2] if raw_spec else json.loads(r[2]), "queue": r[3],
+                 "queued_at": r[5]} for r in rows]
+
+    async def claim(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, *, raw_spec: bool = False,
+    ) -> tuple[list[dict[str, Any]], list[Change]]:
+        """Hand up to ``limit`` queued jobs from ``queues`` to the worker, each exactly once.
+
+        ``raw_spec``: each job's ``spec`` is its stored JSON text, for an answer that embeds it as it is.
+        """
+        now = self.clock()
+        op = self._claim_op(worker_id, queues, limit, lease_ttl, now)
+        changes: list[Change] = []
+
+        def claiming(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
+            rows = op(conn, out)
+            changes[:] = out
+            return rows
+
+        rows = await self._write(claiming, weight=limit)
+        return self._leases(rows, raw_spec), changes
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
         limit = self.output_limit
@@ -863,16 +879,13 @@ class SqliteStore:
 
         return await self._write(op, weight=max(1, len(chunks) // 4))
 
-    async def complete(
-        self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy
-    ) -> tuple[list[dict[str, Any]], list[Change]]:
-        """Record how attempts ended; each answer says ``accepted`` or why not (stale)."""
-        now = self.clock()
+    def _complete_op(self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
+                     now: float) -> Callable[[sqlite3.Connection, list[Change]], list[dict[str, Any]]]:
         limit = self.output_limit
         rand = self.rand
         check_transition(State.RUNNING, State.SUCCEEDED)
 
-        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[Change]]:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> list[dict[str, Any]]:
             answers: list[dict[str, Any]] = []
             events: list[tuple[Any, ...]] = []
             for r in results:
@@ -897,9 +910,40 @@ class SqliteStore:
                 conn.executemany(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                     " VALUES (?, ?, 'running', 'succeeded', ?, 'exited 0')", events)
-            return answers, list(out)
+            return answers
 
-        return await self._write(op, durable=True, weight=len(results))
+        return op
+
+    async def complete(
+        self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy
+    ) -> tuple[list[dict[str, Any]], list[Change]]:
+        """Record how attempts ended; each answer says ``accepted`` or why not (stale)."""
+        op = self._complete_op(worker_id, results, defaults, self.clock())
+
+        def completing(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[Change]]:
+            return op(conn, out), list(out)
+
+        return await self._write(completing, durable=True, weight=len(results))
+
+    async def complete_and_claim(
+        self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
+        queues: Sequence[str], limit: int, lease_ttl: float, *, raw_spec: bool = False,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``complete`` then ``claim`` in one operation (one savepoint, one commit): the answers and the new jobs.
+
+        A worker that is no longer registered gets UnknownWorker for both: its attempts were
+        ended as lost with it, so its completions would all be stale anyway.
+        """
+        now = self.clock()
+        complete = self._complete_op(worker_id, results, defaults, now)
+        claim = self._claim_op(worker_id, queues, limit, lease_ttl, now, check_worker=False)  # checked below
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[sqlite3.Row]]:
+            _live_worker(conn, worker_id)
+            return complete(conn, out), claim(conn, out)
+
+        answers, rows = await self._write(op, durable=True, weight=len(results) + limit)
+        return answers, self._leases(rows, raw_spec)
 
     async def hand_back(
         self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool

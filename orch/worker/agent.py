@@ -24,7 +24,7 @@ OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while 
 MAX_PENDING_OUTPUT = 256 * 1024
 # While jobs run, reports go out at most this often, so each carries several results (and the
 # scheduler commits them together); an idle worker reports a job's end at once.
-REPORT_EVERY = 0.005
+REPORT_EVERY = 0.01
 FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
 # Jobs shorter than this on average are worth holding a few of in hand: a slot that
 # frees then starts the next one at once instead of after a lease round trip.

@@ -70,7 +70,7 @@ def test_timeout_kills_the_process_group_and_retries(cluster) -> None:
     assert "timed out" in final["error"]
     # The job's own child went with it: the whole process group was killed.
     for pid in map(int, pids.read_text().split()):
-        wait_until(lambda: not pid_alive(pid), 10, f"child {pid} to be gone")
+        wait_until(lambda pid=pid: not pid_alive(pid), 10, f"child {pid} to be gone")
 
 
 def test_cancel_running_queued_and_finished_jobs(cluster) -> None:

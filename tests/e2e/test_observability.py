@@ -208,7 +208,7 @@ def test_up_gives_its_workers_the_next_metrics_ports(tmp_path: Path, orch_env: d
         wait_until(lambda: workers_alive(url) == 2, 30, "two local workers")
         assert "orch_jobs{" in scrape(f"http://127.0.0.1:{base}/metrics")
         for i in (1, 2):
-            text = wait_until(lambda: scrape(f"http://127.0.0.1:{base + i}/metrics"), 30, f"worker {i}'s metrics")
+            text = wait_until(lambda i=i: scrape(f"http://127.0.0.1:{base + i}/metrics"), 30, f"worker {i}'s metrics")
             assert val(samples(text), "orch_worker_slots", state="free") == 1
     finally:
         up.stop()

@@ -296,6 +296,44 @@ def test_worker_flow_register_lease_output_complete(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+def test_a_report_can_ask_for_more_work_in_the_same_round_trip(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        first = await submit(client, command=["echo", "one"])
+        queued = [await submit(client, command=["echo", str(i)], queue="q2") for i in range(3)]
+        wid = await register(client, queues=["default", "q2"], concurrency=4)
+        (got,) = await lease(client, wid, 1)
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {
+            "results": [{"job_id": got["job_id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0,
+                         "output": [{"job_id": got["job_id"], "attempt": 1, "stream": "stdout", "data": "one\n"}]}],
+            "lease": {"max": 2, "queues": ["q2"]}})
+        assert status == 200, data
+        assert data["results"] == [{"job_id": first["id"], "attempt": 1, "accepted": True, "state": "succeeded"}]
+        # The oldest two of q2, each with its spec as an object, as from the lease route.
+        assert [(j["job_id"], j["attempt"], j["queue"]) for j in data["jobs"]] == [
+            (queued[0]["id"], 1, "q2"), (queued[1]["id"], 1, "q2")]
+        assert data["jobs"][0]["spec"]["argv"] == ["echo", "0"] and data["jobs"][0]["queued_at"] > 0
+        for job, state in ((first, "succeeded"), (queued[0], "running"), (queued[1], "running"), (queued[2], "queued")):
+            status, now = await call(client, "GET", f"/v1/jobs/{job['id']}")
+            assert now["state"] == state, (job["id"], now["state"])
+        status, done = await call(client, "GET", f"/v1/jobs/{first['id']}")
+        assert done["result"]["stdout"] == "one\n"
+        # Nothing left to claim: the report's answer says so at once, with an empty list.
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {
+            "results": [{"job_id": j["id"], "attempt": 1, "outcome": "failed", "exit_code": 3} for j in queued[:2]],
+            "lease": {"max": 5, "queues": ["default"]}})
+        assert status == 200 and data["jobs"] == [] and [a["state"] for a in data["results"]] == ["retrying"] * 2
+
+        for bad, field in (({"max": 0, "queues": ["q2"]}, "lease.max"), ({"max": 1, "queues": ["bad name"]}, "lease.queues[0]"),
+                           ({"max": 1, "wait": 5}, "lease.wait"), ([1], "lease")):
+            status, err = await call(client, "POST", f"/v1/workers/{wid}/complete", {
+                "results": [{"job_id": queued[2]["id"], "attempt": 1, "outcome": "succeeded"}], "lease": bad})
+            assert_error(status, err, 400, field)
+        status, now = await call(client, "GET", f"/v1/jobs/{queued[2]['id']}")
+        assert now["state"] == "queued"  # a refused request changed nothing
+
+    serve(tmp_path, body)
+
+
 def test_long_poll_lease_is_woken_by_a_submit(tmp_path: Path) -> None:
     async def body(client: TestClient) -> None:
         wid = await register(client)

@@ -559,6 +559,13 @@ def test_silent_worker_is_lost_and_its_jobs_retry_or_fail(tmp_path: Path) -> Non
             await store.heartbeat(silent, [(retried, 1)], TTL)
         with pytest.raises(UnknownWorker):
             await store.claim(silent, ["default"], 1, TTL)
+        # Nor may it report and ask for more in one go: nothing of it is written.
+        spare = await submit_one(store)
+        with pytest.raises(UnknownWorker):
+            await store.complete_and_claim(silent, [AttemptResult(retried, 1, Outcome.SUCCEEDED, exit_code=0)],
+                                           POLICY, ["default"], 5, TTL)
+        assert (await store.get_job(spare))["state"] == "queued"
+        assert (await store.get_job(retried))["state"] == "retrying"
 
     run(tmp_path, body)
 
