@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Iterable
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -123,16 +123,16 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _handler: LoopBufferedHandler | None = None  # the handler setup_logging installed
 
 
-def info_fields(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
-    """``logger.info(message, extra={"fields": fields})``, at a fifth of the cost when it may be.
+def info_lines(logger: logging.Logger, lines: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """Info lines with structured fields, at a fifth of the cost of ``logger.info`` each when it may be.
 
     One line per job state change is a few thousand lines a second under load;
     a LogRecord (caller lookup, thread and process names, then the formatter)
     costs ~20 us each. When the only thing listening is the handler
-    ``setup_logging`` installed, the line is formatted straight into its buffer,
-    the same text as the record would have made. Anything else (another handler
-    or filter anywhere on the way: a test's capture, an embedding program's own
-    logging) gets the ordinary record.
+    ``setup_logging`` installed, the lines are formatted straight into its
+    buffer, the same text as the records would have made. Anything else
+    (another handler or filter anywhere on the way: a test's capture, an
+    embedding program's own logging) gets the ordinary records.
     """
     if not logger.isEnabledFor(logging.INFO):
         return
@@ -146,10 +146,14 @@ def info_fields(logger: logging.Logger, message: str, fields: dict[str, Any]) ->
             fast = False
         c = c.parent
     if not fast:
-        logger.info(message, extra={"fields": fields})
+        for message, fields in lines:
+            logger.info(message, extra={"fields": fields})
         return
     assert h is not None
-    h.emit_line(h.formatter.line(time.time(), "INFO", logger.name, message, fields))  # type: ignore[union-attr]
+    line = h.formatter.line  # type: ignore[union-attr]
+    now, name = time.time(), logger.name
+    for message, fields in lines:
+        h.emit_line(line(now, "INFO", name, message, fields))
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

@@ -219,12 +219,18 @@ class WorkerMetrics:
             ["queue"], buckets=DURATION_BUCKETS, registry=self.registry,
         )
         Info("orch_build", "Version of orch.", registry=self.registry).info({"version": __version__})
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.registry.register(_SlotCollector(self))
 
     def ended(self, queue: str, outcome: str, seconds: float) -> None:
-        self.jobs.labels(queue, outcome).inc()
-        if outcome in TIMED_OUTCOMES:
-            self.duration.labels(queue).observe(seconds)
+        key = (queue, outcome)
+        children = self._children.get(key)
+        if children is None:  # label sets are bounded (queues x outcomes): remember them
+            children = self._children[key] = (
+                self.jobs.labels(queue, outcome), self.duration.labels(queue) if outcome in TIMED_OUTCOMES else None)
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(seconds)
 
     def render_for(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)

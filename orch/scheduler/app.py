@@ -15,7 +15,7 @@ from aiohttp import web
 from orch.auth import new_worker_credential
 from orch.config import Settings
 from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
-from orch.logs import info_fields
+from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
@@ -51,7 +51,7 @@ def leases_json(jobs: list[dict[str, Any]]) -> str:
     (it was made by json.dumps at submit): no parse and re-encode per job."""
     return "[" + ",".join(
         f'{{"job_id":{j["job_id"]:d},"attempt":{j["attempt"]:d},"spec":{j["spec"]},"queue":{_string(j["queue"])},'
-        f'"queued_at":{dumps(j["queued_at"])}}}' for j in jobs) + "]"
+        f'"queued_at":{j["queued_at"]!r}}}' for j in jobs) + "]"
 
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -223,7 +223,7 @@ def result_of(item: Any, p: str) -> AttemptResult:
         raise ValidationError("each result must be an object", field=p.rstrip("."))
     only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output", "waited"}, p)
     outcome = item.get("outcome")
-    if outcome not in _OUTCOMES:
+    if not isinstance(outcome, str) or outcome not in _OUTCOMES:  # a list or object: not hashable
         raise ValidationError(f"outcome must be one of {', '.join(sorted(_OUTCOMES))}", field=p + "outcome")
     exit_code = item.get("exit_code")
     if exit_code is not None:
@@ -265,8 +265,7 @@ class Api:
         self.hub.committed(changes)
         self.metrics.observe(changes)
         if log.isEnabledFor(logging.INFO):
-            for c in changes:
-                _log_change(c)
+            info_lines(log, [_change_line(c) for c in changes])
 
     # ---- clients
 
@@ -596,8 +595,8 @@ class Api:
 API = web.AppKey("api", Api)
 
 
-def _log_change(c: Change) -> None:
-    """One info line per job state change: job, attempt, state, queue, worker, outcome, times (never the spec)."""
+def _change_line(c: Change) -> tuple[str, dict[str, Any]]:
+    """The info line of a job state change: job, attempt, state, queue, worker, outcome, times (never the spec)."""
     text = f"job {c.job_id} attempt {c.attempt} -> {c.state} (queue {c.queue}, worker {c.worker or '-'}"
     fields: dict[str, Any] = {"job_id": c.job_id, "attempt": c.attempt, "state": c.state, "queue": c.queue,
                               "worker": c.worker}
@@ -610,7 +609,7 @@ def _log_change(c: Change) -> None:
     if c.queue_wait is not None:
         text += f", waited {c.queue_wait:.3f}s"
         fields["queue_wait"] = round(c.queue_wait, 6)
-    info_fields(log, text + ")", fields)
+    return text + ")", fields
 
 
 # --------------------------------------------------------------------------- the reaper

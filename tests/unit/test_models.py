@@ -14,6 +14,7 @@ from orch.models import (
     RetryPolicy,
     State,
     check_transition,
+    iso,
     parse_spec,
     sources_of,
 )
@@ -321,3 +322,19 @@ def test_error_json_shape() -> None:
     assert info.value.to_json() == {
         "error": {"code": "invalid", "message": info.value.message, "field": "command"}
     }
+
+
+def test_iso_is_datetimes_text_with_milliseconds() -> None:
+    import random
+    from datetime import UTC, datetime
+
+    def reference(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    rng = random.Random(7)
+    values = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    # Edges of the microsecond rounding and of the millisecond cut, and seconds shared by many values.
+    values += [int(v) + k / 1e6 for v in values[:500] for k in (0, 499, 500, 501, 999_499, 999_500, 999_999)]
+    values += [1_800_000_000.9999995, 1_800_000_000.9999996, 1_799_999_999.9999999, 0.0, 1.0]
+    assert [iso(v) for v in values] == [reference(v) for v in values]
+    assert iso(None) is None

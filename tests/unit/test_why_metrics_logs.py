@@ -253,7 +253,7 @@ def test_json_log_lines_carry_structured_fields() -> None:
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_the_cheap_state_change_line_is_the_line_a_record_makes(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """info_fields() skips the LogRecord only when orch's own handler is the sole listener, and writes the same text."""
+    """info_lines() skips the LogRecord only when orch's own handler is the sole listener, and writes the same text."""
     import time as time_module
 
     from orch import logs
@@ -269,21 +269,22 @@ def test_the_cheap_state_change_line_is_the_line_a_record_makes(fmt: str, monkey
         monkeypatch.setattr(sys, "stderr", stream)
         logs.setup_logging("info", fmt)
         logger = logging.getLogger("orch.test.fast")
-        logs.info_fields(logger, "job 3 attempt 1 -> succeeded (queue q)", fields)  # formatted straight in
+        logs.info_lines(logger, [("job 3 attempt 1 -> succeeded (queue q)", fields),  # formatted straight in
+                                 ("job 3 attempt 1 -> succeeded (queue q)", fields)])
         logger.info("job 3 attempt 1 -> succeeded (queue q)", extra={"fields": fields})  # through a LogRecord
         logs._handler.flush()
-        fast, slow = stream.getvalue().splitlines()
-        assert fast == slow
+        fast, fast_too, slow = stream.getvalue().splitlines()
+        assert fast == fast_too == slow
         # Another listener (a capture, an embedding program's handler): the ordinary record, which it sees.
         seen: list[logging.LogRecord] = []
         extra = logging.Handler()
         extra.emit = seen.append  # type: ignore[method-assign]
         root.addHandler(extra)
-        logs.info_fields(logger, "job 4 attempt 1 -> queued", {"job_id": 4})
+        logs.info_lines(logger, [("job 4 attempt 1 -> queued", {"job_id": 4})])
         assert [r.getMessage() for r in seen] == ["job 4 attempt 1 -> queued"] and seen[0].fields == {"job_id": 4}
         # Below the level: nothing at all.
         root.setLevel(logging.WARNING)
-        logs.info_fields(logger, "job 5 attempt 1 -> queued", {"job_id": 5})
+        logs.info_lines(logger, [("job 5 attempt 1 -> queued", {"job_id": 5})])
         assert len(seen) == 1
     finally:
         root.handlers[:], root.level, logs._handler = saved
