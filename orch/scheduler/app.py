@@ -58,6 +58,7 @@ _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid"}
+_TERMINAL = frozenset(s.value for s in State if s.terminal)
 
 
 @web.middleware
@@ -365,10 +366,12 @@ class Api:
                 state, _ = await self.store.job_state(job_id)  # before the events: a change cannot slip between
                 events = await self.store.events(job_id, after)
                 if events:
+                    if any(e["to"] in _TERMINAL for e in events):
+                        await self.store.synced()  # as for wait: an end is told once it is on disk
                     after = events[-1]["id"]
                     await resp.write(("\n".join(dumps(e) for e in events) + "\n").encode())
                 if State(state).terminal:
-                    await self.store.synced()  # as for wait: an end is told once it is on disk
+                    await self.store.synced()
                     await resp.write((dumps({"end": True, "job_id": job_id, "state": state}) + "\n").encode())
                     break
                 if not events and not await wait_any([ev], self.long_poll):

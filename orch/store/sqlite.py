@@ -233,6 +233,7 @@ class SqliteStore:
         self._pending_weight = 0
         self._kick_handle: asyncio.Handle | None = None
         self._busy = False  # a batch is running on the writer thread
+        self._idle_waiters: list[asyncio.Future[None]] = []  # synced() callers waiting for that batch
         self._autockpt = False  # the writer connection's auto-checkpoint is on (thread batches only)
         # fsync of the WAL (FULL): commits are numbered; answers wait until the flushed number reaches theirs.
         self._flusher: ThreadPoolExecutor | None = None
@@ -361,7 +362,12 @@ class SqliteStore:
         ops = [op for op, _, _ in batch]
         if weight <= INLINE_WEIGHT:
             self.inline_batches += 1
-            self._batch_done(batch, self._run_batch(ops, False))
+            try:
+                results = self._run_batch(ops, False)
+            except Exception as e:  # as the writer thread's failure does: every caller hears of it
+                self._abort()
+                results = [(False, e, [])] * len(batch)
+            self._batch_done(batch, results)
             return
         assert self._executor is not None and self._loop is not None
         self._busy = True
@@ -383,22 +389,40 @@ class SqliteStore:
             return [(False, e, [])] * len(ops)
         for op in ops:
             changes: list[Change] = []
-            conn.execute("SAVEPOINT op")
+            try:
+                conn.execute("SAVEPOINT op")
+            except sqlite3.Error as e:
+                self._abort()
+                return [(False, e, [])] * len(ops)
             try:
                 value = op(conn, changes)
                 conn.execute("RELEASE op")
                 out.append((True, value, changes))
             except Exception as e:  # the op's own error goes back to its caller
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error:
+                    # SQLite rolled the whole transaction back itself (a full disk, an I/O error):
+                    # nothing of the batch is written, and every caller hears why.
+                    self._abort()
+                    return [(False, e, [])] * len(ops)
                 out.append((False, e, []))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abort()
             return [(False, e, [])] * len(ops)
         return out
+
+    def _abort(self) -> None:
+        """Roll back whatever is left of a failed batch's transaction."""
+        conn = self._wconn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                log.error("could not roll back a failed write batch: %s", e)
 
     def _thread_batch_done(self, batch: list[tuple[Op, asyncio.Future[Any], bool]], f: Any) -> None:
         self._busy = False
@@ -407,6 +431,9 @@ class SqliteStore:
         except BaseException as e:  # the thread itself failed: every caller hears of it
             results = [(False, e, [])] * len(batch)
         self._batch_done(batch, results)
+        idle, self._idle_waiters = self._idle_waiters, []
+        for w in idle:
+            _settle(w, True, None)
 
     def _batch_done(self, batch: list[tuple[Op, asyncio.Future[Any], bool]],
                     results: list[tuple[bool, Any, list[Change]]]) -> None:
@@ -464,8 +491,18 @@ class SqliteStore:
             self._flush()
 
     async def synced(self) -> None:
-        """Wait until everything committed so far is on disk (at once with NORMAL, or when it already is)."""
-        if self._wal_fd is None or self._flushed_seq >= self._commit_seq or self._loop is None:
+        """Wait until everything committed so far is on disk (at once with NORMAL, or when it already is).
+
+        A batch on the writer thread may have committed before the loop hears of it (and numbers it):
+        a reader may already see its changes, so it is waited for first.
+        """
+        if self._wal_fd is None or self._loop is None:
+            return
+        while self._busy:
+            idle: asyncio.Future[None] = self._loop.create_future()
+            self._idle_waiters.append(idle)
+            await idle
+        if self._flushed_seq >= self._commit_seq:
             return
         fut: asyncio.Future[None] = self._loop.create_future()
         self._unflushed.append((self._commit_seq, fut, None))
@@ -825,8 +862,10 @@ class SqliteStore:
         reason = f"claimed by {worker_id}"
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            if check_worker:
-                _live_worker(conn, worker_id)
+            state = _live_worker(conn, worker_id) if check_worker else conn.execute(
+                "SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()[0]
+            if state == "draining":  # it said it is stopping: no new work for it
+                return []
             rows = conn.execute(sql, (worker_id, now + lease_ttl, now, *qs, limit)).fetchall()
             if rows:
                 conn.executemany(
@@ -1030,7 +1069,8 @@ class SqliteStore:
             changes.extend(out.changes)
             return out
 
-        return await self._write(op)
+        # It may expire thousands of leases at once (a lost worker, a stall): on the writer thread.
+        return await self._write(op, weight=INLINE_WEIGHT + 1)
 
     async def recover(self, grace: float, worker_ttl: float) -> None:
         """After a scheduler start or a stall, give every live lease and worker ``grace`` seconds.
@@ -1053,7 +1093,7 @@ class SqliteStore:
                 (now + max(0.0, grace - worker_ttl),),
             )
 
-        await self._write(op)
+        await self._write(op, weight=INLINE_WEIGHT + 1)  # every running job: on the writer thread
 
     async def deregister(self, worker_id: str) -> None:
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
@@ -1107,11 +1147,13 @@ def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State, to: S
     return row[0]
 
 
-def _live_worker(conn: sqlite3.Connection, worker_id: str) -> None:
+def _live_worker(conn: sqlite3.Connection, worker_id: str) -> str:
+    """The worker's state, alive or draining; UnknownWorker if it is lost, stopped or unknown."""
     row = conn.execute("SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()
     if row is None or row[0] in ("lost", "stopped"):
         raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
                             field="worker_id")
+    return row[0]
 
 
 def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int) -> bool:

@@ -25,6 +25,9 @@ MAX_PENDING_OUTPUT = 256 * 1024
 # While jobs run, reports go out at most this often, so each carries several results (and the
 # scheduler commits them together); an idle worker reports a job's end at once.
 REPORT_EVERY = 0.01
+MAX_LEASE = 1000  # jobs one lease may ask for (the API's limit)
+REPORT_RESULTS = 1000  # results in one report, at most
+REPORT_OUTPUT_BYTES = 2 << 20  # output carried by one report's completions, about (the rest goes next)
 FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
 # Jobs shorter than this on average are worth holding a few of in hand: a slot that
 # frees then starts the next one at once instead of after a lease round trip.
@@ -75,6 +78,8 @@ class Agent:
         self._report_wake = asyncio.Event()
         self._polling = False  # the lease loop's request is open (a long-poll, maybe)
         self._reporting = False  # a report is on its way
+        self._report_failing = False  # the last report did not get through
+        self._report_lock = asyncio.Lock()  # one report at a time (the report loop's, the drain's)
         self._last_report = -1e9  # loop time the last report was sent
         self._report_rtt = 0.002  # seconds a report takes to be answered (moving average)
         self._output: dict[tuple[int, int], list[dict[str, Any]]] = {}  # chunks waiting to be sent
@@ -186,15 +191,16 @@ class Agent:
         return min(PREFETCH_MAX * self.opt.concurrency, math.ceil(self.opt.concurrency * cycle / max(avg, 1e-4)))
 
     def _wanted(self) -> int:
-        return self.free_slots() + self._prefetch() - len(self.waiting)
+        return min(MAX_LEASE, self.free_slots() + self._prefetch() - len(self.waiting))
 
     def held(self) -> list[dict[str, int]]:
         """Every attempt this worker holds a lease on: running or waiting for a slot."""
         return [r.ref for r in self.runs.values()] + [r.ref for r, _ in self.waiting.values()]
 
     def _deferring(self) -> bool:
-        """Results are due or on their way: their report asks for work as it goes, so the lease loop waits."""
-        return bool(self._results) or self._reporting
+        """Results are due or on their way: their report asks for work as it goes, so the lease loop waits
+        (unless reports are failing: then it asks on its own)."""
+        return (bool(self._results) or self._reporting) and not self._report_failing
 
     async def _lease_loop(self) -> None:
         backoff = Backoff()
@@ -335,8 +341,10 @@ class Agent:
             try:
                 await self._report_once()
                 backoff.reset()
+                self._report_failing = False
                 self._report_rtt = 0.8 * self._report_rtt + 0.2 * (loop.time() - sent)
             except ServerUnavailable as e:
+                self._report_failing = True
                 delay = backoff.next()
                 log.warning("%s; keeping %d results and %d output chunks, retrying in %.1fs",
                             e.message, len(self._results), len(self._output), delay)
@@ -350,6 +358,7 @@ class Agent:
                     self._output_since.clear()
                     self._output_bytes = 0
                     continue
+                self._report_failing = True
                 log.error("scheduler refused a report: %s", e.message)
                 await asyncio.sleep(backoff.next())
                 self._report_wake.set()
@@ -359,20 +368,42 @@ class Agent:
 
     async def _report_once(self, everything: bool = False) -> None:
         """One report: live output that has waited long enough, then completions (asking for more work
-        when the lease loop is not already asking), then hand-backs. ``everything``: all live output too."""
+        when the lease loop is not already asking), then hand-backs. ``everything``: all live output too.
+
+        One at a time: the drain's final reports wait for the report loop's, so nothing goes twice.
+        """
         await self._registered.wait()
+        async with self._report_lock:
+            await self._report_locked(everything)
+        if self._results:  # more than one report could carry
+            self._report_wake.set()
+
+    def _next_results(self) -> list[dict[str, Any]]:
+        """The oldest results, as many as one report may carry."""
+        out: list[dict[str, Any]] = []
+        size = 0
+        for r in self._results[:REPORT_RESULTS]:
+            size += sum(len(c["data"]) for c in self._output.get((r["job_id"], r["attempt"]), ()))
+            if out and size > REPORT_OUTPUT_BYTES:
+                break
+            out.append(r)
+        return out
+
+    async def _report_locked(self, everything: bool) -> None:
         wid = self.worker_id or ""
         loop = asyncio.get_running_loop()
         # Output of attempts that are still running (or handed back) goes first and
         # alone; output of finished attempts rides with their completion, so it is
         # stored before the attempt is closed. Nothing leaves the buffers until the
         # scheduler has taken it.
-        results = list(self._results)
+        results = self._next_results()
         finished = {(r["job_id"], r["attempt"]) for r in results if not r.get("hand_back")}
+        handed = {(r["job_id"], r["attempt"]) for r in results if r.get("hand_back")}
         now = loop.time()
         ripe = now - OUTPUT_COALESCE
         live_keys = [k for k in self._output if k not in finished
-                     and (everything or self._output_bytes >= MAX_PENDING_OUTPUT or self._output_since[k] <= ripe)]
+                     and (everything or k in handed or self._output_bytes >= MAX_PENDING_OUTPUT
+                          or self._output_since[k] <= ripe)]
         if live_keys:
             sent = {k: len(self._output[k]) for k in live_keys}
             await self.client.send_output(wid, [c for k in live_keys for c in self._output[k]])

@@ -407,7 +407,17 @@ def test_wait_tells_of_an_end_only_once_it_is_on_disk(tmp_path: Path, monkeypatc
         await lease(client, wid)
         hub = client.server.app[HUB]
         waiter = asyncio.ensure_future(call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "10"}))
-        await until(lambda: job["id"] in hub._jobs, what="the wait to start")
+        followed: list[dict[str, Any]] = []
+
+        async def follow() -> None:
+            async with client.get(f"/v1/jobs/{job['id']}/events", params={"follow": "1"}) as resp:
+                async for line in resp.content:
+                    if line.strip():
+                        followed.append(json.loads(line))
+
+        follower = asyncio.ensure_future(follow())
+        await until(lambda: job["id"] in hub._jobs and [e.get("to") for e in followed] == ["queued", "running"],
+                    what="the wait and the follower to start")
         gate.clear()  # from here the disk "takes its time"
         done = asyncio.ensure_future(call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
             {"job_id": job["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0}]}))
@@ -415,12 +425,15 @@ def test_wait_tells_of_an_end_only_once_it_is_on_disk(tmp_path: Path, monkeypatc
         for _ in range(50):  # let the woken wait run as far as it will
             await asyncio.sleep(0)
         assert not waiter.done() and not done.done(), "answered before the end reached the disk"
+        assert [e.get("to") for e in followed] == ["queued", "running"], "the follower heard of the end too soon"
         flushes = len(synced)
         gate.set()
         status, waited = await asyncio.wait_for(waiter, 5)
         assert status == 200 and waited["state"] == "succeeded"
         status, answer = await asyncio.wait_for(done, 5)
         assert status == 200 and answer["results"][0]["accepted"]
+        await asyncio.wait_for(follower, 5)
+        assert [e.get("to") for e in followed] == ["queued", "running", "succeeded", None] and followed[-1]["end"]
         assert len(synced) > flushes
 
     serve(tmp_path, body)

@@ -570,6 +570,22 @@ def test_silent_worker_is_lost_and_its_jobs_retry_or_fail(tmp_path: Path) -> Non
     run(tmp_path, body)
 
 
+def test_a_draining_worker_is_given_no_new_work(tmp_path: Path) -> None:
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        wid = await worker(store)
+        first = await submit_one(store)
+        waiting = await submit_one(store)
+        await claim_one(store, wid)
+        await store.heartbeat(wid, [(first, 1)], TTL, draining=True)
+        assert (await store.claim(wid, ["default"], 5, TTL))[0] == []
+        answers, jobs = await store.complete_and_claim(
+            wid, [AttemptResult(first, 1, Outcome.SUCCEEDED, exit_code=0)], POLICY, ["default"], 5, TTL)
+        assert answers[0]["accepted"] and jobs == []  # its report is taken, no job is handed to it
+        assert (await store.get_job(waiting))["state"] == "queued"
+
+    run(tmp_path, body)
+
+
 def test_hand_back_requeues_at_once_without_using_an_attempt(tmp_path: Path) -> None:
     async def body(store: SqliteStore, clock: FakeClock) -> None:
         jid = await submit_one(store, max_attempts=1)
@@ -828,6 +844,27 @@ def test_listener_hears_each_committed_batch_once_before_any_answer(tmp_path: Pa
     run(tmp_path, body)
 
 
+def test_the_listener_hears_a_submit_before_its_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So a lease long-poll can claim while the submit's fsync runs; the submit's answer still waits for it."""
+    import os
+    import threading
+
+    real = os.fdatasync
+    gate = threading.Event()
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (gate.wait(10), real(fd)))
+    heard: list[int] = []
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        store.on_commit = lambda changes: heard.extend(c.job_id for c in changes)
+        submitted = asyncio.ensure_future(submit_one(store))
+        await until(lambda: heard, 5, "the listener to hear of the submit")
+        assert store._flushing and not submitted.done()  # heard while the fsync is still held
+        gate.set()
+        assert await asyncio.wait_for(submitted, 5) == heard[0]
+
+    run(tmp_path, body)
+
+
 def test_synced_waits_for_the_fsync_of_what_is_committed(tmp_path: Path) -> None:
     async def body(store: SqliteStore, clock: FakeClock) -> None:
         wid = await worker(store)
@@ -865,10 +902,89 @@ def test_a_reader_waiting_during_an_fsync_that_covers_it_needs_no_other(tmp_path
     run(tmp_path, body)  # opening fsyncs with os.fsync: only the store's own flushes are held
 
 
+@pytest.mark.parametrize("jobs", [1, 100], ids=["inline", "writer-thread"])
+def test_a_full_disk_fails_the_whole_batch_and_answers_every_caller(tmp_path: Path, jobs: int) -> None:
+    """SQLite rolls the whole transaction back on SQLITE_FULL: nothing of the batch is written, nobody hangs."""
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        assert store._wconn is not None
+        kept = await submit_one(store, name="kept")
+        pages = store._wconn.execute("PRAGMA page_count").fetchone()[0]
+        store._wconn.execute(f"PRAGMA max_page_count = {pages}")  # the "disk" is full from here
+        big = [spec(name=f"b{i}", labels={"pad": "x" * 200}) for i in range(max(jobs, 200))]
+        results = await asyncio.wait_for(asyncio.gather(
+            submit_one(store, name="mate"), store.submit(big[:jobs] if jobs > 1 else big, POLICY),
+            return_exceptions=True), 5)
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        store._wconn.execute("PRAGMA max_page_count = 1073741823")
+        listed, _ = await store.list_jobs(limit=1000)
+        assert [j["id"] for j in listed] == [kept]  # neither the mate nor any of the big submit
+        assert (await store.get_job(await submit_one(store)))["state"] == "queued"  # and it goes on
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("weight", [1, 100], ids=["inline", "writer-thread"])
+def test_a_transaction_sqlite_rolled_back_itself_fails_the_batch(tmp_path: Path, weight: int) -> None:
+    """After an error SQLite answers by rolling back the whole transaction (a full disk mid-statement, an
+    I/O error), the savepoints are gone: every op of the batch fails with it, and every caller is answered."""
+
+    def breaks(conn: sqlite3.Connection, out: list[Any]) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does by itself on such errors
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        results = await asyncio.wait_for(asyncio.gather(
+            submit_one(store, name="before"), store._write(breaks, weight=weight), submit_one(store, name="after"),
+            return_exceptions=True), 5)
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        assert (await store.list_jobs(limit=10))[0] == []
+        assert (await store.get_job(await submit_one(store)))["state"] == "queued"  # and it goes on
+
+    run(tmp_path, body)
+
+
+def test_synced_covers_a_batch_the_writer_thread_is_committing(tmp_path: Path) -> None:
+    """A reader may see a thread batch's commit before the loop numbers it: synced() waits for that batch."""
+    import threading
+
+    import orch.store.sqlite as sqlite_store
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        gate = threading.Event()
+
+        def slow(conn: sqlite3.Connection, out: list[Any]) -> None:
+            conn.execute("UPDATE workers SET running = running")
+            gate.wait(10)
+
+        writing = asyncio.ensure_future(store._write(slow, weight=sqlite_store.INLINE_WEIGHT + 1))
+        await until(lambda: store._busy, 5, "the batch to run on the writer thread")
+        f0, seq0 = store.flushes, store._commit_seq
+        reader = asyncio.ensure_future(store.synced())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not reader.done(), "synced() returned while a batch was still committing"
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(writing, reader), 5)
+        assert store._flushed_seq >= seq0 + 1 and store.flushes > f0
+
+    run(tmp_path, body)
+
+
 def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import orch.store.sqlite as sqlite_store
 
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 5)
+    import threading
+
+    opened_on: list[str] = []
+    real_connect = sqlite_store._connect
+
+    def connect(*a: Any, **kw: Any) -> sqlite3.Connection:
+        opened_on.append(threading.current_thread().name)
+        return real_connect(*a, **kw)
+
+    monkeypatch.setattr(sqlite_store, "_connect", connect)
 
     async def body(store: SqliteStore, clock: FakeClock) -> None:
         assert store._wconn is not None
@@ -877,6 +993,8 @@ def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path, monkeypatch: pytes
         # Inline batches never checkpoint as they commit (that would fsync on the loop).
         assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         await until(lambda: store.checkpoints >= 2, 10, "two PASSIVE checkpoints")
+        # Its connection was opened, and its checkpoints run, on the checkpoint thread.
+        assert any(name.startswith("orch-checkpoint") for name in opened_on), opened_on
 
     run(tmp_path, body)
 
