@@ -81,6 +81,11 @@ MAX_QUEUES_PER_CLAIM = 32
 INLINE_WEIGHT = 64  # batches touching at most this many jobs commit on the loop thread
 CHECKPOINT_EVERY = 200  # committed inline batches between PASSIVE checkpoints (~SQLite's 1,000 pages)
 AUTOCHECKPOINT_PAGES = 1000  # SQLite's default, for batches on the writer thread
+# A WAL this many frames long after a background checkpoint: under a steady stream of inline
+# commits that checkpoint never catches up, and the WAL only restarts from its beginning after
+# one that did. The next batch then runs on the writer thread and checkpoints as it commits.
+WAL_RESTART_FRAMES = 4000
+WAL_SIZE_LIMIT = 32 << 20  # bytes the WAL file is cut back to when it restarts (journal_size_limit)
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -248,10 +253,12 @@ class SqliteStore:
         self._ckpt_conn: sqlite3.Connection | None = None
         self._ckpt_running: asyncio.Future[Any] | None = None
         self._since_ckpt = 0
+        self._writer_checkpoint = False  # the next batch checkpoints on the writer thread (see WAL_RESTART_FRAMES)
         self.batches = 0  # committed write batches, for tests and metrics
         self.ops = 0
         self.inline_batches = 0  # of which ran on the loop thread
-        self.checkpoints = 0
+        self.checkpoints = 0  # background ones
+        self.writer_checkpoints = 0  # ones the writer thread did after a commit, to let the WAL restart
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +273,7 @@ class SqliteStore:
             self._wconn = _connect(self.path, "NORMAL")
             migrate(self._wconn)
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
+            self._wconn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._wconn.execute("PRAGMA temp_store=MEMORY")
             if self.synchronous == "FULL":
                 self._wal_fd = os.open(str(self.path) + "-wal", os.O_RDONLY)
@@ -360,7 +368,7 @@ class SqliteStore:
         batch, self._pending = self._pending, []
         weight, self._pending_weight = self._pending_weight, 0
         ops = [op for op, _, _ in batch]
-        if weight <= INLINE_WEIGHT:
+        if weight <= INLINE_WEIGHT and not self._writer_checkpoint:
             self.inline_batches += 1
             try:
                 results = self._run_batch(ops, False)
@@ -372,10 +380,12 @@ class SqliteStore:
         assert self._executor is not None and self._loop is not None
         self._busy = True
         loop = self._loop
-        cf = self._executor.submit(self._run_batch, ops, True)
+        checkpoint, self._writer_checkpoint = self._writer_checkpoint, False
+        cf = self._executor.submit(self._run_batch, ops, True, checkpoint)
         cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._thread_batch_done, batch, f))
 
-    def _run_batch(self, ops: list[Op], on_thread: bool) -> list[tuple[bool, Any, list[Change]]]:
+    def _run_batch(self, ops: list[Op], on_thread: bool,
+                   checkpoint: bool = False) -> list[tuple[bool, Any, list[Change]]]:
         conn = self._wconn
         assert conn is not None
         out: list[tuple[bool, Any, list[Change]]] = []
@@ -413,6 +423,12 @@ class SqliteStore:
         except sqlite3.Error as e:
             self._abort()
             return [(False, e, [])] * len(ops)
+        if checkpoint:  # nothing can commit meanwhile: this one catches up, and the WAL restarts after it
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.writer_checkpoints += 1
+            except sqlite3.Error as e:
+                log.warning("WAL checkpoint failed: %s", e)
         return out
 
     def _abort(self) -> None:
@@ -515,13 +531,15 @@ class SqliteStore:
         assert self._ckpt_pool is not None and self._loop is not None
         self._since_ckpt = 0
 
-        def run() -> None:
+        def run() -> int:
+            """The WAL's length in frames, as the checkpoint found it."""
             if self._ckpt_conn is None:
                 self._ckpt_conn = _connect(self.path, "NORMAL")
             try:
-                self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                return int(self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
             except sqlite3.Error as e:
                 log.warning("WAL checkpoint failed: %s", e)
+                return 0
 
         self._ckpt_running = asyncio.wrap_future(self._ckpt_pool.submit(run), loop=self._loop)
         self._ckpt_running.add_done_callback(self._checkpointed)
@@ -529,8 +547,12 @@ class SqliteStore:
     def _checkpointed(self, f: asyncio.Future[Any]) -> None:
         self._ckpt_running = None
         self.checkpoints += 1
-        if not f.cancelled() and f.exception() is not None:
+        if f.cancelled():
+            return
+        if f.exception() is not None:
             log.warning("WAL checkpoint failed: %s", f.exception())
+        elif f.result() >= WAL_RESTART_FRAMES:
+            self._writer_checkpoint = True
 
     # ------------------------------------------------------------------ reads
 

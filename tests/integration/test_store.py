@@ -880,6 +880,35 @@ def test_synced_waits_for_the_fsync_of_what_is_committed(tmp_path: Path) -> None
     run(tmp_path, body)
 
 
+def test_a_wal_the_background_checkpoint_cannot_empty_is_checkpointed_by_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady stream of inline commits the background checkpoint never catches up, and the WAL
+    would only grow: once it reports a long WAL, the next batch checkpoints on the writer thread."""
+    import orch.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_FRAMES", 1)  # any WAL counts as long here
+
+    def wal_frames() -> int:
+        conn = sqlite3.connect(str(tmp_path / "orch.db"))
+        try:
+            return conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        finally:
+            conn.close()
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        for _ in range(3):
+            await submit_one(store)
+        await until(lambda: store._writer_checkpoint, 10, "the checkpoint thread to report the WAL")
+        inline = store.inline_batches
+        await submit_one(store)  # runs on the writer thread, and checkpoints after its commit
+        assert store.inline_batches == inline and store.writer_checkpoints == 1
+        await submit_one(store)  # starts the WAL over from its beginning
+        assert wal_frames() < 20
+
+    run(tmp_path, body)
+
+
 def test_a_reader_waiting_during_an_fsync_that_covers_it_needs_no_other(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import os
