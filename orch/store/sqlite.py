@@ -869,8 +869,7 @@ class SqliteStore:
 
         return await self._write(op, weight=max(1, len(running)))
 
-    def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float,
-                  check_worker: bool = True) -> Op:
+    def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float) -> Op:
         check_transition(State.QUEUED, State.RUNNING)
         qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
         marks = ",".join("?" * len(qs))
@@ -884,9 +883,7 @@ class SqliteStore:
         reason = f"claimed by {worker_id}"
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            state = _live_worker(conn, worker_id) if check_worker else conn.execute(
-                "SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()[0]
-            if state == "draining":  # it said it is stopping: no new work for it
+            if _live_worker(conn, worker_id) == "draining":  # it said it is stopping: no new work for it
                 return []
             rows = conn.execute(sql, (worker_id, now + lease_ttl, now, *qs, limit)).fetchall()
             if rows:
@@ -922,14 +919,11 @@ class SqliteStore:
         """
         now = self.clock()
         op = self._claim_op(worker_id, queues, limit, lease_ttl, now)
-        changes: list[Change] = []
 
-        def claiming(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            rows = op(conn, out)
-            changes[:] = out
-            return rows
+        def claiming(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[sqlite3.Row], list[Change]]:
+            return op(conn, out), list(out)
 
-        rows = await self._write(claiming, weight=limit)
+        rows, changes = await self._write(claiming, weight=limit)
         return self._leases(rows, raw_spec), changes
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
@@ -997,10 +991,10 @@ class SqliteStore:
         """
         now = self.clock()
         complete = self._complete_op(worker_id, results, defaults, now)
-        claim = self._claim_op(worker_id, queues, limit, lease_ttl, now, check_worker=False)  # checked below
+        claim = self._claim_op(worker_id, queues, limit, lease_ttl, now)
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[sqlite3.Row]]:
-            _live_worker(conn, worker_id)
+            # The claim checks the worker; its UnknownWorker undoes the completions with it.
             return complete(conn, out), claim(conn, out)
 
         answers, rows = await self._write(op, durable=True, weight=len(results) + limit)
