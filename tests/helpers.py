@@ -207,3 +207,18 @@ def job(url: str, job_id: int, **kw: Any) -> dict[str, Any]:
     status, body = http("GET", f"{url}/v1/jobs/{job_id}", **kw)
     assert status == 200, body
     return body
+
+
+def hold_fsyncs(monkeypatch: Any) -> Any:
+    """Make os.fdatasync wait (up to 10 s) until the returned threading.Event is set: a disk that takes its time."""
+    import threading
+
+    real = os.fdatasync
+    gate = threading.Event()
+
+    def held(fd: int) -> None:
+        gate.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    return gate

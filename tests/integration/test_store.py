@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from helpers import until
+from helpers import hold_fsyncs, until
 from orch.errors import Conflict, NotFound, UnknownWorker
 from orch.models import JobSpec, Outcome, RetryPolicy, iso, parse_spec
 from orch.store.base import AttemptResult, OutputChunk
@@ -846,12 +846,7 @@ def test_listener_hears_each_committed_batch_once_before_any_answer(tmp_path: Pa
 
 def test_the_listener_hears_a_submit_before_its_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """So a lease long-poll can claim while the submit's fsync runs; the submit's answer still waits for it."""
-    import os
-    import threading
-
-    real = os.fdatasync
-    gate = threading.Event()
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (gate.wait(10), real(fd)))
+    gate = hold_fsyncs(monkeypatch)
     heard: list[int] = []
 
     async def body(store: SqliteStore, clock: FakeClock) -> None:
@@ -911,12 +906,7 @@ def test_a_wal_the_background_checkpoint_cannot_empty_is_checkpointed_by_the_wri
 
 def test_a_reader_waiting_during_an_fsync_that_covers_it_needs_no_other(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import threading
-
-    real = os.fdatasync
-    gate = threading.Event()
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (gate.wait(10), real(fd)))
+    gate = hold_fsyncs(monkeypatch)
 
     async def body(store: SqliteStore, clock: FakeClock) -> None:
         f0 = store.flushes
