@@ -23,6 +23,7 @@ violation go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -306,6 +307,7 @@ class Chaos:
         use_tokens(env)
         self.env = env
         self.ttl = float(timings["ORCH_SCHEDULER_LEASE_TTL"])
+        self.grace = float(timings["ORCH_SCHEDULER_RECOVERY_GRACE"])
         self.procs: list[Proc] = []
         self.scheduler: Proc | None = None
         self.workers: dict[str, Proc] = {}
@@ -516,6 +518,7 @@ class Chaos:
             if self.submit_error:
                 raise RuntimeError(f"submitter failed: {self.submit_error!r}")
             self.wait_terminal()
+            self.wait_killed_lost()
             self.audit()
         except Exception as e:  # the run could not finish: that is a result too, with the logs kept
             self.report.violations.append(f"run aborted: {type(e).__name__}: {e}")
@@ -540,6 +543,20 @@ class Chaos:
             wait_for(settled, self.deadline, "every job to end", interval=0.1)
         except TimeoutError as e:
             self.report.violations.append(str(e))
+
+    def wait_killed_lost(self) -> None:
+        """Give the reaper its time to mark every killed worker lost before the audit looks.
+
+        The last jobs can end sooner than a killed worker's silence runs out (a
+        kill just after its report, or within the grace after a scheduler
+        restart): lost is due a lease TTL after its last heartbeat, or after the
+        grace, not when the jobs are done. The audit says which ones never were.
+        """
+        def all_lost() -> bool:
+            return all(w["state"] == "lost" for w in self.worker_list() if w["id"] in self.killed_ids)
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(all_lost, self.ttl + self.grace + 10, "every killed worker to be marked lost", interval=0.1)
 
     def shutdown(self) -> None:
         # Workers first, while the scheduler can still hear their goodbye; every process ends.
