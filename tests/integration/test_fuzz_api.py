@@ -12,6 +12,7 @@ and output reach the store for real.
 from __future__ import annotations
 
 import asyncio
+import copy
 import http.client
 import json
 import random
@@ -36,7 +37,7 @@ from orch.store.sqlite import SqliteStore  # noqa: E402
 
 CLIENT = "fuzz-client-token"
 JOIN = "fuzz-join-token"
-EXAMPLES = 60  # per operation; about 25 operations: ~1,300 requests in ~15 s
+EXAMPLES = 100  # per operation; about 22 operations: ~2,200 requests in ~15 s
 DOC = document(long_poll=0.2)
 COMPONENTS = DOC["components"]["schemas"]
 OPS = sorted(operations(DOC).items())
@@ -200,6 +201,34 @@ json_values = st.recursive(
     max_leaves=12,
 )
 junk = st.text(max_size=30)
+containers = st.lists(json_values, max_size=2) | st.dictionaries(st.text(max_size=5), json_values, max_size=2)
+
+
+def value_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The path (keys and indexes) to every value nested in ``value``, the deepest ones too."""
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield (*path, key)
+        yield from value_paths(child, (*path, key))
+
+
+@st.composite
+def one_value_wrong(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> Any:
+    """A valid body with one value anywhere in it (a field, an item, a nested field) swapped for any JSON.
+
+    Whole-body junk rarely reaches past the first check a handler makes; this reaches each field's own
+    checks with values of every type (an object where a string is expected, a list for a number, ...).
+    """
+    body = copy.deepcopy(draw(valid))
+    paths = list(value_paths(body))
+    if not paths:
+        return body
+    *parents, last = draw(st.sampled_from(paths))
+    target = body
+    for key in parents:
+        target = target[key]
+    target[last] = draw(json_values | containers)  # containers twice as often: no handler expects them
+    return body
 
 
 def body_strategy(op: dict[str, Any]) -> st.SearchStrategy[bytes | None]:
@@ -213,6 +242,9 @@ def body_strategy(op: dict[str, Any]) -> st.SearchStrategy[bytes | None]:
         valid.map(lambda v: json.dumps(v).encode()),
         valid.map(lambda v: json.dumps(v).encode()),
         plus_unknown.map(lambda v: json.dumps(v).encode()),
+        one_value_wrong(valid).map(lambda v: json.dumps(v).encode()),
+        one_value_wrong(valid).map(lambda v: json.dumps(v).encode()),
+        one_value_wrong(valid).map(lambda v: json.dumps(v).encode()),
         json_values.map(lambda v: json.dumps(v).encode()),
         st.binary(max_size=40),
         st.sampled_from([b'{"command": ["\\ud800"]}', b"[" * 3000, b'{"a": 1e999}', b"", b"\xff\xfe"]),
