@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import zipfile
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Awaitable, Callable, List, TypeVar
 
@@ -16,7 +17,7 @@ import typer
 
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
-from orch.errors import ConfigError, OrchError, ValidationError
+from orch.errors import ApiError, ConfigError, OrchError, ValidationError
 
 T = TypeVar("T")
 log = logging.getLogger("orch")
@@ -60,17 +61,27 @@ def settings_for(config: Path | None, **overrides: Any) -> Settings:
         raise  # unreachable
 
 
-def run_async(coro: Awaitable[T]) -> T:
-    """Run a coroutine; turn orch errors into one line and an exit code, never a traceback."""
+# Exit codes of the commands that exit with a job's own exit code (run --wait, logs --follow, submit --wait),
+# when the job did not decide them: orch itself failed (docker run's convention: no job is likely to exit
+# 125 on its own), or the wait was interrupted (128 + SIGINT, as a shell reports it).
+ORCH_FAILED = 125
+INTERRUPTED = 130
+
+
+def run_async(coro: Awaitable[T], failure_code: int | None = None) -> T:
+    """Run a coroutine; turn orch errors into one line and an exit code, never a traceback.
+
+    ``failure_code``: the exit code of any orch error (for commands whose other exit codes are a job's).
+    """
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except ValidationError as e:
         where = f" ({e.field})" if e.field and e.field not in e.message else ""
-        fail(f"{e.message}{where}", e.exit_code)
+        fail(f"{e.message}{where}", failure_code or e.exit_code)
     except OrchError as e:
-        fail(e.message, e.exit_code)
+        fail(e.message, failure_code or e.exit_code)
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED) from None
     raise AssertionError("unreachable")
 
 
@@ -570,6 +581,7 @@ def run(
     priority: int | None = typer.Option(None, "--priority", help="Higher runs first (-1000..1000)."),
     name: str | None = typer.Option(None, "--name", help="A name for the job."),
     cwd: str | None = typer.Option(None, "--cwd", help="Working directory on the worker."),
+    cancel_on_interrupt: bool = typer.Option(False, "--cancel-on-interrupt", help="With --wait: Ctrl-C cancels the job (else it keeps running; a second Ctrl-C within 2 s cancels it)."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -594,15 +606,63 @@ def run(
             if not wait:
                 emit_json(job) if as_json else typer.echo(job["id"])
                 return 0
-            if as_json:
-                while True:
-                    job = await client.wait(job["id"], 30)
-                    if job["state"] in ("succeeded", "failed", "cancelled"):
-                        emit_json(job)
-                        return _exit_code(job)
-            return await _stream(client, job["id"])
+            job_id = job["id"]
+            typer.echo(f"orch: job {job_id}", err=True)  # before any wait: a Ctrl-C must never leave it nameless
 
-    raise typer.Exit(run_async(main()))
+            async def to_the_end() -> int:
+                if not as_json:
+                    return await _stream(client, job_id)
+                while True:
+                    done = await client.wait(job_id, 30)
+                    if done["state"] in _ENDED:
+                        emit_json(done)
+                        return _exit_code(done)
+
+            return await _interruptible(client, job_id, to_the_end(), cancel_on_interrupt)
+
+    raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))
+
+
+async def _interruptible(client: Any, job_id: int, waiting: Awaitable[int], cancel: bool) -> int:
+    """Wait for a job's end; on Ctrl-C stop waiting and leave the job running, saying so (a second Ctrl-C
+    within 2 s, or ``cancel``, cancels it). The exit code: the job's, or INTERRUPTED."""
+    loop = asyncio.get_running_loop()
+    hits: asyncio.Queue[None] = asyncio.Queue()
+    try:
+        loop.add_signal_handler(signal.SIGINT, hits.put_nowait, None)
+    except (NotImplementedError, RuntimeError):  # no signal handlers here: Ctrl-C is KeyboardInterrupt
+        return await waiting
+    task = asyncio.ensure_future(waiting)
+    hit = asyncio.ensure_future(hits.get())
+    try:
+        await asyncio.wait({task, hit}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError, OrchError):
+            await task
+        if not cancel:
+            typer.echo(f"orch: job {job_id} is still running; orch cancel {job_id} stops it, "
+                       f"orch logs -f {job_id} follows it", err=True)
+            try:
+                await asyncio.wait_for(hits.get(), 2.0)
+            except TimeoutError:
+                return INTERRUPTED
+        try:
+            job = await client.cancel(job_id)
+        except ApiError as e:
+            if e.http_status != 409:
+                raise
+            typer.echo(f"orch: job {job_id} had already ended", err=True)
+            return INTERRUPTED
+        if job["state"] == "cancelled":
+            typer.echo(f"orch: job {job_id} cancelled", err=True)
+        else:
+            typer.echo(f"orch: job {job_id} is being cancelled: its worker stops it", err=True)
+        return INTERRUPTED
+    finally:
+        hit.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _exit_code(job: dict[str, Any]) -> int:
@@ -764,12 +824,10 @@ def logs(
             out = await client.output(_job_ref(job))
         sys.stdout.write(out["stdout"])
         sys.stdout.flush()
-        sys.stderr.write(out["stderr"])
-        if out.get("stdout_truncated") or out.get("stderr_truncated"):
-            typer.echo("orch: output was truncated; only its tail is kept", err=True)
+        sys.stderr.write(out["stderr"])  # what was not kept is marked where it is missing (orch/output.py)
         return 0
 
-    raise typer.Exit(run_async(main()))
+    raise typer.Exit(run_async(main(), ORCH_FAILED if follow else None))
 
 
 @app.command()
@@ -1030,7 +1088,7 @@ def submit(
                    f"elapsed {elapsed:.2f} s, {len(ids) / elapsed:,.1f} jobs/s", err=as_json)
         return 0 if ok == len(ids) else 1
 
-    raise typer.Exit(run_async(main()))
+    raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))
 
 
 async def _wait_with_progress(client: Any, ids: list[int]) -> dict[str, int]:

@@ -71,14 +71,19 @@ class Client:
             self._session = None
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
-                      read_timeout: float | None = 60.0) -> Any:
+                      read_timeout: float | None = 60.0, raw: bytes | None = None) -> Any:
+        """One API call; ``raw``: a body already encoded as JSON (sent as it is)."""
         url = self.server + path
         headers = self._headers(path)
+        data = None
+        if raw is not None:
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+            data, body = raw, None
         tries = 0
         while True:
             try:
                 async with self.session.request(
-                    method, url, json=body, params=params, headers=headers, allow_redirects=False,
+                    method, url, json=body, data=data, params=params, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=read_timeout),
                 ) as resp:
                     raw = await resp.read()
@@ -142,9 +147,8 @@ class Client:
             ) as resp:
                 if resp.status >= 400:
                     _decode(resp.status, await resp.read())
-                async for line in resp.content:
-                    if line.strip():
-                        yield json.loads(line)
+                async for item in _ndjson(resp.content):
+                    yield item
         except aiohttp.ClientConnectionError as e:
             raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e)}") from None
 
@@ -165,9 +169,8 @@ class Client:
                     else:
                         if resp.status >= 400:
                             _decode(resp.status, await resp.read())
-                        async for line in resp.content:
-                            if line.strip():
-                                yield json.loads(line)
+                        async for item in _ndjson(resp.content):
+                            yield item
                         return
             except aiohttp.ClientConnectionError as e:
                 raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e, self.server)}") from None
@@ -207,9 +210,50 @@ class Client:
         reply = await self.request("POST", f"/v1/workers/{worker_id}/complete", body=body)
         return reply["results"], reply.get("jobs", [])
 
+    async def post_worker(self, worker_id: str, route: str, body: bytes) -> Any:
+        """POST a body the worker encoded itself (orch/worker/outbox.py) to one of its own routes."""
+        return await self.request("POST", f"/v1/workers/{worker_id}/{route}", raw=body)
+
     async def hand_back(self, worker_id: str, attempts: list[dict[str, int]], stop: bool) -> dict[str, Any]:
         return await self.request("POST", f"/v1/workers/{worker_id}/hand-back",
                                   body={"attempts": attempts, "stop": stop})
+
+
+MAX_LINE = 64 << 20  # bytes of one NDJSON line, at most (a line holds one output chunk, far less)
+
+
+async def _ndjson(content: aiohttp.StreamReader) -> AsyncIterator[Any]:
+    """The decoded lines of an NDJSON stream. aiohttp's own line reading refuses lines over 128 KiB,
+    and one chunk of output with many characters to escape can make a longer one."""
+    buf = bytearray()
+    async for data in content.iter_any():
+        buf += data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(buf[start:end])
+            start = end + 1
+            if line.strip():
+                yield json.loads(line)
+        del buf[:start]
+        if len(buf) > MAX_LINE:
+            raise ServerUnavailable(f"a line of the scheduler's stream is longer than {MAX_LINE} bytes")
+    if buf.strip():
+        yield json.loads(bytes(buf))
+
+
+def retryable(e: Exception) -> bool:
+    """An error worth waiting out and trying again: the scheduler unreachable, slow, overloaded or failing
+    (5xx, 429, 408), or something in between answering what orch would not (a proxy's error page)."""
+    if isinstance(e, ServerUnavailable):
+        return True
+    if isinstance(e, ApiError):
+        if e.http_status in (401, 403, 413):
+            return False
+        return e.http_status >= 500 or e.http_status in (408, 429) or e.code == "http_error"
+    return False
 
 
 def _decode(status: int, raw: bytes) -> Any:

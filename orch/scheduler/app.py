@@ -18,6 +18,7 @@ from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
+from orch.output import marker as output_marker
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import document as openapi_document
 from orch.scheduler.security import GUARD, Guard, guard_request, unencodable_field
@@ -205,7 +206,7 @@ def attempt_refs(items: Any, field: str) -> list[tuple[int, int]]:
 def chunk_of(item: Any, p: str) -> OutputChunk:
     if not isinstance(item, dict):
         raise ValidationError("each chunk must be an object", field=p.rstrip("."))
-    only(item, {"job_id", "attempt", "stream", "data"}, p)
+    only(item, {"job_id", "attempt", "stream", "data", "skipped"}, p)
     stream = item.get("stream")
     if stream not in ("stdout", "stderr"):
         raise ValidationError("stream must be 'stdout' or 'stderr'", field=p + "stream")
@@ -213,7 +214,7 @@ def chunk_of(item: Any, p: str) -> OutputChunk:
     if not isinstance(data, str):
         raise ValidationError("data must be a string", field=p + "data")
     return OutputChunk(int_field(item, "job_id", 1, 2**62, prefix=p), int_field(item, "attempt", 1, 10**6, prefix=p),
-                       stream, data)
+                       stream, data, int_field(item, "skipped", 0, 2**62, 0, prefix=p))
 
 
 _OUTCOMES = {o.value for o in Outcome} - {Outcome.RUNNING.value, Outcome.LOST.value, Outcome.HANDED_BACK.value}
@@ -397,6 +398,17 @@ class Api:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         after = 0
+        # Where each attempt's stream has been shown up to, and its last character: a chunk that starts
+        # further on (the worker dropped output, or the store trimmed it before we read it) gets a
+        # marker first, so what is shown is never silently short (orch/output.py).
+        shown: dict[tuple[int, str], int] = {}
+        last: dict[tuple[int, str], str] = {}
+
+        def hole(attempt: int, stream: str, nbytes: int) -> str:
+            text = output_marker(stream, nbytes, last.get((attempt, stream), ""))
+            last[(attempt, stream)] = "\n"
+            return dumps({"attempt": attempt, "stream": stream, "data": text, "skipped": nbytes})
+
         while True:
             ev = self.hub.job_event(job_id)
             state, _ = await self.store.job_state(job_id)  # read before the chunks: see module doc
@@ -405,14 +417,24 @@ class Api:
                 lines = []
                 for c in chunks:
                     after = c["id"]
+                    key = (c["attempt"], c["stream"])
+                    at = shown.get(key, 0)
+                    if c["pos"] > at:
+                        lines.append(hole(c["attempt"], c["stream"], c["pos"] - at))
                     lines.append(dumps({"attempt": c["attempt"], "stream": c["stream"], "data": c["data"]}))
+                    shown[key] = max(at, c["pos"] + c["size"])
+                    last[key] = c["data"][-1:]
                 await resp.write(("\n".join(lines) + "\n").encode())
             if State(state).terminal:
                 await self.store.synced()  # as for wait: an end is told once it is on disk
                 job = await self.store.get_job(job_id, with_output=False)
+                # What each attempt wrote beyond the last chunk shown (dropped at its very end).
+                tails = [hole(a["attempt"], stream, a[f"{stream}_bytes"] - shown.get((a["attempt"], stream), 0))
+                         for a in job["attempts"] for stream in ("stdout", "stderr")
+                         if a[f"{stream}_bytes"] > shown.get((a["attempt"], stream), 0)]
                 end = {"end": True, "state": job["state"], "attempt": job["attempt"],
                        "exit_code": job["exit_code"], "error": job["error"]}
-                await resp.write((dumps(end) + "\n").encode())
+                await resp.write(("\n".join([*tails, dumps(end)]) + "\n").encode())
                 break
             if not chunks and not await wait_any([ev], self.long_poll):
                 transport = request.transport
@@ -441,6 +463,10 @@ class Api:
             "heartbeat_interval": self.settings["scheduler.heartbeat_interval"],
             "lease_ttl": self.lease_ttl,
             "long_poll_timeout": self.long_poll,
+            # What one request may carry, and how much output per stream is kept: the worker keeps no more
+            # unsent output than that and makes every report fit the limit.
+            "max_body_bytes": self.settings["scheduler.max_body_bytes"],
+            "output_limit_bytes": self.settings["scheduler.output_limit_bytes"],
             "credential": credential,
         }, 201)
 

@@ -138,8 +138,11 @@ SCHEMAS: dict[str, Any] = {
     "Registered": obj({
         "worker_id": {"type": "string"}, "heartbeat_interval": {"type": "number"}, "lease_ttl": {"type": "number"},
         "long_poll_timeout": {"type": "number"},
+        "max_body_bytes": {"type": "integer", "description": "the largest request body the scheduler takes"},
+        "output_limit_bytes": {"type": "integer", "description": "output kept per attempt and stream (the tail)"},
         "credential": {"type": "string", "description": "this worker's own bearer token for /v1/workers/{worker_id}/..."},
-    }, ("worker_id", "heartbeat_interval", "lease_ttl", "long_poll_timeout", "credential")),
+    }, ("worker_id", "heartbeat_interval", "lease_ttl", "long_poll_timeout", "max_body_bytes", "output_limit_bytes",
+        "credential")),
     "AttemptRef": obj({"job_id": JOB_ID, "attempt": ATTEMPT}, ("job_id", "attempt"), closed=True),
     "Heartbeat": obj({
         "running": {"type": "array", "items": ref("AttemptRef"), "maxItems": MAX_BATCH},
@@ -156,7 +159,10 @@ SCHEMAS: dict[str, Any] = {
                   "queued_at": {"type": "number"}}, ("job_id", "attempt", "spec")),
     "Leases": obj({"jobs": {"type": "array", "items": ref("Lease")}}, ("jobs",)),
     "Chunk": obj({"job_id": JOB_ID, "attempt": ATTEMPT, "stream": {"type": "string", "enum": ["stdout", "stderr"]},
-                  "data": {"type": "string"}}, ("job_id", "attempt", "stream", "data"), closed=True),
+                  "data": {"type": "string"},
+                  "skipped": {"type": "integer", "minimum": 0, "maximum": 2**62,
+                              "description": "bytes of this stream dropped (not sent) right before data"}},
+                 ("job_id", "attempt", "stream", "data"), closed=True),
     "Chunks": obj({"chunks": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH}}, ("chunks",), closed=True),
     "Accepted": obj({"accepted": {"type": "array", "items": {"type": "boolean"}}}, ("accepted",)),
     "AttemptEnd": obj({

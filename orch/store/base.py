@@ -24,6 +24,7 @@ class OutputChunk:
     attempt: int
     stream: str  # "stdout" or "stderr"
     data: str
+    skipped: int = 0  # bytes of this stream the worker dropped right before ``data`` (never sent)
 
 
 @dataclass(frozen=True)

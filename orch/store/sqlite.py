@@ -69,6 +69,7 @@ from orch.models import (
     check_transition,
     iso,
 )
+from orch.output import render as render_output
 from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
 
 log = logging.getLogger("orch.store")
@@ -199,14 +200,6 @@ def event_json(row: sqlite3.Row) -> dict[str, Any]:
         "at": iso(row["at"]),
         "reason": row["reason"],
     }
-
-
-def _tail(text: str, limit: int) -> tuple[str, bool]:
-    """The last ``limit`` UTF-8 bytes of ``text`` (cut on a character boundary)."""
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return text, False
-    return raw[len(raw) - limit:].decode("utf-8", errors="ignore"), True
 
 
 # --------------------------------------------------------------------------- the store
@@ -584,12 +577,12 @@ class SqliteStore:
         if attempts and with_output:
             last = attempts[-1]
             chunks = await self._point(
-                "SELECT stream, data FROM output WHERE job_id = ? AND attempt = ? ORDER BY id",
+                "SELECT stream, data, size, pos FROM output WHERE job_id = ? AND attempt = ? ORDER BY id",
                 (job_id, last["attempt"]),
             )
-            streams = {"stdout": [], "stderr": []}  # type: dict[str, list[str]]
+            streams: dict[str, list[tuple[int, str, int]]] = {"stdout": [], "stderr": []}
             for c in chunks:
-                streams[c["stream"]].append(c["data"])
+                streams[c["stream"]].append((c["pos"], c["data"], c["size"]))
             result: dict[str, Any] = {
                 "attempt": last["attempt"],
                 "exit_code": last["exit_code"],
@@ -597,9 +590,10 @@ class SqliteStore:
                 "duration": last["duration"],
             }
             for name in ("stdout", "stderr"):
-                text, cut = _tail("".join(streams[name]), self.output_limit)
+                # The tail up to the limit, with a marker wherever bytes are missing (orch/output.py).
+                text, cut = render_output(name, streams[name], last[f"{name}_bytes"], self.output_limit)
                 result[name] = text
-                result[f"{name}_truncated"] = cut or last[f"{name}_bytes"] > last[f"{name}_kept"]
+                result[f"{name}_truncated"] = cut
             job["result"] = result
         return job
 
@@ -724,8 +718,9 @@ class SqliteStore:
         return [event_json(r) for r in rows]
 
     async def output_after(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
+        """Output chunks after chunk ``after``: id, attempt, stream, data, pos (where in its stream it starts), size."""
         rows = await self._point(
-            "SELECT id, attempt, stream, data FROM output WHERE job_id = ? AND id > ? ORDER BY id",
+            "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = ? AND id > ? ORDER BY id",
             (job_id, after),
         )
         return [dict(r) for r in rows]
@@ -1173,24 +1168,29 @@ def _live_worker(conn: sqlite3.Connection, worker_id: str) -> str:
 
 
 def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int) -> bool:
-    """Store one output chunk of a current attempt, keeping at most ~limit bytes per stream."""
+    """Store one output chunk of a current attempt, keeping at most ~limit bytes per stream.
+
+    The stream's byte count grows by what the worker dropped before the chunk as well, so the
+    chunk's ``pos`` says where it starts and a reader can mark the hole.
+    """
     if c.stream not in ("stdout", "stderr"):
         return False
     size = len(c.data.encode("utf-8"))
     row = conn.execute(
         f"UPDATE attempts SET {c.stream}_bytes = {c.stream}_bytes + ?, {c.stream}_kept = {c.stream}_kept + ?"
         f" WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id = ?"
-        f" RETURNING {c.stream}_kept",
-        (size, size, c.job_id, c.attempt, worker_id),
+        f" RETURNING {c.stream}_bytes, {c.stream}_kept",
+        (c.skipped + size, size, c.job_id, c.attempt, worker_id),
     ).fetchone()
     if row is None:
         return False
-    conn.execute(
-        "INSERT INTO output (job_id, attempt, stream, data, size) VALUES (?, ?, ?, ?, ?)",
-        (c.job_id, c.attempt, c.stream, c.data, size),
-    )
-    if row[0] > limit:
-        _trim(conn, c.job_id, c.attempt, c.stream, row[0], limit)
+    if size:
+        conn.execute(
+            "INSERT INTO output (job_id, attempt, stream, data, size, pos) VALUES (?, ?, ?, ?, ?, ?)",
+            (c.job_id, c.attempt, c.stream, c.data, size, row[0] - size),
+        )
+    if row[1] > limit:
+        _trim(conn, c.job_id, c.attempt, c.stream, row[1], limit)
     return True
 
 
@@ -1222,26 +1222,37 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
     ``events`` for the caller to insert with the batch's others.
     """
     chunks = []
-    sizes = {"stdout": 0, "stderr": 0}
+    sizes = {"stdout": 0, "stderr": 0}  # bytes stored
+    grown = {"stdout": 0, "stderr": 0}  # bytes the stream grew by: stored, and dropped by the worker
     for c in r.output:
         if c.job_id == r.job_id and c.attempt == r.attempt and c.stream in sizes:
             size = len(c.data.encode("utf-8"))
+            grown[c.stream] += c.skipped
+            if size:
+                chunks.append([c.job_id, c.attempt, c.stream, c.data, size, grown[c.stream]])
             sizes[c.stream] += size
-            chunks.append((c.job_id, c.attempt, c.stream, c.data, size))
+            grown[c.stream] += size
     ob, eb = sizes["stdout"], sizes["stderr"]
     row = conn.execute(
         "UPDATE attempts SET state = 'succeeded', finished_at = ?, exit_code = ?, error = ?, duration = ?,"
         " started_at = MIN(started_at + ?, ?), stdout_bytes = stdout_bytes + ?, stdout_kept = stdout_kept + ?,"
         " stderr_bytes = stderr_bytes + ?, stderr_kept = stderr_kept + ?"
         " WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id IS ?"
-        " RETURNING started_at, stdout_kept, stderr_kept",
-        (now, r.exit_code, r.error, r.duration, r.waited, now, ob, ob, eb, eb, r.job_id, r.attempt, worker_id),
+        " RETURNING started_at, stdout_kept, stderr_kept, stdout_bytes, stderr_bytes",
+        (now, r.exit_code, r.error, r.duration, r.waited, now, grown["stdout"], ob, grown["stderr"], eb,
+         r.job_id, r.attempt, worker_id),
     ).fetchone()
     if row is None:
         return None
     started_at = row[0]
     if chunks:
-        conn.executemany("INSERT INTO output (job_id, attempt, stream, data, size) VALUES (?, ?, ?, ?, ?)", chunks)
+        # Each chunk starts where its stream stood before this report plus what came before it in the
+        # report, its own dropped bytes included (the offset held in its last element).
+        base = {"stdout": row[3] - grown["stdout"], "stderr": row[4] - grown["stderr"]}
+        for ch in chunks:
+            ch[5] += base[ch[2]]
+        conn.executemany("INSERT INTO output (job_id, attempt, stream, data, size, pos) VALUES (?, ?, ?, ?, ?, ?)",
+                         chunks)
         if row[1] > limit:
             _trim(conn, r.job_id, r.attempt, "stdout", row[1], limit)
         if row[2] > limit:

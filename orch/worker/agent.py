@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -12,27 +13,31 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from orch.client import Client
-from orch.errors import ApiError, OrchError, ServerUnavailable
+from orch.client import Client, retryable
+from orch.errors import ApiError, OrchError
 from orch.metrics import WorkerMetrics
 from orch.models import Outcome
+from orch.worker import outbox
+from orch.worker.outbox import Output, Parcel
 from orch.worker.runners import Ended, Run, execute
 
 log = logging.getLogger("orch.worker")
 
 OUTPUT_COALESCE = 0.05  # seconds output waits for more before it is sent while a job runs
-MAX_PENDING_OUTPUT = 256 * 1024
+MAX_PENDING_OUTPUT = 256 * 1024  # unsent output (bytes, all attempts) that is sent at once, without waiting
 # While jobs run, reports go out at most this often, so each carries several results (and the
 # scheduler commits them together); an idle worker reports a job's end at once.
 REPORT_EVERY = 0.01
 MAX_LEASE = 1000  # jobs one lease may ask for (the API's limit)
-REPORT_RESULTS = 1000  # results in one report, at most
-REPORT_OUTPUT_BYTES = 2 << 20  # output carried by one report's completions, about (the rest goes next)
 FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver results
 # Jobs shorter than this on average are worth holding a few of in hand: a slot that
 # frees then starts the next one at once instead of after a lease round trip.
 PREFETCH_BELOW = 0.05
 PREFETCH_MAX = 4  # held jobs beyond the slots, at most this many times the concurrency
+# What a scheduler that does not say (an older one) takes: its defaults.
+DEFAULT_MAX_BODY = 8 << 20
+DEFAULT_OUTPUT_LIMIT = 1 << 20
+AUTH_REFUSALS = 3  # credential refusals in a row (each followed by a new registration) before giving up
 
 
 @dataclass
@@ -61,6 +66,13 @@ class Backoff:
         self.n = 0
 
 
+class Refused(ApiError):
+    """The scheduler refuses this worker for good: its join token (and so any new credential) is not accepted."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.http_status, error.code, error.message, error.field)
+
+
 class Agent:
     def __init__(self, client: Client, options: WorkerOptions) -> None:
         self.client = client
@@ -82,15 +94,25 @@ class Agent:
         self._report_lock = asyncio.Lock()  # one report at a time (the report loop's, the drain's)
         self._last_report = -1e9  # loop time the last report was sent
         self._report_rtt = 0.002  # seconds a report takes to be answered (moving average)
-        self._output: dict[tuple[int, int], list[dict[str, Any]]] = {}  # chunks waiting to be sent
-        self._output_since: dict[tuple[int, int], float] = {}  # loop time of each attempt's oldest unsent chunk
-        self._output_bytes = 0
-        self._results: list[dict[str, Any]] = []  # completions waiting to be sent
+        # What the scheduler has not been told yet: each attempt's unsent output (orch/worker/outbox.py),
+        # and ends (completions and hand-backs) in order. Ends on their way are in _sending.
+        self.outputs: dict[tuple[int, int], Output] = {}
+        self._unsent = 0  # bytes of unsent output, about (exact after each report)
+        self._results: list[dict[str, Any]] = []
+        self._sending: list[dict[str, Any]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._lease_task: asyncio.Task[Any] | None = None
         self._registered = asyncio.Event()
         self._register_lock = asyncio.Lock()
         self.lease_ttl = 10.0
+        # What one request may carry (told at registration; smaller after a 413 or a refused request).
+        self.max_body = DEFAULT_MAX_BODY
+        self.output_limit = DEFAULT_OUTPUT_LIMIT
+        self._budget = DEFAULT_MAX_BODY
+        self._max_items = outbox.MAX_ITEMS
+        self._auth_refusals = 0
+        self._bare: set[tuple[int, int]] = set()  # ends the scheduler refused once: sent again without output
+        self.fatal: OrchError | None = None  # why the worker gave up (it then drains and run() raises it)
         self.metrics = WorkerMetrics(lambda: (len(self.runs), self.opt.concurrency))
 
     # ------------------------------------------------------------------ public
@@ -113,6 +135,8 @@ class Agent:
                 with suppress(asyncio.CancelledError):
                     await t
             self.stopped.set()
+        if self.fatal is not None:
+            raise self.fatal
 
     def stop(self) -> None:
         """Begin draining: take no new work; running jobs get drain_grace to finish."""
@@ -131,9 +155,17 @@ class Agent:
         for run in list(self.runs.values()):
             run.request_stop(Outcome.HANDED_BACK, "worker stopping")
 
+    def _give_up(self, error: OrchError) -> None:
+        """A definitive refusal: stop at once, handing back what we hold; run() then raises ``error``."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("giving up: %s", error.message)
+            self.stop_now()
+
     # ------------------------------------------------------------------ joining
 
     async def _register(self) -> None:
+        """Join the scheduler; every transient failure is waited out. Refused (the join token): Refused."""
         backoff = Backoff()
         while True:
             try:
@@ -143,30 +175,35 @@ class Agent:
                     queues=list(self.opt.queues), concurrency=self.opt.concurrency,
                 )
                 break
-            except ServerUnavailable as e:
-                if self.draining.is_set():
+            except OrchError as e:
+                if isinstance(e, ApiError) and e.http_status in (401, 403):
+                    raise Refused(e) from None
+                if not retryable(e) or self.draining.is_set():
                     raise
                 delay = backoff.next()
-                log.warning("%s; retrying in %.1fs", e.message, delay)
+                log.warning("registering: %s; retrying in %.1fs", e.message, delay)
                 await asyncio.sleep(delay)
         self.worker_id = reply["worker_id"]
         self.heartbeat_interval = float(reply["heartbeat_interval"])
         self.lease_ttl = float(reply["lease_ttl"])
         self.opt.long_poll = min(self.opt.long_poll, float(reply["long_poll_timeout"]))
+        self.max_body = int(reply.get("max_body_bytes") or DEFAULT_MAX_BODY)
+        self.output_limit = int(reply.get("output_limit_bytes") or DEFAULT_OUTPUT_LIMIT)
+        self._budget = max(outbox.MIN_BUDGET, self.max_body)
         self._registered.set()
         log.info("worker %s joined %s (concurrency %d, queues %s)", self.worker_id, self.client.server,
                  self.opt.concurrency, ",".join(self.opt.queues))
 
     async def _reregister(self, stale_id: str | None) -> None:
-        """The scheduler no longer knows ``stale_id`` (it marked us lost): join again, once.
+        """The scheduler no longer knows ``stale_id`` (it marked us lost), or refused its credential: join
+        again, once.
 
-        Several loops can hear "unknown worker" for the same id; the first one
-        joins and the others find the id already replaced. Attempts we still run
-        were ended as lost when we were marked lost, so their results would be
-        refused; they are stopped.
+        Several loops can hear it for the same id; the first one joins and the others find the id
+        already replaced. Attempts we still run belong to the old registration, so their results
+        would be refused; they are stopped, and what we hold for them is let go.
         """
         async with self._register_lock:
-            if self.worker_id != stale_id:
+            if self.worker_id != stale_id or self.fatal is not None:
                 return
             log.warning("worker %s is unknown to the scheduler; registering again", stale_id)
             self._registered.clear()
@@ -174,7 +211,36 @@ class Agent:
                 run.request_stop(Outcome.CANCELLED, "superseded: this worker was marked lost")
             for key in list(self.waiting):
                 self._drop_waiting(key, None, "")
-            await self._register()
+            self._forget_reports()
+            try:
+                await self._register()
+            except OrchError as e:  # refused, or not an error worth waiting out: nothing more to do here
+                self._registered.set()  # nothing waits on a registration that will never come
+                self._give_up(e if isinstance(e, Refused) else Refused(ApiError(403, e.code, e.message, e.field)))
+
+    def _forget_reports(self) -> None:
+        """What we hold for attempts of a registration that is gone would be refused: let it go."""
+        self._results.clear()
+        self.outputs.clear()
+        self._unsent = 0
+
+    async def _worker_call_failed(self, e: OrchError, wid: str | None) -> bool:
+        """After a call on one of our own routes failed: True if it was dealt with here (we were unknown, or
+        our credential was refused: registered again, or gave up), False if the caller should wait and retry."""
+        if not isinstance(e, ApiError):
+            return False
+        if e.code == "unknown_worker":
+            await self._reregister(wid)
+            return True
+        if e.http_status in (401, 403):
+            self._auth_refusals += 1
+            if self._auth_refusals >= AUTH_REFUSALS:
+                self._give_up(Refused(e))
+                return True
+            log.warning("the scheduler refused worker %s's credential (%s); registering again", wid, e.message)
+            await self._reregister(wid)
+            return True
+        return False
 
     # ------------------------------------------------------------------ pulling work
 
@@ -194,8 +260,10 @@ class Agent:
         return min(MAX_LEASE, self.free_slots() + self._prefetch() - len(self.waiting))
 
     def held(self) -> list[dict[str, int]]:
-        """Every attempt this worker holds a lease on: running or waiting for a slot."""
-        return [r.ref for r in self.runs.values()] + [r.ref for r, _ in self.waiting.values()]
+        """Every attempt this worker holds a lease on: running, waiting for a slot, or ended with the end
+        not delivered yet (its lease must not run out while the report waits)."""
+        refs = [r.ref for r in self.runs.values()] + [r.ref for r, _ in self.waiting.values()]
+        return refs + [{"job_id": e["job_id"], "attempt": e["attempt"]} for e in (*self._sending, *self._results)]
 
     def _deferring(self) -> bool:
         """Results are due or on their way: their report asks for work as it goes, so the lease loop waits
@@ -212,21 +280,21 @@ class Agent:
                     await self._lease_wake.wait()
                 continue
             wait = 0.0 if self.opt.burst else self.opt.long_poll
+            await self._registered.wait()
             wid = self.worker_id
             self._polling = True
             try:
                 jobs = await self.client.lease(wid or "", self.opt.queues, free, wait)
                 backoff.reset()
-            except ServerUnavailable as e:
+                self._auth_refusals = 0
+            except OrchError as e:
+                if await self._worker_call_failed(e, wid):
+                    continue
                 delay = backoff.next()
-                log.warning("%s; retrying in %.1fs", e.message, delay)
+                log.warning("asking for work: %s; retrying in %.1fs", e.message, delay) if retryable(e) else \
+                    log.error("the scheduler refused a lease request: %s; retrying in %.1fs", e.message, delay)
                 await self._sleep_unless_draining(delay)
                 continue
-            except ApiError as e:
-                if e.code == "unknown_worker":
-                    await self._reregister(wid)
-                    continue
-                raise
             finally:
                 self._polling = False
             for job in jobs:
@@ -279,28 +347,43 @@ class Agent:
         self._report_wake.set()
         return True
 
+    def _drop_ended(self, key: tuple[int, int]) -> bool:
+        """Forget an undelivered end (its attempt was superseded: the scheduler would refuse it)."""
+        before = len(self._results)
+        self._results = [e for e in self._results if (e["job_id"], e["attempt"]) != key]
+        self.outputs.pop(key, None)
+        return len(self._results) != before
+
     async def _run(self, run: Run, waited: float) -> None:
         # Only the program: arguments (and the job's env) may carry secrets.
         log.debug("job %s attempt %s starting %s", run.job_id, run.attempt, run.argv[0] if run.argv else "?")
+        key = (run.job_id, run.attempt)
+        loop = asyncio.get_running_loop()
 
         def on_output(stream: str, text: str) -> None:
-            key = (run.job_id, run.attempt)
-            chunks = self._output.get(key)
-            if chunks is None:
-                chunks = self._output[key] = []
-                self._output_since[key] = asyncio.get_running_loop().time()
-            chunks.append({"job_id": run.job_id, "attempt": run.attempt, "stream": stream, "data": text})
-            self._output_bytes += len(text)
-            if self._output_bytes >= MAX_PENDING_OUTPUT:
+            out = self.outputs.get(key)
+            if out is None:
+                out = self.outputs[key] = Output(run.job_id, run.attempt, self.output_limit, loop.time())
+            elif not out.chunks:
+                out.since = loop.time()
+            before = out.nbytes
+            out.add(stream, text)  # bounded: the oldest unsent output of a stream goes beyond output_limit
+            self._unsent += out.nbytes - before
+            if self._unsent >= MAX_PENDING_OUTPUT:
                 self._report_wake.set()
             elif self._flush_handle is None:
-                self._flush_handle = asyncio.get_running_loop().call_later(OUTPUT_COALESCE, self._flush_soon)
+                self._flush_handle = loop.call_later(OUTPUT_COALESCE, self._flush_soon)
 
         try:
             ended = await execute(run, on_output, self.opt.kill_grace)
         except Exception as e:  # a bug of ours must not leave the attempt hanging
             log.exception("job %s attempt %s: runner failed", run.job_id, run.attempt)
             ended = Ended(Outcome.FAILED, None, f"worker error: {e}", 0.0)
+        out = self.outputs.get(key)
+        if out is not None and out.dropped:
+            log.info("job %s attempt %s: %d bytes of output were not sent (written faster than the scheduler "
+                     "took them; kept: the last %d bytes of each stream)", run.job_id, run.attempt, out.dropped,
+                     self.output_limit)
         if ended.outcome is Outcome.HANDED_BACK:
             self._results.append({"hand_back": True, **run.ref})
         else:
@@ -312,7 +395,7 @@ class Agent:
         d = ended.duration
         self.metrics.ended(run.queue, ended.outcome.value, d)
         self._avg_duration = d if self._avg_duration is None else 0.8 * self._avg_duration + 0.2 * d
-        del self.runs[(run.job_id, run.attempt)]
+        del self.runs[key]
         self._fill_slots()
         self._lease_wake.set()
         self._report_wake.set()
@@ -338,29 +421,21 @@ class Agent:
                     await asyncio.sleep(due)
             self._reporting = True
             self._last_report = sent = loop.time()
+            wid = self.worker_id
             try:
                 await self._report_once()
                 backoff.reset()
                 self._report_failing = False
+                self._auth_refusals = 0
                 self._report_rtt = 0.8 * self._report_rtt + 0.2 * (loop.time() - sent)
-            except ServerUnavailable as e:
-                self._report_failing = True
-                delay = backoff.next()
-                log.warning("%s; keeping %d results and %d output chunks, retrying in %.1fs",
-                            e.message, len(self._results), len(self._output), delay)
-                await asyncio.sleep(delay)
-                self._report_wake.set()
-            except ApiError as e:
-                if e.code == "unknown_worker":
-                    # Our attempts were ended as lost; what we hold for them would be refused.
-                    self._results.clear()
-                    self._output.clear()
-                    self._output_since.clear()
-                    self._output_bytes = 0
+            except OrchError as e:
+                if await self._worker_call_failed(e, wid):
                     continue
                 self._report_failing = True
-                log.error("scheduler refused a report: %s", e.message)
-                await asyncio.sleep(backoff.next())
+                delay = backoff.next()
+                log.warning("reporting: %s; keeping %d results and %d bytes of output, retrying in %.1fs",
+                            e.message, len(self._results), self._unsent, delay)
+                await asyncio.sleep(delay)
                 self._report_wake.set()
             finally:
                 self._reporting = False
@@ -378,65 +453,126 @@ class Agent:
         if self._results:  # more than one report could carry
             self._report_wake.set()
 
-    def _next_results(self) -> list[dict[str, Any]]:
-        """The oldest results, as many as one report may carry."""
-        out: list[dict[str, Any]] = []
-        size = 0
-        for r in self._results[:REPORT_RESULTS]:
-            size += sum(len(c["data"]) for c in self._output.get((r["job_id"], r["attempt"]), ()))
-            if out and size > REPORT_OUTPUT_BYTES:
-                break
-            out.append(r)
-        return out
-
     async def _report_locked(self, everything: bool) -> None:
         wid = self.worker_id or ""
         loop = asyncio.get_running_loop()
-        # Output of attempts that are still running (or handed back) goes first and
-        # alone; output of finished attempts rides with their completion, so it is
-        # stored before the attempt is closed. Nothing leaves the buffers until the
-        # scheduler has taken it.
-        results = self._next_results()
-        finished = {(r["job_id"], r["attempt"]) for r in results if not r.get("hand_back")}
-        handed = {(r["job_id"], r["attempt"]) for r in results if r.get("hand_back")}
-        now = loop.time()
-        ripe = now - OUTPUT_COALESCE
-        live_keys = [k for k in self._output if k not in finished
-                     and (everything or k in handed or self._output_bytes >= MAX_PENDING_OUTPUT
-                          or self._output_since[k] <= ripe)]
-        if live_keys:
-            sent = {k: len(self._output[k]) for k in live_keys}
-            await self.client.send_output(wid, [c for k in live_keys for c in self._output[k]])
-            for k, n in sent.items():  # more may have come in while we sent
-                del self._output[k][:n]
-                if not self._output[k]:
-                    del self._output[k]
-                    del self._output_since[k]
-                else:
-                    self._output_since[k] = now
-        self._output_bytes = sum(len(c["data"]) for cs in self._output.values() for c in cs)
-        done = [dict(r, output=self._output.get((r["job_id"], r["attempt"]), []))
-                for r in results if not r.get("hand_back")]
-        if done:
+        budget, max_items = self._budget, self._max_items
+        ends = self._results[:max_items]
+        del self._results[:len(ends)]
+        completions = [e for e in ends if not e.get("hand_back")]
+        backs = [e for e in ends if e.get("hand_back")]
+        finished = {(e["job_id"], e["attempt"]) for e in completions}
+        handed = {(e["job_id"], e["attempt"]) for e in backs}
+        # Output of finished attempts rides with their end when both fit in one request (the scheduler
+        # then stores it in the transaction that closes the attempt); otherwise it goes ahead on its own.
+        # Output of running (or handed-back) attempts goes once it has waited a little.
+        ride: list[tuple[dict[str, Any], Output | None]] = []
+        ahead: list[Output] = []
+        for e in completions:
+            out = self.outputs.get((e["job_id"], e["attempt"]))
+            if out is not None and not outbox.rides_along(e, out, budget, max_items):
+                ahead.append(out)
+            ride.append((e, out))
+        ripe = loop.time() - OUTPUT_COALESCE
+        over = self._unsent >= MAX_PENDING_OUTPUT
+        live = [o for k, o in self.outputs.items() if k not in finished and o.chunks
+                and (everything or over or k in handed or o.since <= ripe)]
+        lease = ""
+        if completions:
             wanted = self._wanted()
             if wanted > 0 and not self._polling and not self.draining.is_set():
-                _, jobs = await self.client.complete_and_lease(wid, done, self.opt.queues, wanted)
-                for job in jobs:
-                    self._start(job)
-            else:
-                await self.client.complete(wid, done)
-            for r in done:
-                key = (r["job_id"], r["attempt"])
-                self._output.pop(key, None)
-                self._output_since.pop(key, None)
-        backs = [{"job_id": r["job_id"], "attempt": r["attempt"]} for r in results if r.get("hand_back")]
-        if backs:
-            await self.client.hand_back(wid, backs, stop=False)
-        del self._results[:len(results)]
-        if self._output and self._flush_handle is None:
+                lease = f',"lease":{{"max":{wanted},"queues":{json.dumps(list(self.opt.queues))}}}'
+        parcels = (outbox.output_parcels([*live, *ahead], budget, max_items)
+                   + outbox.result_parcels(ride, budget, max_items, lease)
+                   + outbox.back_parcels(backs, budget, max_items))
+        self._sending = ends
+        try:
+            await self._deliver(wid, parcels)
+        finally:
+            self._sending = []
+            self._unsent = sum(o.nbytes for o in self.outputs.values())
+        young = [o.since for o in self.outputs.values() if o.chunks]
+        if young and self._flush_handle is None:
             # Live output still too young to send: a report when the oldest of it is ripe.
-            oldest = min(self._output_since.values())
-            self._flush_handle = loop.call_at(oldest + OUTPUT_COALESCE, self._flush_soon)
+            self._flush_handle = loop.call_at(min(young) + OUTPUT_COALESCE, self._flush_soon)
+
+    async def _deliver(self, wid: str, parcels: list[Parcel]) -> None:
+        """Send the parcels in order. When one fails, it and the rest go back (in front of what came since);
+        a parcel the scheduler refuses (too large, or invalid) changes how the next ones are made, so no
+        request is sent again unchanged and one bad item cannot hold up the others."""
+        for i, p in enumerate(parcels):
+            try:
+                reply = await self.client.post_worker(wid, p.kind, p.body)
+            except BaseException as e:
+                self._results[:0] = outbox.restore(parcels[i:])
+                if isinstance(e, ApiError) and self._refused(p, e):
+                    self._report_wake.set()  # made differently now: try again at once
+                    return
+                raise
+            self._delivered(p, reply)
+
+    def _delivered(self, p: Parcel, reply: Any) -> None:
+        if p.kind == "output":
+            return  # chunks of attempts that are no longer current come back not accepted: nothing to keep
+        if p.kind == "complete":
+            for result, _, _ in p.results:
+                key = (result["job_id"], result["attempt"])
+                self.outputs.pop(key, None)
+                self._bare.discard(key)
+            if p.asks_lease and isinstance(reply, dict):
+                for job in reply.get("jobs", []):
+                    self._start(job)
+            return
+        for b in p.backs:
+            self.outputs.pop((b["job_id"], b["attempt"]), None)
+
+    def _refused(self, p: Parcel, e: ApiError) -> bool:
+        """The scheduler (or something before it) refused a request for what it holds: make the next ones
+        smaller, or give up on the one item it will not take. False: not that kind of refusal."""
+        if e.http_status == 413 and self._budget > outbox.MIN_BUDGET:
+            self._budget = max(outbox.MIN_BUDGET, self._budget // 2)
+            log.warning("the scheduler refused a report of %d bytes as too large (%s); sending at most %d "
+                        "bytes a request from now on", len(p.body), e.message, self._budget)
+            return True
+        if e.http_status != 413 and (retryable(e) or e.http_status in (401, 403) or e.code == "unknown_worker"):
+            return False
+        if p.items > 1:
+            self._max_items = max(1, p.items // 2)
+            log.warning("the scheduler refused a report (%s); sending at most %d items a request until it "
+                        "takes one", e.message, self._max_items)
+            return True
+        # One item the scheduler will not take, even alone and as small as it can be.
+        if p.chunks:
+            out, chunk = p.chunks[0]
+            if chunk in out.chunks:
+                out.chunks.remove(chunk)
+                out.unsent[chunk.stream] -= chunk.nbytes
+            out.lose(chunk)
+            log.error("the scheduler refused %d bytes of output of job %s attempt %s (%s); they are marked "
+                      "as not kept", chunk.nbytes, out.job_id, out.attempt, e.message)
+        elif p.results:
+            result, out, _ = p.results[0]
+            key = (result["job_id"], result["attempt"])
+            if key not in self._bare:
+                # Once more without its output and error text: the end itself is what matters most.
+                self.outputs.pop(key, None)
+                result["error"] = None
+                self._bare.add(key)
+                log.error("the scheduler refused the end of job %s attempt %s (%s); sending it without its "
+                          "output", result["job_id"], result["attempt"], e.message)
+            else:
+                self._results = [r for r in self._results if r is not result]
+                self.outputs.pop(key, None)
+                self._bare.discard(key)
+                log.error("the scheduler refused the end of job %s attempt %s (%s); it is dropped, and the "
+                          "job runs again once its lease runs out", result["job_id"], result["attempt"], e.message)
+        else:
+            back = p.backs[0]
+            self._results = [r for r in self._results if r is not back]
+            log.error("the scheduler refused to take back job %s attempt %s (%s); it runs again once its lease "
+                      "runs out", back["job_id"], back["attempt"], e.message)
+        self._max_items = outbox.MAX_ITEMS
+        return True
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -455,15 +591,15 @@ class Agent:
             try:
                 reply = await self.client.heartbeat(wid or "", self.held(), self.draining.is_set())
                 backoff.reset()
-            except ServerUnavailable as e:
-                log.warning("heartbeat failed: %s", e.message)
-                await asyncio.sleep(backoff.next())
-                continue
-            except ApiError as e:
-                if e.code == "unknown_worker":
-                    await self._reregister(wid)
+                self._auth_refusals = 0
+            except OrchError as e:
+                if await self._worker_call_failed(e, wid):
                     continue
-                log.error("heartbeat refused: %s", e.message)
+                if retryable(e):
+                    log.warning("heartbeat failed: %s", e.message)
+                else:
+                    log.error("heartbeat refused: %s", e.message)
+                await asyncio.sleep(backoff.next())
                 continue
             for ref in reply.get("cancel", []):
                 key = (ref["job_id"], ref["attempt"])
@@ -475,7 +611,7 @@ class Agent:
                     run.request_stop(Outcome.CANCELLED, "cancelled by user")
             for ref in reply.get("stale", []):
                 key = (ref["job_id"], ref["attempt"])
-                if self._drop_waiting(key, None, ""):
+                if self._drop_waiting(key, None, "") or self._drop_ended(key):
                     continue
                 run = self.runs.get(key)
                 if run:
@@ -488,6 +624,11 @@ class Agent:
                 await self.client.heartbeat(self.worker_id, self.held(), True)
 
     # ------------------------------------------------------------------ draining
+
+    def _undelivered(self) -> bool:
+        """Anything not told yet, or on its way (a report holds the lock: what it carries is out of the lists)."""
+        return (self._report_lock.locked() or bool(self._results)
+                or any(o.chunks for o in self.outputs.values()))
 
     async def _drain(self) -> None:
         if self.runs:
@@ -502,18 +643,17 @@ class Agent:
         # Bounded: if the scheduler stays away, the leases of what we could not report
         # expire there and those jobs run again (at-least-once).
         backoff = Backoff(cap=2.0)
-        give_up = asyncio.get_running_loop().time() + FINAL_REPORT_TIMEOUT
-        while self._results or self._output:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + FINAL_REPORT_TIMEOUT
+        while self._undelivered() and loop.time() < give_up:
             try:
                 await self._report_once(everything=True)
-                break
-            except ServerUnavailable:
-                if asyncio.get_running_loop().time() > give_up:
-                    log.error("scheduler unreachable; %d results not delivered", len(self._results))
+            except OrchError as e:
+                if not retryable(e):
                     break
                 await asyncio.sleep(backoff.next())
-            except ApiError:
-                break
+        if self._undelivered():
+            log.error("scheduler unreachable; %d results not delivered", len(self._results))
         with suppress(OrchError):
             if self.worker_id:
                 await self.client.hand_back(self.worker_id, [], stop=True)

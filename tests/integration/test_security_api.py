@@ -475,8 +475,11 @@ def test_output_bytes_per_attempt_are_bounded(tmp_path: Path) -> None:
                 {"job_id": job["id"], "attempt": 1, "stream": "stdout", "data": f"{i:04d}" + chunk}]})
             assert data["accepted"] == [True]
         status, out, _ = await req(client, "GET", f"/v1/jobs/{job['id']}/output", CLIENT)
-        assert len(out["stdout"].encode()) <= 4096 and out["stdout_truncated"] is True
-        assert out["stdout"].endswith("0049" + chunk)  # the tail is kept
+        assert out["stdout_truncated"] is True
+        head, sep, kept = out["stdout"].partition(" bytes of stdout not kept]\n")
+        assert head.startswith("[orch: ") and sep, out["stdout"][:80]  # the cut is marked where it is
+        assert len(kept.encode()) <= 4096 and kept.endswith("0049" + chunk)  # the tail is kept
+        assert int(head[len("[orch: "):].replace(",", "")) + len(kept.encode()) == 50 * (4 + len(chunk))
         status, got, _ = await req(client, "GET", f"/v1/jobs/{job['id']}", CLIENT)
         assert got["attempts"][0]["stdout_bytes"] == 50 * (4 + len(chunk))  # counted, not kept
 

@@ -710,6 +710,13 @@ def test_output_is_kept_in_order(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def cut_marked(text: str) -> tuple[int, str]:
+    """(bytes the leading marker says were not kept, the text after it); the text must start with one."""
+    m = re.match(r"\[orch: ([0-9,]+) bytes of std(?:out|err) not kept\]\n", text)
+    assert m is not None, text[:80]
+    return int(m.group(1).replace(",", "")), text[m.end():]
+
+
 def test_output_is_bounded_keeping_the_tail(tmp_path: Path) -> None:
     limit = 1024
 
@@ -723,9 +730,11 @@ def test_output_is_bounded_keeping_the_tail(tmp_path: Path) -> None:
         await store.append_output(w, [OutputChunk(jid, 1, "stderr", "small\n")])
         job = await store.get_job(jid)
         res = job["result"]
-        stdout = res["stdout"].encode()
+        skipped, kept = cut_marked(res["stdout"])
+        stdout = kept.encode()
         assert len(stdout) <= limit
         assert len(stdout) >= limit - 100  # the tail is kept, not just the last chunk
+        assert skipped + len(stdout) == 6000  # and the head that was not kept is marked, to the byte
         assert res["stdout"].endswith(lines[-1])
         assert "line 0059" in res["stdout"] and "line 0000" not in res["stdout"]
         assert res["stdout_truncated"] is True
@@ -743,6 +752,57 @@ def test_output_is_bounded_keeping_the_tail(tmp_path: Path) -> None:
     run(tmp_path, body, output_limit=limit)
 
 
+def test_output_the_worker_dropped_is_marked_where_it_was_dropped(tmp_path: Path) -> None:
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await store.append_output(w, [OutputChunk(jid, 1, "stdout", "first\n"),
+                                      OutputChunk(jid, 1, "stdout", "second", skipped=1000),
+                                      OutputChunk(jid, 1, "stderr", "", skipped=7)])
+        chunks = await store.output_after(jid)
+        assert [(c["stream"], c["pos"], c["size"]) for c in chunks] == [("stdout", 0, 6), ("stdout", 1006, 6)]
+        # The end's own output has a hole too, and so does the end of stderr (nothing came after it).
+        await finish(store, w, jid, 1, Outcome.SUCCEEDED, 0,
+                     output=(OutputChunk(jid, 1, "stdout", "third\n", skipped=5),))
+        job = await store.get_job(jid)
+        res = job["result"]
+        assert res["stdout"] == ("first\n[orch: 1,000 bytes of stdout not kept]\nsecond"
+                                 "\n[orch: 5 bytes of stdout not kept]\nthird\n")
+        assert res["stderr"] == "[orch: 7 bytes of stderr not kept]\n"
+        assert res["stdout_truncated"] is True and res["stderr_truncated"] is True
+        assert job["attempts"][0]["stdout_bytes"] == 6 + 1000 + 6 + 5 + 6
+        assert (await store.output_after(jid))[-1]["pos"] == 6 + 1000 + 6 + 5
+
+    run(tmp_path, body)
+
+
+def test_migrating_kept_output_gives_each_chunk_its_place_in_the_stream(tmp_path: Path) -> None:
+    """A database from before chunk positions: the kept chunks start where the trimmed head ends."""
+    path = tmp_path / "orch.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for version, sql in migrations()[:2]:
+        conn.executescript(sql)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO jobs (id, queue, state, spec, attempt, max_attempts, created_at)"
+                 " VALUES (1, 'default', 'succeeded', '{\"kind\":\"command\",\"argv\":[\"x\"]}', 1, 1, 0)")
+    conn.execute("INSERT INTO attempts (job_id, attempt, state, started_at, stdout_bytes, stdout_kept, stderr_bytes,"
+                 " stderr_kept) VALUES (1, 1, 'succeeded', 0, 5000, 30, 4, 4)")
+    for data, stream in (("a" * 10, "stdout"), ("err\n", "stderr"), ("b" * 20, "stdout")):
+        conn.execute("INSERT INTO output (job_id, attempt, stream, data, size) VALUES (1, 1, ?, ?, ?)",
+                     (stream, data, len(data)))
+    conn.close()
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        assert [(c["stream"], c["pos"]) for c in await store.output_after(1)] == [
+            ("stdout", 4970), ("stderr", 0), ("stdout", 4980)]
+        res = (await store.get_job(1))["result"]
+        assert res["stdout"] == "[orch: 4,970 bytes of stdout not kept]\n" + "a" * 10 + "b" * 20
+        assert res["stderr"] == "err\n" and res["stderr_truncated"] is False
+
+    run(tmp_path, body)
+
+
 def test_one_huge_chunk_is_cut_to_its_tail(tmp_path: Path) -> None:
     async def body(store: SqliteStore, clock: FakeClock) -> None:
         jid = await submit_one(store)
@@ -751,8 +811,9 @@ def test_one_huge_chunk_is_cut_to_its_tail(tmp_path: Path) -> None:
         big = "A" * 3000 + "THE END"
         await store.append_output(w, [OutputChunk(jid, 1, "stdout", big)])
         res = (await store.get_job(jid))["result"]
-        assert len(res["stdout"].encode()) <= 1024
-        assert res["stdout"].endswith("THE END")
+        skipped, kept = cut_marked(res["stdout"])
+        assert len(kept.encode()) <= 1024 and skipped + len(kept.encode()) == len(big)
+        assert kept.endswith("THE END")
         assert res["stdout_truncated"] is True
 
     run(tmp_path, body, output_limit=1024)
