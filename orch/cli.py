@@ -607,7 +607,6 @@ def run(
                 emit_json(job) if as_json else typer.echo(job["id"])
                 return 0
             job_id = job["id"]
-            typer.echo(f"orch: job {job_id}", err=True)  # before any wait: a Ctrl-C must never leave it nameless
 
             async def to_the_end() -> int:
                 if not as_json:
@@ -618,20 +617,25 @@ def run(
                         emit_json(done)
                         return _exit_code(done)
 
-            return await _interruptible(client, job_id, to_the_end(), cancel_on_interrupt)
+            # The id goes to stderr at once (stdout is the job's): a Ctrl-C never leaves it nameless.
+            return await _interruptible(client, job_id, to_the_end(), cancel_on_interrupt,
+                                        announce=f"orch: job {job_id}")
 
     raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))
 
 
-async def _interruptible(client: Any, job_id: int, waiting: Awaitable[int], cancel: bool) -> int:
+async def _interruptible(client: Any, job_id: int, waiting: Awaitable[int], cancel: bool, announce: str) -> int:
     """Wait for a job's end; on Ctrl-C stop waiting and leave the job running, saying so (a second Ctrl-C
-    within 2 s, or ``cancel``, cancels it). The exit code: the job's, or INTERRUPTED."""
+    within 2 s, or ``cancel``, cancels it). ``announce`` is printed on stderr once Ctrl-C is ours.
+    The exit code: the job's, or INTERRUPTED."""
     loop = asyncio.get_running_loop()
     hits: asyncio.Queue[None] = asyncio.Queue()
     try:
         loop.add_signal_handler(signal.SIGINT, hits.put_nowait, None)
     except (NotImplementedError, RuntimeError):  # no signal handlers here: Ctrl-C is KeyboardInterrupt
+        typer.echo(announce, err=True)
         return await waiting
+    typer.echo(announce, err=True)
     task = asyncio.ensure_future(waiting)
     hit = asyncio.ensure_future(hits.get())
     try:
@@ -729,9 +733,14 @@ def _short(ts: str | None) -> str:
 def _command_text(spec: dict[str, Any]) -> str:
     import shlex
 
-    if spec.get("kind") == "shell":
-        return str(spec.get("shell"))
-    return shlex.join(spec.get("argv", []))
+    from orch.models import argv_of
+
+    if "shell" in spec:
+        return str(spec["shell"])
+    try:
+        return shlex.join(argv_of(spec))
+    except (KeyError, TypeError):
+        return "?"
 
 
 def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
@@ -791,7 +800,7 @@ def jobs(
         for j in page["jobs"]:
             rows.append([str(j["id"]), j["state"], j["queue"], f"{j['attempt']}/{j['max_attempts']}",
                          "" if j["exit_code"] is None else str(j["exit_code"]), _short(j["created_at"]),
-                         _command_text(j["spec"])[:60]])
+                         j["command"][:60]])
         typer.echo(table(rows))
         if page.get("next_cursor"):
             typer.echo(f"more: --cursor {page['next_cursor']}")
@@ -946,8 +955,8 @@ def why(
 # =========================================================================== orch submit: many jobs from a file
 
 _ENDED = ("succeeded", "failed", "cancelled")
-_GOING = ("queued", "running", "retrying")
-_EXACT_WAITS = 64  # this few jobs left: long-poll each one instead of reading pages
+WAIT_IDS = 10_000  # ids in one POST /v1/jobs/wait, at most (the API's limit)
+_PACE_ABOVE, _PACE = 64, 0.1  # with more jobs left than this, at most one wait request per _PACE seconds
 
 
 def _read_specs(file: str) -> list[dict[str, Any]]:
@@ -980,70 +989,28 @@ def _read_specs(file: str) -> list[dict[str, Any]]:
 
 
 async def _wait_for_jobs(client: Any, ids: list[int], on_progress: Callable[[int, dict[str, int]], None]) -> dict[str, int]:
-    """Wait until every job in ``ids`` has ended; the count per end state. Polls nothing in a loop.
+    """Wait until every job in ``ids`` has ended; the count per end state.
 
-    While many jobs are left, it long-polls the oldest one (woken when it ends, at
-    most ``interval`` later) and then reads the pages of jobs still queued,
-    running or retrying (GET /v1/jobs?state=..., only as far down as our oldest
-    id), at most a few times a second and less often when reading them is slow.
-    Once few are left, it long-polls each of them. A job that has ended cannot
-    change again, so the end is confirmed by reading the ended jobs' pages once.
+    One long-poll at a time (POST /v1/jobs/wait, up to WAIT_IDS ids): it answers as soon as any of
+    them has ended, with all that have. With many jobs left, asks at most a few times a second, so a
+    stream of ends is taken in batches rather than one round trip each.
     """
-    mine = set(ids)
-    left = set(ids)
-    ended: dict[str, int] = {s: 0 for s in _ENDED}  # exact, from the long-polls; the rest is counted at the end
+    left = list(dict.fromkeys(ids))
+    counts = {s: 0 for s in _ENDED}
     loop = asyncio.get_running_loop()
-    interval = 0.25
-
-    async def pages(states: tuple[str, ...], lo: int, hi: int) -> dict[int, str]:
-        found: dict[int, str] = {}
-        for state in states:
-            cursor: str | None = str(hi + 1)
-            while cursor is not None:
-                page = await client.jobs(state=state, limit=1000, cursor=cursor)
-                found.update((j["id"], j["state"]) for j in page["jobs"] if j["id"] in mine)
-                if not page["jobs"] or page["jobs"][-1]["id"] <= lo:
-                    break
-                cursor = page.get("next_cursor")
-        return found
-
-    async def until_ended(job_id: int) -> None:
-        while True:
-            job = await client.wait(job_id, 30)
-            if job["state"] in _ENDED:
-                left.discard(job_id)
-                ended[job["state"]] += 1
-                on_progress(len(ids) - len(left), ended)
-                return
-
-    while True:
-        while left:
-            if len(left) <= _EXACT_WAITS:
-                await asyncio.gather(*(until_ended(i) for i in sorted(left)))
-                break
-            began = loop.time()
-            oldest = min(left)
-            job = await client.wait(oldest, interval)  # answered when it ends, or after interval
-            if job["state"] in _ENDED:
-                left.discard(oldest)
-                ended[job["state"]] += 1
-                rest = interval - (loop.time() - began)
-                if rest > 0:
-                    await asyncio.sleep(rest)  # read the pages at most once per interval
-            started = loop.time()
-            going = await pages(_GOING, min(left), max(left)) if left else {}
-            left.intersection_update(going)
-            on_progress(len(ids) - len(left), ended)
-            cost = loop.time() - started
-            interval = min(5.0, max(0.25, 10 * cost))  # reading pages takes at most ~10 % of the time
-        final = await pages(_ENDED, min(ids), max(ids))
-        left = mine - set(final)
-        if not left:
-            counts = {s: 0 for s in _ENDED}
-            for state in final.values():
-                counts[state] += 1
-            return counts
-        # A job moved between two of the pages we read (a retry queued again): wait for it too.
+    while left:
+        began = loop.time()
+        reply = await client.wait_many(left[:WAIT_IDS], 30)
+        done = {j["id"]: j["state"] for j in reply["ended"]}
+        for state in done.values():
+            counts[state] += 1
+        left = [i for i in left if i not in done]
+        on_progress(len(ids) - len(left), counts)
+        if len(left) > _PACE_ABOVE:
+            rest = _PACE - (loop.time() - began)
+            if rest > 0:
+                await asyncio.sleep(rest)
+    return counts
 
 
 @app.command()

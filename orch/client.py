@@ -71,8 +71,9 @@ class Client:
             self._session = None
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
-                      read_timeout: float | None = 60.0, raw: bytes | None = None) -> Any:
-        """One API call; ``raw``: a body already encoded as JSON (sent as it is)."""
+                      read_timeout: float | None = 60.0, raw: bytes | None = None, patient: bool = False) -> Any:
+        """One API call; ``raw``: a body already encoded as JSON (sent as it is). A 429 (too many long-polls
+        open) is waited out: ``patient`` (a wait for a job's end) for as long as it takes, else a while."""
         url = self.server + path
         headers = self._headers(path)
         data = None
@@ -92,9 +93,9 @@ class Client:
                 raise ServerUnavailable(f"cannot reach the orch scheduler at {self.server}: {_why(e, self.server)}") from None
             except TimeoutError:
                 raise ServerUnavailable(f"the orch scheduler at {self.server} did not answer in time") from None
-            if status == 429 and tries < TOO_MANY_TRIES:
-                tries += 1  # too many long-polls open from here: wait for one to end, then ask again
-                await asyncio.sleep(random.uniform(0.2, 1.0))
+            if status == 429 and (patient or tries < TOO_MANY_TRIES):
+                tries += 1  # too many long-polls open: wait for one to end, then ask again
+                await asyncio.sleep(_pause(tries))
                 continue
             return _decode(status, raw)
 
@@ -122,7 +123,13 @@ class Client:
 
     async def wait(self, job_id: int | str, timeout: float = 30.0) -> dict[str, Any]:
         return await self.request("GET", f"/v1/jobs/{job_id}/wait", params={"timeout": timeout},
-                                  read_timeout=timeout + 30)
+                                  read_timeout=timeout + 30, patient=True)
+
+    async def wait_many(self, job_ids: Sequence[int], timeout: float = 30.0) -> dict[str, Any]:
+        """Hold until one of the jobs has ended, or ``timeout``: ``{"ended": [job summaries], "waiting": n}``
+        with every one of them that has ended by then. One long-poll however many jobs."""
+        return await self.request("POST", "/v1/jobs/wait", body={"ids": list(job_ids), "timeout": timeout},
+                                  read_timeout=timeout + 30, patient=True)
 
     async def events(self, job_id: int | str, after: int = 0) -> list[dict[str, Any]]:
         params = {"after": after} if after else None
@@ -139,42 +146,35 @@ class Client:
         return await self.request("GET", f"/v1/jobs/{job_id}/why")
 
     async def _stream(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
-        """NDJSON lines of a streaming GET, decoded."""
-        try:
-            async with self.session.get(
-                self.server + path, params=params,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
-            ) as resp:
-                if resp.status >= 400:
-                    _decode(resp.status, await resp.read())
-                async for item in _ndjson(resp.content):
-                    yield item
-        except aiohttp.ClientConnectionError as e:
-            raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e)}") from None
-
-    async def output(self, job_id: int | str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/jobs/{job_id}/output")
-
-    async def follow(self, job_id: int | str) -> AsyncIterator[dict[str, Any]]:
-        """Output chunks as they come (``{"attempt", "stream", "data"}``), then ``{"end": true, ...}``."""
-        url = f"{self.server}/v1/jobs/{job_id}/output"
-        for tries in range(TOO_MANY_TRIES + 1):
+        """NDJSON lines of a streaming GET, decoded; a 429 (too many long-polls open) is waited out for as
+        long as it takes."""
+        tries = 0
+        while True:
+            tries += 1
             try:
                 async with self.session.get(
-                    url, params={"follow": "1"}, allow_redirects=False,
+                    self.server + path, params=params, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
                 ) as resp:
-                    if resp.status == 429 and tries < TOO_MANY_TRIES:
-                        await resp.read()
-                    else:
+                    if resp.status != 429:
                         if resp.status >= 400:
                             _decode(resp.status, await resp.read())
                         async for item in _ndjson(resp.content):
                             yield item
                         return
+                    await resp.read()
             except aiohttp.ClientConnectionError as e:
                 raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e, self.server)}") from None
-            await asyncio.sleep(random.uniform(0.2, 1.0))  # 429: too many long-polls open from here
+            await asyncio.sleep(_pause(tries))
+
+    async def output(self, job_id: int | str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/jobs/{job_id}/output")
+
+    async def follow(self, job_id: int | str) -> AsyncIterator[dict[str, Any]]:
+        """Output chunks as they come (``{"attempt", "stream", "data"}``; a hole is a chunk whose data is a
+        marker and that says how many bytes it stands for, ``skipped``), then ``{"end": true, ...}``."""
+        async for item in self._stream(f"/v1/jobs/{job_id}/output", {"follow": "1"}):
+            yield item
 
     async def workers(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/workers"))["workers"]
@@ -217,6 +217,11 @@ class Client:
     async def hand_back(self, worker_id: str, attempts: list[dict[str, int]], stop: bool) -> dict[str, Any]:
         return await self.request("POST", f"/v1/workers/{worker_id}/hand-back",
                                   body={"attempts": attempts, "stop": stop})
+
+
+def _pause(tries: int) -> float:
+    """Seconds before asking again after the ``tries``-th 429: growing to about 2 s, spread out."""
+    return min(2.0, 0.2 * tries) * random.uniform(0.5, 1.0)
 
 
 MAX_LINE = 64 << 20  # bytes of one NDJSON line, at most (a line holds one output chunk, far less)

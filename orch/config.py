@@ -38,6 +38,7 @@ KEYS: dict[str, Key] = {
     "scheduler.long_poll_timeout": Key("float", 30.0, "longest a lease or wait request is held open, in seconds", minimum=0.1),
     "scheduler.max_body_bytes": Key("int", 8 << 20, "largest request body accepted, in bytes", minimum=1024),
     "scheduler.output_limit_bytes": Key("int", 1 << 20, "output kept per attempt and stream (the tail; truncation is marked)", minimum=1024),
+    "scheduler.max_spec_bytes": Key("int", 256 << 10, "largest job spec accepted, in bytes of JSON (large data belongs in files the job reads)", minimum=1024),
     "worker.host": Key("str", "", "host name a worker reports about itself (default: this machine's name)"),
     "worker.join": Key("str", "http://127.0.0.1:8080", "scheduler a worker joins when --join is not given"),
     "worker.name": Key("str", "", "worker name (default: host name and process id)"),
@@ -69,7 +70,8 @@ KEYS: dict[str, Key] = {
     "tls.cert": Key("str", "", "the scheduler's TLS certificate chain (PEM); with tls.key, the API speaks HTTPS"),
     "tls.key": Key("str", "", "the private key of tls.cert (PEM)"),
     "tls.ca": Key("str", "", "CA certificate (PEM) workers and clients trust for the scheduler (default: the system's)"),
-    "scheduler.max_long_polls": Key("int", 64, "long-polls (wait, follow, lease) one client address or one worker may hold open at once; more get 429", minimum=1),
+    "scheduler.max_long_polls": Key("int", 64, "long-polls (lease) one worker may hold open at once; more get 429", minimum=1),
+    "scheduler.max_client_long_polls": Key("int", 4096, "long-polls (wait, follow) all clients together may hold open at once; more get 429, which orch's CLI waits out", minimum=1),
     "scheduler.body_timeout": Key("float", 30.0, "seconds a request body may take to arrive; a slower sender gets 408", minimum=0.1),
     "scheduler.idle_timeout": Key("float", 75.0, "seconds a connection may sit idle (or without a complete request head) before it is closed", minimum=1),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Mapping
@@ -131,16 +132,82 @@ class JobSpec:
     retry_on_exit: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "argv": list(self.argv)}
-        if self.kind == "shell":
-            out["shell"] = self.argv[2]
-        out.update(queue=self.queue, priority=self.priority, env=dict(self.env), cwd=self.cwd,
-                   timeout=self.timeout, labels=dict(self.labels), name=self.name)
+        """The spec as stored and as a worker gets it: the form it was submitted in (``command``, ``shell``,
+        or ``task`` and ``args``) and only the fields that were given. ``spec_view`` fills in the rest."""
+        out: dict[str, Any]
+        if self.kind == "command":
+            out = {"command": list(self.argv)}
+        elif self.kind == "shell":
+            out = {"shell": self.argv[2]}
+        else:
+            out = {"task": self.argv[0]}
+            if len(self.argv) > 1:
+                out["args"] = list(self.argv[1:])
+        if self.queue != "default":
+            out["queue"] = self.queue
+        if self.priority:
+            out["priority"] = self.priority
+        if self.env:
+            out["env"] = dict(self.env)
+        if self.cwd is not None:
+            out["cwd"] = self.cwd
+        if self.timeout is not None:
+            out["timeout"] = self.timeout
+        if self.max_attempts is not None:
+            out["max_attempts"] = self.max_attempts
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        if self.name is not None:
+            out["name"] = self.name
         if self.backoff:
             out["backoff"] = dict(self.backoff)
         if self.retry_on_exit is not None:
             out["retry_on_exit"] = list(self.retry_on_exit)
         return out
+
+    @property
+    def command_text(self) -> str:
+        """What the job runs, as a person reads it: the shell line, or the argv quoted as a shell would."""
+        return self.argv[2] if self.kind == "shell" else shlex.join(self.argv)
+
+
+def stored_spec(spec: JobSpec, defaults: RetryPolicy) -> dict[str, Any]:
+    """What the store keeps of a spec: its submitted form, with the attempts it gets fixed at submit."""
+    out = spec.to_json()
+    out.setdefault("max_attempts", defaults.max_attempts)
+    return out
+
+
+def argv_of(spec: Mapping[str, Any]) -> list[str]:
+    """The argv a stored spec runs (``argv`` itself from a scheduler before specs kept their submitted form)."""
+    if "command" in spec:
+        return list(spec["command"])
+    if "shell" in spec:
+        return ["/bin/sh", "-c", spec["shell"]]
+    if "task" in spec:
+        return [spec["task"], *spec.get("args", ())]
+    return list(spec["argv"])
+
+
+def spec_view(stored: Mapping[str, Any], defaults: RetryPolicy) -> dict[str, Any]:
+    """A stored spec as the API shows it: the form it was submitted in, every field with its value, the
+    defaults filled in (those of this scheduler: the retry policy applies as it is now)."""
+    out: dict[str, Any] = {k: stored[k] for k in ("command", "shell", "task") if k in stored}
+    if "task" in stored:
+        out["args"] = list(stored.get("args", ()))
+    b = stored.get("backoff") or {}
+    roe = stored.get("retry_on_exit")
+    out.update(
+        queue=stored.get("queue", "default"), priority=stored.get("priority", 0), env=stored.get("env") or {},
+        cwd=stored.get("cwd"), timeout=stored.get("timeout"),
+        max_attempts=stored.get("max_attempts") or defaults.max_attempts, labels=stored.get("labels") or {},
+        name=stored.get("name"),
+        backoff={"base": b.get("base", defaults.base), "factor": b.get("factor", defaults.factor),
+                 "cap": b.get("cap", defaults.cap), "jitter": b.get("jitter", defaults.jitter)},
+        retry_on_exit=list(roe) if roe is not None else (
+            list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None),
+    )
+    return out
 
 
 def _is_int(v: Any) -> bool:
@@ -271,14 +338,8 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
 
 
 def spec_from_json(d: Mapping[str, Any]) -> JobSpec:
-    """Rebuild a JobSpec from its stored ``to_json`` form (already validated once)."""
-    return JobSpec(
-        argv=tuple(d["argv"]), kind=d["kind"], queue=d.get("queue", "default"),
-        priority=d.get("priority", 0), env=d.get("env") or {}, cwd=d.get("cwd"),
-        timeout=d.get("timeout"), labels=d.get("labels") or {}, name=d.get("name"),
-        backoff=d.get("backoff") or {},
-        retry_on_exit=tuple(d["retry_on_exit"]) if d.get("retry_on_exit") is not None else None,
-    )
+    """Rebuild a JobSpec from its stored ``to_json`` form (validated again: it is cheap, and never wrong)."""
+    return parse_spec(dict(d))
 
 
 # --------------------------------------------------------------------------- time

@@ -14,11 +14,12 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
+from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
-from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
+from orch.models import NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view, stored_spec, validate_name
 from orch.output import marker as output_marker
+from orch.scheduler.bodies import each, encode, encode_list, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import document as openapi_document
 from orch.scheduler.security import GUARD, Guard, guard_request, unencodable_field
@@ -32,6 +33,7 @@ STORE = web.AppKey("store", SqliteStore)
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
 MAX_BATCH = 10_000
+BIG_OUTPUT = 128 * 1024  # characters of output in an answer beyond which it is encoded a slice at a time
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
@@ -110,12 +112,14 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
 # --------------------------------------------------------------------------- input helpers
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request, list_key: str | None = None) -> dict[str, Any]:
+    """The body as a JSON object; ``list_key``: a big body's list under that key is parsed an item at a
+    time, yielding to the loop (orch/scheduler/bodies.py)."""
     raw = await request.read()
     if not raw:
         raise ValidationError("request body is empty; a JSON object is required", field="body")
     try:
-        data = json.loads(raw)
+        data = await loads_object(raw, list_key) if list_key else json.loads(raw)
     except RecursionError:
         raise ValidationError("request body is nested too deeply", field="body") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -190,6 +194,12 @@ def job_id_of(request: web.Request) -> int:
     return int(raw)
 
 
+def _job_id_item(v: Any, i: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 2**62:
+        raise ValidationError(f"ids[{i}] must be a job id (an integer from 1 to {2**62})", field=f"ids[{i}]")
+    return v
+
+
 def attempt_refs(items: Any, field: str) -> list[tuple[int, int]]:
     if not isinstance(items, list) or len(items) > MAX_BATCH:
         raise ValidationError(f"{field} must be a list of at most {MAX_BATCH} items", field=field)
@@ -260,6 +270,7 @@ class Api:
         self.lease_ttl: float = settings["scheduler.lease_ttl"]
         self.long_poll: float = settings["scheduler.long_poll_timeout"]
         self.defaults = settings.retry_policy
+        self.max_spec: int = settings["scheduler.max_spec_bytes"]
         self.metrics = SchedulerMetrics()
 
     def committed(self, changes: list[Change]) -> None:
@@ -290,23 +301,56 @@ class Api:
         facts = await self.store.why_facts(job_id_of(request))
         return ok(explain(facts, self.settings["scheduler.heartbeat_interval"]))
 
+    def view(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A job as the API shows it: its spec in the form it was submitted in, with the defaults filled in."""
+        job["spec"] = spec_view(job["spec"], self.defaults)
+        return job
+
+    async def answer(self, job: dict[str, Any], status: int = 200) -> web.Response:
+        """A job's answer; one with a lot of output is encoded a slice at a time (orch/scheduler/bodies.py)."""
+        res = job.get("result") or job  # a job, or the output route's answer
+        if len(res.get("stdout") or "") + len(res.get("stderr") or "") <= BIG_OUTPUT:
+            return ok(job, status)
+        return web.Response(body=await encode(job), status=status, content_type="application/json")
+
+    def stored(self, spec: JobSpec, prefix: str) -> tuple[dict[str, Any], str]:
+        """The spec's stored form and its JSON text; 413 naming its largest field if it is over
+        scheduler.max_spec_bytes (large data belongs in files the job reads, not in its spec)."""
+        data = stored_spec(spec, self.defaults)
+        text = dumps(data)
+        if len(text) > self.max_spec:
+            largest = max(data, key=lambda k: len(dumps(data[k])))
+            raise PayloadTooLarge(
+                f"the job spec is {len(text):,} bytes of JSON, more than scheduler.max_spec_bytes "
+                f"({self.max_spec:,}); its largest field is {largest!r}: put large data in a file the job reads",
+                field=prefix + largest)
+        return data, text
+
     async def submit(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if len(raw) > 4 * self.max_spec:  # far over the limit: refused before it is parsed at all
+            raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
+                                  f"({self.max_spec:,}): put large data in a file the job reads", field="body")
         spec = parse_spec(await read_json(request))
-        jobs = await self.store.submit([spec], self.defaults)
-        return ok(jobs[0], 201)
+        jobs = await self.store.submit([spec], self.defaults, [self.stored(spec, "")])
+        return ok(self.view(jobs[0]), 201)
 
     async def submit_batch(self, request: web.Request) -> web.Response:
-        data = await read_json(request)
+        """Up to MAX_BATCH specs in one transaction. Parsing, checking and answering go a slice at a time:
+        a batch of thousands must not hold up the other requests (orch/scheduler/bodies.py)."""
+        data = await read_json(request, "jobs")
         only(data, {"jobs"})
         items = data.get("jobs")
         if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
             raise ValidationError(f"jobs must be a list of 1 to {MAX_BATCH} job specs", field="jobs")
-        specs = [parse_spec(item, f"jobs[{i}].") for i, item in enumerate(items)]
-        jobs = await self.store.submit(specs, self.defaults)
-        return ok({"jobs": jobs}, 201)
+        specs = await each(items, lambda i, item: parse_spec(item, f"jobs[{i}]."))
+        stored = await each(specs, lambda i, spec: self.stored(spec, f"jobs[{i}]."))
+        jobs = await self.store.submit(specs, self.defaults, stored)
+        jobs = await each(jobs, lambda i, job: self.view(job))
+        return web.Response(body=await encode_list("jobs", jobs), status=201, content_type="application/json")
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return ok(await self.store.get_job(job_id_of(request)))
+        return await self.answer(self.view(await self.store.get_job(job_id_of(request))))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         q = request.query
@@ -328,7 +372,7 @@ class Api:
 
     async def cancel(self, request: web.Request) -> web.Response:
         job, _ = await self.store.cancel(job_id_of(request))
-        return ok(job)
+        return ok(self.view(job))
 
     async def wait(self, request: web.Request) -> web.Response:
         job_id = job_id_of(request)
@@ -349,7 +393,42 @@ class Api:
             # Woken at the commit of the job's end, maybe before its fsync: a waiter is told
             # that a job ended only once the end is on disk (storage.synchronous FULL).
             await self.store.synced()
-        return ok(job)
+        return await self.answer(self.view(job))
+
+    async def wait_many(self, request: web.Request) -> web.Response:
+        """Hold until one of the jobs named has ended (or ``timeout`` passes); answer with every one of them
+        that has ended by then. One long-poll for a CLI waiting on many jobs (orch submit --wait)."""
+        data = await read_json(request)
+        only(data, {"ids", "timeout"})
+        ids = data.get("ids")
+        if not isinstance(ids, list) or not ids or len(ids) > MAX_BATCH:
+            raise ValidationError(f"ids must be a list of 1 to {MAX_BATCH} job ids", field="ids")
+        for i in range(len(ids)):
+            ids[i] = _job_id_item(ids[i], i)
+        timeout = num_field(data, "timeout", 0, 3600, self.long_poll)
+        deadline = time.monotonic() + timeout
+        while True:
+            # Register before reading: an end committed after the read still wakes us.
+            waiter = self.hub.jobs_waiter(ids)
+            try:
+                ended, missing = await self.store.ended_among(ids)
+                if missing:
+                    raise NotFound(f"no job {missing[0]}", field=f"ids[{ids.index(missing[0])}]")
+                left = min(deadline - time.monotonic(), self.long_poll)
+                if ended or left <= 0:
+                    break
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), left)
+                if not waiter.done():
+                    transport = request.transport
+                    if transport is None or transport.is_closing() or time.monotonic() >= deadline:
+                        ended = []
+                        break
+            finally:
+                self.hub.release_jobs(waiter, ids)
+        if ended:
+            await self.store.synced()  # as for wait: an end is told once it is on disk
+        return ok({"ended": ended, "waiting": len(set(ids)) - len(ended)})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
@@ -390,10 +469,10 @@ class Api:
         if not follow:
             job = await self.store.get_job(job_id)
             res = job["result"] or {}
-            return ok({"job_id": job_id, "attempt": job["attempt"], "state": job["state"],
-                       "stdout": res.get("stdout", ""), "stderr": res.get("stderr", ""),
-                       "stdout_truncated": res.get("stdout_truncated", False),
-                       "stderr_truncated": res.get("stderr_truncated", False)})
+            return await self.answer({"job_id": job_id, "attempt": job["attempt"], "state": job["state"],
+                                      "stdout": res.get("stdout", ""), "stderr": res.get("stderr", ""),
+                                      "stdout_truncated": res.get("stdout_truncated", False),
+                                      "stderr_truncated": res.get("stderr_truncated", False)})
         await self.store.job_state(job_id)  # 404 before the stream starts
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
@@ -716,6 +795,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r.add_get("/v1/openapi.json", openapi_json)
     r.add_post("/v1/jobs", api.submit)
     r.add_post("/v1/jobs/batch", api.submit_batch)
+    r.add_post("/v1/jobs/wait", api.wait_many)
     r.add_get("/v1/jobs", api.list_jobs)
     r.add_get("/v1/jobs/{job_id}", api.get_job)
     r.add_post("/v1/jobs/{job_id}/cancel", api.cancel)

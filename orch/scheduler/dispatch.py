@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from contextlib import suppress
 from typing import Iterable, Sequence
 
 from orch.store.base import Change
@@ -24,6 +25,8 @@ class Hub:
         self._waiters: dict[str, deque[asyncio.Future[str | None]]] = {}
         self._by_worker: dict[str, asyncio.Future[str | None]] = {}
         self.stopping: set[str] = set()  # workers draining: their long-polls end now
+        # Waiters on any of many jobs (POST /v1/jobs/wait): job id -> the futures of the waits naming it.
+        self._many: dict[int, list[asyncio.Future[None]]] = {}
 
     # Each key has one event until something happens to it; then the event is
     # set and dropped, and the next waiter gets a fresh one.
@@ -46,6 +49,24 @@ class Hub:
     def job_touched(self, job_id: int) -> None:
         """New output or a state change of one job."""
         self._fire(self._jobs, job_id)
+
+    def jobs_waiter(self, job_ids: Iterable[int]) -> asyncio.Future[None]:
+        """One future, set at the next state change of any of ``job_ids`` (release it with release_jobs)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for job_id in job_ids:
+            self._many.setdefault(job_id, []).append(fut)
+        return fut
+
+    def release_jobs(self, fut: asyncio.Future[None], job_ids: Iterable[int]) -> None:
+        for job_id in job_ids:
+            futs = self._many.get(job_id)
+            if futs is not None:
+                with suppress(ValueError):
+                    futs.remove(fut)
+                if not futs:
+                    del self._many[job_id]
+        if not fut.done():
+            fut.cancel()
 
     def wake_worker(self, worker_id: str) -> None:
         """The worker is draining: end its lease long-poll now."""
@@ -92,8 +113,13 @@ class Hub:
 
     def committed(self, changes: Iterable[Change]) -> None:
         queued: dict[str, int] = {}
+        many = self._many
         for c in changes:
             self._fire(self._jobs, c.job_id)
+            if many and c.job_id in many:
+                for fut in many.pop(c.job_id):
+                    if not fut.done():
+                        fut.set_result(None)
             if c.state == "queued":
                 queued[c.queue] = queued.get(c.queue, 0) + 1
             elif c.state == "retrying":

@@ -46,6 +46,19 @@ ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
 ARG = {"type": "string", "maxLength": MAX_ARG_LEN}
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
+JOB_FIELDS: dict[str, Any] = {
+    "id": INT, "state": {"type": "string", "enum": [s.value for s in State]}, "queue": {"type": "string"},
+    "priority": INT, "name": nullable({"type": "string"}),
+    "command": {"type": "string", "maxLength": 256, "description": "what the job runs, as a person reads it; "
+                                                                    "cut to 256 characters"},
+    "command_truncated": {"type": "boolean", "description": "command was cut"},
+    "attempt": INT, "max_attempts": INT, "created_at": TIME, "started_at": nullable(TIME),
+    "finished_at": nullable(TIME), "retry_at": nullable(TIME), "worker": nullable({"type": "string"}),
+    "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
+}
+JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_truncated", "attempt", "max_attempts",
+                "created_at", "started_at", "finished_at", "worker", "cancel_requested", "exit_code", "error")
+
 SCHEMAS: dict[str, Any] = {
     "Error": obj({
         "error": obj({
@@ -82,14 +95,12 @@ SCHEMAS: dict[str, Any] = {
                            {"required": ["shell"], "not": {"required": ["args"]}},
                            {"required": ["task"]}],
         description="exactly one of command, shell, task (args only with task); strings hold no NUL byte"),
-    "Job": obj({
-        "id": INT, "state": {"type": "string", "enum": [s.value for s in State]}, "queue": {"type": "string"},
-        "priority": INT, "name": nullable({"type": "string"}), "spec": {"type": "object"},
-        "attempt": INT, "max_attempts": INT, "created_at": TIME, "started_at": nullable(TIME),
-        "finished_at": nullable(TIME), "retry_at": nullable(TIME), "worker": nullable({"type": "string"}),
-        "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
-    }, ("id", "state", "queue", "priority", "spec", "attempt", "max_attempts", "created_at", "started_at",
-        "finished_at", "worker", "cancel_requested", "exit_code", "error")),
+    "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
+                      description="a job as listings show it: bounded in size, without its spec"),
+    "Job": obj({**JOB_FIELDS, "spec": {
+        "type": "object", "description": "the spec in the form it was submitted in (command, shell, or task and "
+                                         "args), every field with its value, the defaults filled in"}},
+        (*JOB_REQUIRED, "spec")),
     "Attempt": obj({
         "attempt": INT, "worker": nullable({"type": "string"}), "state": {"type": "string"},
         "started_at": TIME, "finished_at": nullable(TIME), "exit_code": nullable(INT),
@@ -106,7 +117,7 @@ SCHEMAS: dict[str, Any] = {
         "duration": nullable({"type": "number"}),
         "result": nullable(ref("Result")),
     }, ("attempts", "result"))]},
-    "JobPage": obj({"jobs": {"type": "array", "items": ref("Job")}, "next_cursor": nullable({"type": "string"})},
+    "JobPage": obj({"jobs": {"type": "array", "items": ref("JobSummary")}, "next_cursor": nullable({"type": "string"})},
                    ("jobs", "next_cursor")),
     "Jobs": obj({"jobs": {"type": "array", "items": ref("Job")}}, ("jobs",)),
     "Event": obj({
@@ -199,6 +210,15 @@ SCHEMAS: dict[str, Any] = {
     "Batch": obj({"jobs": {"type": "array", "items": ref("JobSpec"), "minItems": 1, "maxItems": MAX_BATCH}},
                  ("jobs",), closed=True),
     "Health": obj({"status": {"type": "string", "const": "ok"}}, ("status",)),
+    "WaitMany": obj({
+        "ids": {"type": "array", "items": JOB_ID, "minItems": 1, "maxItems": MAX_BATCH},
+        "timeout": {"type": "number", "minimum": 0, "maximum": 3600,
+                    "description": "seconds to hold the request open at most (default scheduler.long_poll_timeout)"},
+    }, ("ids",), closed=True),
+    "Ended": obj({
+        "ended": {"type": "array", "items": ref("JobSummary"), "description": "every job named that has ended"},
+        "waiting": {"type": "integer", "minimum": 0, "description": "how many of the jobs named have not"},
+    }, ("ended", "waiting")),
 }
 
 SECURITY_SCHEMES = {
@@ -273,6 +293,8 @@ def document(*, metrics_open: bool = False, long_poll: float | None = None, max_
         },
         "/v1/jobs/batch": {"post": _op("submit many jobs in one transaction", _json("Jobs", "the new jobs"),
                                        status="201", body="Batch")},
+        "/v1/jobs/wait": {"post": _op("hold until one of the jobs named has ended (or timeout), then list those that "
+                                      "have", _json("Ended", "the jobs that have ended"), body="WaitMany")},
         "/v1/jobs/{job_id}": {"get": _op("a job, its attempts, its last output", _json("JobDetail", "the job"),
                                          params=[JOB_PARAM])},
         "/v1/jobs/{job_id}/cancel": {"post": _op("cancel a job", _json("Job", "the job"), params=[JOB_PARAM])},

@@ -56,6 +56,7 @@ LONG_POLLS = {
     ("GET", "/v1/jobs/{job_id}/output"): "follow",
     ("GET", "/v1/jobs/{job_id}/events"): "follow",
     ("POST", "/v1/workers/{worker_id}/lease"): "",
+    ("POST", "/v1/jobs/wait"): "",
 }
 _NO = ("0", "", "false", "no")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="orch"'}
@@ -83,6 +84,7 @@ class Guard:
         self.workers: dict[str, tuple[str, bool]] = {}  # worker id -> (credential digest, alive)
         self.owner: dict[str, str] = {}  # credential digest -> worker id
         self.max_long_polls: int = settings["scheduler.max_long_polls"]
+        self.max_client_long_polls: int = settings["scheduler.max_client_long_polls"]
         self.long_polls: dict[str, int] = {}
         self.body_timeout: float = settings["scheduler.body_timeout"]
         self.query = query_names(document())
@@ -215,11 +217,11 @@ class Guard:
         return "client"
 
     @contextmanager
-    def long_poll(self, key: str, who: str) -> Iterator[None]:
+    def long_poll(self, key: str, who: str, cap: int, setting: str) -> Iterator[None]:
         n = self.long_polls.get(key, 0)
-        if n >= self.max_long_polls:
-            raise TooManyRequests(f"{who} already holds {n} long-polls open (scheduler.max_long_polls); "
-                                  "try again when one has ended")
+        if n >= cap:
+            raise TooManyRequests(f"{who} already hold{'s' if key != 'client' else ''} {n} long-polls open "
+                                  f"({setting}); try again when one has ended")
         self.long_polls[key] = n + 1
         try:
             yield
@@ -279,9 +281,15 @@ async def guard_request(request: web.Request,
     flag = LONG_POLLS.get((method, path))
     try:
         if flag is not None and (flag == "" or request.query.get(flag, "0") not in _NO):
-            key, who = ((f"worker:{worker_id}", f"worker {worker_id}") if worker_id
-                        else (f"client:{request.remote}", f"client {request.remote}"))
-            with guard.long_poll(key, who):
+            # Counted per credential: each worker's own, and the client token's (every CLI and program
+            # that holds it, on any host: a count per address made unrelated CLIs on one host share a cap).
+            if worker_id:
+                poll = guard.long_poll(f"worker:{worker_id}", f"worker {worker_id}", guard.max_long_polls,
+                                       "scheduler.max_long_polls")
+            else:
+                poll = guard.long_poll("client", "clients", guard.max_client_long_polls,
+                                       "scheduler.max_client_long_polls")
+            with poll:
                 return await handler(request)
         return await handler(request)
     except UnknownWorker:

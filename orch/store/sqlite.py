@@ -68,6 +68,7 @@ from orch.models import (
     State,
     check_transition,
     iso,
+    stored_spec,
 )
 from orch.output import render as render_output
 from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
@@ -153,15 +154,23 @@ def _connect(path: Path, synchronous: str, busy_ms: int = 10000) -> sqlite3.Conn
 # --------------------------------------------------------------------------- JSON shapes
 
 
+COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
+# What a listing reads of a job: never its spec, which may be large (scheduler.max_spec_bytes).
+SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
+                   " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
+
+
 def job_summary(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
-    spec = json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
+    """A job as a listing shows it: bounded in size whatever its spec (the command cut, with a flag)."""
+    command = row["command"] or ""
     return {
         "id": row["id"],
         "state": row["state"],
         "queue": row["queue"],
         "priority": row["priority"],
-        "name": spec.get("name"),
-        "spec": spec,
+        "name": row["name"],
+        "command": command[:COMMAND_SHOWN],
+        "command_truncated": len(command) > COMMAND_SHOWN,
         "attempt": row["attempt"],
         "max_attempts": row["max_attempts"],
         "created_at": iso(row["created_at"]),
@@ -173,6 +182,13 @@ def job_summary(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
         "exit_code": row["exit_code"],
         "error": row["error"],
     }
+
+
+def job_json(row: sqlite3.Row) -> dict[str, Any]:
+    """A job with its spec as stored (the API shows it with the defaults filled in: models.spec_view)."""
+    job = job_summary(row)
+    job["spec"] = json.loads(row["spec"])
+    return job
 
 
 def attempt_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -567,7 +583,7 @@ class SqliteStore:
         rows = await self._point("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
-        job = job_summary(rows[0])
+        job = job_json(rows[0])
         attempts = await self._point(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
         )
@@ -607,15 +623,41 @@ class SqliteStore:
         self, *, state: str | None = None, queue: str | None = None, limit: int = 50,
         cursor: int | None = None,
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Newest first; ``cursor`` is the id below which the next page starts."""
+        """Newest first; ``cursor`` is the id below which the next page starts. Summaries, not specs.
+
+        Only the filters given go into the WHERE clause, so each combination has an index that
+        gives its rows in id order: (state, id), (queue, id), (queue, state, id), or the table's own.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("queue", queue)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if cursor is not None:
+            where.append("id < ?")
+            params.append(cursor)
         rows = await self._read(
-            "SELECT * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR queue = ?2)"
-            " AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
-            (state, queue, cursor, limit + 1),
-        )
+            f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         return [job_summary(r) for r in rows], (rows[-1]["id"] if more and rows else None)
+
+    async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[int]]:
+        """Of ``job_ids``: the summaries of those that have ended, and the ids no job has."""
+        ended: list[dict[str, Any]] = []
+        found: set[int] = set()
+        ids = sorted(set(job_ids))
+        for at in range(0, len(ids), 500):  # SQLite's limit on bound values, with room to spare
+            part = ids[at:at + 500]
+            rows = await self._read(
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(part))})", part)
+            for r in rows:
+                found.add(r["id"])
+                if State(r["state"]).terminal:
+                    ended.append(job_summary(r))
+        return ended, [i for i in ids if i not in found]
 
     async def count_by_state(self) -> dict[str, int]:
         rows = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -674,7 +716,7 @@ class SqliteStore:
         last = await self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
         facts: dict[str, Any] = {
             "now": now,
-            "job": job_summary(row),
+            "job": job_json(row),
             "run_at": row["run_at"],
             "lease_expires_at": row["lease_expires_at"],
             "last_event": event_json(last[0]) if last else None,
@@ -749,32 +791,42 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy) -> list[dict[str, Any]]:
-        """Queue jobs; their ids are consecutive, in the order given."""
+    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[dict[str, Any]]:
+        """Queue jobs; their ids are consecutive, in the order given. ``stored``: each spec's stored form and
+        its JSON text, when the caller made them already (models.stored_spec)."""
         if not specs:
             return []
         now = self.clock()
         created = iso(now)
         rows = []
         jobs: list[dict[str, Any]] = []
-        for spec in specs:
-            spec_json = spec.to_json()
-            max_attempts = spec.max_attempts or defaults.max_attempts
-            rows.append((spec.queue, spec.priority, json.dumps(spec_json, separators=(",", ":")), max_attempts, now))
+        for i, spec in enumerate(specs):
+            if stored is not None:
+                spec_json, text = stored[i]
+            else:
+                spec_json = stored_spec(spec, defaults)
+                text = json.dumps(spec_json, separators=(",", ":"))
+            max_attempts = spec_json["max_attempts"]
+            command = spec.command_text[:COMMAND_SHOWN + 1]
+            rows.append((spec.queue, spec.priority, text, max_attempts, now, spec.name, command))
             jobs.append({
                 "id": 0, "state": "queued", "queue": spec.queue, "priority": spec.priority,
-                "name": spec.name, "spec": spec_json, "attempt": 0, "max_attempts": max_attempts,
+                "name": spec.name, "command": command[:COMMAND_SHOWN], "command_truncated": len(command) > COMMAND_SHOWN,
+                "attempt": 0, "max_attempts": max_attempts,
                 "created_at": created, "started_at": None, "finished_at": None,
                 "retry_at": None, "worker": None, "cancel_requested": False,
-                "exit_code": None, "error": None,
+                "exit_code": None, "error": None, "spec": spec_json,
             })
+            if i & 1023 == 1023:
+                await asyncio.sleep(0)  # a batch of thousands: let the loop serve others meanwhile
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> int:
             # One statement for all the rows, one for all their events. With AUTOINCREMENT and a
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
-                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at)"
-                " VALUES (?, ?, 'queued', ?, ?, ?)", rows)
+                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from orch.models import Outcome
+from orch.models import Outcome, argv_of
 
 log = logging.getLogger("orch.worker")
 
@@ -96,7 +96,7 @@ class Run:
     @classmethod
     def from_lease(cls, job: dict[str, Any]) -> Run:
         spec = job["spec"]
-        return cls(job_id=job["job_id"], attempt=job["attempt"], argv=list(spec["argv"]),
+        return cls(job_id=job["job_id"], attempt=job["attempt"], argv=argv_of(spec),
                    env=dict(spec.get("env") or {}), cwd=spec.get("cwd"), timeout=spec.get("timeout"),
                    queue=job.get("queue") or spec.get("queue") or "default")
 

@@ -120,9 +120,14 @@ def test_submit_and_get_job(tmp_path: Path) -> None:
         assert isinstance(job["id"], int)
         assert job["state"] == "queued"
         assert job["created_at"] and job["created_at"].endswith("Z")
-        assert job["spec"]["argv"] == ["echo", "hi"] and job["name"] == "greet"
+        assert job["name"] == "greet" and job["command"] == "echo hi" and job["command_truncated"] is False
+        # The spec in the form it was submitted in, every field there with the defaults filled in.
+        assert job["spec"] == {
+            "command": ["echo", "hi"], "queue": "default", "priority": 0, "env": {}, "cwd": None, "timeout": None,
+            "max_attempts": 3, "labels": {}, "name": "greet",
+            "backoff": {"base": 1.0, "factor": 2.0, "cap": 300.0, "jitter": 0.2}, "retry_on_exit": None}
         status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
-        assert status == 200
+        assert status == 200 and got["spec"] == job["spec"]
         assert got["id"] == job["id"] and got["state"] == "queued" and got["created_at"] == job["created_at"]
         assert got["attempts"] == [] and got["result"] is None
 
@@ -134,7 +139,8 @@ def test_seed_form_job_route(tmp_path: Path) -> None:
         status, job = await call(client, "POST", "/job", {"task": "echo", "args": ["hello"]})
         assert status == 201, job
         assert job["state"] == "queued"
-        assert job["spec"]["argv"] == ["echo", "hello"]
+        assert job["spec"]["task"] == "echo" and job["spec"]["args"] == ["hello"]
+        assert "argv" not in job["spec"] and "kind" not in job["spec"] and "command" not in job["spec"]
         status, got = await call(client, "GET", f"/job/{job['id']}")
         assert status == 200 and got["id"] == job["id"]
 
@@ -257,7 +263,7 @@ def test_worker_flow_register_lease_output_complete(tmp_path: Path) -> None:
         wid = await register(client, queues=["default"], concurrency=2)
         got = await lease(client, wid, 2)
         assert [j["job_id"] for j in got] == [job["id"], other["id"]]
-        assert got[0]["attempt"] == 1 and got[0]["spec"]["argv"] == ["echo", "hello"]
+        assert got[0]["attempt"] == 1 and got[0]["spec"] == {"command": ["echo", "hello"], "max_attempts": 3}
         status, running = await call(client, "GET", f"/v1/jobs/{job['id']}")
         assert running["state"] == "running" and running["worker"] == wid and running["started_at"]
 
@@ -311,7 +317,7 @@ def test_a_report_can_ask_for_more_work_in_the_same_round_trip(tmp_path: Path) -
         # The oldest two of q2, each with its spec as an object, as from the lease route.
         assert [(j["job_id"], j["attempt"], j["queue"]) for j in data["jobs"]] == [
             (queued[0]["id"], 1, "q2"), (queued[1]["id"], 1, "q2")]
-        assert data["jobs"][0]["spec"]["argv"] == ["echo", "0"] and data["jobs"][0]["queued_at"] > 0
+        assert data["jobs"][0]["spec"]["command"] == ["echo", "0"] and data["jobs"][0]["queued_at"] > 0
         for job, state in ((first, "succeeded"), (queued[0], "running"), (queued[1], "running"), (queued[2], "queued")):
             status, now = await call(client, "GET", f"/v1/jobs/{job['id']}")
             assert now["state"] == state, (job["id"], now["state"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from helpers import hold_fsyncs, until
 from orch.errors import Conflict, NotFound, UnknownWorker
-from orch.models import JobSpec, Outcome, RetryPolicy, iso, parse_spec
+from orch.models import JobSpec, Outcome, RetryPolicy, argv_of, iso, parse_spec
 from orch.store.base import AttemptResult, OutputChunk
 from orch.store.sqlite import SqliteStore, migrate, migrations
 
@@ -230,7 +231,8 @@ def test_submit_then_get_job(tmp_path: Path) -> None:
         assert job["state"] == "queued"
         assert job["created_at"] == iso(T0)
         assert job["queue"] == "q1" and job["priority"] == 3 and job["name"] == "first"
-        assert job["spec"]["argv"] == ["true"]
+        assert job["spec"] == {"command": ["true"], "queue": "q1", "priority": 3, "name": "first", "max_attempts": 3}
+        assert job["command"] == "true"
         assert job["attempt"] == 0 and job["max_attempts"] == 3
         assert job["started_at"] is None and job["finished_at"] is None
         assert job["attempts"] == [] and job["result"] is None
@@ -799,6 +801,46 @@ def test_migrating_kept_output_gives_each_chunk_its_place_in_the_stream(tmp_path
         res = (await store.get_job(1))["result"]
         assert res["stdout"] == "[orch: 4,970 bytes of stdout not kept]\n" + "a" * 10 + "b" * 20
         assert res["stderr"] == "err\n" and res["stderr_truncated"] is False
+
+    run(tmp_path, body)
+
+
+def test_migrating_specs_gives_them_their_submitted_form_and_listings_their_summaries(tmp_path: Path) -> None:
+    path = tmp_path / "orch.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for version, sql in migrations()[:2]:
+        conn.executescript(sql)
+        conn.execute(f"PRAGMA user_version = {version}")
+    old = [  # specs as versions before 3 stored them
+        {"kind": "command", "argv": ["echo", "it's"], "queue": "default", "priority": 0, "env": {}, "cwd": None,
+         "timeout": None, "labels": {}, "name": "greet"},
+        {"kind": "shell", "argv": ["/bin/sh", "-c", "exit 3"], "shell": "exit 3", "queue": "q", "priority": 2,
+         "env": {"A": "1"}, "cwd": None, "timeout": 5.0, "labels": {}, "name": None, "retry_on_exit": [3]},
+        {"kind": "task", "argv": ["echo", "hello", "world"], "queue": "default", "priority": 0, "env": {},
+         "cwd": None, "timeout": None, "labels": {}, "name": None},
+        {"kind": "task", "argv": ["true"], "queue": "default", "priority": 0, "env": {}, "cwd": None,
+         "timeout": None, "labels": {}, "name": None},
+    ]
+    for i, spec_json in enumerate(old, 1):
+        conn.execute("INSERT INTO jobs (id, queue, state, spec, max_attempts, created_at) VALUES (?, ?, 'queued', ?, ?, 0)",
+                     (i, spec_json["queue"], json.dumps(spec_json), 3 + i))
+    conn.close()
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        specs = [(await store.get_job(i))["spec"] for i in range(1, 5)]
+        assert specs[0]["command"] == ["echo", "it's"] and specs[0]["max_attempts"] == 4
+        assert specs[1]["shell"] == "exit 3" and specs[1]["retry_on_exit"] == [3] and specs[1]["timeout"] == 5.0
+        assert specs[2]["task"] == "echo" and specs[2]["args"] == ["hello", "world"]
+        assert specs[3]["task"] == "true" and specs[3]["args"] == []
+        assert not any("kind" in s or "argv" in s for s in specs)
+        page, _ = await store.list_jobs()
+        assert [(j["name"], j["command"]) for j in reversed(page)] == [
+            ("greet", "echo it's"), (None, "exit 3"), (None, "echo hello world"), (None, "true")]
+        # What a worker is handed runs as before.
+        w = await worker(store, queues=("default", "q"))
+        jobs, _ = await store.claim(w, ["default", "q"], 4, TTL)
+        assert sorted(argv_of(j["spec"]) for j in jobs) == sorted(
+            [["echo", "it's"], ["/bin/sh", "-c", "exit 3"], ["echo", "hello", "world"], ["true"]])
 
     run(tmp_path, body)
 
