@@ -80,6 +80,7 @@ from orch.models import (
     iso,
 )
 from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
+from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
 
@@ -329,7 +330,21 @@ class SqliteStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (and make or migrate) the database; a failure leaves nothing open and says what is wrong."""
+        try:
+            await self._open()
+        except BaseException as e:
+            # Whatever did open must not outlive the failure: the reader's and executors' threads
+            # would keep the process alive after its error.
+            await self.close()
+            mapped = storage_error(e, self.path)
+            if mapped is e:
+                raise
+            raise mapped from e
+
+    async def _open(self) -> None:
+        db_folder(self.path)
+        private_files(self.path)
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-writer")
 
@@ -337,7 +352,10 @@ class SqliteStore:
             # FULL durability comes from our own flusher (see the module doc); the connection
             # needs only NORMAL's crash safety.
             self._wconn = _connect(self.path, "NORMAL")
-            migrate(self._wconn)
+            try:
+                migrate(self._wconn)
+            except ValidationError as e:
+                raise ValidationError(f"{self.path}: {e.message}", field=e.field) from None
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wconn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._wconn.execute("PRAGMA temp_store=MEMORY")
@@ -366,7 +384,11 @@ class SqliteStore:
         while self._busy or self._pending or self._flushing or self._unflushed or self._kick_handle:
             if self._loop is None:
                 break
-            await self._write(lambda c, out: None, durable=True)
+            try:
+                await self._write(lambda c, out: None, durable=True)
+            except Exception as e:  # a full disk, say: the threads must go all the same
+                log.error("closing the store: the last writes may not be on disk: %s", e)
+                break
         if self._ckpt_running is not None:
             with suppress(Exception):
                 await asyncio.shield(self._ckpt_running)

@@ -1,4 +1,4 @@
-"""The store against its disk: a full disk.
+"""The store against its disk: a full disk, a damaged file, file modes.
 
 A real SQLite file in tmp_path. A real full disk (a small tmpfs) is in tests/e2e/test_full_disk.py.
 """
@@ -8,21 +8,46 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orch.errors import StorageFull
+from orch.errors import StorageCorrupt, StorageError, StorageFull
 from orch.models import RetryPolicy, parse_spec
 from orch.store.sqlite import SqliteStore
 
 POLICY = RetryPolicy(max_attempts=3, base=1.0, factor=2.0, cap=300.0, jitter=0.0)
 
 
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 async def submit(store: SqliteStore, **kw: Any) -> int:
     return (await store.submit([parse_spec({"command": ["true"], **kw})], POLICY))[0]["id"]
+
+
+def make_db(path: Path) -> None:
+    async def main() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            await store.register_worker(name="w", hostname="h", queues=["default"], concurrency=1)
+            for i in range(50):
+                await submit(store, name=f"job-{i}", env={"SECRET": "s" * 500})
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def store_threads() -> list[str]:
+    """Threads of stores (writer, fsync, checkpoint) and of aiosqlite's connections."""
+    return sorted(t.name for t in threading.enumerate()
+                  if t.name.startswith("orch-") or "_connection_worker_thread" in t.name)
 
 
 # --------------------------------------------------------------------------- a full disk
@@ -78,3 +103,99 @@ def test_a_transaction_left_open_by_a_failed_batch_does_not_stop_the_next(tmp_pa
             await store.close()
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- a damaged file, a failed open
+
+
+@pytest.mark.parametrize("damage", ["garbage-header", "truncated-mid-page"])
+def test_a_damaged_database_fails_open_naming_the_file_and_the_way_out(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "orch.db"
+    make_db(path)
+    if damage == "garbage-header":
+        with open(path, "r+b") as f:
+            f.write(b"not a database, really " * 50)
+    else:
+        os.truncate(path, path.stat().st_size // 2 + 100)
+    before = store_threads()
+
+    async def main() -> None:
+        store = SqliteStore(path)
+        with pytest.raises(StorageCorrupt) as info:
+            await store.open()
+        message = info.value.message
+        assert str(path) in message and f"sqlite3 {path} .recover" in message, message
+        assert info.value.exit_code != 0
+        await store.close()  # a second close does no harm
+
+    asyncio.run(main())
+    assert store_threads() == before  # nothing of the failed store keeps the process alive
+
+
+def test_a_store_that_failed_to_open_leaves_no_thread(tmp_path: Path) -> None:
+    """The writer's executor starts before the database is read: it must go when the open fails."""
+    path = tmp_path / "orch.db"
+    path.write_bytes(b"\xff" * 8192)
+    before = store_threads()
+
+    async def main() -> None:
+        with pytest.raises(StorageError):
+            await SqliteStore(path).open()
+        assert store_threads() == before
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def test_database_files_are_0600_and_a_new_folder_0700_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "made" / "here" / "orch.db"
+    old = os.umask(0)
+    try:
+        async def main() -> None:
+            store = SqliteStore(path)
+            await store.open()
+            try:
+                await submit(store, env={"TOKEN": "secret"})
+                for name in ("orch.db", "orch.db-wal", "orch.db-shm"):
+                    assert mode(path.parent / name) == 0o600, name
+                assert mode(path.parent) == 0o700
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+    finally:
+        os.umask(old)
+
+
+def test_existing_database_files_readable_by_others_are_narrowed(tmp_path: Path) -> None:
+    path = tmp_path / "orch.db"
+    make_db(path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").touch()
+        os.chmod(f"{path}{suffix}", 0o666)
+
+    async def main() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                assert mode(Path(f"{path}{suffix}")) == 0o600, suffix
+            assert (await store.get_job(1))["spec"]["env"] == {"SECRET": "s" * 500}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_database_path_that_is_a_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "db"
+    folder.mkdir(mode=0o755)
+
+    async def main() -> None:
+        with pytest.raises(StorageError, match="not a file"):
+            await SqliteStore(folder).open()
+
+    asyncio.run(main())
+    assert mode(folder) == 0o755
