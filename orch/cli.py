@@ -127,15 +127,26 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
 
     from orch.scheduler.app import build_app
     from orch.scheduler.security import GUARD, exposure_warnings
+    from orch.store.files import DatabaseLock, private_dir
 
     ssl_context = None
     if settings["tls.cert"] or settings["tls.key"]:
         from orch.tls import server_context
 
         ssl_context = server_context(settings["tls.cert"], settings["tls.key"])
+    # Before anything is written: a private data dir, and no other scheduler on this database (two would
+    # both serve it). The lock goes with the process, however it ends.
+    private_dir(settings.data_dir)
+    lock = DatabaseLock(settings.db_path, settings.data_dir)
+    lock.acquire()
     _more_open_files()
     application = build_app(settings)
     metrics_runners: list[Any] = []
+
+    async def unlock(_app: Any) -> None:  # after the store has closed (cleanup_ctx runs first)
+        lock.release()
+
+    application.on_cleanup.append(unlock)
 
     async def stop_metrics(_app: Any) -> None:  # before the store closes
         for r in metrics_runners:

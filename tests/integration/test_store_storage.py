@@ -1,4 +1,4 @@
-"""The store against its disk: a full disk, a damaged file, file modes.
+"""The store against its disk: a full disk, a damaged file, file modes, the one-scheduler lock.
 
 A real SQLite file in tmp_path. A real full disk (a small tmpfs) is in tests/e2e/test_full_disk.py.
 """
@@ -17,6 +17,7 @@ import pytest
 
 from orch.errors import StorageCorrupt, StorageError, StorageFull
 from orch.models import RetryPolicy, parse_spec
+from orch.store.files import DatabaseLock, private_dir
 from orch.store.sqlite import SqliteStore
 
 POLICY = RetryPolicy(max_attempts=3, base=1.0, factor=2.0, cap=300.0, jitter=0.0)
@@ -199,3 +200,59 @@ def test_a_database_path_that_is_a_folder_is_refused_and_left_alone(tmp_path: Pa
 
     asyncio.run(main())
     assert mode(folder) == 0o755
+
+
+def test_the_data_dir_is_made_0700_or_made_so(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        assert mode(private_dir(tmp_path / "new" / "data")) == 0o700
+    finally:
+        os.umask(old)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    os.chmod(existing, 0o777)
+    assert mode(private_dir(existing)) == 0o700
+
+
+def test_a_data_dir_that_is_a_file_or_shared_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(StorageError, match="not a folder"):
+        private_dir(file)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(StorageError, match="shared with every user"):
+        private_dir(shared)
+    assert mode(shared) == 0o1777
+
+
+# --------------------------------------------------------------------------- one scheduler per database
+
+
+def test_a_second_lock_on_a_database_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    db = tmp_path / "orch.db"
+    first = DatabaseLock(db, tmp_path)
+    first.acquire()
+    try:
+        assert (tmp_path / "orch.db.lock").read_text() == f"{os.getpid()}\n"
+        assert mode(tmp_path / "orch.db.lock") == 0o600
+        with pytest.raises(StorageError) as info:
+            DatabaseLock(db, tmp_path).acquire()  # another open of the file: flock refuses it as another process
+        assert f"pid {os.getpid()}" in info.value.message and str(db) in info.value.message
+        assert str(tmp_path) in info.value.message and info.value.exit_code == 2
+    finally:
+        first.release()
+    again = DatabaseLock(db, tmp_path)
+    again.acquire()  # released: it can be taken again
+    again.release()
+
+
+def test_a_lock_left_by_a_dead_scheduler_is_taken_over(tmp_path: Path) -> None:
+    (tmp_path / "orch.db.lock").write_text("999999999\n")  # its process is gone: the kernel dropped its flock
+    lock = DatabaseLock(tmp_path / "orch.db")
+    lock.acquire()
+    try:
+        assert (tmp_path / "orch.db.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
