@@ -211,7 +211,8 @@ def _startup_error(e: BaseException, settings: Settings) -> BaseException:
     if isinstance(e, sqlite3.Error):
         from orch.store.sqlite import storage_error
 
-        return storage_error(e, settings.db_path)
+        mapped = storage_error(e, settings.db_path)
+        return mapped if mapped is not e else StorageError(f"cannot use the database {settings.db_path}: {e}")
     if isinstance(e, OSError):
         return StorageError(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     return e

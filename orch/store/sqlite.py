@@ -338,6 +338,8 @@ class SqliteStore:
             # would keep the process alive after its error.
             await self.close()
             mapped = storage_error(e, self.path)
+            if mapped is e and isinstance(e, sqlite3.Error):  # another program's database, say
+                mapped = StorageError(f"cannot use the database {self.path}: {e}")
             if mapped is e:
                 raise
             raise mapped from e

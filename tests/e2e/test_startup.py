@@ -174,6 +174,12 @@ def test_every_other_start_up_failure_is_one_line_exit_2(tmp_path: Path, real_da
     conn = sqlite3.connect(newer / "orch.db")
     conn.execute("PRAGMA user_version = 9999")
     conn.close()
+    foreign = tmp_path / "foreign" / "data"  # another program's database, where orch's tables would go
+    foreign.mkdir(parents=True)
+    conn = sqlite3.connect(foreign / "orch.db")
+    conn.execute("CREATE TABLE jobs (theirs TEXT)")
+    conn.commit()
+    conn.close()
     folder_db = tmp_path / "folder-db"
     folder_db.mkdir()
     not_pem = tmp_path / "not.pem"
@@ -184,6 +190,7 @@ def test_every_other_start_up_failure_is_one_line_exit_2(tmp_path: Path, real_da
         "storage.path nowhere writable": (env_for("p3", ORCH_STORAGE_PATH="/proc/orch/orch.db"), "/proc/orch"),
         "the data dir is a file": (orch_test_env(a_file), str(a_file)),
         "a database newer than this orch": (orch_test_env(newer), str(newer / "orch.db")),
+        "another program's database": (orch_test_env(foreign), str(foreign / "orch.db")),
         "TLS files that are missing": (env_for("t1", ORCH_TLS_CERT=str(tmp_path / "none.pem"),
                                                ORCH_TLS_KEY=str(tmp_path / "none-key.pem")), "none.pem"),
         "TLS files that are no certificate": (env_for("t2", ORCH_TLS_CERT=str(not_pem), ORCH_TLS_KEY=str(not_pem)),
