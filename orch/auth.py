@@ -28,6 +28,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from orch.errors import ConfigError
+
 TOKEN_FILE = "tokens.json"
 ROLES = ("client", "join")
 # Prefixes make a pasted token recognisable (and a wrong one easy to explain); any token works.
@@ -89,8 +91,8 @@ class Tokens:
         return self.client if role == "client" else self.join if role == "join" else None
 
 
-class TokenFileError(Exception):
-    """The token file exists but cannot be read or parsed."""
+class TokenFileError(ConfigError):
+    """The token file cannot be read, parsed or written: one line at start-up, exit 2."""
 
 
 def read_tokens(data_dir: Path) -> Tokens | None:
@@ -119,7 +121,13 @@ def read_tokens(data_dir: Path) -> Tokens | None:
 
 def write_tokens(data_dir: Path, tokens: Tokens) -> Path:
     """Write the token file atomically (temp file, fsync, rename), mode 0600."""
-    folder = Path(data_dir).expanduser()
+    try:
+        return _write_tokens(Path(data_dir).expanduser(), tokens)
+    except OSError as e:  # a read-only or full data dir
+        raise TokenFileError(f"cannot write {token_path(data_dir)}: {e.strerror or e}") from None
+
+
+def _write_tokens(folder: Path, tokens: Tokens) -> Path:
     if not folder.exists():
         folder.mkdir(parents=True, mode=0o700)
     path = token_path(folder)

@@ -136,17 +136,28 @@ def _logging(settings: Settings, log_format: str | None) -> None:
 async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
     from aiohttp import web
 
-    from orch.scheduler.app import build_app
+    from orch.scheduler.app import STORE, build_app
     from orch.scheduler.security import GUARD, exposure_warnings
+    from orch.store.files import DatabaseLock, private_dir
 
     ssl_context = None
     if settings["tls.cert"] or settings["tls.key"]:
         from orch.tls import server_context
 
         ssl_context = server_context(settings["tls.cert"], settings["tls.key"])
+    # Before anything is written: a private data dir, and no other scheduler on this database (two would
+    # both serve it). The lock goes with the process, however it ends.
+    private_dir(settings.data_dir)
+    lock = DatabaseLock(settings.db_path, settings.data_dir)
+    lock.acquire()
     _more_open_files()
     application = build_app(settings)
     metrics_runners: list[Any] = []
+
+    async def unlock(_app: Any) -> None:  # after the store has closed (cleanup_ctx runs first)
+        lock.release()
+
+    application.on_cleanup.append(unlock)
 
     async def stop_metrics(_app: Any) -> None:  # before the store closes
         for r in metrics_runners:
@@ -155,7 +166,17 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
     application.on_shutdown.append(stop_metrics)
     runner = web.AppRunner(application, handle_signals=False, access_log=None, shutdown_timeout=5.0,
                            keepalive_timeout=settings["scheduler.idle_timeout"])
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException as e:
+        # Start-up failed half-way (a damaged database, a broken token file): what opened must close, or its
+        # threads keep the process alive after the error.
+        await application[STORE].close()
+        lock.release()
+        mapped = _startup_error(e, settings)
+        if mapped is e:
+            raise
+        raise mapped from e
     site = web.TCPSite(runner, settings["scheduler.host"], settings["scheduler.port"], reuse_address=True,
                        ssl_context=ssl_context)
     try:
@@ -190,6 +211,22 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
         where = guard.path if guard.uses_file else "auth.token and auth.join_token (configuration)"
         print(f"tokens: {where} (orch token show; the CLI on this machine finds them)", flush=True)
     return runner, url
+
+
+def _startup_error(e: BaseException, settings: Settings) -> BaseException:
+    """A failure of the files at start-up as one line (an OrchError); anything else (a bug) as it is."""
+    import sqlite3
+
+    from orch.errors import StorageError
+
+    if isinstance(e, sqlite3.Error):
+        from orch.store.sqlite import storage_error
+
+        mapped = storage_error(e, settings.db_path)
+        return mapped if mapped is not e else StorageError(f"cannot use the database {settings.db_path}: {e}")
+    if isinstance(e, OSError):
+        return StorageError(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    return e
 
 
 def _more_open_files() -> None:

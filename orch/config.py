@@ -8,6 +8,7 @@ with a message naming the key and where it came from.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -103,6 +104,9 @@ def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
             if isinstance(raw, bool) or (not from_text and not isinstance(raw, (int, float))):
                 raise ValueError
             value = float(raw)
+            if not math.isfinite(value):
+                # nan slips through every comparison with a minimum (a lease_ttl of nan never expires).
+                raise ConfigError(f"{bad}: {raw!r} is not a finite number")
         elif kind == "bool":
             if from_text:
                 if str(raw).lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
@@ -143,7 +147,7 @@ def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
             raise ValueError
     except ConfigError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite float
         raise ConfigError(f"{bad}: {raw!r} is not a valid {kind}") from None
     if spec.minimum is not None and isinstance(value, (int, float)) and value < spec.minimum:
         raise ConfigError(f"{bad}: {value!r} is below the minimum {spec.minimum:g}")

@@ -108,6 +108,32 @@ class ConfigError(OrchError):
     exit_code = 2
 
 
+class StorageError(OrchError):
+    """The data dir or the database cannot be used: unwritable, damaged, held by another scheduler.
+
+    At start-up it stops the scheduler with one line (exit 2); on a route it is a 5xx.
+    """
+
+    code = "storage"
+    exit_code = 2
+
+
+class StorageFull(StorageError):
+    """The disk holding the database has no space left: nothing more can be written until some is freed.
+
+    Not a bug, and it passes by itself once space is back, so it has its own status (507 Insufficient Storage).
+    """
+
+    http_status = 507
+    code = "storage_full"
+
+
+class StorageCorrupt(StorageError):
+    """The database file is damaged (SQLite: malformed, or not a database)."""
+
+    code = "storage_corrupt"
+
+
 class ServerUnavailable(OrchError):
     """The CLI or a worker could not reach the scheduler."""
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, ValidationError
+from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, StorageError, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view, stored_spec, validate_name
@@ -723,6 +723,53 @@ def _change_line(c: Change) -> tuple[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- the reaper
 
 
+class ReaperFailures:
+    """The reaper's failed passes: told at most once a minute per kind of failure, and when passes work again.
+
+    The reaper runs every second or faster: a failure that lasts (a full disk) must not write a line, let
+    alone a traceback, on every pass. What is told is kept across recoveries, so a failure that comes and
+    goes is told no more often.
+    """
+
+    EVERY = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.told: dict[str, tuple[float, int]] = {}  # kind -> (when last told, failed passes not told since)
+        self.streak = 0  # failed passes in a row
+        self.since = 0.0
+        self.streak_told = False
+
+    def failed(self, e: BaseException) -> None:
+        """Call from the ``except`` that caught ``e`` (a bug's traceback is logged, the first time)."""
+        now = self.clock()
+        kind = e.code if isinstance(e, OrchError) else type(e).__name__
+        text = e.message if isinstance(e, OrchError) else f"{kind}: {e}"
+        if self.streak == 0:
+            self.since = now
+        self.streak += 1
+        told = self.told.get(kind)
+        if told is not None and now - told[0] < self.EVERY:
+            self.told[kind] = (told[0], told[1] + 1)
+            return
+        self.told[kind] = (now, 0)
+        self.streak_told = True
+        if told is None and not isinstance(e, OrchError):  # not meant to happen: show where, once
+            log.exception("reaper pass failed (told at most once a minute while it lasts)")
+        elif told is None:
+            log.error("reaper pass failed: %s (told at most once a minute while it lasts)", text)
+        else:
+            log.error("reaper pass failed: %s (and %d more times since told %.0fs ago)", text, told[1],
+                      now - told[0])
+
+    def passed(self) -> None:
+        if self.streak and self.streak_told:
+            log.warning("reaper passes work again, after %d failed over %.1fs", self.streak,
+                        self.clock() - self.since)
+        self.streak = 0
+        self.streak_told = False
+
+
 async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> None:
     """Mark silent workers lost, expire leases, queue due retries; notice our own stalls."""
     ttl = settings["scheduler.lease_ttl"]
@@ -730,18 +777,28 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
     grace = settings["scheduler.recovery_grace"]
     defaults = settings.retry_policy
     last = time.monotonic()
+    failures = ReaperFailures()
+    owe_grace = False  # leases are to be extended before the next sweep
     while True:
         now = time.monotonic()
         if now - last > tick + max(2.0, ttl / 2):
             # We were not running (SIGSTOP, a long pause): nobody could heartbeat to us.
             log.warning("scheduler stalled for %.1fs; extending leases by %.1fs", now - last, grace)
-            await store.recover(grace, ttl)
+            owe_grace = True
         last = now
         try:
+            if owe_grace:
+                await store.recover(grace, ttl)
+                owe_grace = False
             sweep = await store.sweep(ttl, defaults)
-        except Exception:
-            log.exception("reaper pass failed")
+        except Exception as e:
+            failures.failed(e)
+            # While the store could not write (a full disk), workers' heartbeats failed too: they get the
+            # grace before the first sweep that works, as after a stall.
+            owe_grace = owe_grace or isinstance(e, StorageError)
             sweep = None
+        else:
+            failures.passed()
         wait = tick
         if sweep is not None:
             for wid in sweep.lost_workers:

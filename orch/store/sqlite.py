@@ -45,6 +45,7 @@ thread so a big table never stalls the loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -60,7 +61,16 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import aiosqlite
 
-from orch.errors import Conflict, NotFound, UnknownWorker, ValidationError
+from orch.errors import (
+    Conflict,
+    NotFound,
+    OrchError,
+    StorageCorrupt,
+    StorageError,
+    StorageFull,
+    UnknownWorker,
+    ValidationError,
+)
 from orch.models import (
     JobSpec,
     Outcome,
@@ -72,6 +82,7 @@ from orch.models import (
 )
 from orch.output import render as render_output
 from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
+from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
 
@@ -143,12 +154,68 @@ def _split_sql(script: str) -> list[str]:
 
 def _connect(path: Path, synchronous: str, busy_ms: int = 10000) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")  # the first read of the file: a damaged one fails here
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+# SQLite's primary result codes (an exception's sqlite_errorcode & 0xFF) that say something about the files.
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_NEARLY_FULL = 256 << 10  # bytes free below which an I/O error is taken for a full disk
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has (next to) no space left.
+
+    SQLite says SQLITE_FULL only when a write of the database or WAL itself
+    runs out of space; growing the -shm on a full disk is an I/O error
+    (SQLITE_IOERR_SHMSIZE), and so is an fsync that found no space.
+    """
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use the reserved blocks
+    return free * st.f_frsize < _NEARLY_FULL
+
+
+def storage_error(e: BaseException, path: Path) -> BaseException:
+    """What a failure of the database's files means to a caller.
+
+    A full disk is StorageFull (507: it passes once space is freed), a damaged
+    file StorageCorrupt, another I/O or permission failure StorageError. An
+    orch error (an op's Conflict, NotFound, ...) and anything else (a bug) are
+    returned as they are.
+    """
+    if isinstance(e, OrchError):
+        return e
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(path):
+            return StorageFull(f"no space left on the disk of the database {path} ({e.strerror or e}); free some "
+                               "space there: the scheduler carries on by itself once there is")
+        return StorageError(f"cannot write the database {path}: {e.strerror or e}")
+    if not isinstance(e, sqlite3.Error):
+        return e
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _disk_full(path)):
+        return StorageFull(f"no space left on the disk of the database {path} ({e}); free some space there: "
+                           "the scheduler carries on by itself once there is")
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        # The old -wal must go with the old file: SQLite would replay it into the recovered one.
+        return StorageCorrupt(f"the database {path} is damaged ({e}); stop orch and save what it holds with "
+                              f"`sqlite3 {path} .recover | sqlite3 {path}.recovered`, then move {path} and its "
+                              f"-wal and -shm files away and put {path}.recovered in its place")
+    if code in (_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN):
+        return StorageError(f"cannot use the database {path}: {e}")
+    return e
 
 
 # --------------------------------------------------------------------------- JSON shapes
@@ -272,7 +339,23 @@ class SqliteStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (and make or migrate) the database; a failure leaves nothing open and says what is wrong."""
+        try:
+            await self._open()
+        except BaseException as e:
+            # Whatever did open must not outlive the failure: the reader's and executors' threads
+            # would keep the process alive after its error.
+            await self.close()
+            mapped = storage_error(e, self.path)
+            if mapped is e and isinstance(e, sqlite3.Error):  # another program's database, say
+                mapped = StorageError(f"cannot use the database {self.path}: {e}")
+            if mapped is e:
+                raise
+            raise mapped from e
+
+    async def _open(self) -> None:
+        db_folder(self.path)
+        private_files(self.path)
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orch-writer")
 
@@ -280,7 +363,10 @@ class SqliteStore:
             # FULL durability comes from our own flusher (see the module doc); the connection
             # needs only NORMAL's crash safety.
             self._wconn = _connect(self.path, "NORMAL")
-            migrate(self._wconn)
+            try:
+                migrate(self._wconn)
+            except ValidationError as e:
+                raise ValidationError(f"{self.path}: {e.message}", field=e.field) from None
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wconn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._wconn.execute("PRAGMA temp_store=MEMORY")
@@ -309,7 +395,11 @@ class SqliteStore:
         while self._busy or self._pending or self._flushing or self._unflushed or self._kick_handle:
             if self._loop is None:
                 break
-            await self._write(lambda c, out: None, durable=True)
+            try:
+                await self._write(lambda c, out: None, durable=True)
+            except Exception as e:  # a full disk, say: the threads must go all the same
+                log.error("closing the store: the last writes may not be on disk: %s", e)
+                break
         if self._ckpt_running is not None:
             with suppress(Exception):
                 await asyncio.shield(self._ckpt_running)
@@ -383,7 +473,7 @@ class SqliteStore:
                 results = self._run_batch(ops, False)
             except Exception as e:  # as the writer thread's failure does: every caller hears of it
                 self._abort()
-                results = [(False, e, [])] * len(batch)
+                results = self._all_failed(e, len(batch))
             self._batch_done(batch, results)
             return
         assert self._executor is not None and self._loop is not None
@@ -399,20 +489,24 @@ class SqliteStore:
         assert conn is not None
         out: list[tuple[bool, Any, list[Change]]] = []
         try:
+            if conn.in_transaction:
+                # A failed batch whose ROLLBACK failed too (a full disk can do that) left its transaction
+                # open: end it, or no batch could ever BEGIN again.
+                conn.execute("ROLLBACK")
             if on_thread != self._autockpt:
                 # Checkpoint as it commits on the writer thread (it may take a while there), never inline.
                 conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES if on_thread else 0}")
                 self._autockpt = on_thread
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            return [(False, e, [])] * len(ops)
+            return self._all_failed(e, len(ops))
         for op in ops:
             changes: list[Change] = []
             try:
                 conn.execute("SAVEPOINT op")
             except sqlite3.Error as e:
                 self._abort()
-                return [(False, e, [])] * len(ops)
+                return self._all_failed(e, len(ops))
             try:
                 value = op(conn, changes)
                 conn.execute("RELEASE op")
@@ -425,13 +519,14 @@ class SqliteStore:
                     # SQLite rolled the whole transaction back itself (a full disk, an I/O error):
                     # nothing of the batch is written, and every caller hears why.
                     self._abort()
-                    return [(False, e, [])] * len(ops)
-                out.append((False, e, []))
+                    return self._all_failed(e, len(ops))
+                # A full disk may fail one statement only; its op is undone alone and says so (507).
+                out.append((False, storage_error(e, self.path), []))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._abort()
-            return [(False, e, [])] * len(ops)
+            return self._all_failed(e, len(ops))
         if checkpoint:  # nothing can commit meanwhile: this one catches up, and the WAL restarts after it
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -439,6 +534,10 @@ class SqliteStore:
             except sqlite3.Error as e:
                 log.warning("WAL checkpoint failed: %s", e)
         return out
+
+    def _all_failed(self, e: BaseException, n: int) -> list[tuple[bool, Any, list[Change]]]:
+        """A batch that failed as a whole: every caller gets the same error, in what it means to them."""
+        return [(False, storage_error(e, self.path), [])] * n
 
     def _abort(self) -> None:
         """Roll back whatever is left of a failed batch's transaction."""
@@ -454,7 +553,7 @@ class SqliteStore:
         try:
             results = f.result()
         except BaseException as e:  # the thread itself failed: every caller hears of it
-            results = [(False, e, [])] * len(batch)
+            results = self._all_failed(e, len(batch))
         self._batch_done(batch, results)
         idle, self._idle_waiters = self._idle_waiters, []
         for w in idle:
@@ -499,6 +598,8 @@ class SqliteStore:
     def _flushed(self, seq: int, waiting: list[tuple[int, asyncio.Future[Any], Any]], f: Any) -> None:
         self.flushes += 1
         error = f.exception()
+        if error is not None:  # an fsync that found no space is a full disk like any other
+            error = storage_error(error, self.path)
         if error is None:
             self._flushed_seq = max(self._flushed_seq, seq)
             # Who began to wait while this fsync ran, for a commit it covers, need not wait for another.

@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from helpers import hold_fsyncs, until
-from orch.errors import Conflict, NotFound, UnknownWorker
+from orch.errors import Conflict, NotFound, StorageFull, UnknownWorker
 from orch.models import JobSpec, Outcome, RetryPolicy, argv_of, iso, parse_spec
 from orch.store.base import AttemptResult, OutputChunk
 from orch.store.sqlite import SqliteStore, migrate, migrations
@@ -1037,7 +1037,7 @@ def test_a_full_disk_fails_the_whole_batch_and_answers_every_caller(tmp_path: Pa
         results = await asyncio.wait_for(asyncio.gather(
             submit_one(store, name="mate"), store.submit(big[:jobs] if jobs > 1 else big, POLICY),
             return_exceptions=True), 5)
-        assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+        assert all(isinstance(r, StorageFull) and r.http_status == 507 for r in results), results
         store._wconn.execute("PRAGMA max_page_count = 1073741823")
         listed, _ = await store.list_jobs(limit=1000)
         assert [j["id"] for j in listed] == [kept]  # neither the mate nor any of the big submit
