@@ -551,7 +551,7 @@ def _parse_env(pairs: List[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValidationError(f"--env takes KEY=VALUE, not {pair!r}", field="env")
+            fail(f"--env takes KEY=VALUE, not {pair!r}", 2)  # outside run_async: raising would be a traceback
         env[key] = value
     return env
 

@@ -1,0 +1,95 @@
+"""The CLI's human text: server fields shown escaped, times that say their zone, bad input as one line and exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import orch.config
+from orch.cli import app
+from orch.config import ConfigError, normalize_server
+
+
+def raw_controls(text: str) -> list[str]:
+    """Characters in printed text that a terminal would act on or that reorder it (newlines end lines)."""
+    return [c for c in text if c != "\n" and not c.isprintable()]
+
+
+BAD_SERVERS = {
+    "htp://x": "scheme",
+    "ftp://127.0.0.1:21": "scheme",
+    "http://127.0.0.1:80a80": "port",
+    "http://127.0.0.1:99999": "port",
+    "127.0.0.1:0": "port",
+    "http://127.0.0.1:": "port",
+    "http://:8080": "no host",
+    ":": "port",
+    "http://a b:8080": "'a b'",
+    "http://127.0.0.1:8080/a b": "spaces",
+    "http://u:p@127.0.0.1:8080": "password",
+    "http://127.0.0.1:8080?x=1": "no ?",
+    "http://[::1:8080": "IPv6",
+    "\x1b[2J:8080": r"\x1b[2J",
+}
+
+
+@pytest.mark.parametrize(("given", "why"), BAD_SERVERS.items())
+def test_normalize_server_refuses_what_no_client_can_reach(given: str, why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        normalize_server(given, key="client.server")
+    assert e.value.message.startswith("client.server: ") and why in e.value.message
+    assert raw_controls(e.value.message) == []
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("HTTPS://Sched.example:443/", "https://Sched.example:443"),
+    ("[::1]:8080", "http://[::1]:8080"),
+    ("http://[fe80::1]", "http://[fe80::1]"),
+    ("http://proxy.example/orch/", "http://proxy.example/orch"),
+    ("sched_1.internal:65535", "http://sched_1.internal:65535"),
+])
+def test_normalize_server_keeps_good_addresses(given: str, expected: str) -> None:
+    assert normalize_server(given) == expected
+
+
+CLIENT_VERBS = [["run", "echo", "hi"], ["run", "--wait", "echo", "hi"], ["status", "1"], ["jobs"], ["logs", "1"],
+                ["logs", "--follow", "1"], ["cancel", "1"], ["workers"], ["events", "1"], ["events", "--follow", "1"],
+                ["why", "1"], ["submit", "--file", "-"]]
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run orch in this process with no user config and no ORCH_* from outside; (exit code, stdout, stderr)."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("ORCH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(orch.config, "default_config_path", lambda: tmp_path / "no-config.yaml")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+
+    def invoke(args: list[str], stdin: str = "") -> tuple[int, str, str]:
+        result = runner.invoke(app, args, input=stdin)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+@pytest.mark.parametrize("server", ["htp://x", "http://127.0.0.1:80a80", "http://:8080", "http://a b:8080", "h:0"])
+def test_every_client_verb_refuses_a_bad_server_in_one_line(cli: Any, server: str) -> None:
+    for verb in CLIENT_VERBS:
+        code, out, err = cli([*verb, "--server", server], stdin='{"command": ["true"]}\n')
+        assert code == 2, (verb, server, out, err)
+        assert err.count("\n") == 1 and err.startswith("orch: client.server: ") and "Traceback" not in err, (verb, err)
+        assert out == ""
+
+
+@pytest.mark.parametrize("pair", ["NOVALUE", "=x", "="])
+def test_run_env_without_key_or_value_is_one_line_exit_2(cli: Any, pair: str) -> None:
+    code, out, err = cli(["run", "--env", "A=1", "--env", pair, "--server", "127.0.0.1:9", "echo"])
+    assert (code, out) == (2, "")
+    assert err == f"orch: --env takes KEY=VALUE, not {pair!r}\n"
