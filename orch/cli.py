@@ -662,8 +662,11 @@ def status(
     run_async(main())
 
 
-def _short(ts: str | None) -> str:
-    return ts.replace("T", " ").rstrip("Z") if ts else "-"
+def _short(ts: str | None, zone: bool = True) -> str:
+    """An API time (ISO 8601, UTC) as people read it, saying its zone unless a table header does."""
+    if not ts:
+        return "-"
+    return ts.replace("T", " ").rstrip("Z") + (" UTC" if zone else "")
 
 
 def _command_text(spec: dict[str, Any]) -> str:
@@ -727,10 +730,10 @@ def jobs(
         if as_json:
             emit_json(page)
             return
-        rows = [["ID", "STATE", "QUEUE", "ATTEMPT", "EXIT", "CREATED", "COMMAND"]]
+        rows = [["ID", "STATE", "QUEUE", "ATTEMPT", "EXIT", "CREATED (UTC)", "COMMAND"]]
         for j in page["jobs"]:
             rows.append([str(j["id"]), j["state"], j["queue"], f"{j['attempt']}/{j['max_attempts']}",
-                         "" if j["exit_code"] is None else str(j["exit_code"]), _short(j["created_at"]),
+                         "" if j["exit_code"] is None else str(j["exit_code"]), _short(j["created_at"], zone=False),
                          _command_text(j["spec"])[:60]])
         typer.echo(table(rows))
         if page.get("next_cursor"):
@@ -800,6 +803,7 @@ def cancel(
 
 @app.command()
 def workers(
+    show_all: bool = typer.Option(False, "--all", help="Also stopped and lost workers not heard from for longer than scheduler.worker_retention (1 h)."),
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
@@ -812,7 +816,7 @@ def workers(
 
     async def main() -> None:
         async with client_for(settings) as client:
-            items = await client.workers()
+            items = await client.workers(show_all=show_all)
         if as_json:
             emit_json({"workers": items})
             return

@@ -173,8 +173,9 @@ class Client:
                 raise ServerUnavailable(f"lost the orch scheduler at {self.server}: {_why(e, self.server)}") from None
             await asyncio.sleep(random.uniform(0.2, 1.0))  # 429: too many long-polls open from here
 
-    async def workers(self) -> list[dict[str, Any]]:
-        return (await self.request("GET", "/v1/workers"))["workers"]
+    async def workers(self, show_all: bool = False) -> list[dict[str, Any]]:
+        """Live workers, and stopped or lost ones heard from within scheduler.worker_retention (``show_all``: all)."""
+        return (await self.request("GET", "/v1/workers", params={"all": "1"} if show_all else None))["workers"]
 
     # ---- workers
 

@@ -72,6 +72,7 @@ KEYS: dict[str, Key] = {
     "tls.ca": Key("str", "", "CA certificate (PEM) workers and clients trust for the scheduler (default: the system's)"),
     "scheduler.max_long_polls": Key("int", 64, "long-polls (wait, follow, lease) one client address or one worker may hold open at once; more get 429", minimum=1),
     "scheduler.body_timeout": Key("float", 30.0, "seconds a request body may take to arrive; a slower sender gets 408", minimum=0.1),
+    "scheduler.worker_retention": Key("float", 3600.0, "seconds a stopped or lost worker stays in orch workers after its last heartbeat (orch workers --all shows every one)", minimum=0),
     "scheduler.idle_timeout": Key("float", 75.0, "seconds a connection may sit idle (or without a complete request head) before it is closed", minimum=1),
 }
 

@@ -445,7 +445,9 @@ class Api:
         }, 201)
 
     async def list_workers(self, request: web.Request) -> web.Response:
-        return ok({"workers": await self.store.list_workers()})
+        show_all = request.query.get("all", "0") not in ("0", "", "false", "no")
+        retention = None if show_all else self.settings["scheduler.worker_retention"]
+        return ok({"workers": await self.store.list_workers(retention)})
 
     def _worker_id(self, request: web.Request) -> str:
         wid = request.match_info["worker_id"]

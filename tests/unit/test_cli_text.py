@@ -9,13 +9,40 @@ import pytest
 from typer.testing import CliRunner
 
 import orch.config
-from orch.cli import app
+from orch.cli import app, format_event, format_status
 from orch.config import ConfigError, normalize_server
 
 
 def raw_controls(text: str) -> list[str]:
     """Characters in printed text that a terminal would act on or that reorder it (newlines end lines)."""
     return [c for c in text if c != "\n" and not c.isprintable()]
+
+
+def job(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": 7, "state": "failed", "queue": "default", "priority": 0, "attempt": 1, "max_attempts": 1,
+        "name": None, "spec": {"kind": "command", "argv": ["echo", "hi"]}, "created_at": "2026-01-05T10:00:01.624Z",
+        "started_at": "2026-01-05T10:00:01.700Z", "finished_at": "2026-01-05T10:00:02.000Z", "retry_at": None,
+        "worker": "w-6287aaf8119d", "cancel_requested": False, "exit_code": 127, "error": None,
+        "attempts": [{"attempt": 1, "state": "failed", "worker": "w-6287aaf8119d", "started_at": "2026-01-05T10:00:01.700Z",
+                      "finished_at": "2026-01-05T10:00:02.000Z", "duration": 0.3, "exit_code": 127, "error": None}],
+    }
+    return {**base, **kw}
+
+
+EVENTS = [{"id": 1, "job_id": 7, "attempt": 0, "from": None, "to": "queued", "at": "2026-01-05T10:00:01.624Z",
+           "reason": "submitted"}]
+
+
+def test_times_say_their_zone() -> None:
+    text = format_status(job(retry_at="2026-01-05T10:00:09.000Z"), EVENTS)
+    for label in ("created:", "started:", "finished:", "retry at:"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        assert line.endswith(" UTC"), line
+    attempt = next(line for line in text.splitlines() if line.startswith("  #1"))
+    assert "10:00:01.700 UTC -> 2026-01-05 10:00:02.000 UTC" in attempt
+    assert format_event(EVENTS[0]).startswith("2026-01-05 10:00:01.624 UTC  #0  - -> queued")
+    assert "  started:   -" in format_status(job(started_at=None), []).splitlines()  # no time, no zone
 
 
 BAD_SERVERS = {
