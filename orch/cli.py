@@ -17,6 +17,7 @@ import typer
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
 from orch.errors import ConfigError, OrchError, ValidationError
+from orch.text import visible
 
 T = TypeVar("T")
 log = logging.getLogger("orch")
@@ -627,7 +628,7 @@ async def _stream(client: Any, job_id: int) -> int:
         out.write(item["data"])
         out.flush()
     if end.get("state") != "succeeded" and end.get("error"):
-        typer.echo(f"orch: job {job_id} {end.get('state')}: {end['error']}", err=True)
+        typer.echo(visible(f"orch: job {job_id} {end.get('state')}: {end['error']}"), err=True)
     return _exit_code(end) if end else 1
 
 
@@ -680,6 +681,7 @@ def _command_text(spec: dict[str, Any]) -> str:
 def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
     lines = [
         f"job {job['id']}  {job['state']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["state"] == "running" else ""),
+        *([f"  name:      {job['name']}"] if job.get("name") else []),
         f"  command:   {_command_text(job['spec'])}",
         f"  queue:     {job['queue']}  priority {job['priority']}  attempt {job['attempt']}/{job['max_attempts']}",
         f"  created:   {_short(job['created_at'])}",
@@ -703,9 +705,9 @@ def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
             )
     if events:
         lines.append("history:")
-        for e in events:
-            lines.append(f"  {_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}")
-    return "\n".join(lines)
+        lines += [f"  {format_event(e)}" for e in events]
+    # Each line escaped whole: whatever field the server filled in, it cannot end the line or move the cursor.
+    return "\n".join(visible(line) for line in lines)
 
 
 @app.command()
@@ -743,6 +745,7 @@ def jobs(
 
 
 def table(rows: list[list[str]]) -> str:
+    rows = [[visible(c) for c in r] for r in rows]  # before the widths: an escape is wider than its character
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -830,7 +833,7 @@ def workers(
 
 
 def format_event(e: dict[str, Any]) -> str:
-    return f"{_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}"
+    return visible(f"{_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}")
 
 
 @app.command()
@@ -884,7 +887,7 @@ def why(
         if as_json:
             emit_json(data)
         else:
-            typer.echo(f"{data['reason']}: {data['message']}")
+            typer.echo(visible(f"{data['reason']}: {data['message']}"))
 
     run_async(main())
 

@@ -3,11 +3,17 @@ such, bad addresses refused in one line, `orch workers --all`, and `orch up`'s t
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from helpers import (
+    http,
+    job,
     run_cli,
     start_scheduler,
     start_worker,
@@ -16,6 +22,117 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.e2e
+
+
+TITLE = "\x1b]0;owned\x07"  # sets the terminal's window title
+
+
+CLEAR = "\x1b[2J\x1b[H"  # clears the screen
+
+
+RLO = "\u202e"  # right-to-left override: the rest of the line reads backwards
+
+
+def raw_controls(text: str) -> list[str]:
+    """Characters a terminal would act on, or that reorder a line (newlines end lines, as they should)."""
+    return [c for c in text if c != "\n" and not c.isprintable()]
+
+
+def test_job_fields_reach_the_terminal_escaped(tmp_path: Path, orch_env: dict[str, str]) -> None:
+    sched, url = start_scheduler(tmp_path, orch_env)
+    worker = start_worker(tmp_path, orch_env, url, "w")
+    env = {**orch_env, "ORCH_SERVER": url}
+    try:
+        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
+        evil_argv = [f"{TITLE}{CLEAR}no{RLO}such", "fake\n9   succeeded  default", "x"]
+        status, body = http("POST", f"{url}/v1/jobs", {"command": evil_argv, "name": f"{CLEAR}nightly{RLO}",
+                                                        "max_attempts": 1})
+        assert status == 201, body
+        jid = body["id"]
+        wait_until(lambda: job(url, jid)["state"] == "failed", 30, "the job to fail (no such command)")
+
+        shown_title, shown_clear = r"\x1b]0;owned\x07", r"\x1b[2J\x1b[H"
+        for args, must_show in [
+            (["jobs"], [shown_title + shown_clear + r"no\u202esuch", r"fake\n9", "CREATED (UTC)"]),
+            (["status", str(jid)], [shown_clear + r"nightly\u202e", shown_title, "command not found", " UTC"]),
+            (["events", str(jid)], [" UTC  #1  running -> failed"]),
+            (["why", str(jid)], [f"failed: job {jid} failed"]),
+        ]:
+            r = run_cli(args, env)
+            assert r.returncode == 0, (args, r.stderr)
+            assert raw_controls(r.stdout + r.stderr) == [], (args, r.stdout)
+            for text in must_show:
+                assert text in r.stdout, (args, text, r.stdout)
+        r = run_cli(["jobs"], env)
+        assert len(r.stdout.splitlines()) == 2, r.stdout  # the header and one row: no fake row
+
+        # --json is the exact JSON, to be read by programs.
+        r = run_cli(["status", str(jid), "--json"], env)
+        data = json.loads(r.stdout)
+        assert data["spec"]["argv"] == evil_argv and data["name"] == f"{CLEAR}nightly{RLO}"
+        assert TITLE in data["error"]
+
+        # The error line of `orch run --wait` too (the job's own output stays its own).
+        r = run_cli(["run", "--wait", "--retries", "0", "--", f"{CLEAR}again"], env)
+        assert r.returncode == 127, r.stderr
+        assert raw_controls(r.stdout + r.stderr) == [] and shown_clear + "again" in r.stderr
+    finally:
+        worker.stop()
+        sched.stop()
+
+
+class FakeApi:
+    """A loopback HTTP server that is not a real scheduler: it answers GET /v1/workers with workers an older
+    scheduler let register with any name, and every other path with a web page."""
+
+    WORKERS = [{"id": "w-0123456789ab", "name": f"{TITLE}local-1", "hostname": f"box{CLEAR}\nw-fake  alive",
+                "queues": ["default"], "concurrency": 4, "state": "alive", "running": 1, "heartbeat_age": 0.5,
+                "registered_at": "2026-01-05T10:00:00.000Z", "last_heartbeat": "2026-01-05T10:00:00.500Z"}]
+
+    def __init__(self) -> None:
+        workers = json.dumps({"workers": self.WORKERS}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body, kind = (workers, "application/json") if self.path == "/v1/workers" else \
+                    (b"<html><body>It works!\x1b[2J</body></html>", "text/html")
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read, or closing may reset it
+                self.do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeApi:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_worker_names_and_hosts_are_shown_escaped(orch_env: dict[str, str]) -> None:
+    with FakeApi() as fake:
+        r = run_cli(["workers", "--server", fake.url], orch_env)
+        assert r.returncode == 0, r.stderr
+        assert raw_controls(r.stdout) == []
+        lines = r.stdout.splitlines()
+        assert len(lines) == 2, r.stdout  # no fake row
+        assert r"\x1b]0;owned\x07local-1" in lines[1] and r"box\x1b[2J\x1b[H\nw-fake  alive" in lines[1]
+        r = run_cli(["workers", "--server", fake.url, "--json"], orch_env)
+        assert json.loads(r.stdout)["workers"] == FakeApi.WORKERS
 
 
 @pytest.mark.parametrize("args", [

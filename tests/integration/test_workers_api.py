@@ -17,11 +17,7 @@ from orch.scheduler.app import build_app
 from orch.store.sqlite import SqliteStore
 
 CLIENT = "workers-client-token"
-
-
 JOIN = "workers-join-token"
-
-
 HOUR = 3600.0
 
 
@@ -117,6 +113,8 @@ def test_a_live_worker_is_always_listed_however_long_ago_it_heartbeat(tmp_path: 
     serve(tmp_path, test, **{"scheduler.worker_retention": 0, "scheduler.lease_ttl": 600})
 
 
+
+
 def test_a_stopped_worker_shows_no_running_jobs(tmp_path: Path) -> None:
     async def test(s: Scheduler, clock: Clock) -> None:
         wid = await s.register("leaving", concurrency=4)
@@ -134,3 +132,18 @@ def test_a_stopped_worker_shows_no_running_jobs(tmp_path: Path) -> None:
         assert (gone["state"], gone["running"]) == ("stopped", 0)
 
     serve(tmp_path, test, **{"scheduler.lease_ttl": 600})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("name", "\x1b]0;owned\x07"), ("name", "local-1\n"), ("name", "\u202eevil"), ("name", "w\x9b2J"),
+    ("hostname", "box\x1b[2J"), ("hostname", "box\u2066"), ("hostname", "box\x00"), ("hostname", "tab\there"),
+])
+def test_registration_refuses_control_characters_in_name_and_host(tmp_path: Path, field: str, value: str) -> None:
+    async def test(s: Scheduler, clock: Clock) -> None:
+        body = {"name": "w", "hostname": "box1", "queues": ["default"], field: value}
+        status, answer = await s.call("POST", "/v1/workers", body, token=JOIN)
+        assert status == 400 and answer["error"]["field"] == field, answer
+        assert await s.workers(all="1") == {}
+        await s.register("Zoë's worker 🎉", hostname="hôte-1.example")  # printable Unicode is welcome
+
+    serve(tmp_path, test)

@@ -9,13 +9,38 @@ import pytest
 from typer.testing import CliRunner
 
 import orch.config
-from orch.cli import app, format_event, format_status
+from orch.cli import app, format_event, format_status, table
 from orch.config import ConfigError, normalize_server
+from orch.text import visible
+
+# What a job name, a command or a worker name could carry to take over the operator's terminal.
+EVIL = {
+    "\x1b]0;owned\x07": r"\x1b]0;owned\x07",   # set the window title
+    "\x1b[2J\x1b[H": r"\x1b[2J\x1b[H",         # clear the screen, cursor home
+    "row\n9  succeeded": r"row\n9  succeeded",  # a fake table row
+    "back\rspace\x08\x7f": r"back\rspace\x08\x7f",
+    "\x9b31m": r"\x9b31m",                     # C1 CSI
+    "abc\u202edcba": r"abc\u202edcba",         # right-to-left override
+    "\u2066iso\u2069\u200f\u200e": r"\u2066iso\u2069\u200f\u200e",
+    "zero\u200bwidth\ufeff": r"zero\u200bwidth\ufeff",
+    "line\u2028sep": r"line\u2028sep",
+    "tag\U000e0041": r"tag\U000e0041",
+}
 
 
 def raw_controls(text: str) -> list[str]:
     """Characters in printed text that a terminal would act on or that reorder it (newlines end lines)."""
     return [c for c in text if c != "\n" and not c.isprintable()]
+
+
+@pytest.mark.parametrize(("given", "shown"), EVIL.items())
+def test_visible_escapes_controls_and_bidi(given: str, shown: str) -> None:
+    assert visible(given) == shown
+
+
+@pytest.mark.parametrize("text", ["echo héllo wörld", "日本語のジョブ", "sh -c 'printf \"a\\n\"'", "emoji 🎉", ""])
+def test_visible_keeps_printable_text_as_it_is(text: str) -> None:
+    assert visible(text) == text
 
 
 def job(**kw: Any) -> dict[str, Any]:
@@ -32,6 +57,37 @@ def job(**kw: Any) -> dict[str, Any]:
 
 EVENTS = [{"id": 1, "job_id": 7, "attempt": 0, "from": None, "to": "queued", "at": "2026-01-05T10:00:01.624Z",
            "reason": "submitted"}]
+
+
+def test_status_shows_every_server_field_escaped() -> None:
+    evil = "".join(EVIL)
+    text = format_status(
+        job(name=evil, spec={"kind": "command", "argv": [evil, "x"]}, worker=evil, error=evil,
+            attempts=[{**job()["attempts"][0], "worker": evil, "error": evil}]),
+        [{**EVENTS[0], "reason": evil}])
+    assert raw_controls(text) == []
+    shown = "".join(EVIL.values())
+    lines = text.splitlines()
+    assert any(line.startswith("  name:") and shown in line for line in lines), text
+    for label in ("  command:", "  worker:", "  exit code:"):
+        assert any(line.startswith(label) and shown in line for line in lines), (label, text)
+    assert sum(shown in line for line in lines) == 6, text  # name, command, worker, error, attempt, history
+    assert len(lines) == len(format_status(job(name="n"), EVENTS).splitlines())  # no line was split
+
+
+def test_shell_command_and_event_lines_are_escaped() -> None:
+    text = format_status(job(spec={"kind": "shell", "shell": "echo \x1b[31mred"}), EVENTS)
+    assert r"  command:   echo \x1b[31mred" in text.splitlines()
+    line = format_event({**EVENTS[0], "reason": "claimed by \x1b[2Jx\u202e"})
+    assert raw_controls(line) == [] and line.endswith(r"claimed by \x1b[2Jx\u202e")
+
+
+def test_table_cells_are_escaped_and_columns_stay_aligned() -> None:
+    out = table([["NAME", "HOST"], ["\x1b]0;t\x07", "h\nfake"], ["plain", "box1"]])
+    lines = out.splitlines()
+    assert raw_controls(out) == [] and len(lines) == 3
+    assert lines[1] == r"\x1b]0;t\x07  h\nfake"
+    assert lines[2].index("box1") == lines[1].index("h\\nfake") == lines[0].index("HOST")
 
 
 def test_times_say_their_zone() -> None:
