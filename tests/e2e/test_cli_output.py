@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from helpers import (
+    free_port,
     http,
     job,
     run_cli,
@@ -31,6 +33,11 @@ CLEAR = "\x1b[2J\x1b[H"  # clears the screen
 
 
 RLO = "\u202e"  # right-to-left override: the rest of the line reads backwards
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
 
 
 def raw_controls(text: str) -> list[str]:
@@ -133,6 +140,34 @@ def test_worker_names_and_hosts_are_shown_escaped(orch_env: dict[str, str]) -> N
         assert r"\x1b]0;owned\x07local-1" in lines[1] and r"box\x1b[2J\x1b[H\nw-fake  alive" in lines[1]
         r = run_cli(["workers", "--server", fake.url, "--json"], orch_env)
         assert json.loads(r.stdout)["workers"] == FakeApi.WORKERS
+
+
+def test_an_answer_that_is_not_orch_is_named_so(orch_env: dict[str, str]) -> None:
+    with FakeApi() as fake:
+        for args in (["jobs"], ["status", "1"], ["run", "echo", "hi"], ["why", "1"]):
+            r = run_cli([*args, "--server", fake.url], orch_env)
+            assert r.returncode == 3, (args, r.stdout, r.stderr)
+            assert r.stderr.count("\n") == 1 and "not an orch API" in r.stderr, (args, r.stderr)
+            assert raw_controls(r.stderr) == [] and "Traceback" not in r.stderr
+
+
+def test_a_metrics_port_given_as_server_says_it_is_not_the_api(tmp_path: Path, orch_env: dict[str, str]) -> None:
+    mport, wport = free_port(), free_port()
+    sched, url = start_scheduler(tmp_path, orch_env, extra=["--metrics-port", str(mport)])
+    worker = start_worker(tmp_path, orch_env, url, "w", extra=["--metrics-port", str(wport)])
+    try:
+        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
+        for port, says in ((mport, "the orch scheduler's metrics listener"), (wport, "workers serve no API")):
+            wait_until(lambda p=port: "orch_build_info" in get_text(f"http://127.0.0.1:{p}/metrics"), 30,
+                       f"metrics on {port}")
+            for args in (["jobs"], ["status", "1"], ["run", "echo", "hi"], ["workers"], ["logs", "--follow", "1"]):
+                r = run_cli([*args, "--server", f"127.0.0.1:{port}"], orch_env)
+                assert r.returncode == 3, (port, args, r.stderr)
+                assert r.stderr.count("\n") == 1 and "not an orch API" in r.stderr and says in r.stderr, r.stderr
+        assert "orch_jobs_submitted_total" in get_text(f"http://127.0.0.1:{mport}/metrics")  # still served
+    finally:
+        worker.stop()
+        sched.stop()
 
 
 @pytest.mark.parametrize("args", [

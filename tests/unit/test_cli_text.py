@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ from typer.testing import CliRunner
 
 import orch.config
 from orch.cli import app, format_event, format_status, table
+from orch.client import _decode
 from orch.config import ConfigError, normalize_server
+from orch.errors import ApiError, ServerUnavailable
 from orch.text import visible
 
 # What a job name, a command or a worker name could carry to take over the operator's terminal.
@@ -99,6 +102,23 @@ def test_times_say_their_zone() -> None:
     assert "10:00:01.700 UTC -> 2026-01-05 10:00:02.000 UTC" in attempt
     assert format_event(EVENTS[0]).startswith("2026-01-05 10:00:01.624 UTC  #0  - -> queued")
     assert "  started:   -" in format_status(job(started_at=None), []).splitlines()  # no time, no zone
+
+
+def test_decode_names_an_answer_that_is_not_orch() -> None:
+    for status, raw in [(404, b"404: Not Found"), (200, b"orch metrics: GET /metrics\n"), (200, b""),
+                        (200, b"[1, 2]"), (502, b"<html>Bad Gateway</html>"), (200, b"\x1b[2J")]:
+        with pytest.raises(ServerUnavailable) as e:
+            _decode(status, raw)
+        assert "not an orch API" in e.value.message and e.value.exit_code == 3
+        assert raw_controls(e.value.message) == []
+    metrics = json.dumps({"error": {"code": "not_the_api", "message": "this port is orch's metrics listener"}})
+    with pytest.raises(ServerUnavailable, match="not an orch API: this port is orch's metrics listener"):
+        _decode(404, metrics.encode())
+    # orch's own errors and answers are as before, their messages escaped.
+    with pytest.raises(ApiError) as api:
+        _decode(404, json.dumps({"error": {"code": "not_found", "message": "no job 9\x1b[2J"}}).encode())
+    assert (api.value.exit_code, api.value.message) == (4, r"no job 9\x1b[2J")
+    assert _decode(200, b'{"id": 1}') == {"id": 1}
 
 
 BAD_SERVERS = {
