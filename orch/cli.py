@@ -378,6 +378,17 @@ def _watch_stdin(callback: Callable[[], None]) -> None:
     loop.add_reader(fd, readable)
 
 
+def _runnable_orch(argv: list[str]) -> str:
+    """How the reader of `orch up`'s try: line can run this orch: `orch` if that is on PATH, else the exact
+    interpreter and module or zipapp file (a bare `orch.pyz run` or `-I orch.pyz run` runs nothing)."""
+    import shlex
+    import shutil
+
+    if argv[-1] == "orch" and shutil.which("orch"):
+        return "orch"
+    return shlex.join(argv)
+
+
 @app.command()
 def up(
     host: str | None = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
@@ -404,7 +415,7 @@ def up(
         print(f"orch is up: API {url}", flush=True)
         print(f"database: {settings.db_path}", flush=True)
         argv = orch_argv()
-        me = "orch" if argv[-1] == "orch" else " ".join(argv[1:])
+        me = _runnable_orch(argv)
         child_env = _local_worker_env(settings, runner)
         ca = f" --ca {child_env['ORCH_TLS_CA']}" if "ORCH_TLS_CA" in child_env else ""
         print(f"try: {me} run --server {url}{ca} echo hello --wait", flush=True)

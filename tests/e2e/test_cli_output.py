@@ -4,15 +4,23 @@ such, bad addresses refused in one line, `orch workers --all`, and `orch up`'s t
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import subprocess
+import sys
 import threading
 import urllib.request
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from helpers import (
+    ROOT,
+    URL_RE,
+    Proc,
     free_port,
     http,
     job,
@@ -25,13 +33,8 @@ from helpers import (
 
 pytestmark = pytest.mark.e2e
 
-
 TITLE = "\x1b]0;owned\x07"  # sets the terminal's window title
-
-
 CLEAR = "\x1b[2J\x1b[H"  # clears the screen
-
-
 RLO = "\u202e"  # right-to-left override: the rest of the line reads backwards
 
 
@@ -202,3 +205,30 @@ def test_workers_all_shows_stopped_workers_past_the_retention(tmp_path: Path, or
         steady.stop()
         burst.stop()
         sched.stop()
+
+
+@pytest.fixture
+def mini_pyz(tmp_path: Path) -> Iterator[Path]:
+    """orch alone as a zipapp (its dependencies come from this venv): enough to be started as a .pyz."""
+    stage = tmp_path / "stage"
+    shutil.copytree(ROOT / "orch", stage / "orch", ignore=shutil.ignore_patterns("__pycache__"))
+    pyz = tmp_path / "orch.pyz"
+    subprocess.run([sys.executable, "-m", "zipapp", str(stage), "-m", "orch.cli:main", "-o", str(pyz)], check=True,
+                   timeout=60)
+    assert zipfile.is_zipfile(pyz)
+    yield pyz
+
+
+def test_up_from_a_zipapp_prints_a_try_line_that_runs(tmp_path: Path, orch_env: dict[str, str], mini_pyz: Path) -> None:
+    up = Proc([sys.executable, "-I", str(mini_pyz), "up", "--port", "0"], tmp_path / "up.log", orch_env)
+    try:
+        url = wait_until(lambda: (m := URL_RE.search(up.log())) and m.group(1), 60, "orch up to print its URL")
+        wait_until(lambda: workers_alive(url) == 1, 60, "the local worker (started from the same file)")
+        line = next(line for line in up.log().splitlines() if line.startswith("try: "))
+        command = line.removeprefix("try: ")
+        assert shlex.split(command)[:3] == [sys.executable, "-I", str(mini_pyz)], line
+        # Pasted into a shell as printed, by someone with the same data dir.
+        tried = subprocess.run(["bash", "-c", command], env=orch_env, capture_output=True, text=True, timeout=60)
+        assert (tried.returncode, tried.stdout) == (0, "hello\n"), (line, tried.stderr)
+    finally:
+        up.stop()

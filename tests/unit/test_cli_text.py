@@ -121,6 +121,8 @@ def test_decode_names_an_answer_that_is_not_orch() -> None:
     assert _decode(200, b'{"id": 1}') == {"id": 1}
 
 
+# --------------------------------------------------------------------------- bad input on the command line
+
 BAD_SERVERS = {
     "htp://x": "scheme",
     "ftp://127.0.0.1:21": "scheme",
