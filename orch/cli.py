@@ -18,6 +18,7 @@ import typer
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
 from orch.errors import ApiError, ConfigError, OrchError, ValidationError
+from orch.text import visible
 
 T = TypeVar("T")
 log = logging.getLogger("orch")
@@ -425,6 +426,17 @@ def _watch_stdin(callback: Callable[[], None]) -> None:
     loop.add_reader(fd, readable)
 
 
+def _runnable_orch(argv: list[str]) -> str:
+    """How the reader of `orch up`'s try: line can run this orch: `orch` if that is on PATH, else the exact
+    interpreter and module or zipapp file (a bare `orch.pyz run` or `-I orch.pyz run` runs nothing)."""
+    import shlex
+    import shutil
+
+    if argv[-1] == "orch" and shutil.which("orch"):
+        return "orch"
+    return shlex.join(argv)
+
+
 @app.command()
 def up(
     host: str | None = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)."),
@@ -451,7 +463,7 @@ def up(
         print(f"orch is up: API {url}", flush=True)
         print(f"database: {settings.db_path}", flush=True)
         argv = orch_argv()
-        me = "orch" if argv[-1] == "orch" else " ".join(argv[1:])
+        me = _runnable_orch(argv)
         child_env = _local_worker_env(settings, runner)
         ca = f" --ca {child_env['ORCH_TLS_CA']}" if "ORCH_TLS_CA" in child_env else ""
         print(f"try: {me} run --server {url}{ca} echo hello --wait", flush=True)
@@ -599,7 +611,7 @@ def _parse_env(pairs: List[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValidationError(f"--env takes KEY=VALUE, not {pair!r}", field="env")
+            fail(f"--env takes KEY=VALUE, not {pair!r}", 2)  # outside run_async: raising would be a traceback
         env[key] = value
     return env
 
@@ -728,7 +740,7 @@ async def _stream(client: Any, job_id: int) -> int:
         out.write(item["data"])
         out.flush()
     if end.get("state") != "succeeded" and end.get("error"):
-        typer.echo(f"orch: job {job_id} {end.get('state')}: {end['error']}", err=True)
+        typer.echo(visible(f"orch: job {job_id} {end.get('state')}: {end['error']}"), err=True)
     return _exit_code(end) if end else 1
 
 
@@ -763,8 +775,11 @@ def status(
     run_async(main())
 
 
-def _short(ts: str | None) -> str:
-    return ts.replace("T", " ").rstrip("Z") if ts else "-"
+def _short(ts: str | None, zone: bool = True) -> str:
+    """An API time (ISO 8601, UTC) as people read it, saying its zone unless a table header does."""
+    if not ts:
+        return "-"
+    return ts.replace("T", " ").rstrip("Z") + (" UTC" if zone else "")
 
 
 def _command_text(spec: dict[str, Any]) -> str:
@@ -783,6 +798,7 @@ def _command_text(spec: dict[str, Any]) -> str:
 def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
     lines = [
         f"job {job['id']}  {job['state']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["state"] == "running" else ""),
+        *([f"  name:      {job['name']}"] if job.get("name") else []),
         f"  command:   {_command_text(job['spec'])}",
         f"  queue:     {job['queue']}  priority {job['priority']}  attempt {job['attempt']}/{job['max_attempts']}",
         f"  created:   {_short(job['created_at'])}",
@@ -806,9 +822,9 @@ def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
             )
     if events:
         lines.append("history:")
-        for e in events:
-            lines.append(f"  {_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}")
-    return "\n".join(lines)
+        lines += [f"  {format_event(e)}" for e in events]
+    # Each line escaped whole: whatever field the server filled in, it cannot end the line or move the cursor.
+    return "\n".join(visible(line) for line in lines)
 
 
 @app.command()
@@ -833,10 +849,10 @@ def jobs(
         if as_json:
             emit_json(page)
             return
-        rows = [["ID", "STATE", "QUEUE", "ATTEMPT", "EXIT", "CREATED", "COMMAND"]]
+        rows = [["ID", "STATE", "QUEUE", "ATTEMPT", "EXIT", "CREATED (UTC)", "COMMAND"]]
         for j in page["jobs"]:
             rows.append([str(j["id"]), j["state"], j["queue"], f"{j['attempt']}/{j['max_attempts']}",
-                         "" if j["exit_code"] is None else str(j["exit_code"]), _short(j["created_at"]),
+                         "" if j["exit_code"] is None else str(j["exit_code"]), _short(j["created_at"], zone=False),
                          j["command"][:60]])
         typer.echo(table(rows))
         if page.get("next_cursor"):
@@ -846,6 +862,7 @@ def jobs(
 
 
 def table(rows: list[list[str]]) -> str:
+    rows = [[visible(c) for c in r] for r in rows]  # before the widths: an escape is wider than its character
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -904,6 +921,7 @@ def cancel(
 
 @app.command()
 def workers(
+    show_all: bool = typer.Option(False, "--all", help="Also stopped and lost workers not heard from for longer than scheduler.worker_retention (1 h)."),
     as_json: bool = JsonOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
@@ -916,7 +934,7 @@ def workers(
 
     async def main() -> None:
         async with client_for(settings) as client:
-            items = await client.workers()
+            items = await client.workers(show_all=show_all)
         if as_json:
             emit_json({"workers": items})
             return
@@ -930,7 +948,7 @@ def workers(
 
 
 def format_event(e: dict[str, Any]) -> str:
-    return f"{_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}"
+    return visible(f"{_short(e['at'])}  #{e['attempt']}  {e['from'] or '-'} -> {e['to']}  {e['reason']}")
 
 
 @app.command()
@@ -984,7 +1002,7 @@ def why(
         if as_json:
             emit_json(data)
         else:
-            typer.echo(f"{data['reason']}: {data['message']}")
+            typer.echo(visible(f"{data['reason']}: {data['message']}"))
 
     run_async(main())
 

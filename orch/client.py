@@ -11,8 +11,10 @@ from typing import Any, AsyncIterator, Sequence
 import aiohttp
 
 from orch.errors import ApiError, ServerUnavailable
+from orch.text import visible
 
 WORKERS_PATH = "/v1/workers/"
+NOT_THE_API = "not_the_api"  # the error code of orch's metrics listeners on any path but /metrics
 TOO_MANY_TRIES = 60  # 429 answers (too many long-polls open) waited out before giving up
 
 
@@ -176,8 +178,9 @@ class Client:
         async for item in self._stream(f"/v1/jobs/{job_id}/output", {"follow": "1"}):
             yield item
 
-    async def workers(self) -> list[dict[str, Any]]:
-        return (await self.request("GET", "/v1/workers"))["workers"]
+    async def workers(self, show_all: bool = False) -> list[dict[str, Any]]:
+        """Live workers, and stopped or lost ones heard from within scheduler.worker_retention (``show_all``: all)."""
+        return (await self.request("GET", "/v1/workers", params={"all": "1"} if show_all else None))["workers"]
 
     # ---- workers
 
@@ -262,15 +265,24 @@ def retryable(e: Exception) -> bool:
 
 
 def _decode(status: int, raw: bytes) -> Any:
+    """An answer's JSON object; an error answer as ApiError; anything else as not orch at all.
+
+    Every orch answer is a JSON object, errors as ``{"error": {...}}``. Something else answering (another
+    server, orch's metrics port, a proxy's page) is ServerUnavailable: the scheduler is not at that address.
+    """
     try:
         data = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
-    if status >= 400:
-        err = (data or {}).get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            raise ApiError(status, err.get("code", "error"), err.get("message", ""), err.get("field"))
-        raise ApiError(status, "http_error", f"HTTP {status}: {raw[:200].decode(errors='replace')}")
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and err.get("code") == NOT_THE_API:
+        raise ServerUnavailable(f"not an orch API: {visible(err.get('message') or '')}")
+    if status >= 400 and isinstance(err, dict):
+        raise ApiError(status, str(err.get("code", "error")), visible(err.get("message") or ""), err.get("field"))
+    if not isinstance(data, dict):
+        raise ServerUnavailable(f"not an orch API: the server answered HTTP {status} with "
+                                f"{raw[:80].decode(errors='replace')!r}, not orch's JSON (is --server the address "
+                                "of the scheduler's API?)")
     return data
 
 

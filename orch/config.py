@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ KEYS: dict[str, Key] = {
     "scheduler.max_long_polls": Key("int", 64, "long-polls (lease) one worker may hold open at once; more get 429", minimum=1),
     "scheduler.max_client_long_polls": Key("int", 4096, "long-polls (wait, follow) all clients together may hold open at once; more get 429, which orch's CLI waits out", minimum=1),
     "scheduler.body_timeout": Key("float", 30.0, "seconds a request body may take to arrive; a slower sender gets 408", minimum=0.1),
+    "scheduler.worker_retention": Key("float", 3600.0, "seconds a stopped or lost worker stays in orch workers after its last heartbeat (orch workers --all shows every one)", minimum=0),
     "scheduler.idle_timeout": Key("float", 75.0, "seconds a connection may sit idle (or without a complete request head) before it is closed", minimum=1),
 }
 
@@ -271,18 +273,53 @@ def load_settings(
         values[key] = _coerce(key, raw, "command-line flags", from_text=isinstance(raw, str))
     # With a private CA configured, a bare HOST:PORT means HTTPS.
     scheme = "https" if values.get("tls.ca") else "http"
-    values["client.server"] = normalize_server(values["client.server"], scheme)
-    values["worker.join"] = normalize_server(values["worker.join"], scheme)
+    values["client.server"] = normalize_server(values["client.server"], scheme, "client.server")
+    values["worker.join"] = normalize_server(values["worker.join"], scheme, "worker.join")
     return Settings(values, str(path) if path else None)
 
 
-def normalize_server(address: str, scheme: str = "http") -> str:
-    """``host:port``, ``:port`` or a URL to a base URL without a trailing slash (``scheme`` for bare addresses)."""
+_HOST_RE = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]")  # a name or IPv4 address, or [an IPv6 address]
+
+
+def normalize_server(address: str, scheme: str = "http", key: str = "the server address") -> str:
+    """``host:port``, ``:port`` or a URL to a base URL without a trailing slash (``scheme`` for bare addresses).
+
+    Anything an HTTP client could not connect to is a ConfigError naming ``key``, here, before any request.
+    """
+    given = address
     address = address.strip().rstrip("/")
     if not address:
-        raise ConfigError("the server address is empty")
+        raise ConfigError(f"{key}: the server address is empty")
     if "://" not in address:
         if address.startswith(":"):
             address = "127.0.0.1" + address
         address = f"{scheme}://" + address
-    return address
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{key}: {given!r} is not a scheduler address: {why}", field=key)
+
+    given_scheme, _, rest = address.partition("://")
+    if given_scheme.lower() not in ("http", "https"):
+        raise bad(f"the scheme must be http:// or https://, not {given_scheme + '://'!r}")
+    netloc, sep, path = rest.partition("/")
+    if "?" in address or "#" in address:
+        raise bad("it may hold no ? or #")
+    if "@" in netloc:
+        raise bad("it takes no user name or password (give the token with --token)")
+    host, port = netloc, None
+    if netloc.startswith("["):  # [IPv6]:port
+        inside, bracket, after = netloc.partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise bad("an IPv6 address goes in brackets, then :PORT, as in [::1]:8080")
+        host, port = inside + bracket, after[1:] if after else None
+    elif ":" in netloc:
+        host, _, port = netloc.rpartition(":")
+    if not host:
+        raise bad("it names no host")
+    if not _HOST_RE.fullmatch(host):
+        raise bad(f"{host!r} is not a host name or IP address")
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise bad(f"the port must be a number from 1 to 65535, not {port!r}")
+    if not path.isprintable() or " " in path:
+        raise bad("its path holds spaces or control characters")
+    return f"{given_scheme.lower()}://{netloc}{sep}{path}".rstrip("/")

@@ -256,20 +256,30 @@ async def serve_metrics(host: str, port: int, render: Callable[[str], Awaitable[
                         field: str) -> Any:
     """A small HTTP listener with GET /metrics on the running loop; returns its AppRunner (cleanup() it).
 
-    A port that cannot be had is a ConfigError naming ``field``, not a traceback.
+    A port that cannot be had is a ConfigError naming ``field``, not a traceback. Every other path gets a
+    JSON error saying what this port is and where the API is: someone gave it as the scheduler's address.
     """
     from aiohttp import web
+
+    if field == "metrics.worker_port":
+        message = ("this port is an orch worker's metrics listener (GET /metrics only); workers serve no API: "
+                   "give the address of the scheduler's API")
+    else:
+        message = ("this port is the orch scheduler's metrics listener (GET /metrics only); its API listens on "
+                   "the scheduler's own port (scheduler.port, 8080 unless set)")
+    # The code is orch.client.NOT_THE_API: the client then says that this is not an orch API.
+    elsewhere_body = {"error": {"code": "not_the_api", "message": message}}
 
     async def page(request: web.Request) -> web.Response:
         body, content_type = await render(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text="orch metrics: GET /metrics\n")
+    async def elsewhere(request: web.Request) -> web.Response:
+        return web.json_response(elsewhere_body, status=404)
 
     app = web.Application()
     app.router.add_get("/metrics", page)
-    app.router.add_get("/", index)
+    app.router.add_route("*", "/{path:.*}", elsewhere)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -529,6 +529,10 @@ class Api:
         only(data, {"name", "hostname", "queues", "concurrency"})
         name = opt_str(data, "name", 200) or "worker"
         hostname = opt_str(data, "hostname", 255) or "unknown"
+        for field, text in (("name", name), ("hostname", hostname)):
+            if not text.isprintable():  # anyone with the join token could plant escape sequences in `orch workers`
+                raise ValidationError(f"{field} must hold no control or format characters (such as ESC, a newline "
+                                      "or U+202E)", field=field)
         queues = queues_of(data)
         concurrency = int_field(data, "concurrency", 1, 10_000, 1)
         credential, digest = new_worker_credential()  # the worker's own token; only its digest is kept
@@ -550,7 +554,9 @@ class Api:
         }, 201)
 
     async def list_workers(self, request: web.Request) -> web.Response:
-        return ok({"workers": await self.store.list_workers()})
+        show_all = request.query.get("all", "0") not in ("0", "", "false", "no")
+        retention = None if show_all else self.settings["scheduler.worker_retention"]
+        return ok({"workers": await self.store.list_workers(retention)})
 
     def _worker_id(self, request: web.Request) -> str:
         wid = request.match_info["worker_id"]

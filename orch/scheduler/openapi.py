@@ -313,7 +313,9 @@ def document(*, metrics_open: bool = False, long_poll: float | None = None, max_
         "/v1/workers": {
             "post": _op("register a worker; returns its own credential", _json("Registered", "registered"),
                         status="201", security="joinToken", body="Register"),
-            "get": _op("list workers", _json("Workers", "the workers")),
+            "get": _op("list workers", _json("Workers", "the workers"), params=[
+                _query("all", FOLLOW["schema"], "1: also stopped and lost workers whose last heartbeat is older "
+                                                "than scheduler.worker_retention")]),
         },
         "/v1/workers/{worker_id}/heartbeat": {"post": _op(
             "renew the leases of running attempts", _json("HeartbeatReply", "attempts to cancel, stale ones"),

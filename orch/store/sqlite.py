@@ -868,11 +868,17 @@ class SqliteStore:
         )
         return [dict(r) for r in rows]
 
-    async def list_workers(self) -> list[dict[str, Any]]:
+    async def list_workers(self, retention: float | None = None) -> list[dict[str, Any]]:
+        """Workers in the order they registered. With ``retention``, stopped and lost ones whose last
+        heartbeat is older than that many seconds are left out. Only a live worker shows running jobs: a job
+        still marked running under a stopped or lost worker is not being run by it."""
         now = self.clock()
+        old = "" if retention is None else " WHERE w.state IN ('alive', 'draining') OR w.last_heartbeat >= ?"
         rows = await self._read(
-            "SELECT w.*, (SELECT COUNT(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running')"
-            " AS running_jobs FROM workers w ORDER BY w.registered_at"
+            "SELECT w.*, CASE WHEN w.state IN ('alive', 'draining') THEN (SELECT COUNT(*) FROM jobs j"
+            " WHERE j.worker_id = w.id AND j.state = 'running') ELSE 0 END AS running_jobs FROM workers w"
+            + old + " ORDER BY w.registered_at",
+            () if retention is None else (now - retention,),
         )
         return [
             {
