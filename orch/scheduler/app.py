@@ -434,7 +434,7 @@ class Api:
         worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
                                                      concurrency=concurrency, credential_hash=digest)
         if self.guard is not None:
-            self.guard.worker_registered(worker_id, digest)
+            self.guard.worker_registered(worker_id, digest, queues)
         log.info("worker %s registered (%s on %s, queues %s, concurrency %d)", worker_id, name, hostname, ",".join(queues), concurrency)
         return ok({
             "worker_id": worker_id,
@@ -491,6 +491,8 @@ class Api:
         limit = int_field(data, "max", 1, 1000, 1)
         wait = num_field(data, "wait", 0, self.long_poll, 0)
         queues = queues_of(data)
+        if self.guard is not None:
+            self.guard.check_queues(wid, queues)
         deadline = time.monotonic() + wait
         self.hub.stopping.discard(wid)
         woken_for: str | None = None  # a queue whose wake we owe a claim (or must pass on)
@@ -556,6 +558,8 @@ class Api:
         only(ask, {"max", "queues"}, "lease.")
         limit = int_field(ask, "max", 1, 1000, 1, prefix="lease.")
         queues = queues_of(ask, "lease.")
+        if self.guard is not None:  # before anything is written: a refused request changes nothing
+            self.guard.check_queues(wid, queues, "lease.")
         answers, jobs = await self.store.complete_and_claim(wid, results, self.defaults, queues, limit,
                                                             self.lease_ttl, raw_spec=True)
         jobs = await self._deliverable(request, wid, jobs)

@@ -862,10 +862,11 @@ class SqliteStore:
         await self._write(op)
         return worker_id
 
-    async def worker_credentials(self) -> list[tuple[str, str, str]]:
-        """(worker id, credential hash, state) of every worker that was issued a credential."""
-        rows = await self._read("SELECT id, credential_hash, state FROM workers WHERE credential_hash IS NOT NULL")
-        return [(r["id"], r["credential_hash"], r["state"]) for r in rows]
+    async def worker_credentials(self) -> list[tuple[str, str, str, list[str]]]:
+        """(worker id, credential hash, state, queues) of every worker that was issued a credential."""
+        rows = await self._read(
+            "SELECT id, credential_hash, state, queues FROM workers WHERE credential_hash IS NOT NULL")
+        return [(r["id"], r["credential_hash"], r["state"], json.loads(r["queues"])) for r in rows]
 
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
