@@ -328,7 +328,12 @@ def worker(
 
 
 async def _worker_metrics(settings: Settings, agent: Any) -> Any:
-    """The worker's /metrics listener (None when metrics.worker_port is 0)."""
+    """The worker's /metrics listener (None when metrics.worker_port is 0).
+
+    A port the user chose (flag, environment, config file) must be had; the default one, when taken
+    (by `orch up`'s worker, say), gives way to the next free port: the scheduler's service discovery
+    tells Prometheus where each worker is.
+    """
     port = settings["metrics.worker_port"]
     if not port:
         return None
@@ -337,8 +342,13 @@ async def _worker_metrics(settings: Settings, agent: Any) -> Any:
     async def render(accept: str) -> tuple[bytes, str]:
         return agent.metrics.render_for(accept)
 
-    runner = await serve_metrics(settings["metrics.host"], port, render, "metrics.worker_port")
-    log.info("worker metrics on %s", metrics_url(runner))
+    runner = await serve_metrics(settings["metrics.host"], port, render, "metrics.worker_port",
+                                 next_free=not settings.explicit("metrics.worker_port"))
+    got = runner.addresses[0][1]
+    if got != port:
+        log.info("metrics port %d is taken; worker metrics on %s instead", port, metrics_url(runner))
+    else:
+        log.info("worker metrics on %s", metrics_url(runner))
     return runner
 
 
