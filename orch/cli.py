@@ -166,6 +166,7 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
         except ConfigError:
             await runner.cleanup()
             raise
+        application[API].metrics_listener = metrics_runners[0].addresses[0][:2]  # for GET /v1/metrics/targets
         print(f"metrics: {metrics_url(metrics_runners[0])}", flush=True)
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
@@ -302,6 +303,8 @@ def worker(
             agent = Agent(client, options)
             _quiet_gc()
             metrics = await _worker_metrics(settings, agent)
+            if metrics is not None:  # told to the scheduler at registration, for its service discovery
+                options.metrics = _metrics_address(settings, metrics)
             signals = 0
 
             def on_signal(sig: int) -> None:
@@ -350,6 +353,22 @@ async def _worker_metrics(settings: Settings, agent: Any) -> Any:
     else:
         log.info("worker metrics on %s", metrics_url(runner))
     return runner
+
+
+def _metrics_address(settings: Settings, runner: Any) -> str:
+    """host:port where others reach this worker's metrics listener: its own name when it listens everywhere
+    ("" when that name is not one the scheduler takes: the worker then joins without telling it)."""
+    from orch.scheduler.openapi import METRICS_ADDRESS_RE
+
+    host, port = runner.addresses[0][:2]
+    if host in ("", "0.0.0.0", "::"):
+        host = settings.worker_host
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not METRICS_ADDRESS_RE.fullmatch(address):
+        log.warning("not telling the scheduler where this worker's metrics are: %r is not host:port (set worker.host)",
+                    address)
+        return ""
+    return address
 
 
 def _local_worker_env(settings: Settings, runner: Any) -> dict[str, str]:

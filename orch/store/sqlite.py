@@ -773,9 +773,18 @@ class SqliteStore:
                 "last_heartbeat": iso(now - age),
                 "heartbeat_age": round(age, 3),
                 "running": r["running_jobs"],
+                "metrics": r["metrics"],
             }
             for r, age in zip(rows, ages, strict=True)
         ]
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Live workers that serve metrics: id, name and the URL they registered, oldest first."""
+        rows = await self._read(
+            "SELECT id, name, metrics FROM workers WHERE state IN ('alive', 'draining') AND metrics IS NOT NULL"
+            " ORDER BY registered_at"
+        )
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ writes
 
@@ -845,9 +854,10 @@ class SqliteStore:
 
     async def register_worker(
         self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-        credential_hash: str | None = None,
+        credential_hash: str | None = None, metrics: str | None = None,
     ) -> str:
-        """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued."""
+        """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued,
+        ``metrics`` the URL of its Prometheus /metrics listener (None: it has none)."""
         now = self.clock()
         heard = self.lease_clock()
         worker_id = "w-" + uuid.uuid4().hex[:12]
@@ -855,8 +865,9 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
-                " last_heartbeat, credential_hash) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?)",
-                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, heard, credential_hash),
+                " last_heartbeat, credential_hash, metrics) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?, ?)",
+                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, heard, credential_hash,
+                 metrics),
             )
 
         await self._write(op)

@@ -45,6 +45,7 @@ class WorkerOptions:
     drain_grace: float = 30.0
     long_poll: float = 30.0
     burst: bool = False  # exit once the queue is empty and nothing runs (tests, batch use)
+    metrics: str = ""  # host:port of this worker's /metrics listener, told to the scheduler ("": none)
 
 
 class Backoff:
@@ -135,14 +136,22 @@ class Agent:
 
     async def _register(self) -> None:
         backoff = Backoff()
+        extra = {"metrics": self.opt.metrics} if self.opt.metrics else {}
         while True:
             try:
                 reply = await self.client.register(
                     name=self.opt.name or f"{self.opt.hostname or socket.gethostname()}-{os.getpid()}",
                     hostname=self.opt.hostname or socket.gethostname(),
-                    queues=list(self.opt.queues), concurrency=self.opt.concurrency,
+                    queues=list(self.opt.queues), concurrency=self.opt.concurrency, **extra,
                 )
                 break
+            except ApiError as e:
+                if not (extra and e.http_status == 400 and e.field == "metrics"):
+                    raise
+                # An older scheduler, or an address it will not take: joining matters more than discovery.
+                log.warning("the scheduler refused this worker's metrics address (%s); registering without it",
+                            e.message)
+                extra = {}
             except ServerUnavailable as e:
                 if self.draining.is_set():
                     raise

@@ -108,6 +108,7 @@ def test_orch_worker_moves_off_a_taken_default_port_and_logs_where(monkeypatch: 
                 port = runner.addresses[0][1]
                 assert port != base
                 assert f"metrics port {base} is taken; worker metrics on http://127.0.0.1:{port}/metrics" in caplog.text
+                assert orch.cli._metrics_address(settings, runner) == f"127.0.0.1:{port}"
             finally:
                 await runner.cleanup()
             # Asked for by name (here a flag): the port must be had, as before.
@@ -117,3 +118,18 @@ def test_orch_worker_moves_off_a_taken_default_port_and_logs_where(monkeypatch: 
 
     asyncio.run(main())
 
+
+class _Listening:
+    def __init__(self, host: str, port: int) -> None:
+        self.addresses = [(host, port)]
+
+
+def test_a_worker_listening_everywhere_gives_its_own_name_or_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    named = load_settings(None, {"worker.host": "box-7.example.com"}, environ={})
+    assert orch.cli._metrics_address(named, _Listening("0.0.0.0", 9091)) == "box-7.example.com:9091"
+    assert orch.cli._metrics_address(named, _Listening("::", 9091)) == "box-7.example.com:9091"
+    assert orch.cli._metrics_address(named, _Listening("::1", 9092)) == "[::1]:9092"
+    odd = load_settings(None, {"worker.host": "my box"}, environ={})
+    with caplog.at_level(logging.WARNING, logger="orch"):
+        assert orch.cli._metrics_address(odd, _Listening("0.0.0.0", 9091)) == ""
+    assert "not telling the scheduler where this worker's metrics are" in caplog.text
