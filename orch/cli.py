@@ -199,6 +199,7 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
         except ConfigError:
             await runner.cleanup()
             raise
+        application[API].metrics_listener = metrics_runners[0].addresses[0][:2]  # for GET /v1/metrics/targets
         print(f"metrics: {metrics_url(metrics_runners[0])}", flush=True)
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in host else host
@@ -351,6 +352,8 @@ def worker(
             agent = Agent(client, options)
             _quiet_gc()
             metrics = await _worker_metrics(settings, agent)
+            if metrics is not None:  # told to the scheduler at registration, for its service discovery
+                options.metrics = _metrics_address(settings, metrics)
             signals = 0
 
             def on_signal(sig: int) -> None:
@@ -377,7 +380,12 @@ def worker(
 
 
 async def _worker_metrics(settings: Settings, agent: Any) -> Any:
-    """The worker's /metrics listener (None when metrics.worker_port is 0)."""
+    """The worker's /metrics listener (None when metrics.worker_port is 0).
+
+    A port the user chose (flag, environment, config file) must be had; the default one, when taken
+    (by `orch up`'s worker, say), gives way to the next free port: the scheduler's service discovery
+    tells Prometheus where each worker is.
+    """
     port = settings["metrics.worker_port"]
     if not port:
         return None
@@ -386,9 +394,30 @@ async def _worker_metrics(settings: Settings, agent: Any) -> Any:
     async def render(accept: str) -> tuple[bytes, str]:
         return agent.metrics.render_for(accept)
 
-    runner = await serve_metrics(settings["metrics.host"], port, render, "metrics.worker_port")
-    log.info("worker metrics on %s", metrics_url(runner))
+    runner = await serve_metrics(settings["metrics.host"], port, render, "metrics.worker_port",
+                                 next_free=not settings.explicit("metrics.worker_port"))
+    got = runner.addresses[0][1]
+    if got != port:
+        log.info("metrics port %d is taken; worker metrics on %s instead", port, metrics_url(runner))
+    else:
+        log.info("worker metrics on %s", metrics_url(runner))
     return runner
+
+
+def _metrics_address(settings: Settings, runner: Any) -> str:
+    """host:port where others reach this worker's metrics listener: its own name when it listens everywhere
+    ("" when that name is not one the scheduler takes: the worker then joins without telling it)."""
+    from orch.scheduler.openapi import METRICS_ADDRESS_RE
+
+    host, port = runner.addresses[0][:2]
+    if host in ("", "0.0.0.0", "::"):
+        host = settings.worker_host
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not METRICS_ADDRESS_RE.fullmatch(address):
+        log.warning("not telling the scheduler where this worker's metrics are: %r is not host:port (set worker.host)",
+                    address)
+        return ""
+    return address
 
 
 def _local_worker_env(settings: Settings, runner: Any) -> dict[str, str]:

@@ -184,15 +184,20 @@ def default_data_dir() -> Path:
 class Settings:
     """Frozen settings: ``settings["worker.concurrency"]`` or ``settings.get(...)``."""
 
-    def __init__(self, values: Mapping[str, Any], source: str | None) -> None:
+    def __init__(self, values: Mapping[str, Any], source: str | None, given: frozenset[str] = frozenset()) -> None:
         self._values = dict(values)
         self.source = source
+        self._given = given
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
+    def explicit(self, key: str) -> bool:
+        """``key`` was set by a flag, the environment or the config file, not left to its default."""
+        return key in self._given
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("_values", "source") and name not in self.__dict__:
+        if name in ("_values", "source", "_given") and name not in self.__dict__:
             object.__setattr__(self, name, value)
         else:
             raise AttributeError("Settings are frozen")
@@ -236,6 +241,7 @@ def load_settings(
     """Build the Settings. ``overrides`` are flag values (None means "not given")."""
     env = os.environ if environ is None else environ
     values = {k: spec.default for k, spec in KEYS.items()}
+    given: set[str] = set()
     path: Path | None = None
     if config is None and env.get("ORCH_CONFIG"):
         config = env["ORCH_CONFIG"]
@@ -261,21 +267,24 @@ def load_settings(
             if key not in KEYS:
                 raise ConfigError(f"unknown key {key!r} in {path}")
             values[key] = _coerce(key, raw, str(path), from_text=False)
+            given.add(key)
     names = {env_name(k): k for k in KEYS if k != "concurrency"} | ENV_ALIASES
     for name, key in names.items():
         if name in env and env[name] != "":
             values[key] = _coerce(key, env[name], f"environment variable {name}", from_text=True)
+            given.add(key)
     for key, raw in (overrides or {}).items():
         if raw is None:
             continue
         if key not in KEYS:
             raise ConfigError(f"unknown key {key!r}")
         values[key] = _coerce(key, raw, "command-line flags", from_text=isinstance(raw, str))
+        given.add(key)
     # With a private CA configured, a bare HOST:PORT means HTTPS.
     scheme = "https" if values.get("tls.ca") else "http"
     values["client.server"] = normalize_server(values["client.server"], scheme, "client.server")
     values["worker.join"] = normalize_server(values["worker.join"], scheme, "worker.join")
-    return Settings(values, str(path) if path else None)
+    return Settings(values, str(path) if path else None, frozenset(given))
 
 
 _HOST_RE = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]")  # a name or IPv4 address, or [an IPv6 address]

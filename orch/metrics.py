@@ -13,6 +13,7 @@ live worker), never job ids.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
@@ -252,12 +253,17 @@ class _SlotCollector:
         return iter([fam])
 
 
+NEXT_PORTS = 100  # ports above a taken default port that a listener tries, one after the other
+
+
 async def serve_metrics(host: str, port: int, render: Callable[[str], Awaitable[tuple[bytes, str]]],
-                        field: str) -> Any:
+                        field: str, *, next_free: bool = False) -> Any:
     """A small HTTP listener with GET /metrics on the running loop; returns its AppRunner (cleanup() it).
 
-    A port that cannot be had is a ConfigError naming ``field``, not a traceback. Every other path gets a
-    JSON error saying what this port is and where the API is: someone gave it as the scheduler's address.
+    A port that cannot be had is a ConfigError naming ``field``, not a traceback. With ``next_free``
+    (the port is a default nobody asked for), a port in use is no error: the next free one above it
+    is taken, so a second worker on a machine (next to `orch up`, say) starts as typed. Every other path
+    gets a JSON error saying what this port is and where the API is: someone gave it as the scheduler's address.
     """
     from aiohttp import web
 
@@ -282,16 +288,23 @@ async def serve_metrics(host: str, port: int, render: Callable[[str], Awaitable[
     app.router.add_route("*", "/{path:.*}", elsewhere)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise ConfigError(
-            f"cannot listen on {host}:{port} for metrics: {os.strerror(e.errno) if e.errno else e}; choose another port with"
-            f" --metrics-port or {field} (0 turns the metrics listener off)", field=field,
-        ) from None
-    return runner
+    tried = port
+    while True:
+        site = web.TCPSite(runner, host, tried, reuse_address=True)
+        try:
+            await site.start()
+            return runner
+        except OSError as e:
+            await site.stop()
+            if next_free and e.errno == errno.EADDRINUSE and tried < min(65535, port + NEXT_PORTS):
+                tried += 1
+                continue
+            await runner.cleanup()
+            ports = f"{port}..{tried}" if tried != port else str(port)
+            raise ConfigError(
+                f"cannot listen on {host}:{ports} for metrics: {os.strerror(e.errno) if e.errno else e}; choose another"
+                f" port with --metrics-port or {field} (0 turns the metrics listener off)", field=field,
+            ) from None
 
 
 def metrics_url(runner: Any) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
 import time
 from contextlib import suppress
 from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -21,6 +23,7 @@ from orch.models import NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view,
 from orch.output import marker as output_marker
 from orch.scheduler.bodies import each, encode, encode_list, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
+from orch.scheduler.openapi import MAX_METRICS_ADDRESS, METRICS_ADDRESS_RE
 from orch.scheduler.openapi import document as openapi_document
 from orch.scheduler.security import GUARD, Guard, guard_request, unencodable_field
 from orch.scheduler.why import explain
@@ -187,6 +190,33 @@ def queues_of(data: dict[str, Any], prefix: str = "") -> list[str]:
     return queues
 
 
+def metrics_address(data: dict[str, Any], name: str) -> str | None:
+    """A worker's metrics address (host:port or an http(s) URL) as the URL to scrape; None if not given."""
+    v = data.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > MAX_METRICS_ADDRESS or not METRICS_ADDRESS_RE.fullmatch(v):
+        raise ValidationError(f"{name} must be host:port or an http(s) URL of at most {MAX_METRICS_ADDRESS} "
+                              "characters (e.g. 10.0.0.7:9091)", field=name)
+    url = v if "://" in v else f"http://{v}"
+    try:
+        if "[" in url:
+            ipaddress.IPv6Address(url[url.index("[") + 1:url.index("]")])
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValidationError(f"{name} holds a bracketed host that is not an IPv6 address", field=name) from None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    return f"{parts.scheme}://{host}:{port}{parts.path or '/metrics'}"
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
 def job_id_of(request: web.Request) -> int:
     raw = request.match_info["job_id"]
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
@@ -262,6 +292,8 @@ class Api:
     """Route handlers; they validate, call the store, and wake whoever waits."""
 
     guard: Guard | None = None  # set by build_app: tokens and worker credentials (orch/scheduler/security.py)
+    # (host, port) of the scheduler's own metrics listener (metrics.scheduler_port), once it listens.
+    metrics_listener: tuple[str, int] | None = None
 
     def __init__(self, store: SqliteStore, hub: Hub, settings: Settings) -> None:
         self.store = store
@@ -526,7 +558,7 @@ class Api:
 
     async def register(self, request: web.Request) -> web.Response:
         data = await read_json(request)
-        only(data, {"name", "hostname", "queues", "concurrency"})
+        only(data, {"name", "hostname", "queues", "concurrency", "metrics"})
         name = opt_str(data, "name", 200) or "worker"
         hostname = opt_str(data, "hostname", 255) or "unknown"
         for field, text in (("name", name), ("hostname", hostname)):
@@ -535,12 +567,15 @@ class Api:
                                       "or U+202E)", field=field)
         queues = queues_of(data)
         concurrency = int_field(data, "concurrency", 1, 10_000, 1)
+        metrics = metrics_address(data, "metrics")
         credential, digest = new_worker_credential()  # the worker's own token; only its digest is kept
         worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
-                                                     concurrency=concurrency, credential_hash=digest)
+                                                     concurrency=concurrency, credential_hash=digest,
+                                                     metrics=metrics)
         if self.guard is not None:
-            self.guard.worker_registered(worker_id, digest)
-        log.info("worker %s registered (%s on %s, queues %s, concurrency %d)", worker_id, name, hostname, ",".join(queues), concurrency)
+            self.guard.worker_registered(worker_id, digest, queues)
+        log.info("worker %s registered (%s on %s, queues %s, concurrency %d%s)", worker_id, name, hostname,
+                 ",".join(queues), concurrency, f", metrics {metrics}" if metrics else "")
         return ok({
             "worker_id": worker_id,
             "heartbeat_interval": self.settings["scheduler.heartbeat_interval"],
@@ -557,6 +592,28 @@ class Api:
         show_all = request.query.get("all", "0") not in ("0", "", "false", "no")
         retention = None if show_all else self.settings["scheduler.worker_retention"]
         return ok({"workers": await self.store.list_workers(retention)})
+
+    async def metrics_targets(self, request: web.Request) -> web.Response:
+        """Prometheus HTTP service discovery: the scheduler's metrics listener and each live worker's.
+
+        Labels tell them apart: ``role``, and a worker's id and name as ``worker`` and ``name``
+        (the labels of the scheduler's own per-worker gauges).
+        """
+        groups: list[dict[str, Any]] = []
+        if self.metrics_listener is not None:
+            host, port = self.metrics_listener
+            if host in _ANY_ADDRESS:  # it listens everywhere: on the host Prometheus reached the API by
+                host = request.url.host or "127.0.0.1"
+            groups.append({"targets": [host_port(host, port)], "labels": {"role": "scheduler"}})
+        for w in await self.store.metrics_targets():
+            url = urlsplit(w["metrics"])
+            labels = {"role": "worker", "worker": w["id"], "name": w["name"]}
+            if url.scheme != "http":
+                labels["__scheme__"] = url.scheme
+            if url.path != "/metrics":
+                labels["__metrics_path__"] = url.path
+            groups.append({"targets": [url.netloc], "labels": labels})
+        return ok(groups)
 
     def _worker_id(self, request: web.Request) -> str:
         wid = request.match_info["worker_id"]
@@ -602,6 +659,8 @@ class Api:
         limit = int_field(data, "max", 1, 1000, 1)
         wait = num_field(data, "wait", 0, self.long_poll, 0)
         queues = queues_of(data)
+        if self.guard is not None:
+            self.guard.check_queues(wid, queues)
         deadline = time.monotonic() + wait
         self.hub.stopping.discard(wid)
         woken_for: str | None = None  # a queue whose wake we owe a claim (or must pass on)
@@ -667,6 +726,8 @@ class Api:
         only(ask, {"max", "queues"}, "lease.")
         limit = int_field(ask, "max", 1, 1000, 1, prefix="lease.")
         queues = queues_of(ask, "lease.")
+        if self.guard is not None:  # before anything is written: a refused request changes nothing
+            self.guard.check_queues(wid, queues, "lease.")
         answers, jobs = await self.store.complete_and_claim(wid, results, self.defaults, queues, limit,
                                                             self.lease_ttl, raw_spec=True)
         jobs = await self._deliverable(request, wid, jobs)
@@ -868,6 +929,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r.add_get("/v1/jobs/{job_id}/why", api.why)
     r.add_post("/v1/workers", api.register)
     r.add_get("/v1/workers", api.list_workers)
+    r.add_get("/v1/metrics/targets", api.metrics_targets)
     r.add_post("/v1/workers/{worker_id}/heartbeat", api.heartbeat)
     r.add_post("/v1/workers/{worker_id}/lease", api.lease)
     r.add_post("/v1/workers/{worker_id}/output", api.append_output)

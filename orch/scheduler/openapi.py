@@ -11,6 +11,7 @@ query parameters a route does not document here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from orch import __version__
@@ -44,6 +45,13 @@ INT = {"type": "integer"}
 JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}
 ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
 ARG = {"type": "string", "maxLength": MAX_ARG_LEN}
+# Where a worker serves its metrics (registration's "metrics"): host:port, or an http(s) URL. Here, not in
+# app.py, because this document states it too (app.py imports it; this module cannot import app.py).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # _ too: some machines' names have one
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+METRICS_ADDRESS_RE = re.compile(rf"{_HOST}:{_PORT}|https?://{_HOST}(?::{_PORT})?(?:/[A-Za-z0-9._~%/-]*)?")
+MAX_METRICS_ADDRESS = 255
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
 JOB_FIELDS: dict[str, Any] = {
@@ -138,6 +146,7 @@ SCHEMAS: dict[str, Any] = {
         "queues": {"type": "array", "items": {"type": "string"}}, "concurrency": INT,
         "state": {"type": "string", "enum": ["alive", "draining", "lost", "stopped"]},
         "registered_at": TIME, "last_heartbeat": TIME, "heartbeat_age": {"type": "number"}, "running": INT,
+        "metrics": nullable({"type": "string", "description": "URL of the worker's Prometheus metrics"}),
     }, ("id", "name", "hostname", "queues", "concurrency", "state", "running")),
     "Workers": obj({"workers": {"type": "array", "items": ref("Worker")}}, ("workers",)),
     "Register": obj({
@@ -145,6 +154,10 @@ SCHEMAS: dict[str, Any] = {
         "hostname": {"type": "string", "maxLength": 255},
         "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
         "concurrency": {"type": "integer", "minimum": 1, "maximum": 10_000},
+        "metrics": {"type": "string", "maxLength": MAX_METRICS_ADDRESS,
+                    "pattern": f"^(?:{METRICS_ADDRESS_RE.pattern})$",
+                    "description": "where this worker serves Prometheus metrics: host:port (path /metrics) or an "
+                                   "http(s) URL (no path: /metrics); listed by GET /v1/metrics/targets"},
     }, closed=True),
     "Registered": obj({
         "worker_id": {"type": "string"}, "heartbeat_interval": {"type": "number"}, "lease_ttl": {"type": "number"},
@@ -219,6 +232,17 @@ SCHEMAS: dict[str, Any] = {
         "ended": {"type": "array", "items": ref("JobSummary"), "description": "every job named that has ended"},
         "waiting": {"type": "integer", "minimum": 0, "description": "how many of the jobs named have not"},
     }, ("ended", "waiting")),
+    "MetricsTargets": {
+        "type": "array",
+        "description": "Prometheus HTTP service discovery (http_sd_config): one group per listener",
+        "items": obj({
+            "targets": {"type": "array", "items": {"type": "string", "description": "host:port"},
+                        "minItems": 1, "maxItems": 1},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "role (scheduler or worker); for a worker, worker (its id) and name; "
+                                      "__scheme__ and __metrics_path__ when not http and /metrics"},
+        }, ("targets", "labels")),
+    },
 }
 
 SECURITY_SCHEMES = {
@@ -317,6 +341,9 @@ def document(*, metrics_open: bool = False, long_poll: float | None = None, max_
                 _query("all", FOLLOW["schema"], "1: also stopped and lost workers whose last heartbeat is older "
                                                 "than scheduler.worker_retention")]),
         },
+        "/v1/metrics/targets": {"get": _op(
+            "Prometheus HTTP service discovery: the scheduler's metrics listener and every live worker's",
+            _json("MetricsTargets", "target groups, in http_sd_config format"))},
         "/v1/workers/{worker_id}/heartbeat": {"post": _op(
             "renew the leases of running attempts", _json("HeartbeatReply", "attempts to cancel, stale ones"),
             security=w, body="Heartbeat", params=[WORKER_PARAM])},

@@ -12,7 +12,8 @@ configuration or the data dir's ``tokens.json``; the file is looked at (one
 ``stat``) at most once a second and re-read when it changed, so
 ``orch token rotate`` takes effect without a restart. Worker credentials are
 kept as SHA-256 digests in the store and in memory here: checking one costs a
-hash and a dict lookup, never a query.
+hash and a dict lookup, never a query. So are the queues each worker
+registered: a worker leases only from those (``check_queues``).
 
 Limits: a request body must arrive within ``scheduler.body_timeout`` (and is
 read only after the caller is authenticated); one client address (or one
@@ -81,7 +82,8 @@ class Guard:
         self.created = False  # the token file was made (or completed) at this start
         self._sig: tuple[int, int, int] | None = None
         self._next_check = 0.0
-        self.workers: dict[str, tuple[str, bool]] = {}  # worker id -> (credential digest, alive)
+        # worker id -> (credential digest, alive, the queues it registered)
+        self.workers: dict[str, tuple[str, bool, frozenset[str]]] = {}
         self.owner: dict[str, str] = {}  # credential digest -> worker id
         self.max_long_polls: int = settings["scheduler.max_long_polls"]
         self.max_client_long_polls: int = settings["scheduler.max_client_long_polls"]
@@ -140,20 +142,38 @@ class Guard:
 
     # ------------------------------------------------------------------ worker credentials
 
-    def load_workers(self, rows: list[tuple[str, str, str]]) -> None:
-        for wid, digest, state in rows:
-            self.workers[wid] = (digest, state in ("alive", "draining"))
+    def load_workers(self, rows: list[tuple[str, str, str, list[str]]]) -> None:
+        """``store.worker_credentials()``: (worker id, credential digest, state, queues) of each."""
+        for wid, digest, state, queues in rows:
+            self.workers[wid] = (digest, state in ("alive", "draining"), frozenset(queues))
             self.owner[digest] = wid
 
-    def worker_registered(self, worker_id: str, digest: str) -> None:
-        self.workers[worker_id] = (digest, True)
+    def worker_registered(self, worker_id: str, digest: str, queues: list[str]) -> None:
+        self.workers[worker_id] = (digest, True, frozenset(queues))
         self.owner[digest] = worker_id
 
     def worker_gone(self, worker_id: str) -> None:
         """The worker was marked lost or stopped: its credential now only earns 409 unknown_worker."""
         entry = self.workers.get(worker_id)
         if entry is not None and entry[1]:
-            self.workers[worker_id] = (entry[0], False)
+            self.workers[worker_id] = (entry[0], False, entry[2])
+
+    def check_queues(self, worker_id: str, queues: list[str], prefix: str = "") -> None:
+        """Forbidden, naming the first queue (``queues[i]``) the worker did not register.
+
+        Refused rather than filtered: a worker asking for a queue it did not register is
+        misconfigured or is not the worker it claims to be. A worker unknown here (one
+        registered before credentials existed, served with auth off) is left to the store.
+        """
+        entry = self.workers.get(worker_id)
+        if entry is None:
+            return
+        allowed = entry[2]
+        for i, queue in enumerate(queues):
+            if queue not in allowed:
+                raise Forbidden(f"worker {worker_id} registered for queues {', '.join(sorted(allowed))}; it may "
+                                f"not lease from queue {queue!r} (register a worker for it)",
+                                field=f"{prefix}queues[{i}]")
 
     # ------------------------------------------------------------------ checks
 

@@ -296,12 +296,18 @@ class SqliteStore:
         synchronous: str = "FULL",
         output_limit: int = 1 << 20,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        """``clock`` stamps what people read (created_at, events, started_at, retry times);
+        ``monotonic`` measures liveness (see ``lease_clock``), so a step of the wall clock
+        (NTP, a VM resumed) neither expires leases nor marks workers lost."""
         self.path = Path(path)
         self.synchronous = synchronous
         self.output_limit = output_limit
         self.clock = clock
+        self.monotonic = monotonic
+        self._anchor = clock() - monotonic()  # set again at open()
         self.rand = rand
         # Called on the loop with every job state change of a batch, once it has committed.
         self.on_commit: Callable[[list[Change]], None] | None = None
@@ -338,6 +344,16 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def lease_clock(self) -> float:
+        """The clock of lease expiries and workers' last heartbeats: monotonic, anchored to the wall clock
+        when the store opened.
+
+        Values an earlier process stored are then roughly comparable with it (and readable as times),
+        though not exactly: that process's wall clock may have stepped, and a reboot restarts the
+        monotonic clock. ``recover()`` at start-up brings them into range.
+        """
+        return self.monotonic() + self._anchor
+
     async def open(self) -> None:
         """Open (and make or migrate) the database; a failure leaves nothing open and says what is wrong."""
         try:
@@ -354,6 +370,7 @@ class SqliteStore:
             raise mapped from e
 
     async def _open(self) -> None:
+        self._anchor = self.clock() - self.monotonic()
         db_folder(self.path)
         private_files(self.path)
         self._loop = asyncio.get_running_loop()
@@ -784,7 +801,7 @@ class SqliteStore:
         A handful of GROUP BY reads on the reader connection: meant for a
         scrape every few seconds, never for each job.
         """
-        now = self.clock()
+        now = self.lease_clock()  # heartbeat ages: they must not jump with the wall clock
         jobs = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         queues = await self._read(
             "SELECT queue, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retrying')"
@@ -808,8 +825,12 @@ class SqliteStore:
 
     async def why_facts(self, job_id: int) -> dict[str, Any]:
         """What `orch why` needs about one job: its row, its last event and, by state, its queue
-        position and the live workers serving its queue, or the worker holding its lease."""
+        position and the live workers serving its queue, or the worker holding its lease.
+
+        Times are on the wall clock (``now``); the lease's expiry, kept on ``lease_clock``, is
+        given as the wall time it falls at if the wall clock does not step meanwhile."""
         now = self.clock()
+        steady = self.lease_clock()
         rows = await self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
@@ -819,7 +840,8 @@ class SqliteStore:
             "now": now,
             "job": job_json(row),
             "run_at": row["run_at"],
-            "lease_expires_at": row["lease_expires_at"],
+            "lease_expires_at": (now + row["lease_expires_at"] - steady
+                                 if row["lease_expires_at"] is not None else None),
             "last_event": event_json(last[0]) if last else None,
         }
         if row["state"] == State.QUEUED:
@@ -841,7 +863,7 @@ class SqliteStore:
             busy = await self._busy_by_worker([r["id"] for r in serving])
             facts["workers"] = [
                 {"id": r["id"], "name": r["name"], "state": r["state"], "concurrency": r["concurrency"],
-                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, now - r["last_heartbeat"])}
+                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, steady - r["last_heartbeat"])}
                 for r in serving
             ]
         elif row["state"] == State.RUNNING and row["worker_id"]:
@@ -850,7 +872,7 @@ class SqliteStore:
             )
             facts["worker"] = (
                 {"id": w[0]["id"], "name": w[0]["name"], "state": w[0]["state"],
-                 "heartbeat_age": max(0.0, now - w[0]["last_heartbeat"])} if w else None
+                 "heartbeat_age": max(0.0, steady - w[0]["last_heartbeat"])} if w else None
             )
         return facts
 
@@ -873,13 +895,16 @@ class SqliteStore:
         heartbeat is older than that many seconds are left out. Only a live worker shows running jobs: a job
         still marked running under a stopped or lost worker is not being run by it."""
         now = self.clock()
+        steady = self.lease_clock()
         old = "" if retention is None else " WHERE w.state IN ('alive', 'draining') OR w.last_heartbeat >= ?"
         rows = await self._read(
             "SELECT w.*, CASE WHEN w.state IN ('alive', 'draining') THEN (SELECT COUNT(*) FROM jobs j"
             " WHERE j.worker_id = w.id AND j.state = 'running') ELSE 0 END AS running_jobs FROM workers w"
             + old + " ORDER BY w.registered_at",
-            () if retention is None else (now - retention,),
+            () if retention is None else (steady - retention,),  # last_heartbeat is on lease_clock
         )
+        ages = [max(0.0, steady - r["last_heartbeat"]) for r in rows]
+        # last_heartbeat is kept on lease_clock: shown as the wall time that many seconds ago.
         return [
             {
                 "id": r["id"],
@@ -889,12 +914,21 @@ class SqliteStore:
                 "concurrency": r["concurrency"],
                 "state": r["state"],
                 "registered_at": iso(r["registered_at"]),
-                "last_heartbeat": iso(r["last_heartbeat"]),
-                "heartbeat_age": round(max(0.0, now - r["last_heartbeat"]), 3),
+                "last_heartbeat": iso(now - age),
+                "heartbeat_age": round(age, 3),
                 "running": r["running_jobs"],
+                "metrics": r["metrics"],
             }
-            for r in rows
+            for r, age in zip(rows, ages, strict=True)
         ]
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Live workers that serve metrics: id, name and the URL they registered, oldest first."""
+        rows = await self._read(
+            "SELECT id, name, metrics FROM workers WHERE state IN ('alive', 'draining') AND metrics IS NOT NULL"
+            " ORDER BY registered_at"
+        )
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ writes
 
@@ -974,32 +1008,36 @@ class SqliteStore:
 
     async def register_worker(
         self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-        credential_hash: str | None = None,
+        credential_hash: str | None = None, metrics: str | None = None,
     ) -> str:
-        """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued."""
+        """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued,
+        ``metrics`` the URL of its Prometheus /metrics listener (None: it has none)."""
         now = self.clock()
+        heard = self.lease_clock()
         worker_id = "w-" + uuid.uuid4().hex[:12]
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
-                " last_heartbeat, credential_hash) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?)",
-                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, now, credential_hash),
+                " last_heartbeat, credential_hash, metrics) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?, ?)",
+                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, heard, credential_hash,
+                 metrics),
             )
 
         await self._write(op)
         return worker_id
 
-    async def worker_credentials(self) -> list[tuple[str, str, str]]:
-        """(worker id, credential hash, state) of every worker that was issued a credential."""
-        rows = await self._read("SELECT id, credential_hash, state FROM workers WHERE credential_hash IS NOT NULL")
-        return [(r["id"], r["credential_hash"], r["state"]) for r in rows]
+    async def worker_credentials(self) -> list[tuple[str, str, str, list[str]]]:
+        """(worker id, credential hash, state, queues) of every worker that was issued a credential."""
+        rows = await self._read(
+            "SELECT id, credential_hash, state, queues FROM workers WHERE credential_hash IS NOT NULL")
+        return [(r["id"], r["credential_hash"], r["state"], json.loads(r["queues"])) for r in rows]
 
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
         draining: bool = False,
     ) -> HeartbeatReply:
-        now = self.clock()
+        now = self.lease_clock()  # a heartbeat stamps only liveness: nothing here is shown as a wall time
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> HeartbeatReply:
             _live_worker(conn, worker_id)
@@ -1023,7 +1061,9 @@ class SqliteStore:
 
         return await self._write(op, weight=max(1, len(running)))
 
-    def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float) -> Op:
+    def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float,
+                  steady: float) -> Op:
+        """``now``: the wall clock, for the attempt's start and the events; ``steady``: ``lease_clock()``."""
         check_transition(State.QUEUED, State.RUNNING)
         qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
         marks = ",".join("?" * len(qs))
@@ -1039,7 +1079,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
             if _live_worker(conn, worker_id) == "draining":  # it said it is stopping: no new work for it
                 return []
-            rows = conn.execute(sql, (worker_id, now + lease_ttl, now, *qs, limit)).fetchall()
+            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *qs, limit)).fetchall()
             if rows:
                 conn.executemany(
                     "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
@@ -1072,7 +1112,7 @@ class SqliteStore:
         ``raw_spec``: each job's ``spec`` is its stored JSON text, for an answer that embeds it as it is.
         """
         now = self.clock()
-        op = self._claim_op(worker_id, queues, limit, lease_ttl, now)
+        op = self._claim_op(worker_id, queues, limit, lease_ttl, now, self.lease_clock())
 
         def claiming(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[sqlite3.Row], list[Change]]:
             return op(conn, out), list(out)
@@ -1145,7 +1185,7 @@ class SqliteStore:
         """
         now = self.clock()
         complete = self._complete_op(worker_id, results, defaults, now)
-        claim = self._claim_op(worker_id, queues, limit, lease_ttl, now)
+        claim = self._claim_op(worker_id, queues, limit, lease_ttl, now, self.lease_clock())
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[sqlite3.Row]]:
             # The claim checks the worker; its UnknownWorker undoes the completions with it.
@@ -1187,8 +1227,12 @@ class SqliteStore:
         return await self._write(op, durable=True, weight=max(1, len(attempts)))
 
     async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
-        """One reaper pass: mark silent workers lost, end expired leases, queue due retries."""
+        """One reaper pass: mark silent workers lost, end expired leases, queue due retries.
+
+        Silence and leases are judged on ``lease_clock``; retries are due by the wall clock.
+        """
         now = self.clock()
+        steady = self.lease_clock()
         rand = self.rand
 
         def op(conn: sqlite3.Connection, changes: list[Change]) -> Sweep:
@@ -1196,13 +1240,13 @@ class SqliteStore:
             lost = conn.execute(
                 "UPDATE workers SET state = 'lost' WHERE state IN ('alive', 'draining')"
                 " AND last_heartbeat < ? RETURNING id",
-                (now - worker_ttl,),
+                (steady - worker_ttl,),
             ).fetchall()
             out.lost_workers = [r[0] for r in lost]
             expired = conn.execute(
                 "SELECT id, attempt, worker_id FROM jobs WHERE state = 'running'"
                 " AND lease_expires_at < ?",
-                (now,),
+                (steady,),
             ).fetchall()
             orphaned = []
             for wid in out.lost_workers:
@@ -1249,17 +1293,24 @@ class SqliteStore:
         listening must not be declared dead for it: a worker is lost only after
         ``worker_ttl`` of silence, so its last heartbeat is moved to where that
         silence ends no sooner than the grace does.
+
+        At start-up this also re-bases what an earlier process left on its own
+        ``lease_clock``, which may run ahead of ours (its wall clock was stepped
+        back, or was wrong before a reboot): no lease is left further ahead than
+        one this process could have granted (``max(grace, worker_ttl)``) and no
+        heartbeat later than now, so a worker that died meanwhile is still
+        found lost within ``max(grace, worker_ttl)``. Within one process both
+        bounds hold already.
         """
-        now = self.clock()
+        now = self.lease_clock()
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
-                "UPDATE jobs SET lease_expires_at = MAX(lease_expires_at, ?) WHERE state = 'running'",
-                (now + grace,),
+                "UPDATE jobs SET lease_expires_at = MIN(MAX(lease_expires_at, ?), ?) WHERE state = 'running'",
+                (now + grace, now + max(grace, worker_ttl)),
             )
             conn.execute(
-                "UPDATE workers SET last_heartbeat = MAX(last_heartbeat, ?)"
-                " WHERE state IN ('alive', 'draining')",
+                "UPDATE workers SET last_heartbeat = ? WHERE state IN ('alive', 'draining')",
                 (now + max(0.0, grace - worker_ttl),),
             )
 

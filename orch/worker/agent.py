@@ -50,6 +50,7 @@ class WorkerOptions:
     drain_grace: float = 30.0
     long_poll: float = 30.0
     burst: bool = False  # exit once the queue is empty and nothing runs (tests, batch use)
+    metrics: str = ""  # host:port of this worker's /metrics listener, told to the scheduler ("": none)
 
 
 class Backoff:
@@ -167,15 +168,22 @@ class Agent:
     async def _register(self) -> None:
         """Join the scheduler; every transient failure is waited out. Refused (the join token): Refused."""
         backoff = Backoff()
+        extra = {"metrics": self.opt.metrics} if self.opt.metrics else {}
         while True:
             try:
                 reply = await self.client.register(
                     name=self.opt.name or f"{self.opt.hostname or socket.gethostname()}-{os.getpid()}",
                     hostname=self.opt.hostname or socket.gethostname(),
-                    queues=list(self.opt.queues), concurrency=self.opt.concurrency,
+                    queues=list(self.opt.queues), concurrency=self.opt.concurrency, **extra,
                 )
                 break
             except OrchError as e:
+                if isinstance(e, ApiError) and extra and e.http_status == 400 and e.field == "metrics":
+                    # An older scheduler, or an address it will not take: joining matters more than discovery.
+                    log.warning("the scheduler refused this worker's metrics address (%s); registering without it",
+                                e.message)
+                    extra = {}
+                    continue
                 if isinstance(e, ApiError) and e.http_status in (401, 403):
                     raise Refused(e) from None
                 if not retryable(e) or self.draining.is_set():

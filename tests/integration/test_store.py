@@ -41,11 +41,11 @@ def spec(**kw: Any) -> JobSpec:
 
 
 def run(tmp_path: Path, body: Callable[[SqliteStore, FakeClock], Awaitable[None]], **store_kw: Any) -> None:
-    """Open a store on tmp_path/orch.db with a fake clock, run ``body``, always close."""
+    """Open a store on tmp_path/orch.db with a fake clock (wall and monotonic alike), run ``body``, always close."""
     clock = FakeClock()
 
     async def main() -> None:
-        store = SqliteStore(tmp_path / "orch.db", clock=clock, rand=lambda: 0.5, **store_kw)
+        store = SqliteStore(tmp_path / "orch.db", clock=clock, monotonic=clock, rand=lambda: 0.5, **store_kw)
         await store.open()
         try:
             await body(store, clock)

@@ -65,7 +65,7 @@ def serve(tmp_path: Path, test: Any, **overrides: Any) -> None:
     settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN,
                                     "scheduler.recovery_grace": 0, **overrides}, environ={})
     clock = Clock()
-    store = SqliteStore(settings.db_path, synchronous="NORMAL", clock=clock)
+    store = SqliteStore(settings.db_path, synchronous="NORMAL", clock=clock, monotonic=clock)  # one time for both
 
     async def main() -> None:
         async with TestClient(TestServer(build_app(settings, store), host="127.0.0.1")) as client:

@@ -315,9 +315,12 @@ def test_grafana_dashboard_uses_only_metrics_orch_exposes() -> None:
 
 
 def test_prometheus_example_scrapes_scheduler_and_workers() -> None:
+    # One job finds them all through the scheduler's service discovery (a real Prometheus runs it in
+    # tests/e2e/test_metrics_discovery.py).
     conf = yaml.safe_load((ROOT / "examples" / "prometheus.yml").read_text(encoding="utf-8"))
-    targets = [t for job in conf["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert "127.0.0.1:9090" in targets and "127.0.0.1:9091" in targets
+    (sd,) = [sd for job in conf["scrape_configs"] for sd in job.get("http_sd_configs", [])]
+    assert sd["url"] == "http://127.0.0.1:8080/v1/metrics/targets"
+    assert sd["authorization"]["type"] == "Bearer" and sd["authorization"]["credentials_file"]
 
 
 @pytest.mark.parametrize("path", ["examples/prometheus.yml"])
