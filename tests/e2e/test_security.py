@@ -382,7 +382,7 @@ def test_token_rotation_takes_effect_without_a_restart(tmp_path: Path, orch_env:
 def test_idle_connections_slow_bodies_and_long_polls_do_not_starve_workers(tmp_path: Path,
                                                                           orch_env: dict[str, str]) -> None:
     env = {**orch_env, "ORCH_SCHEDULER_BODY_TIMEOUT": "2", "ORCH_SCHEDULER_IDLE_TIMEOUT": "4",
-           "ORCH_SCHEDULER_MAX_LONG_POLLS": "16"}
+           "ORCH_SCHEDULER_MAX_CLIENT_LONG_POLLS": "16"}
     sched, url = start_scheduler(tmp_path, env)
     w = start_worker(tmp_path, env, url, "busy", concurrency=4)
     token = client_token()
@@ -404,7 +404,7 @@ def test_idle_connections_slow_bodies_and_long_polls_do_not_starve_workers(tmp_p
             slow.append(s)
         socks += slow
 
-        # 40 long-polls from this one client: 16 are held, the rest get 429 at once.
+        # 40 long-polls from clients: 16 are held (scheduler.max_client_long_polls), the rest get 429 at once.
         def poll() -> None:
             poll_status.append(http("GET", f"{url}/v1/jobs/{parked['id']}/wait?timeout=8", timeout=30)[0])
 
