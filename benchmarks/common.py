@@ -78,6 +78,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.1f} %"
     if unit == "B":
         return f"{value:,.0f} B"
+    if unit == "MB":
+        return f"{value:,.0f} MB"
     return f"{value:g} {unit}".strip()
 
 

@@ -38,6 +38,7 @@ TITLES = {
     "latency": ("latency at idle", "p50 <= 4 ms, p99 <= 10 ms"),
     "scale": ("scale", "within 2x of empty, <= 1 KiB/job"),
     "workers": ("many workers", "< 30 % CPU, p99 <= 50 ms"),
+    "big": ("big requests", "/healthz p99 <= 10 ms, <= 300 MB"),
 }
 
 

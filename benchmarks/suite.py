@@ -49,14 +49,19 @@ class Sizes:
     sim_window: float
     sim_jobs: int
     sim_rate: float
+    list_samples: int  # job listings timed per filter (scale)
+    big_jobs: int  # jobs with a spec near scheduler.max_spec_bytes and megabytes of output (big)
+    big_seconds: float  # how long the big requests are served while /healthz is probed
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
              latency_runs=300, idle_s=60.0, scale_jobs=1_000_000, scale_probe_batches=10, claim_samples=200,
-             sim_workers=500, sim_settle=4.0, sim_window=20.0, sim_jobs=200, sim_rate=20.0)
+             sim_workers=500, sim_settle=4.0, sim_window=20.0, sim_jobs=200, sim_rate=20.0,
+             list_samples=100, big_jobs=40, big_seconds=10.0)
 SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_clients=8, submit_requests=200,
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
-              sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0)
+              sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
+              list_samples=5, big_jobs=3, big_seconds=1.0)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -508,7 +513,7 @@ async def _fill(url: str, n: int) -> dict[str, Any]:
     return {"n": n, "elapsed": elapsed, "rate": n / elapsed}
 
 
-async def _probe(url: str, batches: int, claims: int, repeats: int, big: bool) -> dict[str, Any]:
+async def _probe(url: str, batches: int, claims: int, repeats: int, big: bool, list_samples: int) -> dict[str, Any]:
     """Lease latency from a small queue (and, with ``big``, from the big one), then the batched submit rate.
 
     Each is measured ``repeats`` times; the figures are medians of the runs' p50s (and of the rates).
@@ -542,6 +547,21 @@ async def _probe(url: str, batches: int, claims: int, repeats: int, big: bool) -
             await api.submit_batches({"command": ["true"], "queue": BIG_QUEUE}, batches * 1000, 1000)
             rates.append(batches * 1000 / (time.perf_counter() - t0))
         out.update(submit_rates=rates, submit_rate=median(rates))
+        # A page of jobs by each kind of filter: a state few jobs are in, a small queue, the big queue's
+        # queued jobs, and a state most of the store is in.
+        lists: dict[str, dict[str, float]] = {}
+        for label, params in (("running", {"state": "running"}), ("small queue", {"queue": "work"}),
+                              ("big queue, queued", {"queue": BIG_QUEUE, "state": "queued"}),
+                              ("queued", {"state": "queued"})):
+            samples = []
+            for _ in range(list_samples):
+                t0 = time.perf_counter()
+                page = await api.call("GET", "/v1/jobs", params={**params, "limit": "50"})
+                samples.append((time.perf_counter() - t0) * 1000)
+                if not page["jobs"]:
+                    raise RuntimeError(f"the listing {params} found no job")
+            lists[label] = {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
+        out.update(lists=lists, list_p99=max(v["p99"] for v in lists.values()))
         return out
 
 
@@ -551,13 +571,14 @@ def bench_scale(ctx: Context) -> list[Row]:
     ctx.log("scale: empty store")
     with ctx.workdir("scale-empty") as tmp, Cluster(tmp) as c:
         c.start_scheduler()
-        empty = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=False))
+        empty = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=False,
+                           list_samples=s.list_samples))
     with ctx.workdir("scale-big") as tmp, Cluster(tmp) as c:
         c.start_scheduler()
         ctx.log(f"scale: filling the store with {s.scale_jobs:,} queued jobs (batched POSTs of 10,000)")
         fill = run(_fill(c.url, s.scale_jobs))
         ctx.log(f"scale: filled at {fill['rate']:,.0f} jobs/s; probing")
-        big = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=True))
+        big = run(_probe(c.url, s.scale_probe_batches, s.claim_samples, reps, big=True, list_samples=s.list_samples))
         total_jobs = s.scale_jobs + reps * (s.scale_probe_batches * 1000 + s.claim_samples + 10)
         c.stop_scheduler()  # SIGTERM: the store checkpoints the WAL (TRUNCATE) as it closes
         files = {p.name: p.stat().st_size for p in c.data.glob("orch.db*")}
@@ -574,6 +595,8 @@ def bench_scale(ctx: Context) -> list[Row]:
             higher_better=False, peer=empty["claim_other_p50"], peer_label="empty store", ratio_goal=0.5),
         Row(f"scale: database bytes per queued job ({n})", "<= 1 KiB", per_job, "B", goal=1024,
             higher_better=False),
+        Row(f"scale: job list with a state or queue filter, p99, {n} queued", "<= 20 ms", big["list_p99"], "ms",
+            goal=20, higher_better=False, peer=empty["list_p99"], peer_label="empty store"),
     ]
 
 
@@ -605,6 +628,81 @@ def bench_workers(ctx: Context) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- big requests
+
+
+async def _big(url: str, jobs: int, seconds: float, prober: Any) -> dict[str, Any]:
+    """Jobs with specs near scheduler.max_spec_bytes and 2 MiB of output each, then, for ``seconds``: one
+    client reading them, one listing pages of 1,000 jobs, one submitting batches of 10,000, while the
+    prober (its own process) times /healthz."""
+    blob = "x" * 120_000
+    async with Http(url) as api:
+        ids = [(await api.call("POST", "/v1/jobs", {"command": ["sh", "-c", "echo " + blob], "env": {"BLOB": blob},
+                                                    "queue": "big"}))["id"] for _ in range(jobs)]
+        reg = await api.call("POST", "/v1/workers", {"name": "big", "hostname": "bench", "queues": ["big"],
+                                                     "concurrency": jobs})
+        wid = reg["worker_id"]
+        leased = (await api.call("POST", f"/v1/workers/{wid}/lease", {"max": jobs, "queues": ["big"]}))["jobs"]
+        piece = "o" * (256 * 1024 - 1) + "\n"
+        for j in leased:
+            for stream in ("stdout", "stderr"):
+                for _ in range(8):  # 2 MiB per stream written; the store keeps the last 1 MiB
+                    await api.call("POST", f"/v1/workers/{wid}/output", {"chunks": [
+                        {"job_id": j["job_id"], "attempt": j["attempt"], "stream": stream, "data": piece}]})
+        prober.start()
+        stop = time.perf_counter() + seconds
+        counts = {"reads": 0, "lists": 0, "batches": 0}
+
+        async def loop(kind: str, fn: Any) -> None:
+            while time.perf_counter() < stop:
+                await fn()
+                counts[kind] += 1
+
+        async def read() -> None:
+            await api.call("GET", f"/v1/jobs/{ids[counts['reads'] % len(ids)]}")
+
+        async def page() -> None:
+            await api.call("GET", "/v1/jobs", params={"limit": "1000"})
+
+        async def batch() -> None:
+            await api.call("POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"], "queue": "nobody"}] * 10_000})
+
+        # One big request of each kind in flight at a time: /healthz then waits behind the longest stretch
+        # any of them holds the loop, not behind a queue of them (which a busy core would build anyway).
+        await asyncio.gather(loop("reads", read), loop("lists", page), loop("batches", batch))
+    return counts
+
+
+def bench_big(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    with ctx.workdir("big") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        assert c.scheduler is not None
+        pid = c.scheduler.pid
+
+        class Prober:
+            proc: Any = None
+
+            def start(self) -> None:
+                self.proc = c.spawn("probe", [*python_cmd(), "-m", "benchmarks.probe", "--url", c.url,
+                                              "--seconds", str(s.big_seconds), "--pid", str(pid)])
+
+        prober = Prober()
+        ctx.log(f"big requests: {s.big_jobs} jobs of ~240 KB specs and 2 MiB of output, then {s.big_seconds:g} s "
+                "of reads, listings and 10,000-job batches, one of each at a time")
+        counts = run(_big(c.url, s.big_jobs, s.big_seconds, prober))
+        probe = read_json_line(prober.proc, "probe", 60 + s.big_seconds)["probe"]
+    detail = {"load": counts, "probe": probe}
+    return [
+        Row("big requests: /healthz p99 while big specs, outputs and batches are served", "<= 10 ms",
+            probe["p99_ms"], "ms", goal=10, higher_better=False, detail=detail),
+        Row("big requests: /healthz worst answer meanwhile", "<= 50 ms", probe["max_ms"], "ms", goal=50,
+            higher_better=False),
+        Row("big requests: scheduler memory, peak", "<= 300 MB", probe["rss_peak_mb"], "MB", goal=300,
+            higher_better=False),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -612,4 +710,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "latency": bench_latency,
     "scale": bench_scale,
     "workers": bench_workers,
+    "big": bench_big,
 }

@@ -156,6 +156,15 @@ async def encode(obj: Any) -> bytes:
     return "".join(parts).encode()
 
 
+async def let_go(*lists: list[Any]) -> None:
+    """Empty big lists a slice at a time: freeing the objects of a 10,000-job batch at once, when its
+    handler returns, held the loop ~30 ms."""
+    for items in lists:
+        while items:
+            del items[-1024:]
+            await asyncio.sleep(0)
+
+
 def bad_json(e: Exception) -> ValidationError:
     return ValidationError(f"request body is not valid JSON: {e}", field="body")
 

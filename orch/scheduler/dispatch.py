@@ -113,9 +113,10 @@ class Hub:
 
     def committed(self, changes: Iterable[Change]) -> None:
         queued: dict[str, int] = {}
-        many = self._many
+        many, jobs = self._many, self._jobs
         for c in changes:
-            self._fire(self._jobs, c.job_id)
+            if jobs:  # someone waits on a job (a wait, a follow): most changes have no one
+                self._fire(jobs, c.job_id)
             if many and c.job_id in many:
                 for fut in many.pop(c.job_id):
                     if not fut.done():

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 
@@ -99,6 +99,8 @@ AUTOCHECKPOINT_PAGES = 1000  # SQLite's default, for batches on the writer threa
 # one that did. The next batch then runs on the writer thread and checkpoints as it commits.
 WAL_RESTART_FRAMES = 4000
 WAL_SIZE_LIMIT = 32 << 20  # bytes the WAL file is cut back to when it restarts (journal_size_limit)
+BIG_READ_BYTES = 128 << 10  # a job's output beyond this is read on the reader thread, not the loop
+SMALL_SPEC = 16 << 10  # bytes of spec a claim returns in its own statement; bigger ones are read after it
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -710,7 +712,9 @@ class SqliteStore:
         job["result"] = None
         if attempts and with_output:
             last = attempts[-1]
-            chunks = await self._point(
+            # A lot of output is read on the reader thread: reading 2 MiB took ~8 ms of the loop.
+            read = self._read if last["stdout_kept"] + last["stderr_kept"] > BIG_READ_BYTES else self._point
+            chunks = await read(
                 "SELECT stream, data, size, pos FROM output WHERE job_id = ? AND attempt = ? ORDER BY id",
                 (job_id, last["attempt"]),
             )
@@ -760,7 +764,11 @@ class SqliteStore:
             + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        return [job_summary(r) for r in rows], (rows[-1]["id"] if more and rows else None)
+        summaries: list[dict[str, Any]] = []
+        for at in range(0, len(rows), 256):  # a page of 1,000 takes ~5 ms to make: a slice per turn
+            summaries += [job_summary(r) for r in rows[at:at + 256]]
+            await asyncio.sleep(0)
+        return summaries, (rows[-1]["id"] if more and rows else None)
 
     async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[int]]:
         """Of ``job_ids``: the summaries of those that have ended, and the ids no job has."""
@@ -950,7 +958,7 @@ class SqliteStore:
                 text = json.dumps(spec_json, separators=(",", ":"))
             max_attempts = spec_json["max_attempts"]
             command = spec.command_text[:COMMAND_SHOWN + 1]
-            rows.append((spec.queue, spec.priority, text, max_attempts, now, spec.name, command))
+            rows.append((spec.queue, spec.priority, text, max_attempts, now, spec.name, command, len(text)))
             jobs.append({
                 "id": 0, "state": "queued", "queue": spec.queue, "priority": spec.priority,
                 "name": spec.name, "command": command[:COMMAND_SHOWN], "command_truncated": len(command) > COMMAND_SHOWN,
@@ -966,8 +974,8 @@ class SqliteStore:
             # One statement for all the rows, one for all their events. With AUTOINCREMENT and a
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
-                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)", rows)
+                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command, spec_bytes)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
@@ -1072,7 +1080,8 @@ class SqliteStore:
             " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
             " WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND queue IN (" + marks + ")"
             " ORDER BY priority DESC, id LIMIT ?)"
-            " RETURNING id, attempt, spec, queue, priority, created_at"
+            # A big spec is read after the commit, on the reader thread (claims commit on the loop).
+            f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority, created_at"
         )
         reason = f"claimed by {worker_id}"
 
@@ -1097,12 +1106,24 @@ class SqliteStore:
 
         return op
 
-    @staticmethod
-    def _leases(rows: list[sqlite3.Row], raw_spec: bool) -> list[dict[str, Any]]:
-        """Claimed rows as the worker gets them, in dispatch order; ``raw_spec``: the spec as its stored JSON text."""
+    async def _leases(self, rows: list[sqlite3.Row], raw_spec: bool) -> list[dict[str, Any]]:
+        """Claimed rows as the worker gets them, in dispatch order; ``raw_spec``: the spec as its stored JSON text.
+
+        The claim returned the specs of up to SMALL_SPEC bytes; bigger ones are read here, off the loop (a
+        spec never changes, so reading it after the commit that claimed its job reads what was claimed)."""
         rows = sorted(rows, key=lambda r: (-r[4], r[0]))
-        return [{"job_id": r[0], "attempt": r[1], "spec": r[2] if raw_spec else json.loads(r[2]), "queue": r[3],
-                 "queued_at": r[5]} for r in rows]
+        big = [r[0] for r in rows if r[2] is None]
+        specs: dict[int, str] = {}
+        for at in range(0, len(big), 500):
+            part = big[at:at + 500]
+            specs.update((r[0], r[1]) for r in await self._read(
+                f"SELECT id, spec FROM jobs WHERE id IN ({','.join('?' * len(part))})", part))
+        out = []
+        for r in rows:
+            text = r[2] if r[2] is not None else specs[r[0]]
+            out.append({"job_id": r[0], "attempt": r[1], "spec": text if raw_spec else json.loads(text),
+                        "queue": r[3], "queued_at": r[5]})
+        return out
 
     async def claim(
         self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, *, raw_spec: bool = False,
@@ -1118,7 +1139,7 @@ class SqliteStore:
             return op(conn, out), list(out)
 
         rows, changes = await self._write(claiming, weight=limit)
-        return self._leases(rows, raw_spec), changes
+        return await self._leases(rows, raw_spec), changes
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
         limit = self.output_limit
@@ -1126,7 +1147,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[bool]:
             return [_append(conn, worker_id, c, limit) for c in chunks]
 
-        return await self._write(op, weight=max(1, len(chunks) // 4))
+        return await self._write(op, weight=max(1, len(chunks) // 4, _output_weight(chunks)))
 
     def _complete_op(self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
                      now: float) -> Callable[[sqlite3.Connection, list[Change]], list[dict[str, Any]]]:
@@ -1172,7 +1193,8 @@ class SqliteStore:
         def completing(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[Change]]:
             return op(conn, out), list(out)
 
-        return await self._write(completing, durable=True, weight=len(results))
+        return await self._write(completing, durable=True,
+                                 weight=len(results) + _output_weight(c for r in results for c in r.output))
 
     async def complete_and_claim(
         self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
@@ -1191,8 +1213,9 @@ class SqliteStore:
             # The claim checks the worker; its UnknownWorker undoes the completions with it.
             return complete(conn, out), claim(conn, out)
 
-        answers, rows = await self._write(op, durable=True, weight=len(results) + limit)
-        return answers, self._leases(rows, raw_spec)
+        answers, rows = await self._write(
+            op, durable=True, weight=len(results) + limit + _output_weight(c for r in results for c in r.output))
+        return answers, await self._leases(rows, raw_spec)
 
     async def hand_back(
         self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool
@@ -1321,6 +1344,15 @@ class SqliteStore:
             conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ? AND state != 'lost'", (worker_id,))
 
         await self._write(op)
+
+
+OUTPUT_WEIGHT_BYTES = 2048  # output bytes that weigh as much as one job in a write batch
+
+
+def _output_weight(chunks: Iterable[OutputChunk]) -> int:
+    """How much a write's output weighs: storing 1 MiB took 12 ms here, so a batch holding more than about
+    INLINE_WEIGHT * 2 KiB (128 KiB, ~0.7 ms) of output commits on the writer thread, not on the loop."""
+    return sum(len(c.data) for c in chunks) // OUTPUT_WEIGHT_BYTES
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -183,3 +183,24 @@ def test_one_long_poll_waits_for_many_jobs_and_answers_with_those_that_ended(tmp
             assert status == 400 and err["error"]["field"] == field, (bad, err)
 
     serve(tmp_path, body)
+
+
+def test_claims_hand_out_big_specs_whole_as_well_as_small_ones(tmp_path: Path) -> None:
+    """A claim returns small specs in its own statement and reads big ones after it: a worker gets each whole."""
+    async def body(client: TestClient) -> None:
+        blob = "b" * 100_000
+        small = await submit(client, command=["echo", "small"])
+        big = [await submit(client, command=["echo", str(i)], env={"BLOB": blob}) for i in range(3)]
+        wid = await register(client, concurrency=8)
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/lease", {"max": 2})
+        got = data["jobs"]
+        assert [j["job_id"] for j in got] == [small["id"], big[0]["id"]]
+        assert got[0]["spec"]["command"] == ["echo", "small"] and got[1]["spec"]["env"]["BLOB"] == blob
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {
+            "results": [{"job_id": small["id"], "attempt": 1, "outcome": "succeeded", "exit_code": 0}],
+            "lease": {"max": 5, "queues": ["default"]}})
+        assert status == 200, data
+        assert [(j["job_id"], j["spec"]["command"], j["spec"]["env"]["BLOB"] == blob) for j in data["jobs"]] == [
+            (big[1]["id"], ["echo", "1"], True), (big[2]["id"], ["echo", "2"], True)]
+
+    serve(tmp_path, body)

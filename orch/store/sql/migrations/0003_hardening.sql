@@ -34,6 +34,11 @@ UPDATE jobs SET spec = json_remove(
 UPDATE jobs SET spec = json_set(spec, '$.max_attempts', max_attempts)
   WHERE json_extract(spec, '$.max_attempts') IS NULL;
 
+-- The size of each spec, so that a claim returns the small ones in its own statement and the big ones
+-- are read after it, outside the write transaction.
+ALTER TABLE jobs ADD COLUMN spec_bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET spec_bytes = length(spec);
+
 -- Listings filtered by queue, or by queue and state, read these in id order (state alone: jobs_state).
 CREATE INDEX jobs_queue ON jobs (queue, id);
 CREATE INDEX jobs_queue_state ON jobs (queue, state, id);
