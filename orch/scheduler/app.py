@@ -14,13 +14,13 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, StaleAttempt, ValidationError
+from orch.errors import NotFound, OrchError, StaleAttempt, Unauthorized, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import document as openapi_document
-from orch.scheduler.security import GUARD, Guard, guard_request, unencodable_field
+from orch.scheduler.security import CHALLENGE, GUARD, Guard, guard_request, unencodable_field
 from orch.scheduler.why import explain
 from orch.store.base import AttemptResult, Change, OutputChunk
 from orch.store.sqlite import SqliteStore
@@ -30,6 +30,8 @@ log = logging.getLogger("orch.scheduler")
 STORE = web.AppKey("store", SqliteStore)
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
+# Each job route's path with any segment where its id goes: a 404 on one of them is about the id.
+MALFORMED_ID = web.AppKey("malformed_id", list)
 MAX_BATCH = 10_000
 
 
@@ -75,6 +77,8 @@ async def api_middleware(request: web.Request, handler: Callable[[web.Request], 
             if e.http_status >= 500:
                 log.error("internal error on %s %s: %s", request.method, request.path, e.message)
             resp = ok(e.to_json(), status=e.http_status)
+            if isinstance(e, Unauthorized):
+                resp.headers.update(CHALLENGE)
         except web.HTTPException as e:
             if e.status < 400:
                 status = e.status
@@ -103,7 +107,16 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
     body: dict[str, Any] = {"error": {"code": _HTTP_CODES.get(e.status, "http_error"), "message": message}}
     if e.status == 413:
         body["error"]["field"] = "body"
-    return web.json_response(body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+    elif e.status == 404:
+        for pattern in request.app[MALFORMED_ID]:
+            m = pattern.fullmatch(request.path)
+            if m:  # a job route but for its id: say so, as job_id_of does for ids that are digits
+                body["error"].update(message=f"no job {m['id'][:40]!r}", field="id")
+                break
+    resp = ok(body, status=e.status)
+    if "Allow" in e.headers:
+        resp.headers["Allow"] = e.headers["Allow"]
+    return resp
 
 
 # --------------------------------------------------------------------------- input helpers
@@ -685,27 +698,33 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
 
     app.cleanup_ctx.append(lifecycle)
     r = app.router
+    # Ids match only digits, so that a fixed path beside them (/v1/jobs/batch) is not taken for an id: else
+    # GET /v1/jobs/batch would answer "no job 'batch'" and a 405 there would list the methods of both routes.
     r.add_get("/healthz", api.health)
     r.add_get("/metrics", api.metrics_page)
     r.add_get("/v1/openapi.json", openapi_json)
     r.add_post("/v1/jobs", api.submit)
     r.add_post("/v1/jobs/batch", api.submit_batch)
     r.add_get("/v1/jobs", api.list_jobs)
-    r.add_get("/v1/jobs/{job_id}", api.get_job)
-    r.add_post("/v1/jobs/{job_id}/cancel", api.cancel)
-    r.add_get("/v1/jobs/{job_id}/wait", api.wait)
-    r.add_get("/v1/jobs/{job_id}/output", api.output)
-    r.add_get("/v1/jobs/{job_id}/events", api.events)
-    r.add_get("/v1/jobs/{job_id}/why", api.why)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}", api.get_job)
+    r.add_post("/v1/jobs/{job_id:[0-9]+}/cancel", api.cancel)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/wait", api.wait)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/output", api.output)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/events", api.events)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/why", api.why)
     r.add_post("/v1/workers", api.register)
     r.add_get("/v1/workers", api.list_workers)
     r.add_post("/v1/workers/{worker_id}/heartbeat", api.heartbeat)
     r.add_post("/v1/workers/{worker_id}/lease", api.lease)
     r.add_post("/v1/workers/{worker_id}/output", api.append_output)
     r.add_post("/v1/workers/{worker_id}/complete", api.complete)
-    r.add_post("/v1/workers/{worker_id}/jobs/{job_id}/complete", api.complete_one)
+    r.add_post("/v1/workers/{worker_id}/jobs/{job_id:[0-9]+}/complete", api.complete_one)
     r.add_post("/v1/workers/{worker_id}/hand-back", api.hand_back)
     # The seed's form, kept working: POST /job {"task": "echo", "args": ["hello"]}.
     r.add_post("/job", api.submit)
-    r.add_get("/job/{job_id}", api.get_job)
+    r.add_get("/job/{job_id:[0-9]+}", api.get_job)
+    app[MALFORMED_ID] = [
+        re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: "(?P<id>[^/]+)" if m[1] == "job_id" else "[^/]+",
+                          re.escape(res.canonical)))
+        for res in r.resources() if "{job_id}" in res.canonical]
     return app

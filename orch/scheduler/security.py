@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -59,10 +58,6 @@ LONG_POLLS = {
 }
 _NO = ("0", "", "false", "no")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="orch"'}
-
-
-def _compact(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 class Guard:
@@ -253,10 +248,7 @@ async def guard_request(request: web.Request,
         kind = guard.kind_of(method, path)
         if kind != "open":
             guard.refresh(time.monotonic())
-            try:
-                guard.authenticate(request, kind, worker_id)
-            except Unauthorized as e:
-                return web.json_response(e.to_json(), status=401, headers=CHALLENGE, dumps=_compact)
+            guard.authenticate(request, kind, worker_id)  # a 401 gets CHALLENGE from the middleware
     allowed = guard.query.get((method, path))
     if allowed is not None and request.query:
         for name, value in request.query.items():
