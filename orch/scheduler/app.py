@@ -20,7 +20,7 @@ from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import document as openapi_document
-from orch.scheduler.security import CHALLENGE, GUARD, Guard, guard_request, unencodable_field
+from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, guard_request, unencodable_field
 from orch.scheduler.why import explain
 from orch.store.base import AttemptResult, Change, OutputChunk
 from orch.store.sqlite import SqliteStore
@@ -123,7 +123,9 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = request.get(BODY)  # read and decoded by guard_request
+    if raw is None:
+        raw = await request.read()
     if not raw:
         raise ValidationError("request body is empty; a JSON object is required", field="body")
     try:
@@ -666,8 +668,9 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
 
 
 def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
-    app = web.Application(middlewares=[api_middleware],
-                          client_max_size=settings["scheduler.max_body_bytes"])
+    # auto_decompress off: guard_request decodes bodies itself (security.decode_body), with JSON errors.
+    app = web.Application(middlewares=[api_middleware], client_max_size=settings["scheduler.max_body_bytes"],
+                          handler_args={"auto_decompress": False})
     store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
                                  output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()

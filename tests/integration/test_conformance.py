@@ -5,7 +5,9 @@ or refused in JSON. In process, over loopback (aiohttp's test server)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -105,3 +107,63 @@ def test_every_error_is_encoded_the_same_compact_way(tmp_path: Path) -> None:
         assert answers[-1][1]["WWW-Authenticate"].startswith("Bearer")
 
     serve(tmp_path, body, **{"scheduler.max_body_bytes": 4096})
+
+
+# --------------------------------------------------------------------------- bodies' encodings
+
+SPEC = json.dumps({"command": ["true"], "name": "encoded"}).encode()
+
+
+def test_gzip_and_deflate_bodies_are_decoded(tmp_path: Path) -> None:
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    bodies = {
+        "gzip": gzip.compress(SPEC),
+        "x-gzip": gzip.compress(SPEC),
+        "deflate": zlib.compress(SPEC),
+        "Deflate": raw_deflate.compress(SPEC) + raw_deflate.flush(),  # raw deflate, as some clients send it
+        "identity": SPEC,
+        "gzip, identity": gzip.compress(SPEC),
+        "deflate, gzip": gzip.compress(zlib.compress(SPEC)),  # applied in the order listed: undone backwards
+    }
+
+    async def body(client: TestClient) -> None:
+        for coding, data in bodies.items():
+            status, _, raw = await send(client, "POST", "/v1/jobs", raw=data, headers={"Content-Encoding": coding})
+            assert status == 201, (coding, raw)
+            assert json.loads(raw)["name"] == "encoded"
+
+    serve(tmp_path, body)
+
+
+def test_unknown_or_undecodable_content_encodings_are_415_json(tmp_path: Path) -> None:
+    async def body(client: TestClient) -> None:
+        for coding in ("br", "x-foo", "zstd", "gzip, br", "compress"):
+            status, headers, raw = await send(client, "POST", "/v1/jobs", raw=SPEC,
+                                              headers={"Content-Encoding": coding})
+            err = error_of(status, raw, 415, field="Content-Encoding", code="unsupported_encoding")
+            assert "gzip" in err["message"] and "install" not in err["message"].lower(), err
+        status, _, raw = await send(client, "GET", "/v1/jobs", params={"limit": "1000"})
+        assert json.loads(raw)["jobs"] == [], "nothing was submitted"
+
+    serve(tmp_path, body)
+
+
+def test_corrupt_or_oversized_compressed_bodies_are_4xx_json(tmp_path: Path) -> None:
+    bomb = gzip.compress(b"[" + b" " * 300_000 + b"]")  # small on the wire, larger than the limit once decoded
+
+    async def body(client: TestClient) -> None:
+        cases = [
+            ("gzip", b"0123456789", 400),
+            ("gzip", gzip.compress(SPEC)[:-12], 400),  # cut short
+            ("gzip", gzip.compress(SPEC) + b"junk", 400),
+            ("deflate", b"\x78\x9c" + b"\xff" * 20, 400),
+            ("deflate", zlib.compress(SPEC) + b"junk", 400),
+            ("gzip", bomb, 413),
+        ]
+        for coding, data, want in cases:
+            status, _, raw = await send(client, "POST", "/v1/jobs", raw=data, headers={"Content-Encoding": coding})
+            error_of(status, raw, want, field="body")
+        status, _, raw = await send(client, "GET", "/v1/jobs", params={"limit": "1000"})
+        assert json.loads(raw)["jobs"] == [], "nothing was submitted"
+
+    serve(tmp_path, body, **{"scheduler.max_body_bytes": 64 * 1024})
