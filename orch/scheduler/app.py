@@ -20,7 +20,7 @@ from orch.metrics import SchedulerMetrics
 from orch.models import NAME_RE, Outcome, State, parse_spec, validate_name
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import document as openapi_document
-from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, guard_request, unencodable_field
+from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, ProtocolLog, guard_request, unencodable_field
 from orch.scheduler.why import explain
 from orch.store.base import AttemptResult, Change, OutputChunk
 from orch.store.sqlite import SqliteStore
@@ -668,9 +668,10 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
 
 
 def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
-    # auto_decompress off: guard_request decodes bodies itself (security.decode_body), with JSON errors.
+    # Passed to aiohttp's protocol, whatever runs the app: bodies are decoded by guard_request (security.decode_body)
+    # with JSON errors, and requests its parser refuses are logged in one short line at most a minute.
     app = web.Application(middlewares=[api_middleware], client_max_size=settings["scheduler.max_body_bytes"],
-                          handler_args={"auto_decompress": False})
+                          handler_args={"auto_decompress": False, "logger": ProtocolLog(log)})
     store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
                                  output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()

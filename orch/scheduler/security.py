@@ -31,9 +31,10 @@ import logging
 import time
 import zlib
 from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from orch import auth
 from orch.config import Settings
@@ -355,6 +356,46 @@ def _first_line(e: BaseException) -> str:
     """An exception's message on one line, short, with what a client sent shown escaped."""
     text = str(e).replace("400, message:", "").strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200].encode("ascii", "backslashreplace").decode()
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of aiohttp's HTTP protocol (``build_app`` hands it over in ``handler_args``).
+
+    aiohttp logs every request its parser refuses (no Host, a bad chunk size, Content-Length with
+    Transfer-Encoding, a NUL in a header, a body that breaks off) as an ERROR with a traceback, before
+    any token is checked: whoever reaches the port could fill the log. Those become one short WARNING
+    line at most every ``interval`` seconds, saying how many were refused in between; anything else
+    aiohttp reports is a bug and keeps its traceback.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger, {})
+        self.interval = interval
+        self.clock = clock
+        self._next = float("-inf")
+        self._quiet = 0  # refused since the last line
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+            # aiohttp's call is ("Error handling request from %s", request.remote)
+            self.refused(exc, args[0] if args and isinstance(args[0], str) else None)
+        elif isinstance(exc, ConnectionError):  # the client hung up, in the middle of its body maybe: not a bug
+            self.logger.debug("a client hung up: %s", exc)
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def refused(self, exc: BaseException, remote: str | None) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._quiet += 1
+            return
+        self._next = now + self.interval
+        more = f" ({self._quiet} more since the last such line)" if self._quiet else ""
+        self._quiet = 0
+        self.logger.warning("refused a malformed HTTP request%s: %s%s", f" from {remote}" if remote else "",
+                            _first_line(exc), more)
 
 
 def exposure_warnings(host: str, tls: bool, auth_enabled: bool) -> list[str]:
