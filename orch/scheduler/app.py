@@ -153,7 +153,10 @@ def only(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
 
 
 def int_field(data: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None, prefix: str = "") -> int:
+    """An integer in [lo, hi]; 2.0 is one, as JSON Schema counts it (null is not "absent")."""
     v = data.get(name, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ValidationError(f"{name} must be an integer from {lo} to {hi}", field=prefix + name)
     return v
@@ -166,25 +169,40 @@ def num_field(data: dict[str, Any], name: str, lo: float, hi: float, default: fl
     return float(v)
 
 
-def opt_str(data: dict[str, Any], name: str, maxlen: int, prefix: str = "") -> str | None:
-    v = data.get(name)
-    if v is None:
+def opt_str(data: dict[str, Any], name: str, maxlen: int, prefix: str = "", *, nullable: bool = False) -> str | None:
+    """An optional string; None when absent, and when null only if ``nullable`` (the document says which)."""
+    if name not in data or (nullable and data[name] is None):
         return None
+    v = data[name]
     if not isinstance(v, str) or len(v) > maxlen:
         raise ValidationError(f"{name} must be a string of at most {maxlen} characters", field=prefix + name)
     return v
 
 
+# Numbers in a query as JSON writes them: float() would also take " 5", "5_0", "inf" and "nan".
+_QUERY_INT = re.compile(r"-?[0-9]{1,30}")
+_QUERY_NUM = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?")
+
+
 def query_num(request: web.Request, name: str, lo: float, hi: float, default: float) -> float:
+    """A number in [lo, hi], or ``default`` when the parameter is absent (an empty value is not absent)."""
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValidationError(f"{name} must be a number", field=name) from None
-    if not lo <= v <= hi:
-        raise ValidationError(f"{name} must be from {lo:g} to {hi:g}", field=name)
+    v = float(raw) if _QUERY_NUM.fullmatch(raw) else None
+    if v is None or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be a number from {lo:g} to {hi:g}", field=name)
+    return v
+
+
+def query_int(request: web.Request, name: str, lo: int, hi: int, default: int) -> int:
+    """An integer in [lo, hi], compared as an integer (2**62 + 1 is not 2**62), or ``default`` when absent."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    v = int(raw) if _QUERY_INT.fullmatch(raw) else None
+    if v is None or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be an integer from {lo:d} to {hi:d}", field=name)
     return v
 
 
@@ -253,7 +271,7 @@ def result_of(item: Any, p: str) -> AttemptResult:
     return AttemptResult(
         job_id=int_field(item, "job_id", 1, 2**62, prefix=p),
         attempt=int_field(item, "attempt", 1, 10**6, prefix=p),
-        outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p),
+        outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p, nullable=True),
         duration=duration, output=[chunk_of(c, f"{p}output[{i}].") for i, c in enumerate(output)],
         waited=num_field(item, "waited", 0, 86400, 0.0, prefix=p),
     )
@@ -325,14 +343,14 @@ class Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         q = request.query
         only(dict(q), {"state", "queue", "limit", "cursor"})
-        state = q.get("state") or None
+        state = q.get("state")
         if state is not None and state not in {s.value for s in State}:
             raise ValidationError(f"state must be one of {', '.join(s.value for s in State)}", field="state")
-        queue = q.get("queue") or None
+        queue = q.get("queue")
         if queue is not None:
             validate_name(queue, "queue")
-        limit = int(query_num(request, "limit", 1, 1000, 50))
-        cursor_raw = q.get("cursor") or None
+        limit = query_int(request, "limit", 1, 1000, 50)
+        cursor_raw = q.get("cursor")
         if cursor_raw is not None and (not (cursor_raw.isascii() and cursor_raw.isdigit()) or len(cursor_raw) > 18):
             raise ValidationError("cursor must be a value from a previous page's next_cursor", field="cursor")
         jobs, nxt = await self.store.list_jobs(
@@ -368,7 +386,7 @@ class Api:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
         job_id = job_id_of(request)
-        after = int(query_num(request, "after", 0, 2**62, 0))
+        after = query_int(request, "after", 0, 2**62, 0)
         follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
         await self.store.job_state(job_id)  # 404 before anything else
         if not follow:
@@ -562,7 +580,7 @@ class Api:
             raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
         results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
         ask = data.get("lease")
-        if ask is None:
+        if "lease" not in data:
             answers, _ = await self.store.complete(wid, results, self.defaults)
             self._count_stale(answers)
             return ok({"results": answers})
@@ -586,6 +604,8 @@ class Api:
         """One attempt's completion; a stale attempt gets 409."""
         wid = self._worker_id(request)
         data = await read_json(request)
+        if "job_id" in data:  # result_of allows it, but here the path names the job
+            raise ValidationError("unknown field 'job_id' (the path names the job)", field="job_id")
         data["job_id"] = job_id_of(request)
         result = result_of(data, "")
         answers, _ = await self.store.complete(wid, [result], self.defaults)

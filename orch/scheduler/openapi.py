@@ -39,18 +39,23 @@ def obj(props: dict[str, Any], required: tuple[str, ...] = (), *, closed: bool =
 
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
+NO_NUL = "^[^\\x00]*$"
+# Python's whitespace (str.isspace): a shell line or task of only these is refused as empty (str.strip()).
+_SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"^[^\\x00]*[^\\x00{_SPACE}][^\\x00]*$"  # no NUL, and something that is not whitespace
 TIME = {"type": "string", "description": "ISO 8601 UTC time with milliseconds, e.g. 2026-01-05T10:00:07.101Z"}
 INT = {"type": "integer"}
 JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}
 ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
-ARG = {"type": "string", "maxLength": MAX_ARG_LEN}
+ARG = {"type": "string", "maxLength": MAX_ARG_LEN, "pattern": NO_NUL}
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
 SCHEMAS: dict[str, Any] = {
     "Error": obj({
         "error": obj({
-            "code": {"type": "string", "description": "invalid, not_found, conflict, stale_attempt, unknown_worker, "
-                                                      "unauthorized, forbidden, too_large, timeout, too_many_requests, ..."},
+            "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, stale_attempt, "
+                                                      "unknown_worker, unauthorized, forbidden, too_large, "
+                                                      "unsupported_encoding, timeout, too_many_requests, ..."},
             "message": {"type": "string"},
             "field": {"type": "string", "description": "the offending field, e.g. jobs[3].queue"},
         }, ("code", "message")),
@@ -58,18 +63,20 @@ SCHEMAS: dict[str, Any] = {
     "JobSpec": obj({
         "command": {"type": "array", "prefixItems": [{**ARG, "minLength": 1}], "items": ARG, "minItems": 1,
                     "maxItems": MAX_ARGS, "description": "argv, run without a shell"},
-        "shell": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "run as /bin/sh -c LINE"},
-        "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "the original form: task + args"},
+        "shell": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "pattern": NOT_BLANK,
+                  "description": "run as /bin/sh -c LINE"},
+        "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "pattern": NOT_BLANK,
+                 "description": "the original form: task + args"},
         "args": {"type": "array", "items": ARG, "maxItems": MAX_ARGS, "description": "only with task"},
         "queue": NAME,
         "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
         "env": {"type": "object", "maxProperties": MAX_ENV, "propertyNames": {"pattern": ENV_KEY_RE.pattern},
                 "additionalProperties": ARG},
-        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": NO_NUL},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
         "labels": {"type": "object", "maxProperties": MAX_LABELS, "propertyNames": {"pattern": NAME_RE.pattern},
-                   "additionalProperties": {"type": "string", "maxLength": 256}},
+                   "additionalProperties": {"type": "string", "maxLength": 256, "pattern": NO_NUL}},
         "name": {"type": "string", "minLength": 1, "maxLength": 200},
         "backoff": obj({
             "base": {"type": "number", "minimum": 0, "maximum": 86400},
@@ -78,10 +85,10 @@ SCHEMAS: dict[str, Any] = {
             "jitter": {"type": "number", "minimum": 0, "maximum": 1},
         }, closed=True),
         "retry_on_exit": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 255}, "maxItems": 255},
-    }, closed=True, oneOf=[{"required": ["command"], "not": {"required": ["args"]}},
-                           {"required": ["shell"], "not": {"required": ["args"]}},
-                           {"required": ["task"]}],
-        description="exactly one of command, shell, task (args only with task); strings hold no NUL byte"),
+    }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
+        dependentRequired={"args": ["task"]},
+        description="exactly one of command, shell, task (args only with task); an optional field is left out, "
+                    "never null"),
     "Job": obj({
         "id": INT, "state": {"type": "string", "enum": [s.value for s in State]}, "queue": {"type": "string"},
         "priority": INT, "name": nullable({"type": "string"}), "spec": {"type": "object"},
