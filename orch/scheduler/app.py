@@ -711,6 +711,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         guard.load()
         await store.open()
+        api.metrics.known_queues(await store.queues())  # their series exist at 0 from the first scrape
         guard.load_workers(await store.worker_credentials())
         await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
         task = asyncio.create_task(reaper(store, hub, api, settings))
