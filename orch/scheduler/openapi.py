@@ -39,10 +39,12 @@ def obj(props: dict[str, Any], required: tuple[str, ...] = (), *, closed: bool =
 
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
-NO_NUL = "^[^\\x00]*$"
-# Python's whitespace (str.isspace): a shell line or task of only these is refused as empty (str.strip()).
-_SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
-NOT_BLANK = f"^[^\\x00]*[^\\x00{_SPACE}][^\\x00]*$"  # no NUL, and something that is not whitespace
+# No NUL byte (and, for NOT_BLANK, something that is not Python's whitespace (str.isspace), as str.strip() sees
+# it: a shell line or task of only whitespace is refused). Lookaheads rather than ^[^\x00]*$: tools fold a
+# maxLength into a pattern's quantifier, and ^[^\x00]{0,131072}$ takes a regex engine seconds to compile.
+NO_NUL = r"^(?![\s\S]*\x00)"
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = rf"^(?![\s\S]*\x00)(?=[\s\S]*[^{_SPACE}])"
 TIME = {"type": "string", "description": "ISO 8601 UTC time with milliseconds, e.g. 2026-01-05T10:00:07.101Z"}
 INT = {"type": "integer"}
 JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}

@@ -16,6 +16,7 @@ import copy
 import http.client
 import json
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,13 +77,15 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.floats(lo, hi, exclude_min="exclusiveMinimum" in schema, allow_nan=False) | \
             st.integers(int(lo) + 1, int(hi)) if hi - lo > 2 else st.floats(lo, hi, exclude_min="exclusiveMinimum" in schema)
     if kind == "string":
+        text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                       min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 20), 20))
+        if schema.get("pattern", "").startswith("^(?"):  # lookaheads only (no NUL, not blank): they consume nothing
+            return text.filter(re.compile(schema["pattern"]).search)
         if "pattern" in schema:
             lo, hi = schema.get("minLength", 0), schema.get("maxLength", 10**9)
             return st.from_regex(schema["pattern"].rstrip("$").lstrip("^"), fullmatch=True).filter(
                 lambda v: lo <= len(v) <= hi)
-        return st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                       min_size=schema.get("minLength", 0),
-                       max_size=min(schema.get("maxLength", 20), 20))
+        return text
     if kind == "array":
         lo = schema.get("minItems", 0)
         items = st.lists(from_schema(schema.get("items", {"type": "string"})), min_size=lo,
