@@ -64,6 +64,14 @@ class PayloadTooLarge(OrchError):
     exit_code = 2
 
 
+class UnsupportedEncoding(OrchError):
+    """A request body in a Content-Encoding the scheduler does not decode."""
+
+    http_status = 415
+    code = "unsupported_encoding"
+    exit_code = 2
+
+
 class Unauthorized(OrchError):
     """No credential, or one the scheduler does not know (wrong, revoked, rotated away)."""
 

@@ -23,10 +23,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 
 from orch import __version__
 from orch.errors import ConfigError
+from orch.models import Outcome
 
-# Execution and queue-wait times: 5 ms to 1 h.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                    300.0, 600.0, 1800.0, 3600.0)
+# Execution and queue-wait times, 5 ms to 1 h. Job times spread over orders of magnitude (roughly log-normal),
+# so the buckets are spaced on a log scale; histogram_quantile() interpolates linearly inside a bucket, so a
+# quantile it reads can be off by up to the ratio of the bucket's bounds. Where most jobs run, 0.1 s to a few
+# minutes, that ratio is at most 5/3 (1, 1.5, 2.5, 4, 6, 10, ...): jobs of about a second read a p99 under
+# 1.5 s, where the old 1 -> 2.5 step read 2.49 s. Below 0.1 s (the cost of starting a process) and above
+# 4 minutes the steps are wider, to keep the series per queue few (25 buckets, in two histograms).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 15.0,
+                    25.0, 40.0, 60.0, 100.0, 150.0, 250.0, 600.0, 1800.0, 3600.0)
 # API requests: 1 ms to 60 s (lease and wait requests long-poll for up to scheduler.long_poll_timeout).
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -37,6 +43,8 @@ UNFINISHED = ("queued", "running", "retrying")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Attempt outcomes whose duration the worker measured (lost and handed-back attempts did not end by themselves).
 TIMED_OUTCOMES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+ATTEMPT_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.RUNNING)
+STALE_KINDS = ("heartbeat", "output", "completion")
 
 
 class SchedulerMetrics:
@@ -84,6 +92,33 @@ class SchedulerMetrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._state = _StateCollector()
         r.register(self._state)
+        self._queues: set[str] = set()
+        for kind in STALE_KINDS:
+            self._child(self.stale, (kind,))
+        self.known_queues(["default"])
+
+    def known_queues(self, queues: Iterable[str]) -> None:
+        """Make every series of these queues exist, at 0 until something happens.
+
+        Prometheus's rate() and increase() need two samples of a series: one that first appears
+        already counting 200 has no earlier sample, and those 200 are lost to every dashboard. So
+        the series of the queues the store knows are made at start (build_app), before the first
+        scrape, and the default queue's always. A queue first seen in a committed batch (observe)
+        gets all its series then, at once: Prometheus still cannot count that batch's own changes
+        to it, if they land before the next scrape (there is no earlier moment to make them at),
+        but it counts everything after it, every outcome's first included.
+        """
+        for queue in queues:
+            if queue in self._queues:
+                continue
+            self._queues.add(queue)
+            for metric in (self.submitted, self.retries, self.started, self.duration, self.queue_wait):
+                self._child(metric, (queue,))
+            for state in sorted(TERMINAL):
+                self._child(self.completed, (queue, state))
+            for outcome in ATTEMPT_OUTCOMES:
+                self._child(self.attempts, (queue, outcome))
+            self._state.queues.add(queue)
 
     # ---- fed by the scheduler
 
@@ -97,8 +132,11 @@ class SchedulerMetrics:
         counts: dict[tuple[Any, tuple[str, ...]], int] = {}
         durations: list[tuple[str, float]] = []
         waits: list[tuple[str, float]] = []
+        known = self._queues
         for c in changes:
             state, queue = c.state, c.queue
+            if queue not in known:
+                self.known_queues((queue,))
             if state == "queued" and c.attempt == 0:  # a submit: only they are queued before any attempt
                 key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
                 counts[key] = counts.get(key, 0) + 1
@@ -141,7 +179,7 @@ class SchedulerMetrics:
         """The latest ``store.metrics_snapshot()``; ``store`` lends its batch and op counters."""
         self._state.snapshot = snapshot
         self._state.store = store
-        self._state.queues.update(q for q, _ in snapshot.get("queues", {}))
+        self.known_queues(q for q, _ in snapshot.get("queues", {}))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

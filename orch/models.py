@@ -98,6 +98,13 @@ class RetryPolicy:
 # --------------------------------------------------------------------------- job spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Characters a worker's name or host may not hold (they reach operators' terminals): the C0 controls, DEL,
+# the C1 controls, and the Unicode format controls that hide or reorder text (soft hyphen, bidi marks,
+# embeddings, overrides and isolates, zero-width characters, line and paragraph separators, BOM,
+# interlinear annotation). Written as regex ranges that Python and ECMA-262 (the API document) read alike.
+CONTROL_CHARS = (r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+                 r"\ufff9-\ufffb")
+CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_ARGS = 4096
 MAX_ARG_LEN = 128 * 1024
@@ -214,6 +221,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _as_int(v: Any) -> int | None:
+    """``v`` as an integer if it is one to JSON Schema (2.0 as much as 2), else None."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v if _is_int(v) else None
+
+
 def _is_num(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
@@ -288,30 +302,32 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         argv = ("/bin/sh", "-c", line)
     else:
         task = body["task"]
-        if not isinstance(task, str) or not task.strip() or "\x00" in task:
-            raise ValidationError("task must be a non-empty string", field=f("task"))
+        if not isinstance(task, str) or not task.strip() or "\x00" in task or len(task) > MAX_ARG_LEN:
+            raise ValidationError(f"task must be a non-empty string of at most {MAX_ARG_LEN} characters",
+                                  field=f("task"))
         argv = (task, *_str_list(body.get("args", []), f("args"), allow_empty=True))
 
     queue = validate_name(body.get("queue", "default"), f("queue"))
-    priority = body.get("priority", 0)
-    if not _is_int(priority) or not -1000 <= priority <= 1000:
+    priority = _as_int(body.get("priority", 0))
+    if priority is None or not -1000 <= priority <= 1000:
         raise ValidationError("priority must be an integer from -1000 to 1000", field=f("priority"))
     env = _str_map(body.get("env", {}), f("env"), ENV_KEY_RE, MAX_ENV)
+    # An optional field is absent or has a value: null is refused, as the OpenAPI document says.
     cwd = body.get("cwd")
-    if cwd is not None and (not isinstance(cwd, str) or not cwd or len(cwd) > 4096 or "\x00" in cwd):
+    if "cwd" in body and (not isinstance(cwd, str) or not cwd or len(cwd) > 4096 or "\x00" in cwd):
         raise ValidationError("cwd must be a non-empty path string", field=f("cwd"))
     timeout = body.get("timeout")
-    if timeout is not None and (not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+    if "timeout" in body and (not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise ValidationError(f"timeout must be a number of seconds in (0, {int(MAX_TIMEOUT)}]", field=f("timeout"))
-    max_attempts = body.get("max_attempts")
-    if max_attempts is not None and (not _is_int(max_attempts) or not 1 <= max_attempts <= 100):
+    max_attempts = _as_int(body.get("max_attempts"))
+    if "max_attempts" in body and (max_attempts is None or not 1 <= max_attempts <= 100):
         raise ValidationError("max_attempts must be an integer from 1 to 100", field=f("max_attempts"))
     labels = _str_map(body.get("labels", {}), f("labels"), NAME_RE, MAX_LABELS)
     for k, val in labels.items():
         if len(val) > 256:
             raise ValidationError("label values are at most 256 characters", field=f(f"labels.{k}"))
     name = body.get("name")
-    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 200):
+    if "name" in body and (not isinstance(name, str) or not 0 < len(name) <= 200):
         raise ValidationError("name must be a string of 1-200 characters", field=f("name"))
     backoff = body.get("backoff", {})
     if not isinstance(backoff, dict):
@@ -323,12 +339,11 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         if not _is_num(val) or not lo <= val <= hi:
             raise ValidationError(f"backoff.{k} is out of range", field=f(f"backoff.{k}"))
     retry_on_exit = body.get("retry_on_exit")
-    if retry_on_exit is not None:
-        if not isinstance(retry_on_exit, list) or len(retry_on_exit) > 255 or not all(
-            _is_int(c) and 1 <= c <= 255 for c in retry_on_exit
-        ):
+    if "retry_on_exit" in body:
+        codes = [_as_int(c) for c in retry_on_exit] if isinstance(retry_on_exit, list) else None
+        if codes is None or len(codes) > 255 or not all(c is not None and 1 <= c <= 255 for c in codes):
             raise ValidationError("retry_on_exit must be a list of exit codes 1-255", field=f("retry_on_exit"))
-        retry_on_exit = tuple(retry_on_exit)
+        retry_on_exit = tuple(c for c in codes if c is not None)
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,

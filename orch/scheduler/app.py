@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -17,16 +16,16 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, StorageError, ValidationError
+from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, StorageError, Unauthorized, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
-from orch.models import NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view, stored_spec, validate_name
+from orch.models import CONTROL_RE, NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view, stored_spec, validate_name
 from orch.output import marker as output_marker
 from orch.scheduler.bodies import each, encode, encode_list, let_go, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import MAX_METRICS_ADDRESS, METRICS_ADDRESS_RE
 from orch.scheduler.openapi import document as openapi_document
-from orch.scheduler.security import GUARD, Guard, guard_request, unencodable_field
+from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, ProtocolLog, guard_request, unencodable_field
 from orch.scheduler.why import explain
 from orch.store.base import AttemptResult, Change, OutputChunk
 from orch.store.sqlite import SqliteStore
@@ -36,6 +35,8 @@ log = logging.getLogger("orch.scheduler")
 STORE = web.AppKey("store", SqliteStore)
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
+# Each job route's path with any segment where its id goes: a 404 on one of them is about the id.
+MALFORMED_ID = web.AppKey("malformed_id", list)
 MAX_BATCH = 10_000
 ACCOUNT_SLICE = 256  # committed changes counted and logged per turn of the loop, at most
 BIG_OUTPUT = 128 * 1024  # characters of output in an answer beyond which it is encoded a slice at a time
@@ -101,6 +102,8 @@ async def api_middleware(request: web.Request, handler: Callable[[web.Request], 
             if e.http_status >= 500:
                 log.error("internal error on %s %s: %s", request.method, request.path, e.message)
             resp = ok(e.to_json(), status=e.http_status)
+            if isinstance(e, Unauthorized):
+                resp.headers.update(CHALLENGE)
         except web.HTTPException as e:
             if e.status < 400:
                 status = e.status
@@ -129,7 +132,16 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
     body: dict[str, Any] = {"error": {"code": _HTTP_CODES.get(e.status, "http_error"), "message": message}}
     if e.status == 413:
         body["error"]["field"] = "body"
-    return web.json_response(body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+    elif e.status == 404:
+        for pattern in request.app[MALFORMED_ID]:
+            m = pattern.fullmatch(request.path)
+            if m:  # a job route but for its id: say so, as job_id_of does for ids that are digits
+                body["error"].update(message=f"no job {m['id'][:40]!r}", field="id")
+                break
+    resp = ok(body, status=e.status)
+    if "Allow" in e.headers:
+        resp.headers["Allow"] = e.headers["Allow"]
+    return resp
 
 
 # --------------------------------------------------------------------------- input helpers
@@ -138,7 +150,9 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
 async def read_json(request: web.Request, list_key: str | None = None) -> dict[str, Any]:
     """The body as a JSON object; ``list_key``: a big body's list under that key is parsed an item at a
     time, yielding to the loop (orch/scheduler/bodies.py)."""
-    raw = await request.read()
+    raw = request.get(BODY)  # read and decoded by guard_request
+    if raw is None:
+        raw = await request.read()
     if not raw:
         raise ValidationError("request body is empty; a JSON object is required", field="body")
     try:
@@ -166,7 +180,10 @@ def only(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
 
 
 def int_field(data: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None, prefix: str = "") -> int:
+    """An integer in [lo, hi]; 2.0 is one, as JSON Schema counts it (null is not "absent")."""
     v = data.get(name, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ValidationError(f"{name} must be an integer from {lo} to {hi}", field=prefix + name)
     return v
@@ -179,25 +196,40 @@ def num_field(data: dict[str, Any], name: str, lo: float, hi: float, default: fl
     return float(v)
 
 
-def opt_str(data: dict[str, Any], name: str, maxlen: int, prefix: str = "") -> str | None:
-    v = data.get(name)
-    if v is None:
+def opt_str(data: dict[str, Any], name: str, maxlen: int, prefix: str = "", *, nullable: bool = False) -> str | None:
+    """An optional string; None when absent, and when null only if ``nullable`` (the document says which)."""
+    if name not in data or (nullable and data[name] is None):
         return None
+    v = data[name]
     if not isinstance(v, str) or len(v) > maxlen:
         raise ValidationError(f"{name} must be a string of at most {maxlen} characters", field=prefix + name)
     return v
 
 
+# Numbers in a query as JSON writes them: float() would also take " 5", "5_0", "inf" and "nan".
+_QUERY_INT = re.compile(r"-?[0-9]{1,30}")
+_QUERY_NUM = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?")
+
+
 def query_num(request: web.Request, name: str, lo: float, hi: float, default: float) -> float:
+    """A number in [lo, hi], or ``default`` when the parameter is absent (an empty value is not absent)."""
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValidationError(f"{name} must be a number", field=name) from None
-    if not lo <= v <= hi:
-        raise ValidationError(f"{name} must be from {lo:g} to {hi:g}", field=name)
+    v = float(raw) if _QUERY_NUM.fullmatch(raw) else None
+    if v is None or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be a number from {lo:g} to {hi:g}", field=name)
+    return v
+
+
+def query_int(request: web.Request, name: str, lo: int, hi: int, default: int) -> int:
+    """An integer in [lo, hi], compared as an integer (2**62 + 1 is not 2**62), or ``default`` when absent."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    v = int(raw) if _QUERY_INT.fullmatch(raw) else None
+    if v is None or not lo <= v <= hi:
+        raise ValidationError(f"{name} must be an integer from {lo:d} to {hi:d}", field=name)
     return v
 
 
@@ -212,19 +244,14 @@ def queues_of(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 def metrics_address(data: dict[str, Any], name: str) -> str | None:
     """A worker's metrics address (host:port or an http(s) URL) as the URL to scrape; None if not given."""
-    v = data.get(name)
-    if v is None:
+    if name not in data:
         return None
+    v = data[name]  # null is not "absent": the document does not take it
     if not isinstance(v, str) or len(v) > MAX_METRICS_ADDRESS or not METRICS_ADDRESS_RE.fullmatch(v):
         raise ValidationError(f"{name} must be host:port or an http(s) URL of at most {MAX_METRICS_ADDRESS} "
                               "characters (e.g. 10.0.0.7:9091)", field=name)
     url = v if "://" in v else f"http://{v}"
-    try:
-        if "[" in url:
-            ipaddress.IPv6Address(url[url.index("[") + 1:url.index("]")])
-        parts = urlsplit(url)
-    except ValueError:
-        raise ValidationError(f"{name} holds a bracketed host that is not an IPv6 address", field=name) from None
+    parts = urlsplit(url)  # the pattern has checked every part, the IPv6 literal included
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
     return f"{parts.scheme}://{host}:{port}{parts.path or '/metrics'}"
@@ -245,6 +272,8 @@ def job_id_of(request: web.Request) -> int:
 
 
 def _job_id_item(v: Any, i: int) -> int:
+    if isinstance(v, float) and v.is_integer():  # 2.0 is an integer, as JSON Schema counts it
+        v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 2**62:
         raise ValidationError(f"ids[{i}] must be a job id (an integer from 1 to {2**62})", field=f"ids[{i}]")
     return v
@@ -299,7 +328,7 @@ def result_of(item: Any, p: str) -> AttemptResult:
     return AttemptResult(
         job_id=int_field(item, "job_id", 1, 2**62, prefix=p),
         attempt=int_field(item, "attempt", 1, 10**6, prefix=p),
-        outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p),
+        outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p, nullable=True),
         duration=duration, output=[chunk_of(c, f"{p}output[{i}].") for i, c in enumerate(output)],
         waited=num_field(item, "waited", 0, 86400, 0.0, prefix=p),
     )
@@ -405,7 +434,9 @@ class Api:
         return data, text
 
     async def submit(self, request: web.Request) -> web.Response:
-        raw = await request.read()
+        raw = request.get(BODY)  # read and decoded by guard_request
+        if raw is None:
+            raw = await request.read()
         if len(raw) > 4 * self.max_spec:  # far over the limit: refused before it is parsed at all
             raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
                                   f"({self.max_spec:,}): put large data in a file the job reads", field="body")
@@ -435,14 +466,14 @@ class Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         q = request.query
         only(dict(q), {"state", "queue", "limit", "cursor"})
-        state = q.get("state") or None
+        state = q.get("state")
         if state is not None and state not in {s.value for s in State}:
             raise ValidationError(f"state must be one of {', '.join(s.value for s in State)}", field="state")
-        queue = q.get("queue") or None
+        queue = q.get("queue")
         if queue is not None:
             validate_name(queue, "queue")
-        limit = int(query_num(request, "limit", 1, 1000, 50))
-        cursor_raw = q.get("cursor") or None
+        limit = query_int(request, "limit", 1, 1000, 50)
+        cursor_raw = q.get("cursor")
         if cursor_raw is not None and (not (cursor_raw.isascii() and cursor_raw.isdigit()) or len(cursor_raw) > 18):
             raise ValidationError("cursor must be a value from a previous page's next_cursor", field="cursor")
         jobs, nxt = await self.store.list_jobs(
@@ -488,7 +519,8 @@ class Api:
             raise ValidationError(f"ids must be a list of 1 to {MAX_BATCH} job ids", field="ids")
         for i in range(len(ids)):
             ids[i] = _job_id_item(ids[i], i)
-        timeout = num_field(data, "timeout", 0, 3600, self.long_poll)
+        # Held at most scheduler.long_poll_timeout, as every long-poll (the CLI asks again).
+        timeout = min(num_field(data, "timeout", 0, 3600, self.long_poll), self.long_poll)
         deadline = time.monotonic() + timeout
         while True:
             # Register before reading: an end committed after the read still wakes us.
@@ -516,7 +548,7 @@ class Api:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
         job_id = job_id_of(request)
-        after = int(query_num(request, "after", 0, 2**62, 0))
+        after = query_int(request, "after", 0, 2**62, 0)
         follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
         await self.store.job_state(job_id)  # 404 before anything else
         if not follow:
@@ -613,7 +645,7 @@ class Api:
         name = opt_str(data, "name", 200) or "worker"
         hostname = opt_str(data, "hostname", 255) or "unknown"
         for field, text in (("name", name), ("hostname", hostname)):
-            if not text.isprintable():  # anyone with the join token could plant escape sequences in `orch workers`
+            if CONTROL_RE.search(text):  # anyone with the join token could plant escape sequences in `orch workers`
                 raise ValidationError(f"{field} must hold no control or format characters (such as ESC, a newline "
                                       "or U+202E)", field=field)
         queues = queues_of(data)
@@ -768,7 +800,7 @@ class Api:
             raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
         results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
         ask = data.get("lease")
-        if ask is None:
+        if "lease" not in data:
             answers, _ = await self.store.complete(wid, results, self.defaults)
             self._count_stale(answers)
             return ok({"results": answers})
@@ -794,6 +826,8 @@ class Api:
         """One attempt's completion; a stale attempt gets 409."""
         wid = self._worker_id(request)
         data = await read_json(request)
+        if "job_id" in data:  # result_of allows it, but here the path names the job
+            raise ValidationError("unknown field 'job_id' (the path names the job)", field="job_id")
         data["job_id"] = job_id_of(request)
         result = result_of(data, "")
         answers, _ = await self.store.complete(wid, [result], self.defaults)
@@ -933,8 +967,10 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
 
 
 def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
-    app = web.Application(middlewares=[api_middleware],
-                          client_max_size=settings["scheduler.max_body_bytes"])
+    # Passed to aiohttp's protocol, whatever runs the app: bodies are decoded by guard_request (security.decode_body)
+    # with JSON errors, and requests its parser refuses are logged in one short line at most a minute.
+    app = web.Application(middlewares=[api_middleware], client_max_size=settings["scheduler.max_body_bytes"],
+                          handler_args={"auto_decompress": False, "logger": ProtocolLog(log)})
     store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
                                  output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()
@@ -954,6 +990,7 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         guard.load()
         await store.open()
+        api.metrics.known_queues(await store.queues())  # their series exist at 0 from the first scrape
         guard.load_workers(await store.worker_credentials())
         await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
         task = asyncio.create_task(reaper(store, hub, api, settings))
@@ -965,6 +1002,8 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
 
     app.cleanup_ctx.append(lifecycle)
     r = app.router
+    # Ids match only digits, so that a fixed path beside them (/v1/jobs/batch) is not taken for an id: else
+    # GET /v1/jobs/batch would answer "no job 'batch'" and a 405 there would list the methods of both routes.
     r.add_get("/healthz", api.health)
     r.add_get("/metrics", api.metrics_page)
     r.add_get("/v1/openapi.json", openapi_json)
@@ -972,12 +1011,12 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r.add_post("/v1/jobs/batch", api.submit_batch)
     r.add_post("/v1/jobs/wait", api.wait_many)
     r.add_get("/v1/jobs", api.list_jobs)
-    r.add_get("/v1/jobs/{job_id}", api.get_job)
-    r.add_post("/v1/jobs/{job_id}/cancel", api.cancel)
-    r.add_get("/v1/jobs/{job_id}/wait", api.wait)
-    r.add_get("/v1/jobs/{job_id}/output", api.output)
-    r.add_get("/v1/jobs/{job_id}/events", api.events)
-    r.add_get("/v1/jobs/{job_id}/why", api.why)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}", api.get_job)
+    r.add_post("/v1/jobs/{job_id:[0-9]+}/cancel", api.cancel)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/wait", api.wait)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/output", api.output)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/events", api.events)
+    r.add_get("/v1/jobs/{job_id:[0-9]+}/why", api.why)
     r.add_post("/v1/workers", api.register)
     r.add_get("/v1/workers", api.list_workers)
     r.add_get("/v1/metrics/targets", api.metrics_targets)
@@ -985,9 +1024,13 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     r.add_post("/v1/workers/{worker_id}/lease", api.lease)
     r.add_post("/v1/workers/{worker_id}/output", api.append_output)
     r.add_post("/v1/workers/{worker_id}/complete", api.complete)
-    r.add_post("/v1/workers/{worker_id}/jobs/{job_id}/complete", api.complete_one)
+    r.add_post("/v1/workers/{worker_id}/jobs/{job_id:[0-9]+}/complete", api.complete_one)
     r.add_post("/v1/workers/{worker_id}/hand-back", api.hand_back)
     # The seed's form, kept working: POST /job {"task": "echo", "args": ["hello"]}.
     r.add_post("/job", api.submit)
-    r.add_get("/job/{job_id}", api.get_job)
+    r.add_get("/job/{job_id:[0-9]+}", api.get_job)
+    app[MALFORMED_ID] = [
+        re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: "(?P<id>[^/]+)" if m[1] == "job_id" else "[^/]+",
+                          re.escape(res.canonical)))
+        for res in r.resources() if "{job_id}" in res.canonical]
     return app

@@ -15,7 +15,18 @@ import re
 from typing import Any
 
 from orch import __version__
-from orch.models import ENV_KEY_RE, MAX_ARG_LEN, MAX_ARGS, MAX_ENV, MAX_LABELS, MAX_TIMEOUT, NAME_RE, Outcome, State
+from orch.models import (
+    CONTROL_CHARS,
+    ENV_KEY_RE,
+    MAX_ARG_LEN,
+    MAX_ARGS,
+    MAX_ENV,
+    MAX_LABELS,
+    MAX_TIMEOUT,
+    NAME_RE,
+    Outcome,
+    State,
+)
 
 MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
 REF = "#/components/schemas/"
@@ -40,15 +51,29 @@ def obj(props: dict[str, Any], required: tuple[str, ...] = (), *, closed: bool =
 
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
+# No NUL byte (and, for NOT_BLANK, something that is not Python's whitespace (str.isspace), as str.strip() sees
+# it: a shell line or task of only whitespace is refused). Lookaheads rather than ^[^\x00]*$: tools fold a
+# maxLength into a pattern's quantifier, and ^[^\x00]{0,131072}$ takes a regex engine seconds to compile.
+NO_NUL = r"^(?![\s\S]*\x00)"
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = rf"^(?![\s\S]*\x00)(?=[\s\S]*[^{_SPACE}])"
 TIME = {"type": "string", "description": "ISO 8601 UTC time with milliseconds, e.g. 2026-01-05T10:00:07.101Z"}
 INT = {"type": "integer"}
 JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}
 ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
-ARG = {"type": "string", "maxLength": MAX_ARG_LEN}
+ARG = {"type": "string", "maxLength": MAX_ARG_LEN, "pattern": NO_NUL}
 # Where a worker serves its metrics (registration's "metrics"): host:port, or an http(s) URL. Here, not in
 # app.py, because this document states it too (app.py imports it; this module cannot import app.py).
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # _ too: some machines' names have one
-_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])"
+# An IPv6 literal in brackets, in its usual and compressed forms (the forms with an IPv4 tail are not taken):
+# the server checks this very pattern, so the document and the server agree by construction.
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join((
+    rf"(?:{_H16}:){{7}}{_H16}", rf"(?:{_H16}:){{1,7}}:", rf"(?:{_H16}:){{1,6}}:{_H16}",
+    rf"(?:{_H16}:){{1,5}}(?::{_H16}){{1,2}}", rf"(?:{_H16}:){{1,4}}(?::{_H16}){{1,3}}",
+    rf"(?:{_H16}:){{1,3}}(?::{_H16}){{1,4}}", rf"(?:{_H16}:){{1,2}}(?::{_H16}){{1,5}}",
+    rf"{_H16}:(?::{_H16}){{1,6}}", rf":(?:(?::{_H16}){{1,7}}|:)"))
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[(?:{_IPV6})\])"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
 METRICS_ADDRESS_RE = re.compile(rf"{_HOST}:{_PORT}|https?://{_HOST}(?::{_PORT})?(?:/[A-Za-z0-9._~%/-]*)?")
 MAX_METRICS_ADDRESS = 255
@@ -70,8 +95,9 @@ JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_
 SCHEMAS: dict[str, Any] = {
     "Error": obj({
         "error": obj({
-            "code": {"type": "string", "description": "invalid, not_found, conflict, stale_attempt, unknown_worker, "
-                                                      "unauthorized, forbidden, too_large, timeout, too_many_requests, ..."},
+            "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, stale_attempt, "
+                                                      "unknown_worker, unauthorized, forbidden, too_large, "
+                                                      "unsupported_encoding, timeout, too_many_requests, ..."},
             "message": {"type": "string"},
             "field": {"type": "string", "description": "the offending field, e.g. jobs[3].queue"},
         }, ("code", "message")),
@@ -79,18 +105,20 @@ SCHEMAS: dict[str, Any] = {
     "JobSpec": obj({
         "command": {"type": "array", "prefixItems": [{**ARG, "minLength": 1}], "items": ARG, "minItems": 1,
                     "maxItems": MAX_ARGS, "description": "argv, run without a shell"},
-        "shell": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "run as /bin/sh -c LINE"},
-        "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "description": "the original form: task + args"},
+        "shell": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "pattern": NOT_BLANK,
+                  "description": "run as /bin/sh -c LINE"},
+        "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "pattern": NOT_BLANK,
+                 "description": "the original form: task + args"},
         "args": {"type": "array", "items": ARG, "maxItems": MAX_ARGS, "description": "only with task"},
         "queue": NAME,
         "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
         "env": {"type": "object", "maxProperties": MAX_ENV, "propertyNames": {"pattern": ENV_KEY_RE.pattern},
                 "additionalProperties": ARG},
-        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": NO_NUL},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
         "labels": {"type": "object", "maxProperties": MAX_LABELS, "propertyNames": {"pattern": NAME_RE.pattern},
-                   "additionalProperties": {"type": "string", "maxLength": 256}},
+                   "additionalProperties": {"type": "string", "maxLength": 256, "pattern": NO_NUL}},
         "name": {"type": "string", "minLength": 1, "maxLength": 200},
         "backoff": obj({
             "base": {"type": "number", "minimum": 0, "maximum": 86400},
@@ -99,10 +127,10 @@ SCHEMAS: dict[str, Any] = {
             "jitter": {"type": "number", "minimum": 0, "maximum": 1},
         }, closed=True),
         "retry_on_exit": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 255}, "maxItems": 255},
-    }, closed=True, oneOf=[{"required": ["command"], "not": {"required": ["args"]}},
-                           {"required": ["shell"], "not": {"required": ["args"]}},
-                           {"required": ["task"]}],
-        description="exactly one of command, shell, task (args only with task); strings hold no NUL byte"),
+    }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
+        dependentRequired={"args": ["task"]},
+        description="exactly one of command, shell, task (args only with task); an optional field is left out, "
+                    "never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
                       description="a job as listings show it: bounded in size, without its spec"),
     "Job": obj({**JOB_FIELDS, "spec": {
@@ -150,8 +178,9 @@ SCHEMAS: dict[str, Any] = {
     }, ("id", "name", "hostname", "queues", "concurrency", "state", "running")),
     "Workers": obj({"workers": {"type": "array", "items": ref("Worker")}}, ("workers",)),
     "Register": obj({
-        "name": {"type": "string", "maxLength": 200},
-        "hostname": {"type": "string", "maxLength": 255},
+        "name": {"type": "string", "maxLength": 200, "pattern": f"^[^{CONTROL_CHARS}]*$",
+                 "description": "no control or format characters (they would reach operators' terminals)"},
+        "hostname": {"type": "string", "maxLength": 255, "pattern": f"^[^{CONTROL_CHARS}]*$"},
         "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
         "concurrency": {"type": "integer", "minimum": 1, "maximum": 10_000},
         "metrics": {"type": "string", "maxLength": MAX_METRICS_ADDRESS,

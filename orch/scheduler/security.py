@@ -19,30 +19,35 @@ Limits: a request body must arrive within ``scheduler.body_timeout`` (and is
 read only after the caller is authenticated); one client address (or one
 worker) may hold at most ``scheduler.max_long_polls`` long-polls (wait,
 follow, lease) at once, beyond which it gets 429; query parameters a route
-does not document are refused.
+does not document are refused. A body's ``Content-Encoding`` (gzip, deflate)
+is undone here, within ``scheduler.max_body_bytes`` once decoded; any other
+coding is 415.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
+import zlib
 from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from orch import auth
 from orch.config import Settings
 from orch.errors import (
     Forbidden,
     NotFound,
+    PayloadTooLarge,
     RequestTimeout,
     TooManyRequests,
     Unauthorized,
     UnknownWorker,
+    UnsupportedEncoding,
     ValidationError,
 )
 from orch.models import NAME_RE
@@ -61,10 +66,6 @@ LONG_POLLS = {
 }
 _NO = ("0", "", "false", "no")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="orch"'}
-
-
-def _compact(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 class Guard:
@@ -89,6 +90,7 @@ class Guard:
         self.max_client_long_polls: int = settings["scheduler.max_client_long_polls"]
         self.long_polls: dict[str, int] = {}
         self.body_timeout: float = settings["scheduler.body_timeout"]
+        self.max_body: int = settings["scheduler.max_body_bytes"]
         self.query = query_names(document())
 
     # ------------------------------------------------------------------ tokens
@@ -275,10 +277,7 @@ async def guard_request(request: web.Request,
         kind = guard.kind_of(method, path)
         if kind != "open":
             guard.refresh(time.monotonic())
-            try:
-                guard.authenticate(request, kind, worker_id)
-            except Unauthorized as e:
-                return web.json_response(e.to_json(), status=401, headers=CHALLENGE, dumps=_compact)
+            guard.authenticate(request, kind, worker_id)  # a 401 gets CHALLENGE from the middleware
     allowed = guard.query.get((method, path))
     if allowed is not None and request.query:
         for name, value in request.query.items():
@@ -287,17 +286,8 @@ async def guard_request(request: web.Request,
             choices = allowed[name]
             if choices is not None and value not in choices:
                 raise ValidationError(f"{name} must be one of {', '.join(sorted(choices))}", field=name)
-    if request.body_exists and request.content.is_eof():
-        await request.read()  # all of it has arrived already: nothing to wait for, no deadline to arm
-    elif request.body_exists:
-        # Read here, after the caller is known, within a deadline: a stalled sender holds one
-        # coroutine, never a thread, and gives up its connection after body_timeout.
-        try:
-            async with asyncio.timeout(guard.body_timeout):
-                await request.read()
-        except TimeoutError:
-            raise RequestTimeout(f"the request body did not arrive within {guard.body_timeout:g}s "
-                                 "(scheduler.body_timeout)", field="body") from None
+    if request.body_exists:
+        await _read_body(request, guard)
     flag = LONG_POLLS.get((method, path))
     try:
         if flag is not None and (flag == "" or request.query.get(flag, "0") not in _NO):
@@ -316,6 +306,124 @@ async def guard_request(request: web.Request,
         if worker_id:
             guard.worker_gone(worker_id)
         raise
+
+
+async def _read_body(request: web.Request, guard: Guard) -> None:
+    """The body, read once the caller is known, and decoded (see ``decode_body``) into ``request[BODY]``."""
+    try:
+        if request.content.is_eof():
+            raw = await request.read()  # all of it has arrived already: nothing to wait for, no deadline to arm
+        else:
+            # Within a deadline: a stalled sender holds one coroutine, never a thread, and gives up its
+            # connection after body_timeout.
+            try:
+                async with asyncio.timeout(guard.body_timeout):
+                    raw = await request.read()
+            except TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {guard.body_timeout:g}s "
+                                     "(scheduler.body_timeout)", field="body") from None
+    except web.RequestPayloadError as e:  # a bad chunk of a chunked body, a body cut short
+        raise ValidationError(f"the request body could not be read: {_first_line(e)}", field="body") from None
+    coding = request.headers.get("Content-Encoding")
+    request[BODY] = decode_body(raw, coding, guard.max_body) if coding is not None else raw
+
+
+# The body as the handlers read it (orch.scheduler.app.read_json): decoded from its Content-Encoding.
+BODY = web.RequestKey("body", bytes) if hasattr(web, "RequestKey") else "orch.body"  # RequestKey: aiohttp 3.13+
+
+# The codings of RFC 9110 that the standard library decodes, and their zlib window bits. aiohttp's own decoding
+# is off (build_app): it read an unknown coding as if none had been applied, answered br (without the Brotli
+# package) in text/plain, and turned a corrupt gzip body into an exception in the handler, a 500.
+CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(raw: bytes, header: str, limit: int) -> bytes:
+    """``raw`` with the codings of a Content-Encoding header undone, last applied first.
+
+    415 for a coding not in CODINGS, 400 for data that does not decode, 413 when the decoded body
+    is larger than ``limit``: a small compressed body cannot make the scheduler hold a large one.
+    """
+    codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+    for coding in codings:
+        if coding != "identity" and coding not in CODINGS:
+            raise UnsupportedEncoding(
+                f"Content-Encoding {coding[:40]!r} is not supported: send the body as gzip, deflate or identity",
+                field="Content-Encoding")
+    for coding in reversed(codings):
+        if coding != "identity":
+            raw = _inflate(raw, coding, limit)
+    return raw
+
+
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    wbits = CODINGS[coding]
+    if coding == "deflate" and not (len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0):
+        wbits = -zlib.MAX_WBITS  # deflate without its zlib header: what some clients send for "deflate"
+    out: list[bytes] = []
+    size = 0
+    while True:  # a gzip body may hold several members, one after the other
+        d = zlib.decompressobj(wbits)
+        try:
+            chunk = d.decompress(data, limit + 1 - size)
+        except zlib.error as e:
+            raise ValidationError(f"the request body is not valid {coding} data ({e})", field="body") from None
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes once decoded ({coding})", field="body")
+        out.append(chunk)
+        if not d.eof:
+            raise ValidationError(f"the request body ends inside its {coding} data", field="body")
+        data = d.unused_data
+        if not data:
+            return b"".join(out)
+        if wbits != CODINGS["gzip"]:
+            raise ValidationError(f"the request body has bytes after its {coding} data", field="body")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message on one line, short, with what a client sent shown escaped."""
+    text = str(e).replace("400, message:", "").strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200].encode("ascii", "backslashreplace").decode()
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of aiohttp's HTTP protocol (``build_app`` hands it over in ``handler_args``).
+
+    aiohttp logs every request its parser refuses (no Host, a bad chunk size, Content-Length with
+    Transfer-Encoding, a NUL in a header, a body that breaks off) as an ERROR with a traceback, before
+    any token is checked: whoever reaches the port could fill the log. Those become one short WARNING
+    line at most every ``interval`` seconds, saying how many were refused in between; anything else
+    aiohttp reports is a bug and keeps its traceback.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger, {})
+        self.interval = interval
+        self.clock = clock
+        self._next = float("-inf")
+        self._quiet = 0  # refused since the last line
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+            # aiohttp's call is ("Error handling request from %s", request.remote)
+            self.refused(exc, args[0] if args and isinstance(args[0], str) else None)
+        elif isinstance(exc, ConnectionError):  # the client hung up, in the middle of its body maybe: not a bug
+            self.logger.debug("a client hung up: %s", exc)
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def refused(self, exc: BaseException, remote: str | None) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._quiet += 1
+            return
+        self._next = now + self.interval
+        more = f" ({self._quiet} more since the last such line)" if self._quiet else ""
+        self._quiet = 0
+        self.logger.warning("refused a malformed HTTP request%s: %s%s", f" from {remote}" if remote else "",
+                            _first_line(exc), more)
 
 
 def exposure_warnings(host: str, tls: bool, auth_enabled: bool) -> list[str]:

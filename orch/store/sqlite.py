@@ -938,6 +938,13 @@ class SqliteStore:
         )
         return [dict(r) for r in rows]
 
+    async def queues(self) -> list[str]:
+        """Every queue name the store knows: its jobs' and those workers registered for (once, at start:
+        the DISTINCT scans the jobs table on the reader thread, ~0.4 s for a million jobs)."""
+        jobs = await self._read("SELECT DISTINCT queue FROM jobs")
+        workers = await self._read("SELECT queues FROM workers")
+        return sorted({r["queue"] for r in jobs}.union(*(json.loads(r["queues"]) for r in workers)))
+
     # ------------------------------------------------------------------ writes
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,

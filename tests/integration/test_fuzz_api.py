@@ -16,6 +16,7 @@ import copy
 import http.client
 import json
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,11 +77,15 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.floats(lo, hi, exclude_min="exclusiveMinimum" in schema, allow_nan=False) | \
             st.integers(int(lo) + 1, int(hi)) if hi - lo > 2 else st.floats(lo, hi, exclude_min="exclusiveMinimum" in schema)
     if kind == "string":
+        text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                       min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 20), 20))
+        if schema.get("pattern", "").startswith("^(?"):  # lookaheads only (no NUL, not blank): they consume nothing
+            return text.filter(re.compile(schema["pattern"]).search)
         if "pattern" in schema:
-            return st.from_regex(schema["pattern"].rstrip("$").lstrip("^"), fullmatch=True)
-        return st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                       min_size=schema.get("minLength", 0),
-                       max_size=min(schema.get("maxLength", 20), 20))
+            lo, hi = schema.get("minLength", 0), schema.get("maxLength", 10**9)
+            return st.from_regex(schema["pattern"].rstrip("$").lstrip("^"), fullmatch=True).filter(
+                lambda v: lo <= len(v) <= hi)
+        return text
     if kind == "array":
         lo = schema.get("minItems", 0)
         items = st.lists(from_schema(schema.get("items", {"type": "string"})), min_size=lo,
@@ -93,10 +98,11 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         props = schema.get("properties", {})
         branches = schema.get("oneOf", [])
         alternatives = [b["required"] for b in branches] or [[]]
-        forbidden = {tuple(b["required"]): set(b.get("not", {}).get("required", [])) for b in branches}
+        depends = schema.get("dependentRequired", {})  # args only with task
 
         def build(required: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-            excluded = ({k for alt in alternatives for k in alt} - set(required)) | forbidden.get(tuple(required), set())
+            excluded = ({k for alt in alternatives for k in alt} - set(required)) | {
+                k for k, needs in depends.items() if not set(needs) <= set(required)}
             optional = {k: from_schema(v) for k, v in props.items()
                         if k not in required and k not in excluded and k not in schema.get("required", [])}
             must = {k: from_schema(props[k]) for k in [*schema.get("required", []), *required]}
