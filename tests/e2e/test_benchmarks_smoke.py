@@ -14,7 +14,7 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
-BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers")
+BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big")
 
 
 @pytest.mark.timeout(300)

@@ -69,7 +69,9 @@ def refused_long_polls(url: str) -> int:
 
 @pytest.fixture
 def cluster(tmp_path: Path, orch_env: dict):
-    env = {**orch_env, "ORCH_SCHEDULER_MAX_CLIENT_LONG_POLLS": "1"}
+    # A short drain: a stopped worker ends what it runs before the test's teardown would kill it.
+    env = {**orch_env, "ORCH_SCHEDULER_MAX_CLIENT_LONG_POLLS": "1", "ORCH_WORKER_DRAIN_GRACE": "1",
+           "ORCH_WORKER_KILL_GRACE": "1"}
     sched, url = start_scheduler(tmp_path, env)
     worker = start_worker(tmp_path, env, url, "w", concurrency=4)
     clis: list[Cli] = []
