@@ -155,7 +155,8 @@ SCHEMAS: dict[str, Any] = {
     }, ("attempts", "result"))]},
     "JobPage": obj({"jobs": {"type": "array", "items": ref("JobSummary")}, "next_cursor": nullable({"type": "string"})},
                    ("jobs", "next_cursor")),
-    "Jobs": obj({"jobs": {"type": "array", "items": ref("Job")}}, ("jobs",)),
+    "Jobs": obj({"jobs": {"type": "array", "items": ref("JobSummary"),
+                          "description": "the new jobs, in the order given, as listings show them"}}, ("jobs",)),
     "Event": obj({
         "id": INT, "job_id": INT, "attempt": INT, "from": nullable({"type": "string"}), "to": {"type": "string"},
         "at": TIME, "reason": {"type": "string"},
