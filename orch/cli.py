@@ -967,10 +967,11 @@ def workers(
         if as_json:
             emit_json({"workers": items})
             return
-        rows = [["ID", "NAME", "STATE", "HOST", "QUEUES", "RUNNING", "HEARTBEAT"]]
+        rows = [["ID", "NAME", "STATE", "HOST", "QUEUES", "RUNNING", "HEARTBEAT", "METRICS"]]
         for w in items:
             rows.append([w["id"], w["name"], w["state"], w["hostname"], ",".join(w["queues"]),
-                         f"{w['running']}/{w['concurrency']}", f"{w['heartbeat_age']:.1f}s ago"])
+                         f"{w['running']}/{w['concurrency']}", f"{w['heartbeat_age']:.1f}s ago",
+                         w.get("metrics") or "-"])
         typer.echo(table(rows))
 
     run_async(main())

@@ -37,6 +37,7 @@ PREFETCH_MAX = 4  # held jobs beyond the slots, at most this many times the conc
 # What a scheduler that does not say (an older one) takes: its defaults.
 DEFAULT_MAX_BODY = 8 << 20
 DEFAULT_OUTPUT_LIMIT = 1 << 20
+HELD_REF_BYTES = 64  # bytes of JSON one attempt listed in a heartbeat takes, at most (ids of 19 digits)
 AUTH_REFUSALS = 3  # credential refusals in a row (each followed by a new registration) before giving up
 
 
@@ -597,7 +598,7 @@ class Agent:
             await self._registered.wait()
             wid = self.worker_id
             try:
-                reply = await self.client.heartbeat(wid or "", self.held(), self.draining.is_set())
+                reply = await self._beat(wid or "")
                 backoff.reset()
                 self._auth_refusals = 0
             except OrchError as e:
@@ -625,6 +626,18 @@ class Agent:
                 if run:
                     log.warning("job %s attempt %s was superseded; stopping it", run.job_id, run.attempt)
                     run.request_stop(Outcome.CANCELLED, "superseded attempt")
+
+    async def _beat(self, wid: str) -> dict[str, Any]:
+        """One heartbeat, in as many requests as the body budget needs (each lists some of the attempts
+        held; a worker holding thousands, or a small scheduler.max_body_bytes, sends several)."""
+        held = self.held()
+        per = max(1, (self._budget - outbox.OVERHEAD) // HELD_REF_BYTES)
+        reply: dict[str, Any] = {"cancel": [], "stale": []}
+        for at in range(0, max(1, len(held)), per):
+            part = await self.client.heartbeat(wid, held[at:at + per], self.draining.is_set())
+            reply["cancel"] += part.get("cancel", [])
+            reply["stale"] += part.get("stale", [])
+        return reply
 
     async def _tell_draining(self) -> None:
         with suppress(OrchError):

@@ -152,7 +152,8 @@ def test_quick_tour_does_what_it_shows(tmp_path: Path, orch_env: dict[str, str])
            "VIRTUAL_ENV": str(Path(bin_dir).parent), "ORCH_SERVER": f"http://127.0.0.1:{port}"}
     env.pop("PYTHONHOME", None)
     expect = Expect({"127.0.0.1:8080": f"127.0.0.1:{port}", "localhost:8080": f"localhost:{port}",
-                     "127.0.0.1:9090": f"127.0.0.1:{metrics}", "/home/you/.local/share/orch": str(data),
+                     "127.0.0.1:9090": f"127.0.0.1:{metrics}", "127.0.0.1:9091": f"127.0.0.1:{metrics + 1}",
+                     "/home/you/.local/share/orch": str(data),
                      "box1": socket.gethostname()})
 
     first = blocks[0][0]

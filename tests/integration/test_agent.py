@@ -26,10 +26,10 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(orch.config, "default_config_path", lambda: tmp_path / "no-config" / "config.yaml")
 
 
-def serve(tmp_path: Path, body: Callable[[str, SqliteStore, Client], Awaitable[None]]) -> None:
+def serve(tmp_path: Path, body: Callable[[str, SqliteStore, Client], Awaitable[None]], **overrides: Any) -> None:
     """A scheduler app on a free loopback port; ``body(url, store, client)``."""
     settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
-                                    "auth.join_token": JOIN_TOKEN}, environ={})
+                                    "auth.join_token": JOIN_TOKEN, **overrides}, environ={})
 
     async def main() -> None:
         app = build_app(settings)
@@ -158,3 +158,34 @@ async def _all(store: SqliteStore, state: str, n: int) -> bool:
 
 async def _at_least(store: SqliteStore, state: str, n: int) -> bool:
     return (await states(store)).get(state, 0) >= n
+
+
+def test_heartbeats_fit_a_small_body_limit_and_keep_every_lease(tmp_path: Path) -> None:
+    """40 attempts held, a 1 KiB body limit: one heartbeat would be ~1.7 KB, so it goes in parts, and every
+    lease lives through jobs that outlast several lease TTLs."""
+
+    async def body(url: str, store: SqliteStore, client: Client) -> None:
+        jobs = []
+        for _ in range(4):  # the body limit holds about 30 such specs
+            jobs += await client.submit_many([{"command": ["sleep", "2.5"]}] * 10)
+        beats = 0
+        real = store.heartbeat
+
+        async def counted(*a: Any, **kw: Any) -> Any:
+            nonlocal beats
+            beats += 1
+            return await real(*a, **kw)
+
+        store.heartbeat = counted  # type: ignore[method-assign]
+        worker = agent(url, 40)
+        running = asyncio.ensure_future(worker.run())
+        await until(lambda: _all(store, "succeeded", 40), 40, "every job to succeed")
+        worker.stop()
+        await asyncio.wait_for(running, 20)
+        for j in jobs:
+            done = await client.job(j["id"])
+            assert done["state"] == "succeeded" and done["attempt"] == 1, done["attempts"]
+        assert beats >= 4  # in parts: more requests than heartbeat intervals
+
+    serve(tmp_path, body, **{"scheduler.max_body_bytes": 1024, "scheduler.heartbeat_interval": 0.3,
+                             "scheduler.lease_ttl": 1.0, "scheduler.max_long_polls": 4})
