@@ -106,6 +106,7 @@ CONTROL_CHARS = (r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202
                  r"\ufff9-\ufffb")
 CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]+", re.ASCII)  # what shlex.quote leaves as it is
 MAX_ARGS = 4096
 MAX_ARG_LEN = 128 * 1024
 MAX_ENV = 256
@@ -175,7 +176,11 @@ class JobSpec:
     @property
     def command_text(self) -> str:
         """What the job runs, as a person reads it: the shell line, or the argv quoted as a shell would."""
-        return self.argv[2] if self.kind == "shell" else shlex.join(self.argv)
+        if self.kind == "shell":
+            return self.argv[2]
+        # shlex.join, quoting only the words that need it: the common command costs a regex match, not a
+        # quote() call per word (this runs at every submit).
+        return " ".join(a if _PLAIN_WORD.fullmatch(a) else shlex.quote(a) for a in self.argv)
 
 
 def stored_spec(spec: JobSpec, defaults: RetryPolicy) -> dict[str, Any]:
@@ -196,25 +201,33 @@ def argv_of(spec: Mapping[str, Any]) -> list[str]:
     return list(spec["argv"])
 
 
-def spec_view(stored: Mapping[str, Any], defaults: RetryPolicy) -> dict[str, Any]:
+def spec_view(stored: Mapping[str, Any], defaults: RetryPolicy | Mapping[str, Any]) -> dict[str, Any]:
     """A stored spec as the API shows it: the form it was submitted in, every field with its value, the
-    defaults filled in (those of this scheduler: the retry policy applies as it is now)."""
+    defaults filled in (those of this scheduler: the retry policy applies as it is now). ``defaults``: the
+    policy, or its ``view_defaults`` made beforehand (this runs for every job answered)."""
     out: dict[str, Any] = {k: stored[k] for k in ("command", "shell", "task") if k in stored}
     if "task" in stored:
         out["args"] = list(stored.get("args", ()))
-    b = stored.get("backoff") or {}
-    roe = stored.get("retry_on_exit")
-    out.update(
-        queue=stored.get("queue", "default"), priority=stored.get("priority", 0), env=stored.get("env") or {},
-        cwd=stored.get("cwd"), timeout=stored.get("timeout"),
-        max_attempts=stored.get("max_attempts") or defaults.max_attempts, labels=stored.get("labels") or {},
-        name=stored.get("name"),
-        backoff={"base": b.get("base", defaults.base), "factor": b.get("factor", defaults.factor),
-                 "cap": b.get("cap", defaults.cap), "jitter": b.get("jitter", defaults.jitter)},
-        retry_on_exit=list(roe) if roe is not None else (
-            list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None),
-    )
+    out.update(view_defaults(defaults) if isinstance(defaults, RetryPolicy) else defaults)
+    for k, v in stored.items():
+        if k in out and k not in _NOT_AS_IS:
+            out[k] = v
+    if stored.get("backoff"):  # the job's own values over the defaults'
+        out["backoff"] = {**out["backoff"], **stored["backoff"]}
     return out
+
+
+_NOT_AS_IS = frozenset({"command", "shell", "task", "args", "backoff"})  # copied above, or merged
+
+
+def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
+    """Every optional field of a spec with its default, in the order the API shows them (made once per policy;
+    the values are copied into each view and never changed there)."""
+    return {"queue": "default", "priority": 0, "env": {}, "cwd": None, "timeout": None,
+            "max_attempts": defaults.max_attempts, "labels": {}, "name": None,
+            "backoff": {"base": defaults.base, "factor": defaults.factor, "cap": defaults.cap,
+                        "jitter": defaults.jitter},
+            "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None}
 
 
 def _is_int(v: Any) -> bool:

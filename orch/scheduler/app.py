@@ -19,7 +19,18 @@ from orch.config import Settings
 from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, StorageError, Unauthorized, ValidationError
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
-from orch.models import CONTROL_RE, NAME_RE, JobSpec, Outcome, State, parse_spec, spec_view, stored_spec, validate_name
+from orch.models import (
+    CONTROL_RE,
+    NAME_RE,
+    JobSpec,
+    Outcome,
+    State,
+    parse_spec,
+    spec_view,
+    stored_spec,
+    validate_name,
+    view_defaults,
+)
 from orch.output import marker as output_marker
 from orch.scheduler.bodies import each, encode, encode_list, let_go, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
@@ -351,6 +362,7 @@ class Api:
         self.lease_ttl: float = settings["scheduler.lease_ttl"]
         self.long_poll: float = settings["scheduler.long_poll_timeout"]
         self.defaults = settings.retry_policy
+        self._view_defaults = view_defaults(self.defaults)  # what spec_view fills in, made once
         self.max_spec: int = settings["scheduler.max_spec_bytes"]
         self.metrics = SchedulerMetrics()
         self._backlog: deque[Change] = deque()  # committed changes not counted and logged yet (see committed)
@@ -410,7 +422,7 @@ class Api:
 
     def view(self, job: dict[str, Any]) -> dict[str, Any]:
         """A job as the API shows it: its spec in the form it was submitted in, with the defaults filled in."""
-        job["spec"] = spec_view(job["spec"], self.defaults)
+        job["spec"] = spec_view(job["spec"], self._view_defaults)
         return job
 
     async def answer(self, request: web.Request, job: dict[str, Any], status: int = 200) -> web.StreamResponse:

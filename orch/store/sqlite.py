@@ -225,6 +225,7 @@ def storage_error(e: BaseException, path: Path) -> BaseException:
 
 COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
 # What a listing reads of a job: never its spec, which may be large (scheduler.max_spec_bytes).
+ALL_STATES = tuple(st.value for st in State)
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
 
@@ -748,20 +749,31 @@ class SqliteStore:
         """Newest first; ``cursor`` is the id below which the next page starts. Summaries, not specs.
 
         Only the filters given go into the WHERE clause, so each combination has an index that
-        gives its rows in id order: (state, id), (queue, id), (queue, state, id), or the table's own.
+        gives its rows in id order: (state, id), (queue, state, id), or the table's own.
         """
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("state", state), ("queue", queue)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if cursor is not None:
-            where.append("id < ?")
-            params.append(cursor)
-        rows = await self._read(
-            f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
+        below = "" if cursor is None else " AND id < ?"
+        if queue is not None and state is None:
+            # A queue alone: a page from each state's run of (queue, state, id), merged in id order. An
+            # index of (queue, id) would give it in one run, but it cost every submit ~4 us more.
+            part = f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE queue = ? AND state = ?{below} ORDER BY id DESC LIMIT ?"
+            parts = " UNION ALL ".join(f"SELECT * FROM ({part})" for _ in ALL_STATES)
+            params: list[Any] = []
+            for st in ALL_STATES:
+                params += [queue, st, *(() if cursor is None else (cursor,)), limit + 1]
+            rows = await self._read(f"SELECT * FROM ({parts}) ORDER BY id DESC LIMIT ?", (*params, limit + 1))
+        else:
+            where: list[str] = []
+            params = []
+            for column, value in (("state", state), ("queue", queue)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
+            if cursor is not None:
+                where.append("id < ?")
+                params.append(cursor)
+            rows = await self._read(
+                f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+                + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         summaries: list[dict[str, Any]] = []

@@ -39,6 +39,6 @@ UPDATE jobs SET spec = json_set(spec, '$.max_attempts', max_attempts)
 ALTER TABLE jobs ADD COLUMN spec_bytes INTEGER NOT NULL DEFAULT 0;
 UPDATE jobs SET spec_bytes = length(spec);
 
--- Listings filtered by queue, or by queue and state, read these in id order (state alone: jobs_state).
-CREATE INDEX jobs_queue ON jobs (queue, id);
+-- Listings filtered by queue and state read this in id order (state alone: jobs_state; a queue alone:
+-- a page from each of its states, merged).
 CREATE INDEX jobs_queue_state ON jobs (queue, state, id);
