@@ -209,6 +209,19 @@ def job(url: str, job_id: int, **kw: Any) -> dict[str, Any]:
     return body
 
 
+def submit(url: str, spec: dict[str, Any]) -> int:
+    """POST one job spec; the request must succeed. Its id."""
+    status, body = http("POST", f"{url}/v1/jobs", spec)
+    assert status == 201, body
+    return body["id"]
+
+
+def ended(url: str, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
+    """The job once it has ended (succeeded, failed or cancelled), waited for up to ``timeout``."""
+    return wait_until(lambda: (j := job(url, job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
+                      timeout, f"job {job_id} to end")
+
+
 def hold_fsyncs(monkeypatch: Any) -> Any:
     """Make os.fdatasync wait (up to 10 s) until the returned threading.Event is set: a disk that takes its time."""
     import threading

@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, http, job, run_cli, start_scheduler, start_worker, wait_until, workers_alive
+from helpers import (
+    ended,
+    free_port,
+    http,
+    job,
+    run_cli,
+    start_scheduler,
+    start_worker,
+    submit,
+    wait_until,
+    workers_alive,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -20,17 +31,6 @@ FAST = {
     "ORCH_RETRY_BACKOFF_BASE": "0.1",
     "ORCH_WORKER_KILL_GRACE": "1",
 }
-
-
-def submit(url: str, spec: dict) -> int:
-    status, body = http("POST", f"{url}/v1/jobs", spec)
-    assert status == 201, body
-    return body["id"]
-
-
-def ended(url: str, job_id: int, timeout: float = 30.0) -> dict:
-    return wait_until(lambda: (j := job(url, job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
-                      timeout, f"job {job_id} to end")
 
 
 def pid_alive(pid: int) -> bool:

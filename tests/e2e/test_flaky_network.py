@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, Proc, http, job, start_scheduler, start_worker, wait_until
+from helpers import ROOT, Proc, ended, http, job, start_scheduler, start_worker, submit, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -41,17 +41,6 @@ class Proxy:
         start = self.answered(mode)
         self.set(mode)
         wait_until(lambda: self.answered(mode) >= start + requests, 30, f"{requests} requests answered {mode}")
-
-
-def submit(url: str, spec: dict) -> int:
-    status, body = http("POST", f"{url}/v1/jobs", spec)
-    assert status == 201, body
-    return body["id"]
-
-
-def ended(url: str, job_id: int, timeout: float = 60.0) -> dict:
-    return wait_until(lambda: (j := job(url, job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
-                      timeout, f"job {job_id} to end")
 
 
 def workers(url: str) -> list[dict]:

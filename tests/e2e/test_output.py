@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import http, job, orch_cmd, start_scheduler, start_worker, wait_until
+from helpers import ended, http, job, orch_cmd, start_scheduler, start_worker, submit, wait_until
 
 pytestmark = pytest.mark.e2e
 
 MARKER = re.compile(r"\[orch: ([0-9,]+) bytes of (stdout|stderr) not kept\]\n")
-
-
-def submit(url: str, spec: dict) -> int:
-    status, body = http("POST", f"{url}/v1/jobs", spec)
-    assert status == 201, body
-    return body["id"]
-
-
-def ended(url: str, job_id: int, timeout: float = 60.0) -> dict:
-    return wait_until(lambda: (j := job(url, job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
-                      timeout, f"job {job_id} to end")
 
 
 def rss_kib(pid: int) -> int:

@@ -86,7 +86,7 @@ def test_every_listing_filter_reads_an_index_in_id_order(tmp_path: Path) -> None
         for sql, params in queries:
             steps = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
             plan = " | ".join(steps)
-            for before, step in zip(["", *steps], steps):
+            for before, step in zip(["", *steps[:-1]], steps, strict=True):
                 # Rows of jobs are read in id order and the reading stops after a page: a sort is only ever
                 # of a subquery's page (a queue alone: a page of each state, merged), never of jobs' rows.
                 if "TEMP B-TREE" in step:
