@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 import shlex
@@ -106,7 +107,7 @@ CONTROL_CHARS = (r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202
                  r"\ufff9-\ufffb")
 CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_PLAIN_WORD = re.compile(r"[\w@%+=:,./-]+", re.ASCII)  # what shlex.quote leaves as it is
+_PLAIN_ARGV = re.compile(r"[\w@%+=:,./-]+(?:\x00[\w@%+=:,./-]+)*", re.ASCII)  # words shlex.quote leaves alone
 MAX_ARGS = 4096
 MAX_ARG_LEN = 128 * 1024
 MAX_ENV = 256
@@ -176,11 +177,16 @@ class JobSpec:
     @property
     def command_text(self) -> str:
         """What the job runs, as a person reads it: the shell line, or the argv quoted as a shell would."""
-        if self.kind == "shell":
-            return self.argv[2]
-        # shlex.join, quoting only the words that need it: the common command costs a regex match, not a
-        # quote() call per word (this runs at every submit).
-        return " ".join(a if _PLAIN_WORD.fullmatch(a) else shlex.quote(a) for a in self.argv)
+        return self.argv[2] if self.kind == "shell" else _command_text(self.argv)
+
+
+@functools.lru_cache(maxsize=4096)
+def _command_text(argv: tuple[str, ...]) -> str:
+    """shlex.join, remembered (this runs at every submit, and a batch often repeats its commands); a command
+    of plain words costs one regex match over all of them, not a quote() per word."""
+    if _PLAIN_ARGV.fullmatch("\x00".join(argv)):
+        return " ".join(argv)
+    return shlex.join(argv)
 
 
 def stored_spec(spec: JobSpec, defaults: RetryPolicy) -> dict[str, Any]:
@@ -236,6 +242,8 @@ def _is_int(v: Any) -> bool:
 
 def _as_int(v: Any) -> int | None:
     """``v`` as an integer if it is one to JSON Schema (2.0 as much as 2), else None."""
+    if type(v) is int:  # the usual case, first: this runs for every spec of a batch
+        return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v if _is_int(v) else None
@@ -321,7 +329,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         argv = (task, *_str_list(body.get("args", []), f("args"), allow_empty=True))
 
     queue = validate_name(body.get("queue", "default"), f("queue"))
-    priority = _as_int(body.get("priority", 0))
+    priority = _as_int(body["priority"]) if "priority" in body else 0
     if priority is None or not -1000 <= priority <= 1000:
         raise ValidationError("priority must be an integer from -1000 to 1000", field=f("priority"))
     env = _str_map(body.get("env", {}), f("env"), ENV_KEY_RE, MAX_ENV)
@@ -332,7 +340,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     timeout = body.get("timeout")
     if "timeout" in body and (not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise ValidationError(f"timeout must be a number of seconds in (0, {int(MAX_TIMEOUT)}]", field=f("timeout"))
-    max_attempts = _as_int(body.get("max_attempts"))
+    max_attempts = _as_int(body["max_attempts"]) if "max_attempts" in body else None
     if "max_attempts" in body and (max_attempts is None or not 1 <= max_attempts <= 100):
         raise ValidationError("max_attempts must be an integer from 1 to 100", field=f("max_attempts"))
     labels = _str_map(body.get("labels", {}), f("labels"), NAME_RE, MAX_LABELS)

@@ -23,7 +23,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 SLICE_SECONDS = 0.002  # work done between two yields to the loop, about
-BIG_BODY = 256 * 1024  # bodies up to this size are parsed in one go (about a millisecond)
+BIG_BODY = 1 << 20  # bodies up to this size are parsed in one go (a few milliseconds)
 STRING_SLICE = 128 * 1024  # characters of a long string encoded between yields
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -32,15 +32,17 @@ _decoder = json.JSONDecoder()
 _WS = " \t\n\r"
 
 
+EACH_SLICE = 256  # items mapped between two yields to the loop (a spec's check is ~10 us: ~2.5 ms)
+
+
 async def each(items: Sequence[T], fn: Callable[[int, T], U]) -> list[U]:
-    """``[fn(i, item) for ...]``, yielding to the loop every couple of milliseconds."""
+    """``[fn(i, item) for ...]``, a slice of EACH_SLICE items between two yields to the loop."""
+    if len(items) <= EACH_SLICE:
+        return [fn(i, item) for i, item in enumerate(items)]
     out: list[U] = []
-    began = time.perf_counter()
-    for i, item in enumerate(items):
-        out.append(fn(i, item))
-        if i & 31 == 31 and time.perf_counter() - began > SLICE_SECONDS:
-            await asyncio.sleep(0)
-            began = time.perf_counter()
+    for at in range(0, len(items), EACH_SLICE):
+        out += [fn(i, items[i]) for i in range(at, min(at + EACH_SLICE, len(items)))]
+        await asyncio.sleep(0)
     return out
 
 
