@@ -207,14 +207,14 @@ def argv_of(spec: Mapping[str, Any]) -> list[str]:
     return list(spec["argv"])
 
 
-def spec_view(stored: Mapping[str, Any], defaults: RetryPolicy | Mapping[str, Any]) -> dict[str, Any]:
+def spec_view(stored: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """A stored spec as the API shows it: the form it was submitted in, every field with its value, the
-    defaults filled in (those of this scheduler: the retry policy applies as it is now). ``defaults``: the
-    policy, or its ``view_defaults`` made beforehand (this runs for every job answered)."""
+    defaults filled in (those of this scheduler: the retry policy applies as it is now). ``defaults``:
+    ``view_defaults(policy)``, made once (this runs for every job answered)."""
     out: dict[str, Any] = {k: stored[k] for k in ("command", "shell", "task") if k in stored}
     if "task" in stored:
         out["args"] = list(stored.get("args", ()))
-    out.update(view_defaults(defaults) if isinstance(defaults, RetryPolicy) else defaults)
+    out.update(defaults)
     for k, v in stored.items():
         if k in out and k not in _NOT_AS_IS:
             out[k] = v
