@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 
 TOKEN_FILE = "tokens.json"
 ROLES = ("client", "join")

@@ -17,7 +17,8 @@ import typer
 
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
-from orch.errors import ApiError, ConfigError, OrchError, ValidationError
+from orch.core.errors import ApiError, ConfigError, OrchError, ValidationError
+from orch.core.states import JobState
 from orch.text import visible
 
 T = TypeVar("T")
@@ -137,7 +138,8 @@ def _logging(settings: Settings, log_format: str | None) -> None:
 async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
     from aiohttp import web
 
-    from orch.scheduler.app import STORE, build_app
+    from orch.compose import build_app
+    from orch.scheduler.app import STORE
     from orch.scheduler.security import GUARD, exposure_warnings
     from orch.store.files import DatabaseLock, private_dir
 
@@ -218,18 +220,9 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
 
 def _startup_error(e: BaseException, settings: Settings) -> BaseException:
     """A failure of the files at start-up as one line (an OrchError); anything else (a bug) as it is."""
-    import sqlite3
+    from orch.compose import startup_error
 
-    from orch.errors import StorageError
-
-    if isinstance(e, sqlite3.Error):
-        from orch.store.sqlite import storage_error
-
-        mapped = storage_error(e, settings.db_path)
-        return mapped if mapped is not e else StorageError(f"cannot use the database {settings.db_path}: {e}")
-    if isinstance(e, OSError):
-        return StorageError(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
-    return e
+    return startup_error(e, settings)
 
 
 def _more_open_files() -> None:
@@ -364,7 +357,7 @@ def worker(
     async def main() -> None:
         from orch.auth import pick
         from orch.client import Client
-        from orch.errors import ApiError
+        from orch.core.errors import ApiError
         from orch.worker.agent import Agent
 
         join_token = pick(None, settings["auth.join_token"], settings.data_dir, "join")
@@ -757,7 +750,7 @@ async def _interruptible(client: Any, job_id: int, waiting: Awaitable[int], canc
                 raise
             typer.echo(f"orch: job {job_id} had already ended", err=True)
             return INTERRUPTED
-        if job["state"] == "cancelled":
+        if job["state"] == JobState.CANCELLED:
             typer.echo(f"orch: job {job_id} cancelled", err=True)
         else:
             typer.echo(f"orch: job {job_id} is being cancelled: its worker stops it", err=True)
@@ -768,7 +761,7 @@ async def _interruptible(client: Any, job_id: int, waiting: Awaitable[int], canc
 
 
 def _exit_code(job: dict[str, Any]) -> int:
-    if job["state"] == "succeeded":
+    if job["state"] == JobState.SUCCEEDED:
         return 0
     code = job.get("exit_code")
     return code if isinstance(code, int) and 0 < code < 256 else 1
@@ -788,7 +781,7 @@ async def _stream(client: Any, job_id: int) -> int:
         out = sys.stdout if item["stream"] == "stdout" else sys.stderr
         out.write(item["data"])
         out.flush()
-    if end.get("state") != "succeeded" and end.get("error"):
+    if end.get("state") != JobState.SUCCEEDED and end.get("error"):
         typer.echo(visible(f"orch: job {job_id} {end.get('state')}: {end['error']}"), err=True)
     return _exit_code(end) if end else 1
 
@@ -834,7 +827,7 @@ def _short(ts: str | None, zone: bool = True) -> str:
 def _command_text(spec: dict[str, Any]) -> str:
     import shlex
 
-    from orch.models import argv_of
+    from orch.core.spec import argv_of
 
     if "shell" in spec:
         return str(spec["shell"])
@@ -846,7 +839,7 @@ def _command_text(spec: dict[str, Any]) -> str:
 
 def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
     lines = [
-        f"job {job['id']}  {job['state']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["state"] == "running" else ""),
+        f"job {job['id']}  {job['state']}" + ("  (cancel requested)" if job.get("cancel_requested") and job["state"] == JobState.RUNNING else ""),
         *([f"  name:      {job['name']}"] if job.get("name") else []),
         f"  command:   {_command_text(job['spec'])}",
         f"  queue:     {job['queue']}  priority {job['priority']}  attempt {job['attempt']}/{job['max_attempts']}",
@@ -960,7 +953,7 @@ def cancel(
             data = await client.cancel(_job_ref(job))
         if as_json:
             emit_json(data)
-        elif data["state"] == "cancelled":
+        elif data["state"] == JobState.CANCELLED:
             typer.echo(f"job {data['id']} cancelled")
         else:
             typer.echo(f"job {data['id']} is running; its worker will stop it")
@@ -1059,14 +1052,14 @@ def why(
 
 # =========================================================================== orch submit: many jobs from a file
 
-_ENDED = ("succeeded", "failed", "cancelled")
+_ENDED = tuple(s.value for s in JobState if s.terminal)
 WAIT_IDS = 10_000  # ids in one POST /v1/jobs/wait, at most (the API's limit)
 _PACE_ABOVE, _PACE = 64, 0.1  # with more jobs left than this, at most one wait request per _PACE seconds
 
 
 def _read_specs(file: str) -> list[dict[str, Any]]:
     """Job specs of a JSON-lines file (``-``: stdin), every one checked before anything is submitted."""
-    from orch.models import parse_spec
+    from orch.core.spec import parse_spec
 
     name = "stdin" if file == "-" else file
     try:

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import aiohttp
 
-from orch.errors import ApiError, ServerUnavailable
+from orch.core.errors import ApiError, ServerUnavailable
 from orch.text import visible
 
 WORKERS_PATH = "/v1/workers/"

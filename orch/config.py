@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from orch.errors import ConfigError
-from orch.models import NAME_RE, RetryPolicy
+from orch.core.errors import ConfigError
+from orch.core.retry import RetryPolicy
+from orch.core.spec import NAME_RE
 
 
 @dataclass(frozen=True)

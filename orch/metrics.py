@@ -22,8 +22,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 
 from orch import __version__
-from orch.errors import ConfigError
-from orch.models import Outcome
+from orch.core.errors import ConfigError
+from orch.core.records import Snapshot
+from orch.core.states import JobState, Outcome, WorkerState
 
 # Execution and queue-wait times, 5 ms to 1 h. Job times spread over orders of magnitude (roughly log-normal),
 # so the buckets are spaced on a log scale; histogram_quantile() interpolates linearly inside a bucket, so a
@@ -37,12 +38,11 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
-JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
-WORKER_STATES = ("alive", "draining", "lost", "stopped")
-UNFINISHED = ("queued", "running", "retrying")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+UNFINISHED = tuple(st for st in JobState if not st.terminal)
+TERMINAL = frozenset(st.value for st in JobState if st.terminal)
 # Attempt outcomes whose duration the worker measured (lost and handed-back attempts did not end by themselves).
-TIMED_OUTCOMES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+TIMED_OUTCOMES = frozenset(o.value for o in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT, Outcome.CANCELLED))
+_QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
 ATTEMPT_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.RUNNING)
 STALE_KINDS = ("heartbeat", "output", "completion")
 
@@ -137,7 +137,7 @@ class SchedulerMetrics:
             state, queue = c.state, c.queue
             if queue not in known:
                 self.known_queues((queue,))
-            if state == "queued" and c.attempt == 0:  # a submit: only they are queued before any attempt
+            if state == _QUEUED and c.attempt == 0:  # a submit: only they are queued before any attempt
                 key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
                 counts[key] = counts.get(key, 0) + 1
                 continue
@@ -147,12 +147,12 @@ class SchedulerMetrics:
                 counts[key] = counts.get(key, 0) + 1
                 if c.duration is not None and outcome in TIMED_OUTCOMES:
                     durations.append((queue, c.duration))
-            if state == "running" and c.worker is not None and outcome is None:
+            if state == _RUNNING and c.worker is not None and outcome is None:
                 key = (self.started, (queue,))
                 counts[key] = counts.get(key, 0) + 1
                 if c.queue_wait is not None:
                     waits.append((queue, c.queue_wait))
-            elif state == "retrying":
+            elif state == _RETRYING:
                 key = (self.retries, (queue,))
                 counts[key] = counts.get(key, 0) + 1
             elif state in TERMINAL:
@@ -175,11 +175,11 @@ class SchedulerMetrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self._child(self.http, (method if method in HTTP_METHODS else "other", route, str(status))).observe(seconds)
 
-    def set_snapshot(self, snapshot: dict[str, Any], store: Any = None) -> None:
+    def set_snapshot(self, snapshot: Snapshot, store: Any = None) -> None:
         """The latest ``store.metrics_snapshot()``; ``store`` lends its batch and op counters."""
         self._state.snapshot = snapshot
         self._state.store = store
-        self.known_queues(q for q, _ in snapshot.get("queues", {}))
+        self.known_queues(q for q, _ in snapshot.queues)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -194,7 +194,7 @@ class _StateCollector:
     """Gauges read at scrape time from the scheduler's last snapshot."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {}
+        self.snapshot: Snapshot | None = None
         self.store: Any = None
         self.queues: set[str] = set()  # queues seen: they stay at 0 when they empty, rather than vanish
 
@@ -204,7 +204,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Metric]:
         return iter(self._families(self.snapshot))
 
-    def _families(self, snap: dict[str, Any] | None = None) -> list[Metric]:
+    def _families(self, snap: Snapshot | None = None) -> list[Metric]:
         jobs = GaugeMetricFamily("orch_jobs", "Jobs in each state right now.", labels=["state"])
         queues = GaugeMetricFamily(
             "orch_queue_jobs", "Unfinished jobs per queue and state (queued is the queue depth).", labels=["queue", "state"]
@@ -221,20 +221,19 @@ class _StateCollector:
         out: list[Metric] = [jobs, queues, workers, age, slots, batches, ops]
         if snap is None:
             return out
-        for state in sorted(set(JOB_STATES) | set(snap.get("jobs", {}))):
-            jobs.add_metric([state], snap.get("jobs", {}).get(state, 0))
-        counts = snap.get("queues", {})
+        for js in JobState:
+            jobs.add_metric([js.value], snap.jobs.get(js, 0))
         for q in sorted(self.queues):
-            for state in UNFINISHED:
-                queues.add_metric([q, state], counts.get((q, state), 0))
-        for state in sorted(set(WORKER_STATES) | set(snap.get("workers", {}))):
-            workers.add_metric([state], snap.get("workers", {}).get(state, 0))
+            for js in UNFINISHED:
+                queues.add_metric([q, js.value], snap.queues.get((q, js), 0))
+        for ws in WorkerState:
+            workers.add_metric([ws.value], snap.workers.get(ws, 0))
         busy = free = 0
-        for w in snap.get("live_workers", []):
-            age.add_metric([w["id"], w["name"]], round(w["heartbeat_age"], 3))
-            if w["state"] == "alive":
-                busy += min(w["busy"], w["concurrency"])
-                free += max(0, w["concurrency"] - w["busy"])
+        for w in snap.live_workers:
+            age.add_metric([w.id, w.name], round(w.heartbeat_age, 3))
+            if w.state is WorkerState.ALIVE:
+                busy += min(w.busy, w.concurrency)
+                free += max(0, w.concurrency - w.busy)
         slots.add_metric(["busy"], busy)
         slots.add_metric(["free"], free)
         batches.add_metric([], getattr(self.store, "batches", 0))

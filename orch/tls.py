@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 
 INSTALL_HINT = ("orch certs init needs the 'cryptography' package: pip install 'orch[tls]' "
                 "(or make a CA and a server certificate with openssl and set tls.cert, tls.key and tls.ca)")

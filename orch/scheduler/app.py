@@ -16,38 +16,45 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
-from orch.errors import NotFound, OrchError, PayloadTooLarge, StaleAttempt, StorageError, Unauthorized, ValidationError
-from orch.logs import info_lines
-from orch.metrics import SchedulerMetrics
-from orch.models import (
+from orch.core.errors import (
+    NotFound,
+    OrchError,
+    PayloadTooLarge,
+    StaleAttempt,
+    StorageError,
+    Unauthorized,
+    ValidationError,
+)
+from orch.core.records import JobRecord, Lease, Verdict
+from orch.core.spec import (
     CONTROL_RE,
     NAME_RE,
     JobSpec,
-    Outcome,
-    State,
     parse_spec,
-    spec_view,
     stored_spec,
     validate_name,
     view_defaults,
 )
+from orch.core.states import JobState, Outcome
+from orch.logs import info_lines
+from orch.metrics import SchedulerMetrics
 from orch.output import marker as output_marker
+from orch.scheduler import wire
 from orch.scheduler.bodies import each, encode, encode_list, let_go, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import MAX_METRICS_ADDRESS, METRICS_ADDRESS_RE
-from orch.scheduler.openapi import document as openapi_document
+from orch.scheduler.routes import JOB_ID_PATHS, ROUTES
+from orch.scheduler.routes import document as openapi_document
 from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, ProtocolLog, guard_request, unencodable_field
 from orch.scheduler.why import explain
-from orch.store.base import AttemptResult, Change, OutputChunk
-from orch.store.sqlite import SqliteStore
+from orch.scheduler.wire import leases_json
+from orch.store.base import AttemptResult, Change, OutputChunk, Store
 
 log = logging.getLogger("orch.scheduler")
 
-STORE = web.AppKey("store", SqliteStore)
+STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
-# Each job route's path with any segment where its id goes: a 404 on one of them is about the id.
-MALFORMED_ID = web.AppKey("malformed_id", list)
 MAX_BATCH = 10_000
 ACCOUNT_SLICE = 256  # committed changes counted and logged per turn of the loop, at most
 BIG_OUTPUT = 128 * 1024  # characters of output in an answer beyond which it is encoded a slice at a time
@@ -84,19 +91,7 @@ def raw_json(text: str, status: int = 200) -> web.Response:
     return web.Response(body=text.encode(), status=status, content_type="application/json")
 
 
-def leases_json(jobs: list[dict[str, Any]]) -> str:
-    """Claimed jobs as the JSON list the worker gets, each spec embedded as the JSON text the store keeps
-    (it was made by json.dumps at submit): no parse and re-encode per job."""
-    return "[" + ",".join(
-        f'{{"job_id":{j["job_id"]:d},"attempt":{j["attempt"]:d},"spec":{j["spec"]},"queue":{_string(j["queue"])},'
-        f'"queued_at":{j["queued_at"]!r}}}' for j in jobs) + "]"
-
-
-_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-
-
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid"}
-_TERMINAL = frozenset(s.value for s in State if s.terminal)
 
 
 @web.middleware
@@ -144,7 +139,7 @@ def _http_error(request: web.Request, e: web.HTTPException) -> web.Response:
     if e.status == 413:
         body["error"]["field"] = "body"
     elif e.status == 404:
-        for pattern in request.app[MALFORMED_ID]:
+        for pattern in JOB_ID_PATHS:  # a job route's path with something else where its id goes
             m = pattern.fullmatch(request.path)
             if m:  # a job route but for its id: say so, as job_id_of does for ids that are digits
                 body["error"].update(message=f"no job {m['id'][:40]!r}", field="id")
@@ -351,11 +346,12 @@ def result_of(item: Any, p: str) -> AttemptResult:
 class Api:
     """Route handlers; they validate, call the store, and wake whoever waits."""
 
+    openapi: dict[str, Any] = {}  # the document, set by build_app
     guard: Guard | None = None  # set by build_app: tokens and worker credentials (orch/scheduler/security.py)
     # (host, port) of the scheduler's own metrics listener (metrics.scheduler_port), once it listens.
     metrics_listener: tuple[str, int] | None = None
 
-    def __init__(self, store: SqliteStore, hub: Hub, settings: Settings) -> None:
+    def __init__(self, store: Store, hub: Hub, settings: Settings) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
@@ -364,6 +360,7 @@ class Api:
         self.defaults = settings.retry_policy
         self._view_defaults = view_defaults(self.defaults)  # what spec_view fills in, made once
         self.max_spec: int = settings["scheduler.max_spec_bytes"]
+        self.output_limit: int = settings["scheduler.output_limit_bytes"]
         self.metrics = SchedulerMetrics()
         self._backlog: deque[Change] = deque()  # committed changes not counted and logged yet (see committed)
         self._accounting = False
@@ -404,6 +401,9 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         return ok({"status": "ok"})
 
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return ok(self.openapi)
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = await self.render_metrics(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
@@ -420,10 +420,9 @@ class Api:
         facts = await self.store.why_facts(job_id_of(request))
         return ok(explain(facts, self.settings["scheduler.heartbeat_interval"]))
 
-    def view(self, job: dict[str, Any]) -> dict[str, Any]:
+    def view(self, rec: JobRecord) -> dict[str, Any]:
         """A job as the API shows it: its spec in the form it was submitted in, with the defaults filled in."""
-        job["spec"] = spec_view(job["spec"], self._view_defaults)
-        return job
+        return wire.job_json(rec, self._view_defaults, self.output_limit)
 
     async def answer(self, request: web.Request, job: dict[str, Any], status: int = 200) -> web.StreamResponse:
         """A job's answer; one with a lot of output is encoded a slice at a time (orch/scheduler/bodies.py)."""
@@ -453,10 +452,11 @@ class Api:
             raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
                                   f"({self.max_spec:,}): put large data in a file the job reads", field="body")
         spec = parse_spec(await read_json(request))
-        jobs = await self.store.submit([spec], self.defaults, [self.stored(spec, "")])
-        return ok(self.view(jobs[0]), 201)
+        stored = self.stored(spec, "")
+        jobs = await self.store.submit([spec], self.defaults, [stored])
+        return ok(self.view(JobRecord(jobs[0], stored[0], [])), 201)
 
-    async def submit_batch(self, request: web.Request) -> web.Response:
+    async def submit_batch(self, request: web.Request) -> web.StreamResponse:
         """Up to MAX_BATCH specs in one transaction. Parsing, checking and answering go a slice at a time:
         a batch of thousands must not hold up the other requests (orch/scheduler/bodies.py)."""
         data = await read_json(request, "jobs")
@@ -469,21 +469,21 @@ class Api:
         jobs = await self.store.submit(specs, self.defaults, stored)
         # Summaries, as listings: the caller has the specs it sent, and 10,000 of them near
         # scheduler.max_spec_bytes would make an answer as large as the request again.
-        for job in jobs:
-            del job["spec"]
-        body = await encode_list("jobs", jobs)
-        await let_go(items, specs, stored, jobs)
+        summaries = await each(jobs, lambda i, job: wire.job_summary(job))
+        body = await encode_list("jobs", summaries)
+        await let_go(items, specs, stored, jobs, summaries)
         return await big_answer(request, body, 201)
 
-    async def get_job(self, request: web.Request) -> web.Response:
+    async def get_job(self, request: web.Request) -> web.StreamResponse:
         return await self.answer(request, self.view(await self.store.get_job(job_id_of(request))))
 
-    async def list_jobs(self, request: web.Request) -> web.Response:
+    async def list_jobs(self, request: web.Request) -> web.StreamResponse:
         q = request.query
         only(dict(q), {"state", "queue", "limit", "cursor"})
-        state = q.get("state")
-        if state is not None and state not in {s.value for s in State}:
-            raise ValidationError(f"state must be one of {', '.join(s.value for s in State)}", field="state")
+        state_name = q.get("state")
+        state = JobState._value2member_map_.get(state_name) if state_name is not None else None
+        if state_name is not None and state is None:
+            raise ValidationError(f"state must be one of {', '.join(s.value for s in JobState)}", field="state")
         queue = q.get("queue")
         if queue is not None:
             validate_name(queue, "queue")
@@ -491,19 +491,20 @@ class Api:
         cursor_raw = q.get("cursor")
         if cursor_raw is not None and (not (cursor_raw.isascii() and cursor_raw.isdigit()) or len(cursor_raw) > 18):
             raise ValidationError("cursor must be a value from a previous page's next_cursor", field="cursor")
-        jobs, nxt = await self.store.list_jobs(
-            state=state, queue=queue, limit=limit, cursor=int(cursor_raw) if cursor_raw else None
+        found, nxt = await self.store.list_jobs(
+            state=state, queue=queue, limit=limit, cursor=int(cursor_raw) if cursor_raw else None  # type: ignore[arg-type]
         )
+        jobs = await each(found, lambda i, job: wire.job_summary(job))  # a page of 1,000: a slice at a time
         if len(jobs) <= 100:
             return ok({"jobs": jobs, "next_cursor": str(nxt) if nxt is not None else None})
         body = await encode_list("jobs", jobs)  # a page of 1,000: a slice at a time
         return await big_answer(request, body[:-1] + f',"next_cursor":{dumps(str(nxt) if nxt else None)}}}'.encode())
 
-    async def cancel(self, request: web.Request) -> web.Response:
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
         job, _ = await self.store.cancel(job_id_of(request))
         return ok(self.view(job))
 
-    async def wait(self, request: web.Request) -> web.Response:
+    async def wait(self, request: web.Request) -> web.StreamResponse:
         job_id = job_id_of(request)
         timeout = query_num(request, "timeout", 0, 3600, self.long_poll)
         deadline = time.monotonic() + timeout
@@ -511,14 +512,14 @@ class Api:
             ev = self.hub.job_event(job_id)
             state, _ = await self.store.job_state(job_id)
             left = deadline - time.monotonic()
-            if State(state).terminal or left <= 0:
+            if state.terminal or left <= 0:
                 break
             if not await wait_any([ev], min(left, self.long_poll)):
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break  # the waiter hung up: do not hold its long-poll slot for the rest of its timeout
         job = await self.store.get_job(job_id)
-        if State(job["state"]).terminal:
+        if job.job.state.terminal:
             # Woken at the commit of the job's end, maybe before its fsync: a waiter is told
             # that a job ended only once the end is on disk (storage.synchronous FULL).
             await self.store.synced()
@@ -558,7 +559,7 @@ class Api:
                 self.hub.release_jobs(waiter, ids)
         if ended:
             await self.store.synced()  # as for wait: an end is told once it is on disk
-        return ok({"ended": ended, "waiting": len(set(ids)) - len(ended)})
+        return ok({"ended": [wire.job_summary(j) for j in ended], "waiting": len(set(ids)) - len(ended)})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The job's state changes after event ``after``; ``follow=1`` streams them as NDJSON until the job ends."""
@@ -567,7 +568,7 @@ class Api:
         follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
         await self.store.job_state(job_id)  # 404 before anything else
         if not follow:
-            return ok({"events": await self.store.events(job_id, after)})
+            return ok({"events": [wire.event_json(e) for e in await self.store.events(job_id, after)]})
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
@@ -576,13 +577,13 @@ class Api:
                 state, _ = await self.store.job_state(job_id)  # before the events: a change cannot slip between
                 events = await self.store.events(job_id, after)
                 if events:
-                    if any(e["to"] in _TERMINAL for e in events):
+                    if any(e.to_state.terminal for e in events):
                         await self.store.synced()  # as for wait: an end is told once it is on disk
-                    after = events[-1]["id"]
-                    await resp.write(("\n".join(dumps(e) for e in events) + "\n").encode())
-                if State(state).terminal:
+                    after = events[-1].id
+                    await resp.write(("\n".join(dumps(wire.event_json(e)) for e in events) + "\n").encode())
+                if state.terminal:
                     await self.store.synced()
-                    await resp.write((dumps({"end": True, "job_id": job_id, "state": state}) + "\n").encode())
+                    await resp.write((dumps({"end": True, "job_id": job_id, "state": state.value}) + "\n").encode())
                     break
                 if not events and not await wait_any([ev], self.long_poll):
                     transport = request.transport
@@ -597,7 +598,7 @@ class Api:
         job_id = job_id_of(request)
         follow = request.query.get("follow", "0") not in ("0", "", "false", "no")
         if not follow:
-            job = await self.store.get_job(job_id)
+            job = self.view(await self.store.get_job(job_id))
             res = job["result"] or {}
             return await self.answer(request, {"job_id": job_id, "attempt": job["attempt"], "state": job["state"],
                                       "stdout": res.get("stdout", ""), "stderr": res.get("stderr", ""),
@@ -625,24 +626,25 @@ class Api:
             if chunks:
                 lines = []
                 for c in chunks:
-                    after = c["id"]
-                    key = (c["attempt"], c["stream"])
+                    after = c.id
+                    key = (c.attempt, c.stream)
                     at = shown.get(key, 0)
-                    if c["pos"] > at:
-                        lines.append(hole(c["attempt"], c["stream"], c["pos"] - at))
-                    lines.append(dumps({"attempt": c["attempt"], "stream": c["stream"], "data": c["data"]}))
-                    shown[key] = max(at, c["pos"] + c["size"])
-                    last[key] = c["data"][-1:]
+                    if c.pos > at:
+                        lines.append(hole(c.attempt, c.stream, c.pos - at))
+                    lines.append(dumps({"attempt": c.attempt, "stream": c.stream, "data": c.data}))
+                    shown[key] = max(at, c.pos + c.size)
+                    last[key] = c.data[-1:]
                 await resp.write(("\n".join(lines) + "\n").encode())
-            if State(state).terminal:
+            if state.terminal:
                 await self.store.synced()  # as for wait: an end is told once it is on disk
-                job = await self.store.get_job(job_id, with_output=False)
+                rec = await self.store.get_job(job_id, with_output=False)
                 # What each attempt wrote beyond the last chunk shown (dropped at its very end).
-                tails = [hole(a["attempt"], stream, a[f"{stream}_bytes"] - shown.get((a["attempt"], stream), 0))
-                         for a in job["attempts"] for stream in ("stdout", "stderr")
-                         if a[f"{stream}_bytes"] > shown.get((a["attempt"], stream), 0)]
-                end = {"end": True, "state": job["state"], "attempt": job["attempt"],
-                       "exit_code": job["exit_code"], "error": job["error"]}
+                tails = [hole(a.attempt, stream, total - shown.get((a.attempt, stream), 0))
+                         for a in rec.attempts for stream, total in (("stdout", a.stdout_bytes), ("stderr", a.stderr_bytes))
+                         if total > shown.get((a.attempt, stream), 0)]
+                j = rec.job
+                end = {"end": True, "state": j.state.value, "attempt": j.attempt, "exit_code": j.exit_code,
+                       "error": j.error}
                 await resp.write(("\n".join([*tails, dumps(end)]) + "\n").encode())
                 break
             if not chunks and not await wait_any([ev], self.long_poll):
@@ -689,7 +691,9 @@ class Api:
     async def list_workers(self, request: web.Request) -> web.Response:
         show_all = request.query.get("all", "0") not in ("0", "", "false", "no")
         retention = None if show_all else self.settings["scheduler.worker_retention"]
-        return ok({"workers": await self.store.list_workers(retention)})
+        workers = await self.store.list_workers(retention)
+        now = self.store.clock()
+        return ok({"workers": [wire.worker_json(w, now) for w in workers]})
 
     async def metrics_targets(self, request: web.Request) -> web.Response:
         """Prometheus HTTP service discovery: the scheduler's metrics listener and each live worker's.
@@ -704,8 +708,8 @@ class Api:
                 host = request.url.host or "127.0.0.1"
             groups.append({"targets": [host_port(host, port)], "labels": {"role": "scheduler"}})
         for w in await self.store.metrics_targets():
-            url = urlsplit(w["metrics"])
-            labels = {"role": "worker", "worker": w["id"], "name": w["name"]}
+            url = urlsplit(w.url)
+            labels = {"role": "worker", "worker": w.worker_id, "name": w.name}
             if url.scheme != "http":
                 labels["__scheme__"] = url.scheme
             if url.path != "/metrics":
@@ -732,21 +736,21 @@ class Api:
             self.metrics.stale.labels("heartbeat").inc(len(reply.stale))
         if draining:
             self.hub.wake_worker(wid)
-        return ok({"cancel": reply.cancel, "stale": reply.stale})
+        return ok({"cancel": wire.refs_json(reply.cancel), "stale": wire.refs_json(reply.stale)})
 
-    async def _claim(self, request: web.Request, wid: str, queues: list[str], limit: int) -> list[dict[str, Any]]:
-        """Claim for a worker whose request is still open (specs as their stored JSON text, see leases_json)."""
+    async def _claim(self, request: web.Request, wid: str, queues: list[str], limit: int) -> list[Lease]:
+        """Claim for a worker whose request is still open."""
         transport = request.transport
         if transport is None or transport.is_closing():
             return []  # the worker hung up: claim nothing for it
-        jobs, _ = await self.store.claim(wid, queues, limit, self.lease_ttl, raw_spec=True)
+        jobs, _ = await self.store.claim(wid, queues, limit, self.lease_ttl)
         return await self._deliverable(request, wid, jobs)
 
-    async def _deliverable(self, request: web.Request, wid: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _deliverable(self, request: web.Request, wid: str, jobs: list[Lease]) -> list[Lease]:
         """What a worker that hung up while we claimed cannot receive goes straight back."""
         transport = request.transport
         if jobs and (transport is None or transport.is_closing()):
-            await self.store.hand_back(wid, [(j["job_id"], j["attempt"]) for j in jobs], stop=False)
+            await self.store.hand_back(wid, [(j.job_id, j.attempt) for j in jobs], stop=False)
             return []
         return jobs
 
@@ -818,7 +822,7 @@ class Api:
         if "lease" not in data:
             answers, _ = await self.store.complete(wid, results, self.defaults)
             self._count_stale(answers)
-            return ok({"results": answers})
+            return ok({"results": [wire.verdict_json(v) for v in answers]})
         if not isinstance(ask, dict):
             raise ValidationError("lease must be an object with max and queues", field="lease")
         only(ask, {"max", "queues"}, "lease.")
@@ -827,13 +831,14 @@ class Api:
         if self.guard is not None:  # before anything is written: a refused request changes nothing
             self.guard.check_queues(wid, queues, "lease.")
         answers, jobs = await self.store.complete_and_claim(wid, results, self.defaults, queues, limit,
-                                                            self.lease_ttl, raw_spec=True)
+                                                            self.lease_ttl)
         jobs = await self._deliverable(request, wid, jobs)
         self._count_stale(answers)
-        return raw_json('{"results":' + dumps(answers) + ',"jobs":' + leases_json(jobs) + "}")
+        return raw_json('{"results":' + dumps([wire.verdict_json(v) for v in answers]) + ',"jobs":'
+                        + leases_json(jobs) + "}")
 
-    def _count_stale(self, answers: list[dict[str, Any]]) -> None:
-        refused = sum(1 for a in answers if not a["accepted"])
+    def _count_stale(self, answers: list[Verdict]) -> None:
+        refused = sum(1 for a in answers if a.state is None)
         if refused:
             self.metrics.stale.labels("completion").inc(refused)
 
@@ -847,9 +852,9 @@ class Api:
         result = result_of(data, "")
         answers, _ = await self.store.complete(wid, [result], self.defaults)
         self._count_stale(answers)
-        if not answers[0]["accepted"]:
+        if answers[0].state is None:
             raise StaleAttempt(f"attempt {result.attempt} of job {result.job_id} is not current", field="attempt")
-        return ok(answers[0])
+        return ok(wire.verdict_json(answers[0]))
 
     async def hand_back(self, request: web.Request) -> web.Response:
         wid = self._worker_id(request)
@@ -937,7 +942,7 @@ class ReaperFailures:
         self.streak_told = False
 
 
-async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> None:
+async def reaper(store: Store, hub: Hub, api: Api, settings: Settings) -> None:
     """Mark silent workers lost, expire leases, queue due retries; notice our own stalls."""
     ttl = settings["scheduler.lease_ttl"]
     tick = max(0.05, min(1.0, settings["scheduler.heartbeat_interval"] / 2))
@@ -981,13 +986,12 @@ async def reaper(store: SqliteStore, hub: Hub, api: Api, settings: Settings) -> 
             await asyncio.wait_for(hub.retry_scheduled.wait(), wait)
 
 
-def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Application:
+def build_app(settings: Settings, store: Store) -> web.Application:
+    """The scheduler on ``store`` (orch.compose picks the backend)."""
     # Passed to aiohttp's protocol, whatever runs the app: bodies are decoded by guard_request (security.decode_body)
     # with JSON errors, and requests its parser refuses are logged in one short line at most a minute.
     app = web.Application(middlewares=[api_middleware], client_max_size=settings["scheduler.max_body_bytes"],
                           handler_args={"auto_decompress": False, "logger": ProtocolLog(log)})
-    store = store or SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
-                                 output_limit=settings["scheduler.output_limit_bytes"])
     hub = Hub()
     api = Api(store, hub, settings)
     store.on_commit = api.committed  # wake-ups, metrics and state-change logs, once per committed batch
@@ -996,11 +1000,9 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
     app[SETTINGS] = settings
     app[API] = api
     guard = api.guard = app[GUARD] = Guard(settings)
-    openapi = openapi_document(metrics_open=settings["auth.metrics_open"], long_poll=settings["scheduler.long_poll_timeout"],
-                               max_body=settings["scheduler.max_body_bytes"])
-
-    async def openapi_json(request: web.Request) -> web.Response:
-        return ok(openapi)
+    api.openapi = openapi_document(metrics_open=settings["auth.metrics_open"],
+                                   long_poll=settings["scheduler.long_poll_timeout"],
+                                   max_body=settings["scheduler.max_body_bytes"])
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         guard.load()
@@ -1016,36 +1018,10 @@ def build_app(settings: Settings, store: SqliteStore | None = None) -> web.Appli
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
-    r = app.router
-    # Ids match only digits, so that a fixed path beside them (/v1/jobs/batch) is not taken for an id: else
-    # GET /v1/jobs/batch would answer "no job 'batch'" and a 405 there would list the methods of both routes.
-    r.add_get("/healthz", api.health)
-    r.add_get("/metrics", api.metrics_page)
-    r.add_get("/v1/openapi.json", openapi_json)
-    r.add_post("/v1/jobs", api.submit)
-    r.add_post("/v1/jobs/batch", api.submit_batch)
-    r.add_post("/v1/jobs/wait", api.wait_many)
-    r.add_get("/v1/jobs", api.list_jobs)
-    r.add_get("/v1/jobs/{job_id:[0-9]+}", api.get_job)
-    r.add_post("/v1/jobs/{job_id:[0-9]+}/cancel", api.cancel)
-    r.add_get("/v1/jobs/{job_id:[0-9]+}/wait", api.wait)
-    r.add_get("/v1/jobs/{job_id:[0-9]+}/output", api.output)
-    r.add_get("/v1/jobs/{job_id:[0-9]+}/events", api.events)
-    r.add_get("/v1/jobs/{job_id:[0-9]+}/why", api.why)
-    r.add_post("/v1/workers", api.register)
-    r.add_get("/v1/workers", api.list_workers)
-    r.add_get("/v1/metrics/targets", api.metrics_targets)
-    r.add_post("/v1/workers/{worker_id}/heartbeat", api.heartbeat)
-    r.add_post("/v1/workers/{worker_id}/lease", api.lease)
-    r.add_post("/v1/workers/{worker_id}/output", api.append_output)
-    r.add_post("/v1/workers/{worker_id}/complete", api.complete)
-    r.add_post("/v1/workers/{worker_id}/jobs/{job_id:[0-9]+}/complete", api.complete_one)
-    r.add_post("/v1/workers/{worker_id}/hand-back", api.hand_back)
-    # The seed's form, kept working: POST /job {"task": "echo", "args": ["hello"]}.
-    r.add_post("/job", api.submit)
-    r.add_get("/job/{job_id:[0-9]+}", api.get_job)
-    app[MALFORMED_ID] = [
-        re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: "(?P<id>[^/]+)" if m[1] == "job_id" else "[^/]+",
-                          re.escape(res.canonical)))
-        for res in r.resources() if "{job_id}" in res.canonical]
+    for route in ROUTES:  # the one table (orch/scheduler/routes.py): router, document and gate read it
+        handler = getattr(api, route.handler)
+        if route.method == "GET":
+            app.router.add_get(route.served_path, handler)  # and HEAD
+        else:
+            app.router.add_route(route.method, route.served_path, handler)
     return app

@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
-from orch.errors import ValidationError
+from orch.core.errors import ValidationError
 
 T = TypeVar("T")
 U = TypeVar("U")

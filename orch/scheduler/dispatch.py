@@ -12,6 +12,7 @@ from collections import deque
 from contextlib import suppress
 from typing import Iterable, Sequence
 
+from orch.core.states import JobState
 from orch.store.base import Change
 
 
@@ -121,9 +122,9 @@ class Hub:
                 for fut in many.pop(c.job_id):
                     if not fut.done():
                         fut.set_result(None)
-            if c.state == "queued":
+            if c.state == JobState.QUEUED:
                 queued[c.queue] = queued.get(c.queue, 0) + 1
-            elif c.state == "retrying":
+            elif c.state == JobState.RETRYING:
                 self.retry_scheduled.set()
         for q, n in queued.items():
             self.wake_queue(q, n)

@@ -1,6 +1,6 @@
 """The API described as an OpenAPI 3.1 document, served at ``GET /v1/openapi.json``.
 
-Written by hand, next to the validation it describes (``orch/models.py``,
+Written by hand, next to the validation it describes (``orch/core/spec.py``,
 ``orch/scheduler/app.py``); tests keep them together: every route that
 ``build_app`` registers must be here (``test_openapi_lists_every_route``) and a
 property-based fuzz test sends requests made from these schemas and checks
@@ -14,19 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from orch import __version__
-from orch.models import (
-    CONTROL_CHARS,
-    ENV_KEY_RE,
-    MAX_ARG_LEN,
-    MAX_ARGS,
-    MAX_ENV,
-    MAX_LABELS,
-    MAX_TIMEOUT,
-    NAME_RE,
-    Outcome,
-    State,
-)
+from orch.core.spec import CONTROL_CHARS, ENV_KEY_RE, MAX_ARG_LEN, MAX_ARGS, MAX_ENV, MAX_LABELS, MAX_TIMEOUT, NAME_RE
+from orch.core.states import JobState, Outcome, WorkerState
 
 MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
 REF = "#/components/schemas/"
@@ -80,7 +69,7 @@ MAX_METRICS_ADDRESS = 255
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
 JOB_FIELDS: dict[str, Any] = {
-    "id": INT, "state": {"type": "string", "enum": [s.value for s in State]}, "queue": {"type": "string"},
+    "id": INT, "state": {"type": "string", "enum": [s.value for s in JobState]}, "queue": {"type": "string"},
     "priority": INT, "name": nullable({"type": "string"}),
     "command": {"type": "string", "maxLength": 256, "description": "what the job runs, as a person reads it; "
                                                                     "cut to 256 characters"},
@@ -173,7 +162,7 @@ SCHEMAS: dict[str, Any] = {
     "Worker": obj({
         "id": {"type": "string"}, "name": {"type": "string"}, "hostname": {"type": "string"},
         "queues": {"type": "array", "items": {"type": "string"}}, "concurrency": INT,
-        "state": {"type": "string", "enum": ["alive", "draining", "lost", "stopped"]},
+        "state": {"type": "string", "enum": [s.value for s in WorkerState]},
         "registered_at": TIME, "last_heartbeat": TIME, "heartbeat_age": {"type": "number"}, "running": INT,
         "metrics": nullable({"type": "string", "description": "URL of the worker's Prometheus metrics"}),
     }, ("id", "name", "hostname", "queues", "concurrency", "state", "running")),
@@ -319,88 +308,6 @@ FOLLOW = _query("follow", {"type": "string", "enum": ["0", "1", "true", "false",
                 "1: stream NDJSON lines until the job ends")
 NDJSON = {"description": "the document, or with follow=1 a stream of NDJSON lines",
           "content": {"application/json": {}, "application/x-ndjson": {}}}
-
-
-def document(*, metrics_open: bool = False, long_poll: float | None = None, max_body: int | None = None) -> dict[str, Any]:
-    """The OpenAPI document; the arguments fill in what depends on the scheduler's settings."""
-    schemas = dict(SCHEMAS)
-    if long_poll is not None:
-        lease = {**schemas["LeaseRequest"], "properties": dict(schemas["LeaseRequest"]["properties"])}
-        lease["properties"]["wait"] = {"type": "number", "minimum": 0, "maximum": long_poll}
-        schemas["LeaseRequest"] = lease
-    w = "workerCredential"
-    paths: dict[str, Any] = {
-        "/healthz": {"get": _op("liveness", _json("Health", "alive"), security=None)},
-        "/metrics": {"get": _op("Prometheus metrics", {"description": "text exposition format",
-                                                       "content": {"text/plain": {}}},
-                                security=None if metrics_open else "clientToken")},
-        "/v1/openapi.json": {"get": _op("this document", {"description": "OpenAPI 3.1",
-                                                          "content": {"application/json": {}}})},
-        "/v1/jobs": {
-            "post": _op("submit one job", _json("Job", "the new job"), status="201", body="JobSpec"),
-            "get": _op("list jobs, newest first", _json("JobPage", "a page of jobs"), params=[
-                _query("state", {"type": "string", "enum": [s.value for s in State]}),
-                _query("queue", NAME),
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "next_cursor of the previous page"),
-            ]),
-        },
-        "/v1/jobs/batch": {"post": _op("submit many jobs in one transaction", _json("Jobs", "the new jobs"),
-                                       status="201", body="Batch")},
-        "/v1/jobs/wait": {"post": _op("hold until one of the jobs named has ended (or timeout), then list those that "
-                                      "have", _json("Ended", "the jobs that have ended"), body="WaitMany")},
-        "/v1/jobs/{job_id}": {"get": _op("a job, its attempts, its last output", _json("JobDetail", "the job"),
-                                         params=[JOB_PARAM])},
-        "/v1/jobs/{job_id}/cancel": {"post": _op("cancel a job", _json("Job", "the job"), params=[JOB_PARAM])},
-        "/v1/jobs/{job_id}/wait": {"get": _op("hold until the job ends or timeout passes",
-                                              _json("JobDetail", "the job"), params=[
-                                                  JOB_PARAM, _query("timeout", {"type": "number", "minimum": 0,
-                                                                                "maximum": 3600})])},
-        "/v1/jobs/{job_id}/output": {"get": _op("stored output, or a stream of it", NDJSON,
-                                                params=[JOB_PARAM, FOLLOW])},
-        "/v1/jobs/{job_id}/events": {"get": _op("the job's state changes, or a stream of them", NDJSON,
-                                                params=[JOB_PARAM, FOLLOW,
-                                                        _query("after", {"type": "integer", "minimum": 0,
-                                                                         "maximum": 2**62})])},
-        "/v1/jobs/{job_id}/why": {"get": _op("why the job is (not) running", _json("Why", "the explanation"),
-                                             params=[JOB_PARAM])},
-        "/v1/workers": {
-            "post": _op("register a worker; returns its own credential", _json("Registered", "registered"),
-                        status="201", security="joinToken", body="Register"),
-            "get": _op("list workers", _json("Workers", "the workers"), params=[
-                _query("all", FOLLOW["schema"], "1: also stopped and lost workers whose last heartbeat is older "
-                                                "than scheduler.worker_retention")]),
-        },
-        "/v1/metrics/targets": {"get": _op(
-            "Prometheus HTTP service discovery: the scheduler's metrics listener and every live worker's",
-            _json("MetricsTargets", "target groups, in http_sd_config format"))},
-        "/v1/workers/{worker_id}/heartbeat": {"post": _op(
-            "renew the leases of running attempts", _json("HeartbeatReply", "attempts to cancel, stale ones"),
-            security=w, body="Heartbeat", params=[WORKER_PARAM])},
-        "/v1/workers/{worker_id}/lease": {"post": _op(
-            "claim jobs, long-polling up to wait seconds", _json("Leases", "claimed jobs (maybe none)"),
-            security=w, body="LeaseRequest", params=[WORKER_PARAM])},
-        "/v1/workers/{worker_id}/output": {"post": _op(
-            "append output chunks of running attempts", _json("Accepted", "which chunks were stored"),
-            security=w, body="Chunks", params=[WORKER_PARAM])},
-        "/v1/workers/{worker_id}/complete": {"post": _op(
-            "report how attempts ended (and claim more jobs)", _json("Answers", "accepted or stale, per attempt"),
-            security=w, body="Completions", params=[WORKER_PARAM])},
-        "/v1/workers/{worker_id}/jobs/{job_id}/complete": {"post": _op(
-            "report one attempt; 409 if it is not current", _json("Answer", "accepted"),
-            security=w, body="OneEnd", params=[WORKER_PARAM, JOB_PARAM])},
-        "/v1/workers/{worker_id}/hand-back": {"post": _op(
-            "give attempts back to be queued again", _json("HandedBack", "what was handed back"),
-            security=w, body="HandBack", params=[WORKER_PARAM])},
-        "/job": {"post": _op("submit, original form", _json("Job", "the new job"), status="201", body="JobSpec")},
-        "/job/{job_id}": {"get": _op("a job, original form", _json("JobDetail", "the job"), params=[JOB_PARAM])},
-    }
-    info = {"title": "orch scheduler API", "version": __version__,
-            "description": "Every /v1 route needs a bearer token of the right role; errors are "
-                           "{\"error\": {\"code\", \"message\", \"field\"}} with a 4xx status."
-                           + (f" Request bodies are at most {max_body} bytes." if max_body else "")}
-    return {"openapi": "3.1.0", "info": info, "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES}}
 
 
 METHODS = ("get", "post", "put", "delete", "patch")

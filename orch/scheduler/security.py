@@ -32,14 +32,14 @@ import logging
 import time
 import zlib
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from orch import auth
 from orch.config import Settings
-from orch.errors import (
+from orch.core.errors import (
     Forbidden,
     NotFound,
     PayloadTooLarge,
@@ -50,20 +50,16 @@ from orch.errors import (
     UnsupportedEncoding,
     ValidationError,
 )
-from orch.models import NAME_RE
-from orch.scheduler.openapi import document, query_names
+from orch.core.records import Credential
+from orch.core.spec import NAME_RE
+from orch.scheduler import routes
+from orch.scheduler.openapi import query_names
 
 log = logging.getLogger("orch.scheduler")
 
 WORKER_PREFIX = "/v1/workers/{worker_id}/"
 # Routes that may hold a request open, and the query flag that makes them do so ("" = always).
-LONG_POLLS = {
-    ("GET", "/v1/jobs/{job_id}/wait"): "",
-    ("GET", "/v1/jobs/{job_id}/output"): "follow",
-    ("GET", "/v1/jobs/{job_id}/events"): "follow",
-    ("POST", "/v1/workers/{worker_id}/lease"): "",
-    ("POST", "/v1/jobs/wait"): "",
-}
+LONG_POLLS = routes.LONG_POLLS
 _NO = ("0", "", "false", "no")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="orch"'}
 
@@ -91,7 +87,7 @@ class Guard:
         self.long_polls: dict[str, int] = {}
         self.body_timeout: float = settings["scheduler.body_timeout"]
         self.max_body: int = settings["scheduler.max_body_bytes"]
-        self.query = query_names(document())
+        self.query = query_names(routes.document())
 
     # ------------------------------------------------------------------ tokens
 
@@ -144,11 +140,11 @@ class Guard:
 
     # ------------------------------------------------------------------ worker credentials
 
-    def load_workers(self, rows: list[tuple[str, str, str, list[str]]]) -> None:
-        """``store.worker_credentials()``: (worker id, credential digest, state, queues) of each."""
-        for wid, digest, state, queues in rows:
-            self.workers[wid] = (digest, state in ("alive", "draining"), frozenset(queues))
-            self.owner[digest] = wid
+    def load_workers(self, rows: Iterable[Credential]) -> None:
+        """``store.worker_credentials()``: each worker's credential digest, state and queues."""
+        for c in rows:
+            self.workers[c.worker_id] = (c.digest, c.state.live, frozenset(c.queues))
+            self.owner[c.digest] = c.worker_id
 
     def worker_registered(self, worker_id: str, digest: str, queues: list[str]) -> None:
         self.workers[worker_id] = (digest, True, frozenset(queues))
@@ -228,15 +224,9 @@ class Guard:
         self._wrong_role(token, raw, want)
 
     def kind_of(self, method: str, path: str) -> str:
-        if path == "/healthz":
-            return "open"
-        if path == "/metrics":
-            return "open" if self.metrics_open else "client"
-        if path.startswith(WORKER_PREFIX):
-            return "worker"
-        if path == "/v1/workers" and method == "POST":
-            return "join"
-        return "client"
+        """Who may call the route (orch/scheduler/routes.py); a worker's path always needs its credential."""
+        kind = routes.access_of(method, path, self.metrics_open)
+        return routes.WORKER if path.startswith(WORKER_PREFIX) else kind
 
     @contextmanager
     def long_poll(self, key: str, who: str, cap: int, setting: str) -> Iterator[None]:

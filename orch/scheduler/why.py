@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orch.models import iso
+from orch.core.records import JobFacts, WorkerLoad
+from orch.core.states import JobState, WorkerState
+from orch.core.times import iso
+from orch.scheduler.wire import job_summary
 
 # A worker is "quiet" once it has missed this many heartbeats.
 QUIET_HEARTBEATS = 2.0
@@ -29,37 +32,37 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _worker_name(w: dict[str, Any] | None, fallback: str | None) -> str:
+def _worker_name(w: WorkerLoad | None, fallback: str | None) -> str:
     if not w:
         return str(fallback)
-    return f"{w['id']} ({w['name']})" if w.get("name") and w["name"] != w["id"] else str(w["id"])
+    return f"{w.id} ({w.name})" if w.name and w.name != w.id else str(w.id)
 
 
-def explain(facts: dict[str, Any], heartbeat_interval: float) -> dict[str, Any]:
-    job = facts["job"]
-    now: float = facts["now"]
-    jid, state, queue = job["id"], job["state"], job["queue"]
-    last = facts.get("last_event") or {}
-    last_reason = last.get("reason")
-    out: dict[str, Any] = {"job_id": jid, "state": state, "queue": queue, "attempt": job["attempt"],
-                           "max_attempts": job["max_attempts"]}
+def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
+    j = facts.record.job
+    job = job_summary(j)  # times as the API writes them
+    now = facts.now
+    jid, state, queue = j.id, j.state, j.queue
+    last_reason = facts.last_event.reason if facts.last_event else None
+    out: dict[str, Any] = {"job_id": jid, "state": state.value, "queue": queue, "attempt": j.attempt,
+                           "max_attempts": j.max_attempts}
 
     def done(reason: str, message: str, **details: Any) -> dict[str, Any]:
         out.update(details, reason=reason, message=message)
         return out
 
-    if state == "succeeded":
-        return done("succeeded", f"job {jid} is not running because it is done: it succeeded at "
+    if state is JobState.SUCCEEDED:
+        return done(state.value, f"job {jid} is not running because it is done: it succeeded at "
                                  f"{job['finished_at']} (attempt {job['attempt']}, exit {job['exit_code']}).")
-    if state == "failed":
-        why = job.get("error") or (f"exited {job['exit_code']}" if job.get("exit_code") is not None else last_reason)
-        return done("failed", f"job {jid} failed for good at {job['finished_at']} after attempt "
+    if state is JobState.FAILED:
+        why = j.error or (f"exited {j.exit_code}" if j.exit_code is not None else last_reason)
+        return done(state.value, f"job {jid} failed for good at {job['finished_at']} after attempt "
                               f"{job['attempt']} of {job['max_attempts']}: {why}; it will not run again.")
-    if state == "cancelled":
-        return done("cancelled", f"job {jid} was cancelled at {job['finished_at']}"
+    if state is JobState.CANCELLED:
+        return done(state.value, f"job {jid} was cancelled at {job['finished_at']}"
                                  + (f" ({last_reason})" if last_reason else "") + "; it will not run again.")
-    if state == "retrying":
-        run_at = facts.get("run_at") or now
+    if state is JobState.RETRYING:
+        run_at = j.run_at or now
         left = run_at - now
         after = f"after attempt {job['attempt']} of {job['max_attempts']}" + (f" ({last_reason})" if last_reason else "")
         if left > 0:
@@ -68,38 +71,38 @@ def explain(facts: dict[str, Any], heartbeat_interval: float) -> dict[str, Any]:
         else:
             msg = f"job {jid}'s backoff ended at {iso(run_at)} {after}; it is being queued again on {queue}."
         return done("backoff", msg, retry_at=iso(run_at), retry_in=round(max(0.0, left), 3))
-    if state == "running":
-        w = facts.get("worker")
-        name = _worker_name(w, job.get("worker"))
-        lease_left = (facts.get("lease_expires_at") or now) - now
-        age = w["heartbeat_age"] if w else None
-        details = {"worker": job.get("worker"), "heartbeat_age": round(age, 3) if age is not None else None,
+    if state is JobState.RUNNING:
+        w = facts.worker
+        name = _worker_name(w, j.worker_id)
+        lease_left = (facts.lease_expires_at or now) - now
+        age = w.heartbeat_age if w else None
+        details = {"worker": j.worker_id, "heartbeat_age": round(age, 3) if age is not None else None,
                    "lease_expires_in": round(max(0.0, lease_left), 3)}
-        if job.get("cancel_requested"):
+        if j.cancel_requested:
             return done("cancel_requested", f"job {jid} is being cancelled: worker {name} kills it at its next "
                                             f"heartbeat and reports back.", **details)
         heard = f"last heartbeated {_s(age)} ago" if age is not None else "is no longer registered"
         then = ("retried" if job["attempt"] < job["max_attempts"] else "failed")
-        if w is None or w["state"] in ("lost", "stopped") or (age is not None and age > QUIET_HEARTBEATS * heartbeat_interval):
-            gone = f" and was marked {w['state']}" if w and w["state"] in ("lost", "stopped") else ""
+        if w is None or not w.state.live or (age is not None and age > QUIET_HEARTBEATS * heartbeat_interval):
+            gone = f" and was marked {w.state}" if w and not w.state.live else ""
             return done("lease_held", f"job {jid} is held by a lease on worker {name}, which {heard}{gone} "
                                       f"(heartbeats are due every {heartbeat_interval:g}s); unless it is heard "
                                       f"from, the lease expires in {_s(max(0.0, lease_left))} and the job is {then}.",
                         **details)
-        return done("running", f"job {jid} is running: attempt {job['attempt']} on worker {name}, which {heard}; "
+        return done(state.value, f"job {jid} is running: attempt {job['attempt']} on worker {name}, which {heard}; "
                                f"its lease runs {_s(max(0.0, lease_left))} more unless renewed.", **details)
-    if state == "queued":
-        workers = facts.get("workers") or []
-        alive = [w for w in workers if w["state"] == "alive"]
-        position, queued = facts.get("position", 1), facts.get("queued", 1)
+    if state is JobState.QUEUED:
+        workers = facts.workers
+        alive = [w for w in workers if w.state is WorkerState.ALIVE]
+        position, queued = facts.position or 1, facts.queued or 1
         details = {"position": position, "queued_in_queue": queued, "workers": len(alive)}
         if not alive:
             draining = len(workers) - len(alive)
             extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""
             return done("no_worker", f"job {jid} is queued, but no live worker serves queue {queue}{extra}; start one "
                                      f"with `orch worker --join SCHEDULER --queue {queue}`.", **details)
-        slots = sum(w["concurrency"] for w in alive)
-        busy = sum(min(w["busy"], w["concurrency"]) for w in alive)
+        slots = sum(w.concurrency for w in alive)
+        busy = sum(min(w.busy, w.concurrency) for w in alive)
         free = slots - busy
         details.update(slots=slots, busy_slots=busy)
         served = f"{_plural(len(alive), 'live worker')} serve{'s' if len(alive) == 1 else ''} {queue}"
@@ -115,4 +118,4 @@ def explain(facts: dict[str, Any], heartbeat_interval: float) -> dict[str, Any]:
                    f"{free} of {_plural(slots, 'slot')} are free on the {served.split(' serve')[0]}: it should start "
                    f"at their next lease request.")
         return done("waiting_for_slot", msg, **details)
-    return done(state, f"job {jid} is {state}.")
+    return done(state.value, f"job {jid} is {state}.")

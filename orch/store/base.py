@@ -1,21 +1,53 @@
-"""The Store contract: the operations the scheduler needs, named for what they mean.
+"""The Store contract: every operation the scheduler calls, named for what it means.
 
-Every implementation keeps these promises:
+A backend (``sqlite.py`` today) implements ``Store``; mypy checks that it does
+(``_check`` at the end of each backend's module), and one contract test suite
+(tests/contract/) runs against every backend. Every implementation keeps these
+promises:
 
-* a call that returns has committed (durably, at the configured level);
-* every job state change goes through ``models.check_transition`` and writes an
-  event row in the same transaction;
-* a claim hands each job to exactly one worker;
-* anything naming an attempt (heartbeat, output, completion) is refused
-  unless that attempt is the job's current running one, held by that worker.
+* a call that returns has committed; one whose answer promises durability
+  (``submit``, ``complete``, ``cancel``, ``hand_back``) is on disk at the
+  configured level (``storage.synchronous``), and ``synced()`` waits for the
+  same point for a reader;
+* every job state change is a move the core decided (``orch.core.decisions``),
+  checked against the one table (``orch.core.states.check_transition``), made
+  by a conditional write from the state it was read in, with an event row in
+  the same transaction;
+* a claim hands each job to exactly one worker, in the policy's order
+  (``orch.core.policy``);
+* anything naming an attempt (heartbeat, output, completion, hand-back) is
+  refused unless that attempt is the job's current running one, held by that
+  worker (fencing), and changes nothing when refused;
+* liveness (leases, heartbeats) is judged on ``lease_clock()``, which a step of
+  the wall clock does not move; what people read is stamped by ``clock()``;
+* committed job state changes go to ``on_commit`` once their transaction has
+  committed, before any caller is answered.
+
+Records come back as plain values (``orch.core.records``); the API layer
+writes them as JSON (``orch/scheduler/wire.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from orch.models import JobSpec, Outcome, RetryPolicy
+from orch.core.records import (
+    Credential,
+    Event,
+    Job,
+    JobFacts,
+    JobRecord,
+    Lease,
+    MetricsTarget,
+    OutputPiece,
+    Snapshot,
+    Verdict,
+    Worker,
+)
+from orch.core.retry import RetryPolicy
+from orch.core.spec import JobSpec
+from orch.core.states import JobState, Outcome
 
 
 @dataclass(frozen=True)
@@ -49,15 +81,17 @@ class Change:
     attempt: int
     # For metrics and the state-change log line; filled where the store has them at hand.
     worker: str | None = None  # the worker that claimed, ended or handed back the attempt
-    outcome: str | None = None  # how the attempt ended (models.Outcome), when this change ends one
+    outcome: str | None = None  # how the attempt ended (core.states.Outcome), when this change ends one
     duration: float | None = None  # seconds the attempt ran, when this change ends one
     queue_wait: float | None = None  # seconds from submit to the first start (attempt 1 claims)
 
 
 @dataclass
 class HeartbeatReply:
-    cancel: list[dict[str, int]] = field(default_factory=list)
-    stale: list[dict[str, int]] = field(default_factory=list)
+    """(job id, attempt) of the attempts the worker must cancel, and of those that are no longer its own."""
+
+    cancel: list[tuple[int, int]] = field(default_factory=list)
+    stale: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,29 +104,131 @@ class Sweep:
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    """What the scheduler needs of its storage. ``defaults`` is the scheduler's retry policy (a job's own
+    spec fields win over it); ``lease_ttl`` and ``worker_ttl`` are seconds on ``lease_clock``."""
+
+    on_commit: Callable[[list[Change]], None] | None  # set by the scheduler: wakes waiters, counts metrics
+    output_limit: int  # bytes of output kept per attempt and stream (the tail)
+    batches: int  # write transactions committed (group commits), for metrics
+    ops: int  # write operations committed, for metrics
+
+    def clock(self) -> float:
+        """The wall clock (Unix seconds): what people read."""
+        ...
+
+    def lease_clock(self) -> float:
+        """The clock of leases and heartbeats: monotonic, anchored to the wall clock when the store opened."""
+        ...
+
+    # ---- lifecycle
+    async def open(self) -> None:
+        """Connect and bring the schema to the newest version; a damaged or unusable database raises
+        a StorageError naming it."""
+        ...
+
     async def close(self) -> None: ...
 
-    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy) -> list[dict[str, Any]]: ...
-    async def get_job(self, job_id: int) -> dict[str, Any]: ...
-    async def list_jobs(
-        self, *, state: str | None, queue: str | None, limit: int, cursor: int | None
-    ) -> tuple[list[dict[str, Any]], int | None]: ...
-    async def events(self, job_id: int, after: int = 0) -> list[dict[str, Any]]: ...
-    async def output_after(self, job_id: int, after: int) -> list[dict[str, Any]]: ...
-    async def cancel(self, job_id: int, reason: str) -> tuple[dict[str, Any], list[Change]]: ...
+    async def synced(self) -> None:
+        """Return once everything committed so far is durable at the configured level."""
+        ...
 
-    async def register_worker(
-        self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-        credential_hash: str | None = None, metrics: str | None = None,
-    ) -> str: ...
-    async def worker_credentials(self) -> list[tuple[str, str, str, list[str]]]: ...
-    async def heartbeat(self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float) -> HeartbeatReply: ...
-    async def claim(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float) -> tuple[list[dict[str, Any]], list[Change]]: ...
-    async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]: ...
-    async def complete(self, worker_id: str, results: Sequence[AttemptResult]) -> tuple[list[dict[str, Any]], list[Change]]: ...
-    async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]: ...
-    async def sweep(self, worker_ttl: float) -> Sweep: ...
-    async def recover(self, grace: float) -> None: ...
-    async def list_workers(self, retention: float | None = None) -> list[dict[str, Any]]: ...
-    async def metrics_targets(self) -> list[dict[str, Any]]: ...
+    async def recover(self, grace: float, worker_ttl: float) -> None:
+        """After a start or a stall, give every live lease and worker ``grace`` seconds."""
+        ...
+
+    # ---- jobs: clients
+    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
+        """Queue jobs, all or none, with consecutive ids in the order given. ``stored``: each spec's
+        stored form and its JSON text, when the caller made them (``core.spec.stored_spec``)."""
+        ...
+
+    async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
+        """A job in full (NotFound if there is none); ``with_output``: the kept output of its last attempt."""
+        ...
+
+    async def job_state(self, job_id: int) -> tuple[JobState, int]:
+        """A job's state and attempt, cheaply (NotFound if there is none)."""
+        ...
+
+    async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
+                        cursor: int | None = None) -> tuple[list[Job], int | None]:
+        """Newest first, filtered; the cursor of the next page (the id below which it starts) or None."""
+        ...
+
+    async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[Job], list[int]]:
+        """Of ``job_ids``: the jobs that have ended, and the ids no job has."""
+        ...
+
+    async def count_by_state(self) -> dict[JobState, int]: ...
+
+    async def events(self, job_id: int, after: int = 0) -> list[Event]:
+        """A job's state changes after event ``after``, oldest first."""
+        ...
+
+    async def output_after(self, job_id: int, after: int = 0) -> list[OutputPiece]:
+        """A job's stored output chunks (every attempt) after chunk ``after``, in the order stored."""
+        ...
+
+    async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
+        """End a job that is not running as cancelled; ask a running one's worker to stop it. NotFound,
+        or Conflict if it has ended."""
+        ...
+
+    # ---- observability
+    async def metrics_snapshot(self) -> Snapshot: ...
+    async def why_facts(self, job_id: int) -> JobFacts: ...
+    async def queues(self) -> list[str]:
+        """Every queue name known: its jobs' and those workers registered for."""
+        ...
+
+    # ---- workers
+    async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
+                              credential_hash: str | None = None, metrics: str | None = None) -> str:
+        """A new live worker; returns its id."""
+        ...
+
+    async def worker_credentials(self) -> list[Credential]: ...
+    async def list_workers(self, retention: float | None = None) -> list[Worker]:
+        """In the order they registered; with ``retention``, without the stopped and lost ones silent longer."""
+        ...
+
+    async def metrics_targets(self) -> list[MetricsTarget]: ...
+    async def deregister(self, worker_id: str) -> None: ...
+
+    async def heartbeat(self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
+                        draining: bool = False) -> HeartbeatReply:
+        """The worker is alive (UnknownWorker if it was marked lost or stopped): extend the leases of the
+        attempts it runs, and say which to cancel and which are no longer its own."""
+        ...
+
+    async def claim(self, worker_id: str, queues: Sequence[str], limit: int,
+                    lease_ttl: float) -> tuple[list[Lease], list[Change]]:
+        """Up to ``limit`` queued jobs of ``queues`` for the worker, in dispatch order, each handed out once;
+        none for a draining worker."""
+        ...
+
+    async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
+        """Store output of current attempts; for each chunk, whether it was taken (False: stale)."""
+        ...
+
+    async def complete(self, worker_id: str, results: Sequence[AttemptResult],
+                       defaults: RetryPolicy) -> tuple[list[Verdict], list[Change]]:
+        """Record how attempts ended and move their jobs on (decisions.attempt_ended)."""
+        ...
+
+    async def complete_and_claim(
+        self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
+        queues: Sequence[str], limit: int, lease_ttl: float,
+    ) -> tuple[list[Verdict], list[Lease]]:
+        """``complete`` then ``claim``, in one transaction."""
+        ...
+
+    async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]:
+        """A stopping worker gives attempts back: queued again at once, not counted; ``stop``: it is gone."""
+        ...
+
+    # ---- the reaper
+    async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
+        """Mark silent workers lost, end their attempts and expired leases as lost, queue due retries."""
+        ...

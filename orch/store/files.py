@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from orch.errors import StorageError
+from orch.core.errors import StorageError
 
 # The files of one SQLite database in WAL mode.
 DB_SUFFIXES = ("", "-wal", "-shm")

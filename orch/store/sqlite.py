@@ -45,6 +45,7 @@ thread so a big table never stalls the loop.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import json
 import logging
@@ -61,7 +62,8 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 
-from orch.errors import (
+from orch.core import decisions
+from orch.core.errors import (
     Conflict,
     NotFound,
     OrchError,
@@ -71,17 +73,26 @@ from orch.errors import (
     UnknownWorker,
     ValidationError,
 )
-from orch.models import (
-    JobSpec,
-    Outcome,
-    RetryPolicy,
-    State,
-    check_transition,
-    iso,
-    stored_spec,
+from orch.core.policy import dispatch_order
+from orch.core.records import (
+    Attempt,
+    Credential,
+    Event,
+    Job,
+    JobFacts,
+    JobRecord,
+    Lease,
+    MetricsTarget,
+    OutputPiece,
+    Snapshot,
+    Verdict,
+    Worker,
+    WorkerLoad,
 )
-from orch.output import render as render_output
-from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Sweep
+from orch.core.retry import RetryPolicy, policy_for
+from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
+from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
+from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Store, Sweep
 from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
@@ -101,6 +112,20 @@ WAL_RESTART_FRAMES = 4000
 WAL_SIZE_LIMIT = 32 << 20  # bytes the WAL file is cut back to when it restarts (journal_size_limit)
 BIG_READ_BYTES = 128 << 10  # a job's output beyond this is read on the reader thread, not the loop
 SMALL_SPEC = 16 << 10  # bytes of spec a claim returns in its own statement; bigger ones are read after it
+
+# State names as SQL text reads them (the names themselves live in orch.core.states only).
+_QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
+_SUCCEEDED, _FAILED, _CANCELLED = JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value
+_ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
+_LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
+
+
+def _sql_set(states: Iterable[enum.Enum]) -> str:
+    return "(" + ", ".join(f"'{st.value}'" for st in states) + ")"
+
+
+_LIVE = _sql_set(sorted(LIVE_WORKERS))
+_UNFINISHED = _sql_set(st for st in JobState if not st.terminal)
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -123,18 +148,29 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"the database is at schema version {current}, newer than this orch knows ({newest}): "
             "upgrade orch", field="storage.path"
         )
-    for version, sql in steps:
-        if version <= current:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _split_sql(sql):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # A migration may make a table again (SQLite adds a constraint no other way): with foreign keys off, as
+    # SQLite's procedure for it says, and checked before each commit. (The pragma is a no-op in a transaction.)
+    fks = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for version, sql in steps:
+            if version <= current:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(sql):
+                    conn.execute(statement)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StorageError(f"migration {version} would leave {len(broken)} rows without their job "
+                                       f"(first: {tuple(broken[0])}); nothing was changed")
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute(f"PRAGMA foreign_keys={'ON' if fks else 'OFF'}")
     return newest
 
 
@@ -220,72 +256,40 @@ def storage_error(e: BaseException, path: Path) -> BaseException:
     return e
 
 
-# --------------------------------------------------------------------------- JSON shapes
+# --------------------------------------------------------------------------- rows to records
 
 
-COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
 # What a listing reads of a job: never its spec, which may be large (scheduler.max_spec_bytes).
-ALL_STATES = tuple(st.value for st in State)
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
+_JOB_STATE = JobState._value2member_map_  # a state by its stored name, without the enum's call machinery
+_OUTCOME = Outcome._value2member_map_
 
 
-def job_summary(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
-    """A job as a listing shows it: bounded in size whatever its spec (the command cut, with a flag)."""
-    command = row["command"] or ""
-    return {
-        "id": row["id"],
-        "state": row["state"],
-        "queue": row["queue"],
-        "priority": row["priority"],
-        "name": row["name"],
-        "command": command[:COMMAND_SHOWN],
-        "command_truncated": len(command) > COMMAND_SHOWN,
-        "attempt": row["attempt"],
-        "max_attempts": row["max_attempts"],
-        "created_at": iso(row["created_at"]),
-        "started_at": iso(row["started_at"]),
-        "finished_at": iso(row["finished_at"]),
-        "retry_at": iso(row["run_at"]) if row["state"] == State.RETRYING else None,
-        "worker": row["worker_id"],
-        "cancel_requested": bool(row["cancel_requested"]),
-        "exit_code": row["exit_code"],
-        "error": row["error"],
-    }
+def job_of(r: sqlite3.Row) -> Job:
+    """A row holding SUMMARY_COLUMNS (by name) as a Job."""
+    return Job(r["id"], _JOB_STATE[r["state"]], r["queue"], r["priority"], r["name"],  # type: ignore[arg-type]
+               r["command"] or "", r["attempt"], r["max_attempts"], r["created_at"], r["started_at"],
+               r["finished_at"], r["run_at"], r["worker_id"], bool(r["cancel_requested"]), r["exit_code"],
+               r["error"])
 
 
-def job_json(row: sqlite3.Row) -> dict[str, Any]:
-    """A job with its spec as stored (the API shows it with the defaults filled in: models.spec_view)."""
-    job = job_summary(row)
-    job["spec"] = json.loads(row["spec"])
-    return job
+def _summary(r: sqlite3.Row) -> Job:
+    """A row of exactly SUMMARY_COLUMNS, by position (a listing makes a thousand of these)."""
+    return Job(r[0], _JOB_STATE[r[1]], r[2], r[3], r[4], r[5] or "", r[6], r[7], r[8], r[9],  # type: ignore[arg-type]
+               r[10], r[11], r[12], bool(r[13]), r[14], r[15])
 
 
-def attempt_json(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "attempt": row["attempt"],
-        "worker": row["worker_id"],
-        "state": row["state"],
-        "started_at": iso(row["started_at"]),
-        "finished_at": iso(row["finished_at"]),
-        "exit_code": row["exit_code"],
-        "error": row["error"],
-        "duration": row["duration"],
-        "stdout_bytes": row["stdout_bytes"],
-        "stderr_bytes": row["stderr_bytes"],
-    }
+def attempt_of(r: sqlite3.Row) -> Attempt:
+    return Attempt(r["attempt"], r["worker_id"], _OUTCOME[r["state"]], r["started_at"],  # type: ignore[arg-type]
+                   r["finished_at"], r["exit_code"], r["error"], r["duration"], r["stdout_bytes"],
+                   r["stderr_bytes"])
 
 
-def event_json(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "job_id": row["job_id"],
-        "attempt": row["attempt"],
-        "from": row["from_state"],
-        "to": row["to_state"],
-        "at": iso(row["at"]),
-        "reason": row["reason"],
-    }
+def event_of(r: sqlite3.Row) -> Event:
+    frm = r["from_state"]
+    return Event(r["id"], r["job_id"], r["attempt"], JobState(frm) if frm is not None else None,
+                 JobState(r["to_state"]), r["at"], r["reason"])
 
 
 # --------------------------------------------------------------------------- the store
@@ -700,52 +704,36 @@ class SqliteStore:
         except sqlite3.OperationalError:
             return await self._read(sql, params)
 
-    async def get_job(self, job_id: int, *, with_output: bool = True) -> dict[str, Any]:
+    async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
         rows = await self._point("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
-        job = job_json(rows[0])
+        row = rows[0]
         attempts = await self._point(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
         )
-        job["attempts"] = [attempt_json(a) for a in attempts]
-        job["duration"] = attempts[-1]["duration"] if attempts else None
-        job["result"] = None
+        rec = JobRecord(job_of(row), json.loads(row["spec"]), [attempt_of(a) for a in attempts])
         if attempts and with_output:
             last = attempts[-1]
             # A lot of output is read on the reader thread: reading 2 MiB took ~8 ms of the loop.
             read = self._read if last["stdout_kept"] + last["stderr_kept"] > BIG_READ_BYTES else self._point
             chunks = await read(
-                "SELECT stream, data, size, pos FROM output WHERE job_id = ? AND attempt = ? ORDER BY id",
-                (job_id, last["attempt"]),
+                "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = ? AND attempt = ?"
+                " ORDER BY id", (job_id, last["attempt"]),
             )
-            streams: dict[str, list[tuple[int, str, int]]] = {"stdout": [], "stderr": []}
-            for c in chunks:
-                streams[c["stream"]].append((c["pos"], c["data"], c["size"]))
-            result: dict[str, Any] = {
-                "attempt": last["attempt"],
-                "exit_code": last["exit_code"],
-                "error": last["error"],
-                "duration": last["duration"],
-            }
-            for name in ("stdout", "stderr"):
-                # The tail up to the limit, with a marker wherever bytes are missing (orch/output.py).
-                text, cut = render_output(name, streams[name], last[f"{name}_bytes"], self.output_limit)
-                result[name] = text
-                result[f"{name}_truncated"] = cut
-            job["result"] = result
-        return job
+            rec.output = [OutputPiece(*c) for c in chunks]
+        return rec
 
-    async def job_state(self, job_id: int) -> tuple[str, int]:
+    async def job_state(self, job_id: int) -> tuple[JobState, int]:
         rows = await self._point("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
-        return rows[0]["state"], rows[0]["attempt"]
+        return JobState(rows[0]["state"]), rows[0]["attempt"]
 
     async def list_jobs(
-        self, *, state: str | None = None, queue: str | None = None, limit: int = 50,
+        self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
         cursor: int | None = None,
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    ) -> tuple[list[Job], int | None]:
         """Newest first; ``cursor`` is the id below which the next page starts. Summaries, not specs.
 
         Only the filters given go into the WHERE clause, so each combination has an index that
@@ -756,10 +744,10 @@ class SqliteStore:
             # A queue alone: a page from each state's run of (queue, state, id), merged in id order. An
             # index of (queue, id) would give it in one run, but it cost every submit ~4 us more.
             part = f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE queue = ? AND state = ?{below} ORDER BY id DESC LIMIT ?"
-            parts = " UNION ALL ".join(f"SELECT * FROM ({part})" for _ in ALL_STATES)
+            parts = " UNION ALL ".join(f"SELECT * FROM ({part})" for _ in JobState)
             params: list[Any] = []
-            for st in ALL_STATES:
-                params += [queue, st, *(() if cursor is None else (cursor,)), limit + 1]
+            for st in JobState:
+                params += [queue, st.value, *(() if cursor is None else (cursor,)), limit + 1]
             rows = await self._read(f"SELECT * FROM ({parts}) ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         else:
             where: list[str] = []
@@ -767,7 +755,7 @@ class SqliteStore:
             for column, value in (("state", state), ("queue", queue)):
                 if value is not None:
                     where.append(f"{column} = ?")
-                    params.append(value)
+                    params.append(str(value))
             if cursor is not None:
                 where.append("id < ?")
                 params.append(cursor)
@@ -776,15 +764,11 @@ class SqliteStore:
                 + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        summaries: list[dict[str, Any]] = []
-        for at in range(0, len(rows), 256):  # a page of 1,000 takes ~5 ms to make: a slice per turn
-            summaries += [job_summary(r) for r in rows[at:at + 256]]
-            await asyncio.sleep(0)
-        return summaries, (rows[-1]["id"] if more and rows else None)
+        return [_summary(r) for r in rows], (rows[-1]["id"] if more and rows else None)
 
-    async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[int]]:
-        """Of ``job_ids``: the summaries of those that have ended, and the ids no job has."""
-        ended: list[dict[str, Any]] = []
+    async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[Job], list[int]]:
+        """Of ``job_ids``: those that have ended, and the ids no job has."""
+        ended: list[Job] = []
         found: set[int] = set()
         ids = sorted(set(job_ids))
         for at in range(0, len(ids), 500):  # SQLite's limit on bound values, with room to spare
@@ -793,13 +777,14 @@ class SqliteStore:
                 f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id IN ({','.join('?' * len(part))})", part)
             for r in rows:
                 found.add(r["id"])
-                if State(r["state"]).terminal:
-                    ended.append(job_summary(r))
+                job = _summary(r)
+                if job.state.terminal:
+                    ended.append(job)
         return ended, [i for i in ids if i not in found]
 
-    async def count_by_state(self) -> dict[str, int]:
+    async def count_by_state(self) -> dict[JobState, int]:
         rows = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-        return {r["state"]: r["n"] for r in rows}
+        return {JobState(r["state"]): r["n"] for r in rows}
 
     # ---- observability: aggregates read once per /metrics scrape, facts for one job's `why`
 
@@ -807,43 +792,43 @@ class SqliteStore:
         """Running jobs per worker (all workers, or only ``worker_ids``)."""
         if worker_ids is not None and not worker_ids:
             return {}
-        sql = "SELECT worker_id, COUNT(*) AS n FROM jobs WHERE state = 'running'"
-        params: tuple[Any, ...] = ()
+        sql = "SELECT worker_id, COUNT(*) AS n FROM jobs WHERE state = ?"
+        params: tuple[Any, ...] = (JobState.RUNNING.value,)
         if worker_ids is not None:
             sql += " AND worker_id IN (" + ",".join("?" * len(worker_ids)) + ")"
-            params = tuple(worker_ids)
+            params += tuple(worker_ids)
         rows = await self._read(sql + " GROUP BY worker_id", params)
         return {r["worker_id"]: r["n"] for r in rows}
 
-    async def metrics_snapshot(self) -> dict[str, Any]:
+    async def _live_loads(self, steady: float, queue: str | None = None) -> list[WorkerLoad]:
+        """Live workers (those serving ``queue``, when given) with their running jobs and heartbeat ages."""
+        live = await self._read(
+            f"SELECT id, name, state, queues, concurrency, last_heartbeat FROM workers WHERE state IN {_LIVE}")
+        if queue is not None:
+            live = [r for r in live if queue in json.loads(r["queues"])]
+        busy = await self._busy_by_worker([r["id"] for r in live]) if live else {}
+        return [WorkerLoad(r["id"], r["name"], WorkerState(r["state"]), r["concurrency"], busy.get(r["id"], 0),
+                           max(0.0, steady - r["last_heartbeat"])) for r in live]
+
+    async def metrics_snapshot(self) -> Snapshot:
         """Jobs by state, unfinished jobs by queue and state, workers by state, live workers' slots and heartbeat ages.
 
         A handful of GROUP BY reads on the reader connection: meant for a
         scrape every few seconds, never for each job.
         """
-        now = self.lease_clock()  # heartbeat ages: they must not jump with the wall clock
+        steady = self.lease_clock()  # heartbeat ages: they must not jump with the wall clock
         jobs = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         queues = await self._read(
-            "SELECT queue, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running', 'retrying')"
-            " GROUP BY queue, state"
-        )
+            f"SELECT queue, state, COUNT(*) AS n FROM jobs WHERE state IN {_UNFINISHED} GROUP BY queue, state")
         workers = await self._read("SELECT state, COUNT(*) AS n FROM workers GROUP BY state")
-        live = await self._read(
-            "SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE state IN ('alive', 'draining')"
+        return Snapshot(
+            jobs={JobState(r["state"]): r["n"] for r in jobs},
+            queues={(r["queue"], JobState(r["state"])): r["n"] for r in queues},
+            workers={WorkerState(r["state"]): r["n"] for r in workers},
+            live_workers=await self._live_loads(steady),
         )
-        busy = await self._busy_by_worker([r["id"] for r in live]) if live else {}
-        return {
-            "jobs": {r["state"]: r["n"] for r in jobs},
-            "queues": {(r["queue"], r["state"]): r["n"] for r in queues},
-            "workers": {r["state"]: r["n"] for r in workers},
-            "live_workers": [
-                {"id": r["id"], "name": r["name"], "state": r["state"], "concurrency": r["concurrency"],
-                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, now - r["last_heartbeat"])}
-                for r in live
-            ],
-        }
 
-    async def why_facts(self, job_id: int) -> dict[str, Any]:
+    async def why_facts(self, job_id: int) -> JobFacts:
         """What `orch why` needs about one job: its row, its last event and, by state, its queue
         position and the live workers serving its queue, or the worker holding its lease.
 
@@ -855,100 +840,69 @@ class SqliteStore:
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
         row = rows[0]
+        job = job_of(row)
         last = await self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
-        facts: dict[str, Any] = {
-            "now": now,
-            "job": job_json(row),
-            "run_at": row["run_at"],
-            "lease_expires_at": (now + row["lease_expires_at"] - steady
-                                 if row["lease_expires_at"] is not None else None),
-            "last_event": event_json(last[0]) if last else None,
-        }
-        if row["state"] == State.QUEUED:
+        facts = JobFacts(
+            now=now, record=JobRecord(job, json.loads(row["spec"]), []),
+            lease_expires_at=(now + row["lease_expires_at"] - steady if row["lease_expires_at"] is not None else None),
+            last_event=event_of(last[0]) if last else None,
+        )
+        if job.state is JobState.QUEUED:
             ahead = await self._read(
-                "SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND queue = ?"
+                "SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND queue = ?"
                 " AND (priority > ? OR (priority = ? AND id < ?))",
-                (row["queue"], row["priority"], row["priority"], job_id),
+                (JobState.QUEUED.value, job.queue, job.priority, job.priority, job_id),
             )
-            total = await self._read(
-                "SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND queue = ?", (row["queue"],)
-            )
-            facts["position"] = ahead[0]["n"] + 1
-            facts["queued"] = total[0]["n"]
-            live = await self._read(
-                "SELECT id, name, state, queues, concurrency, last_heartbeat FROM workers"
-                " WHERE state IN ('alive', 'draining')"
-            )
-            serving = [r for r in live if row["queue"] in json.loads(r["queues"])]
-            busy = await self._busy_by_worker([r["id"] for r in serving])
-            facts["workers"] = [
-                {"id": r["id"], "name": r["name"], "state": r["state"], "concurrency": r["concurrency"],
-                 "busy": busy.get(r["id"], 0), "heartbeat_age": max(0.0, steady - r["last_heartbeat"])}
-                for r in serving
-            ]
-        elif row["state"] == State.RUNNING and row["worker_id"]:
-            w = await self._read(
-                "SELECT id, name, state, last_heartbeat FROM workers WHERE id = ?", (row["worker_id"],)
-            )
-            facts["worker"] = (
-                {"id": w[0]["id"], "name": w[0]["name"], "state": w[0]["state"],
-                 "heartbeat_age": max(0.0, steady - w[0]["last_heartbeat"])} if w else None
-            )
+            total = await self._read("SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND queue = ?",
+                                     (JobState.QUEUED.value, job.queue))
+            facts.position = ahead[0]["n"] + 1
+            facts.queued = total[0]["n"]
+            facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.RUNNING and job.worker_id:
+            w = await self._read("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = ?",
+                                 (job.worker_id,))
+            if w:
+                facts.worker = WorkerLoad(w[0]["id"], w[0]["name"], WorkerState(w[0]["state"]), w[0]["concurrency"],
+                                          0, max(0.0, steady - w[0]["last_heartbeat"]))
         return facts
 
-    async def events(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
+    async def events(self, job_id: int, after: int = 0) -> list[Event]:
         rows = await self._point(
             "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
         )
-        return [event_json(r) for r in rows]
+        return [event_of(r) for r in rows]
 
-    async def output_after(self, job_id: int, after: int = 0) -> list[dict[str, Any]]:
-        """Output chunks after chunk ``after``: id, attempt, stream, data, pos (where in its stream it starts), size."""
+    async def output_after(self, job_id: int, after: int = 0) -> list[OutputPiece]:
+        """Output chunks after chunk ``after``, in the order they were stored."""
         rows = await self._point(
             "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = ? AND id > ? ORDER BY id",
             (job_id, after),
         )
-        return [dict(r) for r in rows]
+        return [OutputPiece(*r) for r in rows]
 
-    async def list_workers(self, retention: float | None = None) -> list[dict[str, Any]]:
+    async def list_workers(self, retention: float | None = None) -> list[Worker]:
         """Workers in the order they registered. With ``retention``, stopped and lost ones whose last
         heartbeat is older than that many seconds are left out. Only a live worker shows running jobs: a job
         still marked running under a stopped or lost worker is not being run by it."""
-        now = self.clock()
         steady = self.lease_clock()
-        old = "" if retention is None else " WHERE w.state IN ('alive', 'draining') OR w.last_heartbeat >= ?"
+        old = "" if retention is None else f" WHERE w.state IN {_LIVE} OR w.last_heartbeat >= ?"
         rows = await self._read(
-            "SELECT w.*, CASE WHEN w.state IN ('alive', 'draining') THEN (SELECT COUNT(*) FROM jobs j"
-            " WHERE j.worker_id = w.id AND j.state = 'running') ELSE 0 END AS running_jobs FROM workers w"
+            f"SELECT w.*, CASE WHEN w.state IN {_LIVE} THEN (SELECT COUNT(*) FROM jobs j"
+            f" WHERE j.worker_id = w.id AND j.state = '{JobState.RUNNING}') ELSE 0 END AS running_jobs FROM workers w"
             + old + " ORDER BY w.registered_at",
             () if retention is None else (steady - retention,),  # last_heartbeat is on lease_clock
         )
-        ages = [max(0.0, steady - r["last_heartbeat"]) for r in rows]
-        # last_heartbeat is kept on lease_clock: shown as the wall time that many seconds ago.
-        return [
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "hostname": r["hostname"],
-                "queues": json.loads(r["queues"]),
-                "concurrency": r["concurrency"],
-                "state": r["state"],
-                "registered_at": iso(r["registered_at"]),
-                "last_heartbeat": iso(now - age),
-                "heartbeat_age": round(age, 3),
-                "running": r["running_jobs"],
-                "metrics": r["metrics"],
-            }
-            for r, age in zip(rows, ages, strict=True)
-        ]
+        return [Worker(r["id"], r["name"], r["hostname"], json.loads(r["queues"]), r["concurrency"],
+                       WorkerState(r["state"]), r["registered_at"], max(0.0, steady - r["last_heartbeat"]),
+                       r["running_jobs"], r["metrics"]) for r in rows]
 
-    async def metrics_targets(self) -> list[dict[str, Any]]:
+    async def metrics_targets(self) -> list[MetricsTarget]:
         """Live workers that serve metrics: id, name and the URL they registered, oldest first."""
         rows = await self._read(
-            "SELECT id, name, metrics FROM workers WHERE state IN ('alive', 'draining') AND metrics IS NOT NULL"
+            f"SELECT id, name, metrics FROM workers WHERE state IN {_LIVE} AND metrics IS NOT NULL"
             " ORDER BY registered_at"
         )
-        return [dict(r) for r in rows]
+        return [MetricsTarget(*r) for r in rows]
 
     async def queues(self) -> list[str]:
         """Every queue name the store knows: its jobs' and those workers registered for (once, at start:
@@ -960,32 +914,22 @@ class SqliteStore:
     # ------------------------------------------------------------------ writes
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
-                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[dict[str, Any]]:
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
         """Queue jobs; their ids are consecutive, in the order given. ``stored``: each spec's stored form and
-        its JSON text, when the caller made them already (models.stored_spec)."""
+        its JSON text, when the caller made them already (core.spec.stored_spec)."""
         if not specs:
             return []
         now = self.clock()
-        created = iso(now)
         rows = []
-        jobs: list[dict[str, Any]] = []
         for i, spec in enumerate(specs):
             if stored is not None:
                 spec_json, text = stored[i]
             else:
                 spec_json = stored_spec(spec, defaults)
                 text = json.dumps(spec_json, separators=(",", ":"))
-            max_attempts = spec_json["max_attempts"]
             command = spec.command_text[:COMMAND_SHOWN + 1]
-            rows.append((spec.queue, spec.priority, text, max_attempts, now, spec.name, command, len(text)))
-            jobs.append({
-                "id": 0, "state": "queued", "queue": spec.queue, "priority": spec.priority,
-                "name": spec.name, "command": command[:COMMAND_SHOWN], "command_truncated": len(command) > COMMAND_SHOWN,
-                "attempt": 0, "max_attempts": max_attempts,
-                "created_at": created, "started_at": None, "finished_at": None,
-                "retry_at": None, "worker": None, "cancel_requested": False,
-                "exit_code": None, "error": None, "spec": spec_json,
-            })
+            rows.append((spec.queue, spec.priority, text, spec_json["max_attempts"], now, spec.name, command,
+                         len(text)))
             if i & 1023 == 1023:
                 await asyncio.sleep(0)  # a batch of thousands: let the loop serve others meanwhile
 
@@ -994,40 +938,37 @@ class SqliteStore:
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
                 "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command, spec_bytes)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)", rows)
+                f" VALUES (?, ?, '{_QUEUED}', ?, ?, ?, ?, ?, ?)", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
                 "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                " SELECT id, 0, NULL, 'queued', ?, 'submitted' FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id",
-                (now, first, last))
-            out.extend(Change(first + i, State.QUEUED.value, spec.queue, 0) for i, spec in enumerate(specs))
+                f" SELECT id, 0, NULL, '{_QUEUED}', ?, ? FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id",
+                (now, decisions.SUBMITTED, first, last))
+            out.extend(Change(first + i, _QUEUED, spec.queue, 0) for i, spec in enumerate(specs))
             return first
 
         first = await self._write(op, durable=True, weight=len(specs))
-        for i, job in enumerate(jobs):
-            job["id"] = first + i
-        return jobs
+        queued = JobState.QUEUED
+        return [Job(first + i, queued, r[0], r[1], r[5], r[6], 0, r[3], now, None, None, None, None, False, None,
+                    None) for i, r in enumerate(rows)]
 
-    async def cancel(self, job_id: int, reason: str = "cancelled by user") -> tuple[dict[str, Any], list[Change]]:
+    async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
+        """Cancel a job: one not running ends cancelled now; a running one is marked, its worker told at its
+        next heartbeat, and it ends when the worker reports (or its lease expires). Conflict if it has ended."""
         now = self.clock()
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[Change]:
             row = conn.execute("SELECT state, attempt, queue FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id}", field="id")
-            state = State(row["state"])
-            if state.terminal:
-                raise Conflict(f"job {job_id} already ended {state}", field="id")
-            if state is State.RUNNING:
-                # The worker learns it at its next heartbeat and kills the process group;
-                # the job ends cancelled when it reports back (or its lease expires).
+            state = JobState(row["state"])
+            if decisions.cancel(job_id, state) is decisions.CancelAction.ASK_WORKER:
                 conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 out.append(Change(job_id, state.value, row["queue"], row["attempt"]))
             else:
-                _move(conn, job_id, row["attempt"], state, State.CANCELLED, now, reason,
-                      finished_at=now, run_at=None)
-                out.append(Change(job_id, State.CANCELLED.value, row["queue"], row["attempt"]))
+                _move(conn, job_id, row["attempt"], state, decisions.CANCELLED, now, run_at=None)
+                out.append(Change(job_id, _CANCELLED, row["queue"], row["attempt"]))
             return list(out)
 
         changes = await self._write(op, durable=True)
@@ -1046,7 +987,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
-                " last_heartbeat, credential_hash, metrics) VALUES (?, ?, ?, ?, ?, 'alive', ?, ?, ?, ?)",
+                f" last_heartbeat, credential_hash, metrics) VALUES (?, ?, ?, ?, ?, '{_ALIVE}', ?, ?, ?, ?)",
                 (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, heard, credential_hash,
                  metrics),
             )
@@ -1054,11 +995,12 @@ class SqliteStore:
         await self._write(op)
         return worker_id
 
-    async def worker_credentials(self) -> list[tuple[str, str, str, list[str]]]:
-        """(worker id, credential hash, state, queues) of every worker that was issued a credential."""
+    async def worker_credentials(self) -> list[Credential]:
+        """Every worker that was issued a credential, with the credential's digest."""
         rows = await self._read(
             "SELECT id, credential_hash, state, queues FROM workers WHERE credential_hash IS NOT NULL")
-        return [(r["id"], r["credential_hash"], r["state"], json.loads(r["queues"])) for r in rows]
+        return [Credential(r["id"], r["credential_hash"], WorkerState(r["state"]), json.loads(r["queues"]))
+                for r in rows]
 
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
@@ -1070,20 +1012,20 @@ class SqliteStore:
             _live_worker(conn, worker_id)
             conn.execute(
                 "UPDATE workers SET last_heartbeat = ?, running = ?,"
-                " state = CASE WHEN ? THEN 'draining' ELSE state END WHERE id = ?",
+                f" state = CASE WHEN ? THEN '{_DRAINING}' ELSE state END WHERE id = ?",
                 (now, len(running), draining, worker_id),
             )
             reply = HeartbeatReply()
             for job_id, attempt in running:
                 row = conn.execute(
                     "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ?"
-                    " AND state = 'running' AND worker_id = ? RETURNING cancel_requested",
+                    f" AND state = '{_RUNNING}' AND worker_id = ? RETURNING cancel_requested",
                     (now + lease_ttl, job_id, attempt, worker_id),
                 ).fetchone()
                 if row is None:
-                    reply.stale.append({"job_id": job_id, "attempt": attempt})
+                    reply.stale.append((job_id, attempt))
                 elif row[0]:
-                    reply.cancel.append({"job_id": job_id, "attempt": attempt})
+                    reply.cancel.append((job_id, attempt))
             return reply
 
         return await self._write(op, weight=max(1, len(running)))
@@ -1091,66 +1033,58 @@ class SqliteStore:
     def _claim_op(self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, now: float,
                   steady: float) -> Op:
         """``now``: the wall clock, for the attempt's start and the events; ``steady``: ``lease_clock()``."""
-        check_transition(State.QUEUED, State.RUNNING)
+        check_transition(JobState.QUEUED, JobState.RUNNING)
         qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
         marks = ",".join("?" * len(qs))
         sql = (
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = ?,"
+            f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
             " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
-            " WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND queue IN (" + marks + ")"
+            f" WHERE id IN (SELECT id FROM jobs WHERE state = '{_QUEUED}' AND queue IN (" + marks + ")"
             " ORDER BY priority DESC, id LIMIT ?)"
             # A big spec is read after the commit, on the reader thread (claims commit on the loop).
             f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority, created_at"
         )
-        reason = f"claimed by {worker_id}"
+        reason = decisions.claimed(worker_id).reason
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            if _live_worker(conn, worker_id) == "draining":  # it said it is stopping: no new work for it
+            if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
             rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *qs, limit)).fetchall()
             if rows:
                 conn.executemany(
                     "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
-                    " VALUES (?, ?, ?, 'running', ?)",
+                    f" VALUES (?, ?, ?, '{_RUNNING}', ?)",
                     [(r[0], r[1], worker_id, now) for r in rows],
                 )
                 conn.executemany(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                    " VALUES (?, ?, 'queued', 'running', ?, ?)",
+                    f" VALUES (?, ?, '{_QUEUED}', '{_RUNNING}', ?, ?)",
                     [(r[0], r[1], now, reason) for r in rows],
                 )
-                out.extend(Change(r[0], State.RUNNING.value, r[3], r[1], worker=worker_id,
+                out.extend(Change(r[0], _RUNNING, r[3], r[1], worker=worker_id,
                                   queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
             return rows
 
         return op
 
-    async def _leases(self, rows: list[sqlite3.Row], raw_spec: bool) -> list[dict[str, Any]]:
-        """Claimed rows as the worker gets them, in dispatch order; ``raw_spec``: the spec as its stored JSON text.
+    async def _leases(self, rows: list[sqlite3.Row]) -> list[Lease]:
+        """Claimed rows as the worker gets them, in dispatch order.
 
         The claim returned the specs of up to SMALL_SPEC bytes; bigger ones are read here, off the loop (a
         spec never changes, so reading it after the commit that claimed its job reads what was claimed)."""
-        rows = sorted(rows, key=lambda r: (-r[4], r[0]))
+        rows = sorted(rows, key=lambda r: dispatch_order(r[4], r[0]))
         big = [r[0] for r in rows if r[2] is None]
         specs: dict[int, str] = {}
         for at in range(0, len(big), 500):
             part = big[at:at + 500]
             specs.update((r[0], r[1]) for r in await self._read(
                 f"SELECT id, spec FROM jobs WHERE id IN ({','.join('?' * len(part))})", part))
-        out = []
-        for r in rows:
-            text = r[2] if r[2] is not None else specs[r[0]]
-            out.append({"job_id": r[0], "attempt": r[1], "spec": text if raw_spec else json.loads(text),
-                        "queue": r[3], "queued_at": r[5]})
-        return out
+        return [Lease(r[0], r[1], r[2] if r[2] is not None else specs[r[0]], r[3], r[5], r[4]) for r in rows]
 
     async def claim(
-        self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float, *, raw_spec: bool = False,
-    ) -> tuple[list[dict[str, Any]], list[Change]]:
-        """Hand up to ``limit`` queued jobs from ``queues`` to the worker, each exactly once.
-
-        ``raw_spec``: each job's ``spec`` is its stored JSON text, for an answer that embeds it as it is.
-        """
+        self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float,
+    ) -> tuple[list[Lease], list[Change]]:
+        """Hand up to ``limit`` queued jobs from ``queues`` to the worker, each exactly once."""
         now = self.clock()
         op = self._claim_op(worker_id, queues, limit, lease_ttl, now, self.lease_clock())
 
@@ -1158,7 +1092,7 @@ class SqliteStore:
             return op(conn, out), list(out)
 
         rows, changes = await self._write(claiming, weight=limit)
-        return await self._leases(rows, raw_spec), changes
+        return await self._leases(rows), changes
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
         limit = self.output_limit
@@ -1169,13 +1103,13 @@ class SqliteStore:
         return await self._write(op, weight=max(1, len(chunks) // 4, _output_weight(chunks)))
 
     def _complete_op(self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
-                     now: float) -> Callable[[sqlite3.Connection, list[Change]], list[dict[str, Any]]]:
+                     now: float) -> Callable[[sqlite3.Connection, list[Change]], list[Verdict]]:
         limit = self.output_limit
         rand = self.rand
-        check_transition(State.RUNNING, State.SUCCEEDED)
+        check_transition(JobState.RUNNING, JobState.SUCCEEDED)
 
-        def op(conn: sqlite3.Connection, out: list[Change]) -> list[dict[str, Any]]:
-            answers: list[dict[str, Any]] = []
+        def op(conn: sqlite3.Connection, out: list[Change]) -> list[Verdict]:
+            answers: list[Verdict] = []
             events: list[tuple[Any, ...]] = []
             for r in results:
                 if r.outcome is Outcome.SUCCEEDED:
@@ -1189,27 +1123,25 @@ class SqliteStore:
                         r.duration, now, defaults, rand, r.waited,
                     )
                 if change is None:
-                    answers.append({"job_id": r.job_id, "attempt": r.attempt, "accepted": False,
-                                    "error": "stale_attempt"})
+                    answers.append(Verdict(r.job_id, r.attempt, None))
                 else:
-                    answers.append({"job_id": r.job_id, "attempt": r.attempt, "accepted": True,
-                                    "state": change.state})
+                    answers.append(Verdict(r.job_id, r.attempt, _JOB_STATE[change.state]))  # type: ignore[arg-type]
                     out.append(change)
             if events:
                 conn.executemany(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                    " VALUES (?, ?, 'running', 'succeeded', ?, 'exited 0')", events)
+                    f" VALUES (?, ?, '{_RUNNING}', '{_SUCCEEDED}', ?, ?)", events)
             return answers
 
         return op
 
     async def complete(
         self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy
-    ) -> tuple[list[dict[str, Any]], list[Change]]:
-        """Record how attempts ended; each answer says ``accepted`` or why not (stale)."""
+    ) -> tuple[list[Verdict], list[Change]]:
+        """Record how attempts ended: a verdict for each, with the job's new state, or stale."""
         op = self._complete_op(worker_id, results, defaults, self.clock())
 
-        def completing(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[Change]]:
+        def completing(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[Verdict], list[Change]]:
             return op(conn, out), list(out)
 
         return await self._write(completing, durable=True,
@@ -1217,8 +1149,8 @@ class SqliteStore:
 
     async def complete_and_claim(
         self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
-        queues: Sequence[str], limit: int, lease_ttl: float, *, raw_spec: bool = False,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        queues: Sequence[str], limit: int, lease_ttl: float,
+    ) -> tuple[list[Verdict], list[Lease]]:
         """``complete`` then ``claim`` in one operation (one savepoint, one commit): the answers and the new jobs.
 
         A worker that is no longer registered gets UnknownWorker for both: its attempts were
@@ -1228,13 +1160,13 @@ class SqliteStore:
         complete = self._complete_op(worker_id, results, defaults, now)
         claim = self._claim_op(worker_id, queues, limit, lease_ttl, now, self.lease_clock())
 
-        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[dict[str, Any]], list[sqlite3.Row]]:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[list[Verdict], list[sqlite3.Row]]:
             # The claim checks the worker; its UnknownWorker undoes the completions with it.
             return complete(conn, out), claim(conn, out)
 
         answers, rows = await self._write(
             op, durable=True, weight=len(results) + limit + _output_weight(c for r in results for c in r.output))
-        return answers, await self._leases(rows, raw_spec)
+        return answers, await self._leases(rows)
 
     async def hand_back(
         self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool
@@ -1245,25 +1177,23 @@ class SqliteStore:
         With ``stop`` the worker is also marked stopped.
         """
         now = self.clock()
+        back = decisions.handed_back(worker_id)
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[Change]:
             _live_worker(conn, worker_id)
             for job_id, attempt in attempts:
                 row = conn.execute(
                     "UPDATE attempts SET state = ?, finished_at = ?, error = ? WHERE job_id = ?"
-                    " AND attempt = ? AND state = 'running' AND worker_id = ? RETURNING job_id",
-                    (Outcome.HANDED_BACK.value, now, "handed back by a stopping worker",
-                     job_id, attempt, worker_id),
+                    f" AND attempt = ? AND state = '{_RUNNING}' AND worker_id = ? RETURNING job_id",
+                    (Outcome.HANDED_BACK.value, now, decisions.HANDED_BACK_ERROR, job_id, attempt, worker_id),
                 ).fetchone()
                 if row is None:
                     continue
-                q = _move(conn, job_id, attempt, State.RUNNING, State.QUEUED, now,
-                          f"handed back by {worker_id}", worker_id=None, lease_expires_at=None,
-                          bump_max_attempts=True)
-                out.append(Change(job_id, State.QUEUED.value, q, attempt, worker=worker_id,
+                q = _move(conn, job_id, attempt, JobState.RUNNING, back, now, worker_id=None, lease_expires_at=None)
+                out.append(Change(job_id, _QUEUED, q, attempt, worker=worker_id,
                                   outcome=Outcome.HANDED_BACK.value))
             if stop:
-                conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ?", (worker_id,))
+                conn.execute(f"UPDATE workers SET state = '{_STOPPED}' WHERE id = ?", (worker_id,))
             return list(out)
 
         return await self._write(op, durable=True, weight=max(1, len(attempts)))
@@ -1280,20 +1210,20 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, changes: list[Change]) -> Sweep:
             out = Sweep()
             lost = conn.execute(
-                "UPDATE workers SET state = 'lost' WHERE state IN ('alive', 'draining')"
+                f"UPDATE workers SET state = '{_LOST}' WHERE state IN ('{_ALIVE}', '{_DRAINING}')"
                 " AND last_heartbeat < ? RETURNING id",
                 (steady - worker_ttl,),
             ).fetchall()
             out.lost_workers = [r[0] for r in lost]
             expired = conn.execute(
-                "SELECT id, attempt, worker_id FROM jobs WHERE state = 'running'"
+                f"SELECT id, attempt, worker_id FROM jobs WHERE state = '{_RUNNING}'"
                 " AND lease_expires_at < ?",
                 (steady,),
             ).fetchall()
             orphaned = []
             for wid in out.lost_workers:
                 orphaned += conn.execute(
-                    "SELECT id, attempt, worker_id FROM jobs WHERE state = 'running' AND worker_id = ?",
+                    f"SELECT id, attempt, worker_id FROM jobs WHERE state = '{_RUNNING}' AND worker_id = ?",
                     (wid,),
                 ).fetchall()
             seen = set()
@@ -1301,26 +1231,25 @@ class SqliteStore:
                 if row["id"] in seen:
                     continue
                 seen.add(row["id"])
-                why = (f"worker {row['worker_id']} lost" if row["worker_id"] in out.lost_workers
-                       else f"lease expired on worker {row['worker_id']}")
+                why = decisions.lost(row["worker_id"], row["worker_id"] in out.lost_workers)
                 change = _end_attempt(conn, row["id"], row["attempt"], row["worker_id"], Outcome.LOST,
                                       None, why, None, now, defaults, rand)
                 if change is not None:
                     out.changes.append(change)
-            check_transition(State.RETRYING, State.QUEUED)
+            check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
             due = conn.execute(
-                "UPDATE jobs SET state = 'queued', run_at = NULL WHERE state = 'retrying'"
+                f"UPDATE jobs SET state = '{_QUEUED}', run_at = NULL WHERE state = '{_RETRYING}'"
                 " AND run_at <= ? RETURNING id, attempt, queue",
                 (now,),
             ).fetchall()
             if due:
                 conn.executemany(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                    " VALUES (?, ?, 'retrying', 'queued', ?, 'backoff over')",
-                    [(r["id"], r["attempt"], now) for r in due],
+                    f" VALUES (?, ?, '{_RETRYING}', '{_QUEUED}', ?, ?)",
+                    [(r["id"], r["attempt"], now, decisions.BACKOFF_OVER.reason) for r in due],
                 )
-                out.changes += [Change(r["id"], State.QUEUED.value, r["queue"], r["attempt"]) for r in due]
-            nxt = conn.execute("SELECT MIN(run_at) FROM jobs WHERE state = 'retrying'").fetchone()[0]
+                out.changes += [Change(r["id"], _QUEUED, r["queue"], r["attempt"]) for r in due]
+            nxt = conn.execute(f"SELECT MIN(run_at) FROM jobs WHERE state = '{_RETRYING}'").fetchone()[0]
             out.next_due = nxt
             changes.extend(out.changes)
             return out
@@ -1348,11 +1277,11 @@ class SqliteStore:
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
-                "UPDATE jobs SET lease_expires_at = MIN(MAX(lease_expires_at, ?), ?) WHERE state = 'running'",
+                f"UPDATE jobs SET lease_expires_at = MIN(MAX(lease_expires_at, ?), ?) WHERE state = '{_RUNNING}'",
                 (now + grace, now + max(grace, worker_ttl)),
             )
             conn.execute(
-                "UPDATE workers SET last_heartbeat = ? WHERE state IN ('alive', 'draining')",
+                f"UPDATE workers SET last_heartbeat = ? WHERE state IN ('{_ALIVE}', '{_DRAINING}')",
                 (now + max(0.0, grace - worker_ttl),),
             )
 
@@ -1360,7 +1289,7 @@ class SqliteStore:
 
     async def deregister(self, worker_id: str) -> None:
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
-            conn.execute("UPDATE workers SET state = 'stopped' WHERE id = ? AND state != 'lost'", (worker_id,))
+            conn.execute(f"UPDATE workers SET state = '{_STOPPED}' WHERE id = ? AND state != '{_LOST}'", (worker_id,))
 
         await self._write(op)
 
@@ -1387,7 +1316,7 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 # These run inside the writer's transaction; they never await.
 
 
-def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State | None, to: State,
+def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState | None, to: JobState,
            at: float, reason: str) -> None:
     conn.execute(
         "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)",
@@ -1398,34 +1327,41 @@ def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State | Non
 _MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error"})
 
 
-def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: State, to: State, now: float,
-          reason: str, bump_max_attempts: bool = False, **sets: Any) -> str:
+def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState, move: decisions.Move, now: float,
+          **sets: Any) -> str:
     """The one way a job changes state: checked against the table, conditional, with its event row.
 
-    Returns the job's queue. Raises Conflict if the job was not in ``frm`` at ``attempt``.
+    ``move`` is what the core decided (orch.core.decisions); an ending move stamps finished_at, a retry
+    its due time, a refund gives the attempt back to max_attempts. Returns the job's queue. Raises
+    Conflict if the job was not in ``frm`` at ``attempt``.
     """
-    check_transition(frm, to)
+    check_transition(frm, move.to)
     assert set(sets) <= _MOVE_COLUMNS, sets
+    if move.ends:
+        sets["finished_at"] = now
+    if move.retry_in is not None:
+        sets["run_at"] = now + move.retry_in
     assignments = "".join(f", {col} = ?" for col in sets)
-    if bump_max_attempts:
+    if move.refund:
         assignments += ", max_attempts = max_attempts + 1"
     row = conn.execute(
         f"UPDATE jobs SET state = ?{assignments} WHERE id = ? AND state = ? AND attempt = ? RETURNING queue",
-        (to.value, *sets.values(), job_id, frm.value, attempt),
+        (move.to.value, *sets.values(), job_id, frm.value, attempt),
     ).fetchone()
     if row is None:
         raise Conflict(f"job {job_id} is no longer {frm} at attempt {attempt}")
-    _event(conn, job_id, attempt, frm, to, now, reason)
+    _event(conn, job_id, attempt, frm, move.to, now, move.reason)
     return row[0]
 
 
-def _live_worker(conn: sqlite3.Connection, worker_id: str) -> str:
+def _live_worker(conn: sqlite3.Connection, worker_id: str) -> WorkerState:
     """The worker's state, alive or draining; UnknownWorker if it is lost, stopped or unknown."""
     row = conn.execute("SELECT state FROM workers WHERE id = ?", (worker_id,)).fetchone()
-    if row is None or row[0] in ("lost", "stopped"):
+    state = WorkerState(row[0]) if row is not None else None
+    if state is None or not state.live:
         raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
                             field="worker_id")
-    return row[0]
+    return state
 
 
 def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int) -> bool:
@@ -1439,7 +1375,7 @@ def _append(conn: sqlite3.Connection, worker_id: str, c: OutputChunk, limit: int
     size = len(c.data.encode("utf-8"))
     row = conn.execute(
         f"UPDATE attempts SET {c.stream}_bytes = {c.stream}_bytes + ?, {c.stream}_kept = {c.stream}_kept + ?"
-        f" WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id = ?"
+        f" WHERE job_id = ? AND attempt = ? AND state = '{_RUNNING}' AND worker_id = ?"
         f" RETURNING {c.stream}_bytes, {c.stream}_kept",
         (c.skipped + size, size, c.job_id, c.attempt, worker_id),
     ).fetchone()
@@ -1495,10 +1431,10 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
             grown[c.stream] += size
     ob, eb = sizes["stdout"], sizes["stderr"]
     row = conn.execute(
-        "UPDATE attempts SET state = 'succeeded', finished_at = ?, exit_code = ?, error = ?, duration = ?,"
+        f"UPDATE attempts SET state = '{_SUCCEEDED}', finished_at = ?, exit_code = ?, error = ?, duration = ?,"
         " started_at = MIN(started_at + ?, ?), stdout_bytes = stdout_bytes + ?, stdout_kept = stdout_kept + ?,"
         " stderr_bytes = stderr_bytes + ?, stderr_kept = stderr_kept + ?"
-        " WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id IS ?"
+        f" WHERE job_id = ? AND attempt = ? AND state = '{_RUNNING}' AND worker_id IS ?"
         " RETURNING started_at, stdout_kept, stderr_kept, stdout_bytes, stderr_bytes",
         (now, r.exit_code, r.error, r.duration, r.waited, now, grown["stdout"], ob, grown["stderr"], eb,
          r.job_id, r.attempt, worker_id),
@@ -1511,7 +1447,7 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
         # report, its own dropped bytes included (the offset held in its last element).
         base = {"stdout": row[3] - grown["stdout"], "stderr": row[4] - grown["stderr"]}
         for ch in chunks:
-            ch[5] += base[ch[2]]
+            ch[5] += base[ch[2]]  # type: ignore[index]  # (ch[2] is the stream's name)
         conn.executemany("INSERT INTO output (job_id, attempt, stream, data, size, pos) VALUES (?, ?, ?, ?, ?, ?)",
                          chunks)
         if row[1] > limit:
@@ -1519,17 +1455,17 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
         if row[2] > limit:
             _trim(conn, r.job_id, r.attempt, "stderr", row[2], limit)
     job = conn.execute(
-        "UPDATE jobs SET state = 'succeeded', finished_at = ?, lease_expires_at = NULL, exit_code = ?, error = ?,"
+        f"UPDATE jobs SET state = '{_SUCCEEDED}', finished_at = ?, lease_expires_at = NULL, exit_code = ?, error = ?,"
         " started_at = CASE WHEN ? THEN ? ELSE started_at END"
-        " WHERE id = ? AND state = 'running' AND attempt = ? RETURNING queue",
+        f" WHERE id = ? AND state = '{_RUNNING}' AND attempt = ? RETURNING queue",
         (now, r.exit_code, r.error, r.waited > 0, started_at, r.job_id, r.attempt),
     ).fetchone()
     if job is None:
         # The attempt row said running but the job has moved on (see _end_attempt): the
         # attempt stays ended, the job is not touched.
         return None
-    events.append((r.job_id, r.attempt, now))
-    return Change(r.job_id, State.SUCCEEDED.value, job[0], r.attempt, worker=worker_id,
+    events.append((r.job_id, r.attempt, now, decisions.SUCCEEDED.reason))
+    return Change(r.job_id, _SUCCEEDED, job[0], r.attempt, worker=worker_id,
                   outcome=Outcome.SUCCEEDED.value,
                   duration=r.duration if r.duration is not None else max(0.0, now - started_at))
 
@@ -1547,7 +1483,7 @@ def _end_attempt(
     row = conn.execute(
         "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, error = ?, duration = ?,"
         " started_at = MIN(started_at + ?, ?)"
-        " WHERE job_id = ? AND attempt = ? AND state = 'running' AND worker_id IS ?"
+        f" WHERE job_id = ? AND attempt = ? AND state = '{_RUNNING}' AND worker_id IS ?"
         " RETURNING started_at",
         (outcome.value, now, exit_code, error, duration, waited, now, job_id, attempt, worker_id),
     ).fetchone()
@@ -1557,7 +1493,7 @@ def _end_attempt(
         conn.execute("UPDATE jobs SET started_at = ? WHERE id = ? AND attempt = ?", (row[0], job_id, attempt))
     job = conn.execute(
         "SELECT queue, max_attempts, spec, cancel_requested FROM jobs WHERE id = ?"
-        " AND state = 'running' AND attempt = ?",
+        f" AND state = '{_RUNNING}' AND attempt = ?",
         (job_id, attempt),
     ).fetchone()
     if job is None:
@@ -1565,51 +1501,16 @@ def _end_attempt(
         # elsewhere). The attempt stays ended; the job is not touched. Raising here
         # would roll back a whole reaper pass, again on every tick.
         return None
-    reason = _reason(outcome, exit_code, error)
-    common = dict(lease_expires_at=None, exit_code=exit_code, error=error)
-    if outcome is Outcome.SUCCEEDED:
-        # Done before the cancel reached it: the honest end is the real one.
-        to = State.SUCCEEDED
-        _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
-    elif job["cancel_requested"] or outcome is Outcome.CANCELLED:
-        to = State.CANCELLED
-        _move(conn, job_id, attempt, State.RUNNING, to, now, "cancelled by user" if job["cancel_requested"]
-              else reason, finished_at=now, **common)
-    else:
-        policy = _policy(job["spec"], defaults, job["max_attempts"])
-        if policy.retries(outcome, exit_code, attempt):
-            to = State.RETRYING
-            delay = policy.delay(attempt, rand())
-            _move(conn, job_id, attempt, State.RUNNING, to, now,
-                  f"{reason}; retry in {delay:.1f}s", run_at=now + delay, **common)
-        else:
-            to = State.FAILED
-            _move(conn, job_id, attempt, State.RUNNING, to, now, reason, finished_at=now, **common)
+    spec_text = job["spec"]
+    move = decisions.attempt_ended(
+        outcome, exit_code, error, attempt, cancel_requested=bool(job["cancel_requested"]),
+        policy=lambda: policy_for(json.loads(spec_text), defaults, job["max_attempts"]), rand=rand)
+    to = move.to
+    _move(conn, job_id, attempt, JobState.RUNNING, move, now, lease_expires_at=None, exit_code=exit_code, error=error)
     return Change(job_id, to.value, job["queue"], attempt, worker=worker_id, outcome=outcome.value,
                   duration=duration if duration is not None else max(0.0, now - row[0]))
 
 
-def _policy(spec_text: str, defaults: RetryPolicy, max_attempts: int) -> RetryPolicy:
-    spec = json.loads(spec_text)
-    b = spec.get("backoff") or {}
-    roe = spec.get("retry_on_exit")
-    return RetryPolicy(
-        max_attempts=max_attempts,
-        base=b.get("base", defaults.base),
-        factor=b.get("factor", defaults.factor),
-        cap=b.get("cap", defaults.cap),
-        jitter=b.get("jitter", defaults.jitter),
-        retry_on_exit=tuple(roe) if roe is not None else defaults.retry_on_exit,
-    )
-
-
-def _reason(outcome: Outcome, exit_code: int | None, error: str | None) -> str:
-    if outcome is Outcome.SUCCEEDED:
-        return "exited 0"
-    if outcome is Outcome.FAILED:
-        return error or f"exited {exit_code}"
-    if outcome is Outcome.TIMED_OUT:
-        return error or "timed out"
-    if outcome is Outcome.LOST:
-        return error or "worker lost"
-    return error or str(outcome)
+def _check(store: SqliteStore) -> Store:
+    """Never called: mypy checks here that SqliteStore implements the whole Store contract."""
+    return store

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orch.client import Client, retryable
-from orch.errors import ApiError, OrchError
+from orch.core.errors import ApiError, OrchError
+from orch.core.states import Outcome
 from orch.metrics import WorkerMetrics
-from orch.models import Outcome
 from orch.worker import outbox
 from orch.worker.outbox import Output, Parcel
 from orch.worker.runners import Ended, Run, execute

@@ -43,7 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from orch.models import Outcome, argv_of
+from orch.core.spec import argv_of
+from orch.core.states import Outcome
 
 log = logging.getLogger("orch.worker")
 

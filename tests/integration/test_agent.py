@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestServer
 import orch.config
 from helpers import until
 from orch.client import Client
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import STORE, build_app
+from orch.scheduler.app import STORE
 from orch.store.sqlite import SqliteStore
 from orch.worker.agent import Agent, WorkerOptions
 

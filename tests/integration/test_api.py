@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
 from helpers import until
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import HUB, build_app
+from orch.scheduler.app import HUB
 
 Body = Callable[[TestClient], Awaitable[None]]
 

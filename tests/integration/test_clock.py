@@ -18,9 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
 from helpers import until
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.models import RetryPolicy, iso, parse_spec
-from orch.scheduler.app import build_app
+from orch.core.retry import RetryPolicy
+from orch.core.spec import parse_spec
+from orch.core.times import iso
+from orch.scheduler import wire
 from orch.store.sqlite import SqliteStore
 
 T0 = 1_700_000_000.0
@@ -64,25 +67,27 @@ def test_wall_clock_steps_neither_expire_leases_nor_lose_heartbeating_workers(tm
             assert store.lease_clock() == wall()  # anchored: stored deadlines read as times
             a = await store.register_worker(name="a", hostname="h", queues=["default"], concurrency=1)
             b = await store.register_worker(name="b", hostname="h", queues=["default"], concurrency=1)
-            ja, jb = (j["id"] for j in await store.submit([parse_spec({"command": ["true"]})] * 2, POLICY))
+            ja, jb = (j.id for j in await store.submit([parse_spec({"command": ["true"]})] * 2, POLICY))
             (got_a,), _ = await store.claim(a, ["default"], 1, TTL)
             (got_b,), _ = await store.claim(b, ["default"], 1, TTL)
-            assert (got_a["job_id"], got_b["job_id"]) == (ja, jb)
+            assert (got_a.job_id, got_b.job_id) == (ja, jb)
 
             for jump in JUMPS:
                 passed(wall, mono, 2.0, jump)
                 # Before the heartbeats: the step alone must expire nothing.
                 sweep = await store.sweep(TTL, POLICY)
                 assert sweep.lost_workers == [] and sweep.changes == [], (jump, sweep)
-                ages = {w["id"]: w for w in await store.list_workers()}
+                ages = {w.id: w for w in await store.list_workers()}
                 for w in ages.values():
-                    assert w["heartbeat_age"] == pytest.approx(2.0), (jump, w)
-                    assert w["last_heartbeat"] == iso(wall() - 2.0)  # shown on the wall clock of now
+                    assert w.heartbeat_age == pytest.approx(2.0), (jump, w)
+                    # shown on the wall clock of now
+                    assert wire.worker_json(w, store.clock())["last_heartbeat"] == iso(wall() - 2.0)
                 snapshot = await store.metrics_snapshot()
-                assert [w["heartbeat_age"] for w in snapshot["live_workers"]] == [pytest.approx(2.0)] * 2
+                assert [w.heartbeat_age for w in snapshot.live_workers] == [pytest.approx(2.0)] * 2
                 facts = await store.why_facts(ja)
-                assert facts["lease_expires_at"] - facts["now"] == pytest.approx(TTL - 2.0)
-                assert facts["worker"]["heartbeat_age"] == pytest.approx(2.0)
+                assert facts.lease_expires_at is not None and facts.worker is not None
+                assert facts.lease_expires_at - facts.now == pytest.approx(TTL - 2.0)
+                assert facts.worker.heartbeat_age == pytest.approx(2.0)
                 for wid, jid in ((a, ja), (b, jb)):
                     reply = await store.heartbeat(wid, [(jid, 1)], TTL)
                     assert reply.stale == [] and reply.cancel == []
@@ -90,7 +95,7 @@ def test_wall_clock_steps_neither_expire_leases_nor_lose_heartbeating_workers(tm
 
             # What people read stays on the wall clock, wherever it has stepped to.
             (late,) = await store.submit([parse_spec({"command": ["true"]})], POLICY)
-            assert late["created_at"] == iso(wall())
+            assert late.created_at == wall()
 
             # b stops heartbeating; the wall clock steps back a minute. b is lost after TTL of
             # monotonic time, neither sooner nor an extra minute later; a, heartbeating, is not.
@@ -105,11 +110,11 @@ def test_wall_clock_steps_neither_expire_leases_nor_lose_heartbeating_workers(tm
             assert sweep.lost_workers == [b]
             assert [(c.job_id, c.state) for c in sweep.changes] == [(jb, "retrying")]
             job_b = await store.get_job(jb)
-            assert job_b["attempts"][0]["state"] == "lost"
-            assert job_b["attempts"][0]["finished_at"] == iso(wall())  # stamped on the wall clock
-            assert job_b["retry_at"] == iso(wall() + 2.0)  # backoff runs on the wall clock
-            assert (await store.get_job(ja))["state"] == "running"
-            assert {w["id"]: w["state"] for w in await store.list_workers()} == {a: "alive", b: "lost"}
+            assert job_b.attempts[0].state == "lost"
+            assert job_b.attempts[0].finished_at == wall()  # stamped on the wall clock
+            assert job_b.job.run_at == wall() + 2.0  # backoff runs on the wall clock
+            assert (await store.get_job(ja)).job.state == "running"
+            assert {w.id: w.state for w in await store.list_workers()} == {a: "alive", b: "lost"}
         finally:
             await store.close()
 
@@ -131,7 +136,7 @@ def test_a_restart_rebases_deadlines_an_earlier_process_left_ahead(tmp_path: Pat
         try:
             for name in ("dead", "alive"):
                 wid = await store.register_worker(name=name, hostname="h", queues=["default"], concurrency=1)
-                (jid,) = [j["id"] for j in await store.submit([parse_spec({"command": ["true"]})], POLICY)]
+                (jid,) = [j.id for j in await store.submit([parse_spec({"command": ["true"]})], POLICY)]
                 await store.claim(wid, ["default"], 1, TTL)
                 ids[name] = (wid, jid)
             passed(wall, mono, 1.0)
@@ -147,10 +152,11 @@ def test_a_restart_rebases_deadlines_an_earlier_process_left_ahead(tmp_path: Pat
         try:
             await store.recover(TTL, TTL)  # as the scheduler does at start
             (dead, dead_job), (alive, alive_job) = ids["dead"], ids["alive"]
-            ages = {w["id"]: w["heartbeat_age"] for w in await store.list_workers()}
+            ages = {w.id: w.heartbeat_age for w in await store.list_workers()}
             assert ages == {dead: 0.0, alive: 0.0}  # not an hour in the future, nor in the past
             facts = await store.why_facts(dead_job)
-            assert facts["lease_expires_at"] - facts["now"] == pytest.approx(TTL)
+            assert facts.lease_expires_at is not None
+            assert facts.lease_expires_at - facts.now == pytest.approx(TTL)
             for _ in range(5):
                 passed(wall, mono, 2.0)
                 await store.heartbeat(alive, [(alive_job, 1)], TTL)
@@ -159,7 +165,7 @@ def test_a_restart_rebases_deadlines_an_earlier_process_left_ahead(tmp_path: Pat
             sweep = await store.sweep(TTL, POLICY)
             assert sweep.lost_workers == [dead]
             assert [(c.job_id, c.state) for c in sweep.changes] == [(dead_job, "retrying")]
-            assert (await store.get_job(alive_job))["state"] == "running"
+            assert (await store.get_job(alive_job)).job.state == "running"
         finally:
             await store.close()
 

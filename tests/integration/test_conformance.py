@@ -17,10 +17,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.models import MAX_ARG_LEN
-from orch.scheduler.app import build_app
-from orch.scheduler.openapi import document
+from orch.core.spec import MAX_ARG_LEN
+from orch.scheduler.routes import document
 
 CLIENT = "conformance-client-token"
 JOIN = "conformance-join-token"

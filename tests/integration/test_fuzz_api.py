@@ -31,9 +31,10 @@ jsonschema = pytest.importorskip("jsonschema")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from orch.compose import build_app  # noqa: E402
 from orch.config import load_settings  # noqa: E402
-from orch.scheduler.app import build_app  # noqa: E402
-from orch.scheduler.openapi import document, operations  # noqa: E402
+from orch.scheduler.openapi import operations  # noqa: E402
+from orch.scheduler.routes import document  # noqa: E402
 from orch.store.sqlite import SqliteStore  # noqa: E402
 
 CLIENT = "fuzz-client-token"

@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import build_app
 
 CLIENT = "metrics-client-token"
 JOIN = "metrics-join-token"

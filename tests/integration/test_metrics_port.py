@@ -17,7 +17,7 @@ import pytest
 import orch.cli
 import orch.config
 from orch.config import KEYS, load_settings
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 from orch.metrics import WorkerMetrics, serve_metrics
 
 

@@ -16,9 +16,10 @@ from aiohttp.test_utils import TestClient, TestServer
 import orch.config
 from helpers import until
 from orch.client import Client
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import API, build_app
-from orch.scheduler.openapi import document
+from orch.scheduler.app import API
+from orch.scheduler.routes import document
 from orch.worker.agent import Agent, WorkerOptions
 
 CLIENT = "test-client-token"

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
 from helpers import until
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import build_app
 
 Body = Callable[[TestClient], Awaitable[None]]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from helpers import until, wait_until
-from orch.models import Outcome
+from orch.core.states import Outcome
 from orch.worker import runners
 from orch.worker.runners import Ended, Run
 

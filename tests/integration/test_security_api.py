@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 import orch.config
 from helpers import until
 from orch import auth
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import build_app
 from orch.scheduler.openapi import operations
 from orch.scheduler.security import GUARD
 

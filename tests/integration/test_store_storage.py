@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from orch.errors import StorageCorrupt, StorageError, StorageFull
-from orch.models import RetryPolicy, parse_spec
+from orch.core.errors import StorageCorrupt, StorageError, StorageFull
+from orch.core.retry import RetryPolicy
+from orch.core.spec import parse_spec
 from orch.store.files import DatabaseLock, private_dir
 from orch.store.sqlite import SqliteStore
 
@@ -28,7 +29,7 @@ def mode(path: Path) -> int:
 
 
 async def submit(store: SqliteStore, **kw: Any) -> int:
-    return (await store.submit([parse_spec({"command": ["true"], **kw})], POLICY))[0]["id"]
+    return (await store.submit([parse_spec({"command": ["true"], **kw})], POLICY))[0].id
 
 
 def make_db(path: Path) -> None:
@@ -77,7 +78,7 @@ def test_an_fsync_without_space_is_storage_full_and_later_ones_work(tmp_path: Pa
             assert str(tmp_path / "orch.db") in info.value.message and "space" in info.value.message
             full.clear()
             job_id = await submit(store, name="after")
-            assert (await store.get_job(job_id))["spec"]["name"] == "after"
+            assert (await store.get_job(job_id)).spec["name"] == "after"
         finally:
             await store.close()
 
@@ -99,7 +100,7 @@ def test_a_transaction_left_open_by_a_failed_batch_does_not_stop_the_next(tmp_pa
             specs = [parse_spec({"command": ["true"], "name": f"n{i}"}) for i in range(jobs)]
             made = await asyncio.wait_for(store.submit(specs, POLICY), 5)
             assert not conn.in_transaction
-            assert (await store.get_job(made[-1]["id"]))["state"] == "queued"
+            assert (await store.get_job(made[-1].id)).job.state == "queued"
         finally:
             await store.close()
 
@@ -183,7 +184,7 @@ def test_existing_database_files_readable_by_others_are_narrowed(tmp_path: Path)
         try:
             for suffix in ("", "-wal", "-shm"):
                 assert mode(Path(f"{path}{suffix}")) == 0o600, suffix
-            assert (await store.get_job(1))["spec"]["env"] == {"SECRET": "s" * 500}
+            assert (await store.get_job(1)).spec["env"] == {"SECRET": "s" * 500}
         finally:
             await store.close()
 

@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import build_app
 
 CLIENT = "test-client-token"
 JOIN = "test-join-token"

@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
 from helpers import until
+from orch.compose import build_app
 from orch.config import load_settings
-from orch.scheduler.app import build_app
 from orch.store.sqlite import SqliteStore
 
 CLIENT = "workers-client-token"

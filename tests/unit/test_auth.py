@@ -15,7 +15,7 @@ import orch.cli
 import orch.config
 from orch import auth
 from orch.config import load_settings
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 from orch.scheduler.security import exposure_warnings, unencodable_field
 from orch.tls import is_loopback, make_certs
 

@@ -13,7 +13,7 @@ import orch.config
 from orch.cli import app, format_event, format_status, table
 from orch.client import _decode
 from orch.config import ConfigError, normalize_server
-from orch.errors import ApiError, ServerUnavailable
+from orch.core.errors import ApiError, ServerUnavailable
 from orch.text import visible
 
 # What a job name, a command or a worker name could carry to take over the operator's terminal.

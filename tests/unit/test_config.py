@@ -8,7 +8,7 @@ import pytest
 
 import orch.config
 from orch.config import KEYS, load_settings, normalize_server
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 
 import orch.config
 from orch.config import ENV_ALIASES, KEYS, env_name, load_settings
-from orch.errors import ConfigError
+from orch.core.errors import ConfigError
 
 FLOATS = sorted(k for k, spec in KEYS.items() if spec.kind == "float")
 INTS = sorted(k for k, spec in KEYS.items() if spec.kind == "int" and k != "concurrency")

@@ -13,9 +13,9 @@ import yaml
 
 import orch.cli
 import orch.config
+from orch.compose import build_app
 from orch.config import ENV_ALIASES, KEYS, env_name, load_settings
-from orch.models import parse_spec
-from orch.scheduler.app import build_app
+from orch.core.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_YAML = ROOT / "config" / "dev.yaml"

@@ -6,35 +6,28 @@ import itertools
 
 import pytest
 
-from orch.errors import IllegalTransition, ValidationError
-from orch.models import (
-    TERMINAL,
-    TRANSITIONS,
-    Outcome,
-    RetryPolicy,
-    State,
-    check_transition,
-    iso,
-    parse_spec,
-    sources_of,
-)
+from orch.core.errors import IllegalTransition, ValidationError
+from orch.core.retry import RetryPolicy
+from orch.core.spec import parse_spec
+from orch.core.states import TERMINAL, TRANSITIONS, JobState, Outcome, check_transition, sources_of
+from orch.core.times import iso
 
 # --------------------------------------------------------------------------- state machine
 
 ALLOWED = sorted((f.value, t.value) for f, targets in TRANSITIONS.items() for t in targets)
 FORBIDDEN = sorted(
-    (f.value, t.value) for f, t in itertools.product(State, State) if t not in TRANSITIONS[f]
+    (f.value, t.value) for f, t in itertools.product(JobState, JobState) if t not in TRANSITIONS[f]
 )
 
 
 def test_every_state_has_a_row_in_the_table() -> None:
-    assert set(TRANSITIONS) == set(State)
+    assert set(TRANSITIONS) == set(JobState)
 
 
 @pytest.mark.parametrize(("frm", "to"), ALLOWED)
 def test_allowed_transitions_pass(frm: str, to: str) -> None:
     check_transition(frm, to)
-    check_transition(State(frm), State(to))
+    check_transition(JobState(frm), JobState(to))
 
 
 @pytest.mark.parametrize(
@@ -60,15 +53,15 @@ def test_illegal_transitions_raise(frm: str, to: str) -> None:
 
 @pytest.mark.parametrize("terminal", sorted(s.value for s in TERMINAL))
 def test_terminal_states_have_no_way_out(terminal: str) -> None:
-    assert State(terminal).terminal
-    assert TRANSITIONS[State(terminal)] == frozenset()
-    for to in State:
+    assert JobState(terminal).terminal
+    assert TRANSITIONS[JobState(terminal)] == frozenset()
+    for to in JobState:
         with pytest.raises(IllegalTransition):
             check_transition(terminal, to)
 
 
 def test_terminal_set_is_succeeded_failed_cancelled() -> None:
-    assert {s.value for s in State if s.terminal} == {"succeeded", "failed", "cancelled"}
+    assert {s.value for s in JobState if s.terminal} == {"succeeded", "failed", "cancelled"}
 
 
 def test_unknown_state_name_is_rejected() -> None:
@@ -77,9 +70,9 @@ def test_unknown_state_name_is_rejected() -> None:
 
 
 def test_sources_of_matches_the_table() -> None:
-    assert sources_of(State.QUEUED) == ("retrying", "running")
-    assert sources_of(State.RUNNING) == ("queued",)
-    assert set(sources_of(State.CANCELLED)) == {"queued", "retrying", "running"}
+    assert sources_of(JobState.QUEUED) == ("retrying", "running")
+    assert sources_of(JobState.RUNNING) == ("queued",)
+    assert set(sources_of(JobState.CANCELLED)) == {"queued", "retrying", "running"}
 
 
 # --------------------------------------------------------------------------- retry policy
@@ -212,7 +205,7 @@ def test_optional_fields_are_kept() -> None:
 
 
 def test_spec_survives_a_json_round_trip() -> None:
-    from orch.models import spec_from_json
+    from orch.core.spec import spec_from_json
 
     spec = parse_spec({"shell": "exit 3", "queue": "q1", "priority": 5, "env": {"A": "1"},
                        "timeout": 9, "labels": {"k": "v"}, "name": "n", "backoff": {"base": 2},

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import until
 from orch.config import load_settings
-from orch.errors import StorageCorrupt, StorageFull
+from orch.core.errors import StorageCorrupt, StorageFull
 from orch.scheduler.app import ReaperFailures, reaper
 from orch.scheduler.dispatch import Hub
 from orch.store.base import Sweep

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from orch.core.records import Event, Job, JobFacts, JobRecord, Snapshot, WorkerLoad
+from orch.core.states import JobState, WorkerState
 from orch.logs import JsonFormatter
 from orch.metrics import DURATION_BUCKETS, SchedulerMetrics, WorkerMetrics
 from orch.scheduler.why import explain
@@ -26,22 +28,28 @@ NOW = 1_800_000_000.0
 # --------------------------------------------------------------------------- orch why
 
 
-def job(state: str, **kw: Any) -> dict[str, Any]:
-    base = {"id": 7, "state": state, "queue": "q", "attempt": 1, "max_attempts": 3, "worker": None,
-            "cancel_requested": False, "exit_code": None, "error": None,
-            "finished_at": "2027-01-15T08:00:00.000Z"}
-    base.update(kw)
-    return base
+def job(state: str, **kw: Any) -> Job:
+    fields: dict[str, Any] = {"id": 7, "state": JobState(state), "queue": "q", "priority": 0, "name": None,
+                              "command": "true", "attempt": 1, "max_attempts": 3, "created_at": NOW - 60,
+                              "started_at": None, "finished_at": NOW, "run_at": None, "worker_id": None,
+                              "cancel_requested": False, "exit_code": None, "error": None}
+    if "worker" in kw:
+        kw["worker_id"] = kw.pop("worker")
+    fields.update(kw)
+    return Job(**fields)
 
 
-def worker(wid: str = "w-1", busy: int = 0, concurrency: int = 2, state: str = "alive", age: float = 0.5) -> dict[str, Any]:
-    return {"id": wid, "name": f"n-{wid}", "state": state, "concurrency": concurrency, "busy": busy, "heartbeat_age": age}
+def worker(wid: str = "w-1", busy: int = 0, concurrency: int = 2, state: str = "alive", age: float = 0.5) -> WorkerLoad:
+    return WorkerLoad(wid, f"n-{wid}", WorkerState(state), concurrency, busy, age)
 
 
-def why(j: dict[str, Any], **facts: Any) -> dict[str, Any]:
-    out = explain({"now": NOW, "job": j, **facts}, heartbeat_interval=2.0)
+def why(j: Job, *, last_event: dict[str, Any] | None = None, **facts: Any) -> dict[str, Any]:
+    event = Event(1, j.id, j.attempt, None, j.state, NOW, last_event["reason"]) if last_event else None
+    out = explain(JobFacts(now=NOW, record=JobRecord(j, {"command": ["true"]}, []),
+                           lease_expires_at=facts.pop("lease_expires_at", None), last_event=event, **facts),
+                  heartbeat_interval=2.0)
     assert out["message"].count("\n") <= 1, "one or two lines"
-    assert out["job_id"] == 7 and out["state"] == j["state"]
+    assert out["job_id"] == 7 and out["state"] == j.state
     return out
 
 
@@ -69,12 +77,12 @@ def test_why_waiting_for_a_free_slot_with_position() -> None:
 
 
 def test_why_in_backoff_until_a_time() -> None:
-    out = why(job("retrying"), run_at=NOW + 42, last_event={"reason": "exited 3; retry in 42.0s"})
+    out = why(job("retrying", run_at=NOW + 42), last_event={"reason": "exited 3; retry in 42.0s"})
     assert out["reason"] == "backoff"
     assert "in backoff until 2027-01-15T08:00:42.000Z (42.0s from now)" in out["message"]
     assert "after attempt 1 of 3 (exited 3; retry in 42.0s)" in out["message"]
     assert out["retry_in"] == 42
-    out = why(job("retrying"), run_at=NOW - 1)
+    out = why(job("retrying", run_at=NOW - 1))
     assert out["reason"] == "backoff" and "being queued again" in out["message"]
 
 
@@ -143,13 +151,12 @@ def populated() -> tuple[SchedulerMetrics, WorkerMetrics]:
     ])
     m.observe_request("GET", "/v1/jobs/{job_id}", 200, 0.002)
     m.observe_request("BREW", "unmatched", 405, 0.001)
-    m.set_snapshot({
-        "jobs": {"succeeded": 1, "failed": 1, "cancelled": 1, "queued": 2},
-        "queues": {("default", "queued"): 2},
-        "workers": {"alive": 1, "lost": 2},
-        "live_workers": [{"id": "w-1", "name": "one", "state": "alive", "concurrency": 4, "busy": 1,
-                          "heartbeat_age": 1.25}],
-    })
+    m.set_snapshot(Snapshot(
+        jobs={JobState.SUCCEEDED: 1, JobState.FAILED: 1, JobState.CANCELLED: 1, JobState.QUEUED: 2},
+        queues={("default", JobState.QUEUED): 2},
+        workers={WorkerState.ALIVE: 1, WorkerState.LOST: 2},
+        live_workers=[WorkerLoad("w-1", "one", WorkerState.ALIVE, 4, 1, 1.25)],
+    ))
     w = WorkerMetrics(lambda: (1, 4))
     w.ended("default", "succeeded", 0.2)
     w.ended("default", "failed", 0.3)
@@ -180,7 +187,7 @@ def test_scheduler_metrics_count_state_changes() -> None:
     assert value(f, req, req + "_count", method="GET", route="/v1/jobs/{job_id}", status="200") == 1
     assert value(f, req, req + "_count", method="other", route="unmatched", status="405") == 1
     # A queue that empties stays, at 0, rather than vanish.
-    m.set_snapshot({"jobs": {}, "queues": {}, "workers": {}, "live_workers": []})
+    m.set_snapshot(Snapshot(jobs={}, queues={}, workers={}, live_workers=[]))
     f = families(m.render()[0].decode())
     assert value(f, "orch_queue_jobs", queue="default", state="queued") == 0
 

@@ -1,102 +1,16 @@
-"""The domain: job states and their transitions, job specs and their validation, retry policy."""
+"""Job specs: what a submitted job may say, its validation, and its stored and shown forms."""
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import re
 import shlex
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Mapping
 
-from orch.errors import IllegalTransition, ValidationError
-
-
-class State(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
-
-# The one table of allowed moves. Every writer goes through check_transition().
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.RUNNING, State.CANCELLED}),
-    State.RUNNING: frozenset(
-        {State.SUCCEEDED, State.FAILED, State.RETRYING, State.QUEUED, State.CANCELLED}
-    ),
-    State.RETRYING: frozenset({State.QUEUED, State.CANCELLED}),
-    State.SUCCEEDED: frozenset(),
-    State.FAILED: frozenset(),
-    State.CANCELLED: frozenset(),
-}
-
-
-def check_transition(frm: State | str, to: State | str) -> None:
-    """Raise IllegalTransition unless the table allows ``frm -> to``."""
-    f, t = State(frm), State(to)
-    if t not in TRANSITIONS[f]:
-        raise IllegalTransition(f"illegal job state transition {f} -> {t}")
-
-
-def sources_of(to: State) -> tuple[str, ...]:
-    """Every state from which ``to`` may be reached (for conditional UPDATEs)."""
-    return tuple(sorted(s.value for s, targets in TRANSITIONS.items() if to in targets))
-
-
-class Outcome(enum.StrEnum):
-    """How one attempt ended."""
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    LOST = "lost"
-    CANCELLED = "cancelled"
-    HANDED_BACK = "handed_back"
-
-
-# --------------------------------------------------------------------------- retry
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    base: float = 1.0
-    factor: float = 2.0
-    cap: float = 300.0
-    jitter: float = 0.2
-    retry_on_exit: tuple[int, ...] | None = None  # None: every non-zero exit retries
-
-    def delay(self, attempt: int, rand: float) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based); rand in [0, 1)."""
-        raw = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
-        return max(0.0, raw * (1.0 + self.jitter * (2.0 * rand - 1.0)))
-
-    def retries(self, outcome: Outcome, exit_code: int | None, attempt: int) -> bool:
-        """Whether an attempt that ended with ``outcome`` earns another attempt."""
-        if attempt >= self.max_attempts:
-            return False
-        if outcome in (Outcome.TIMED_OUT, Outcome.LOST):
-            return True
-        if outcome is Outcome.FAILED:
-            if self.retry_on_exit is None or exit_code is None:
-                return True
-            return exit_code in self.retry_on_exit
-        return False
-
-
-# --------------------------------------------------------------------------- job spec
+from orch.core.errors import ValidationError
+from orch.core.retry import RetryPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 # Characters a worker's name or host may not hold (they reach operators' terminals): the C0 controls, DEL,
@@ -113,6 +27,7 @@ MAX_ARG_LEN = 128 * 1024
 MAX_ENV = 256
 MAX_LABELS = 64
 MAX_TIMEOUT = 7 * 24 * 3600.0
+COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
 
 SPEC_FIELDS = frozenset(
     {
@@ -338,7 +253,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     if "cwd" in body and (not isinstance(cwd, str) or not cwd or len(cwd) > 4096 or "\x00" in cwd):
         raise ValidationError("cwd must be a non-empty path string", field=f("cwd"))
     timeout = body.get("timeout")
-    if "timeout" in body and (not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+    if "timeout" in body and (timeout is None or not _is_num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise ValidationError(f"timeout must be a number of seconds in (0, {int(MAX_TIMEOUT)}]", field=f("timeout"))
     max_attempts = _as_int(body["max_attempts"]) if "max_attempts" in body else None
     if "max_attempts" in body and (max_attempts is None or not 1 <= max_attempts <= 100):
@@ -376,32 +291,3 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
 def spec_from_json(d: Mapping[str, Any]) -> JobSpec:
     """Rebuild a JobSpec from its stored ``to_json`` form (validated again: it is cheap, and never wrong)."""
     return parse_spec(dict(d))
-
-
-# --------------------------------------------------------------------------- time
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix seconds to an ISO 8601 UTC string with milliseconds (None stays None).
-
-    The same text as ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")``
-    with a ``Z``, at a quarter of the cost: a job list shows three per job, and jobs of
-    one second share the part up to the second, which is remembered.
-    """
-    if ts is None:
-        return None
-    frac, whole = math.modf(ts)  # rounded to microseconds as datetime does, then cut to milliseconds
-    us = round(frac * 1e6)
-    if us >= 1_000_000:
-        whole += 1
-        us -= 1_000_000
-    elif us < 0:
-        whole -= 1
-        us += 1_000_000
-    sec = int(whole)
-    if sec != _iso_second[0]:
-        _iso_second[:] = [sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_iso_second[1]}.{us // 1000:03d}Z"
-
-
-_iso_second: list[Any] = [None, ""]  # the last second iso() saw, and its text

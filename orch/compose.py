@@ -1,0 +1,39 @@
+"""The composition root: the one place that picks a storage backend and wires it to the scheduler."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from orch.config import Settings
+from orch.scheduler.app import build_app as _build_app
+from orch.store.base import Store
+
+
+def store_for(settings: Settings) -> Store:
+    """The store ``storage.backend`` names, not yet opened."""
+    from orch.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
+                       output_limit=settings["scheduler.output_limit_bytes"])
+
+
+def build_app(settings: Settings, store: Store | None = None) -> web.Application:
+    """The scheduler's aiohttp application on ``store`` (by default the configured backend's)."""
+    return _build_app(settings, store if store is not None else store_for(settings))
+
+
+def startup_error(e: BaseException, settings: Settings) -> BaseException:
+    """A failure of the backend's files or connection at start-up as one line (an OrchError); anything else
+    (a bug) as it is."""
+    import sqlite3
+
+    from orch.core.errors import StorageError
+
+    if isinstance(e, sqlite3.Error):
+        from orch.store.sqlite import storage_error
+
+        mapped = storage_error(e, settings.db_path)
+        return mapped if mapped is not e else StorageError(f"cannot use the database {settings.db_path}: {e}")
+    if isinstance(e, OSError):
+        return StorageError(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    return e

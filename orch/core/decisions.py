@@ -1,0 +1,109 @@
+"""The lifecycle decisions: given a job's state and what happened, which move follows.
+
+Pure functions of plain values. A store calls them inside its transaction and
+applies the move they return (a conditional UPDATE from the state it read, and
+an event row with the move's reason), so every backend makes the same moves for
+the same reasons.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+from orch.core.errors import Conflict
+from orch.core.retry import RetryPolicy
+from orch.core.states import JobState, Outcome, check_transition
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A job's next state, why, and what goes with it."""
+
+    to: JobState
+    reason: str
+    retry_in: float | None = None  # seconds until a retrying job is due again
+    refund: bool = False  # the attempt does not count against the job's max_attempts (a hand-back)
+
+    @property
+    def ends(self) -> bool:
+        """The job is over: its finished_at is stamped."""
+        return self.to.terminal
+
+
+def reason(outcome: Outcome, exit_code: int | None, error: str | None) -> str:
+    """How an attempt ended, in the words its event row keeps."""
+    if outcome is Outcome.SUCCEEDED:
+        return "exited 0"
+    if outcome is Outcome.FAILED:
+        return error or f"exited {exit_code}"
+    if outcome is Outcome.TIMED_OUT:
+        return error or "timed out"
+    if outcome is Outcome.LOST:
+        return error or "worker lost"
+    return error or str(outcome)
+
+
+SUBMITTED = "submitted"  # the reason of a job's first event
+SUCCEEDED = Move(JobState.SUCCEEDED, reason(Outcome.SUCCEEDED, 0, None))
+CANCELLED_BY_USER = "cancelled by user"
+CANCELLED = Move(JobState.CANCELLED, CANCELLED_BY_USER)  # a cancel of a job that was not running
+BACKOFF_OVER = Move(JobState.QUEUED, "backoff over")
+
+
+def attempt_ended(
+    outcome: Outcome, exit_code: int | None, error: str | None, attempt: int, *, cancel_requested: bool,
+    policy: Callable[[], RetryPolicy], rand: Callable[[], float],
+) -> Move:
+    """The move of a running job whose current attempt ended with ``outcome``.
+
+    A success ends the job succeeded even when a cancel was asked meanwhile (it
+    finished first: the honest end is the real one). Otherwise a cancel asked
+    for, or an attempt that was cancelled, ends it cancelled. Otherwise the
+    job's retry policy decides between another attempt after a backoff and
+    failing. ``policy`` is called only when a retry is weighed (a store reads
+    the job's spec for it), ``rand`` only when a backoff is drawn.
+    """
+    if outcome is Outcome.SUCCEEDED:
+        return SUCCEEDED
+    why = reason(outcome, exit_code, error)
+    if cancel_requested or outcome is Outcome.CANCELLED:
+        return Move(JobState.CANCELLED, CANCELLED_BY_USER if cancel_requested else why)
+    p = policy()
+    if p.retries(outcome, exit_code, attempt):
+        delay = p.delay(attempt, rand())
+        return Move(JobState.RETRYING, f"{why}; retry in {delay:.1f}s", retry_in=delay)
+    return Move(JobState.FAILED, why)
+
+
+def lost(worker_id: str | None, worker_lost: bool) -> str:
+    """Why a running attempt is taken from its worker: the worker went silent, or the lease ran out."""
+    return f"worker {worker_id} lost" if worker_lost else f"lease expired on worker {worker_id}"
+
+
+class CancelAction(enum.Enum):
+    ASK_WORKER = "ask_worker"  # running: the worker is told at its next heartbeat; the job ends when it reports
+    END = "end"  # not started (or between attempts): it ends cancelled now
+
+
+def cancel(job_id: int, state: JobState) -> CancelAction:
+    """What a cancel of a job in ``state`` does; Conflict if the job has ended already."""
+    if state.terminal:
+        raise Conflict(f"job {job_id} already ended {state}", field="id")
+    if state is JobState.RUNNING:
+        return CancelAction.ASK_WORKER
+    check_transition(state, JobState.CANCELLED)
+    return CancelAction.END
+
+
+def claimed(worker_id: str) -> Move:
+    return Move(JobState.RUNNING, f"claimed by {worker_id}")
+
+
+def handed_back(worker_id: str) -> Move:
+    """A stopping worker gave its attempt back: queued again at once, and the attempt is not counted."""
+    return Move(JobState.QUEUED, f"handed back by {worker_id}", refund=True)
+
+
+HANDED_BACK_ERROR = "handed back by a stopping worker"  # what the attempt row keeps

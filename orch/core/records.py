@@ -1,0 +1,168 @@
+"""What a store hands back: jobs, attempts, events, output, workers and leases, as plain typed values.
+
+They carry domain facts only (times as Unix seconds, states as enums). How the API
+writes them as JSON is the API layer's business (``orch/scheduler/wire.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from orch.core.states import JobState, Outcome, WorkerState
+
+
+class Job(NamedTuple):
+    """A job as a listing shows it: everything but its spec (which may be large)."""
+
+    id: int
+    state: JobState
+    queue: str
+    priority: int
+    name: str | None
+    command: str  # what it runs as a person reads it, cut to COMMAND_SHOWN + 1 characters
+    attempt: int  # the current or last attempt's number (0 before the first)
+    max_attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    run_at: float | None  # when a retrying job is due again
+    worker_id: str | None  # the worker holding (or that last held) its lease
+    cancel_requested: bool
+    exit_code: int | None
+    error: str | None
+
+
+class Attempt(NamedTuple):
+    attempt: int
+    worker_id: str | None
+    state: Outcome  # running, or how it ended
+    started_at: float
+    finished_at: float | None
+    exit_code: int | None
+    error: str | None
+    duration: float | None
+    stdout_bytes: int  # every byte the worker saw the stream write (kept, trimmed or dropped)
+    stderr_bytes: int
+
+
+class Event(NamedTuple):
+    """One state change of a job."""
+
+    id: int
+    job_id: int
+    attempt: int
+    from_state: JobState | None  # None for the submit
+    to_state: JobState
+    at: float
+    reason: str
+
+
+class OutputPiece(NamedTuple):
+    """A stored chunk of an attempt's output; ``pos`` is the byte of its stream where it starts."""
+
+    id: int
+    attempt: int
+    stream: str
+    data: str
+    pos: int
+    size: int
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One job in full: its row, its spec as stored (the submitted form), its attempts, and the output
+    kept of its last attempt (None when not asked for)."""
+
+    job: Job
+    spec: dict[str, Any]
+    attempts: list[Attempt]
+    output: list[OutputPiece] | None = None
+
+
+class Lease(NamedTuple):
+    """A job handed to a worker: ``spec`` is its stored JSON text, embedded as it is in the answer."""
+
+    job_id: int
+    attempt: int
+    spec: str
+    queue: str
+    queued_at: float
+    priority: int
+
+
+class Verdict(NamedTuple):
+    """What became of one reported attempt end: ``state`` is the job's new state, None if it was stale."""
+
+    job_id: int
+    attempt: int
+    state: JobState | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.state is not None
+
+
+@dataclass(slots=True)
+class Worker:
+    id: str
+    name: str
+    hostname: str
+    queues: list[str]
+    concurrency: int
+    state: WorkerState
+    registered_at: float
+    heartbeat_age: float  # seconds since it was last heard from (on the lease clock: immune to clock steps)
+    running: int  # jobs it runs now (0 unless it is live)
+    metrics: str | None  # the URL of its /metrics listener
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """A live worker as `why` and the metrics see it."""
+
+    id: str
+    name: str
+    state: WorkerState
+    concurrency: int
+    busy: int
+    heartbeat_age: float
+
+
+@dataclass(slots=True)
+class JobFacts:
+    """What `orch why` needs of one job (times on the wall clock, ``now`` among them)."""
+
+    now: float
+    record: JobRecord
+    lease_expires_at: float | None  # the wall time it falls at, if the wall clock does not step meanwhile
+    last_event: Event | None
+    position: int | None = None  # queued: its place in its queue (1 is next)
+    queued: int | None = None  # queued: jobs queued in its queue
+    workers: list[WorkerLoad] = field(default_factory=list)  # queued: live workers serving its queue
+    worker: WorkerLoad | None = None  # running: the worker holding its lease, if it is still known
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Counts for the metrics gauges, read once per scrape."""
+
+    jobs: dict[JobState, int]
+    queues: dict[tuple[str, JobState], int]  # unfinished jobs by queue and state
+    workers: dict[WorkerState, int]
+    live_workers: list[WorkerLoad]
+
+
+class MetricsTarget(NamedTuple):
+    worker_id: str
+    name: str
+    url: str
+
+
+class Credential(NamedTuple):
+    """A worker's credential as the guard checks it: the digest only."""
+
+    worker_id: str
+    digest: str
+    state: WorkerState
+    queues: list[str]

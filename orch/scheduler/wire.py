@@ -1,0 +1,134 @@
+"""The API's JSON shapes: how the store's records (orch/core/records.py) are written on the wire.
+
+The one place that knows field names and time formats of answers; the
+OpenAPI document (openapi.py) describes the same shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping
+
+from orch.core.records import Attempt, Event, Job, JobRecord, Lease, OutputPiece, Verdict, Worker
+from orch.core.spec import COMMAND_SHOWN, spec_view
+from orch.core.states import JobState
+from orch.core.times import iso
+from orch.output import render as render_output
+
+_RETRYING = JobState.RETRYING
+
+
+def job_summary(j: Job) -> dict[str, Any]:
+    """A job as a listing shows it: bounded in size whatever its spec (the command cut, with a flag)."""
+    command = j.command or ""
+    return {
+        "id": j.id,
+        "state": j.state.value,
+        "queue": j.queue,
+        "priority": j.priority,
+        "name": j.name,
+        "command": command[:COMMAND_SHOWN],
+        "command_truncated": len(command) > COMMAND_SHOWN,
+        "attempt": j.attempt,
+        "max_attempts": j.max_attempts,
+        "created_at": iso(j.created_at),
+        "started_at": iso(j.started_at),
+        "finished_at": iso(j.finished_at),
+        "retry_at": iso(j.run_at) if j.state is _RETRYING else None,
+        "worker": j.worker_id,
+        "cancel_requested": j.cancel_requested,
+        "exit_code": j.exit_code,
+        "error": j.error,
+    }
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt,
+        "worker": a.worker_id,
+        "state": a.state.value,
+        "started_at": iso(a.started_at),
+        "finished_at": iso(a.finished_at),
+        "exit_code": a.exit_code,
+        "error": a.error,
+        "duration": a.duration,
+        "stdout_bytes": a.stdout_bytes,
+        "stderr_bytes": a.stderr_bytes,
+    }
+
+
+def result_json(last: Attempt, pieces: Iterable[OutputPiece], output_limit: int) -> dict[str, Any]:
+    """The last attempt's end and the tail of its output up to the limit, with a marker wherever bytes
+    are missing (orch/output.py)."""
+    streams: dict[str, list[tuple[int, str, int]]] = {"stdout": [], "stderr": []}
+    for p in pieces:
+        streams[p.stream].append((p.pos, p.data, p.size))
+    result: dict[str, Any] = {"attempt": last.attempt, "exit_code": last.exit_code, "error": last.error,
+                              "duration": last.duration}
+    for name, total in (("stdout", last.stdout_bytes), ("stderr", last.stderr_bytes)):
+        text, cut = render_output(name, streams[name], total, output_limit)
+        result[name] = text
+        result[f"{name}_truncated"] = cut
+    return result
+
+
+def job_json(rec: JobRecord, view_defaults: Mapping[str, Any], output_limit: int) -> dict[str, Any]:
+    """A job in full: its spec in the form it was submitted in with the defaults filled in
+    (``spec_view``), its attempts, and (when the record holds its output) its result."""
+    job = job_summary(rec.job)
+    job["spec"] = spec_view(rec.spec, view_defaults)
+    job["attempts"] = [attempt_json(a) for a in rec.attempts]
+    job["duration"] = rec.attempts[-1].duration if rec.attempts else None
+    job["result"] = (result_json(rec.attempts[-1], rec.output, output_limit)
+                     if rec.attempts and rec.output is not None else None)
+    return job
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "job_id": e.job_id,
+        "attempt": e.attempt,
+        "from": e.from_state.value if e.from_state is not None else None,
+        "to": e.to_state.value,
+        "at": iso(e.at),
+        "reason": e.reason,
+    }
+
+
+def worker_json(w: Worker, now: float) -> dict[str, Any]:
+    """``now``: the wall clock; the last heartbeat is shown as the wall time ``heartbeat_age`` ago."""
+    return {
+        "id": w.id,
+        "name": w.name,
+        "hostname": w.hostname,
+        "queues": w.queues,
+        "concurrency": w.concurrency,
+        "state": w.state.value,
+        "registered_at": iso(w.registered_at),
+        "last_heartbeat": iso(now - w.heartbeat_age),
+        "heartbeat_age": round(w.heartbeat_age, 3),
+        "running": w.running,
+        "metrics": w.metrics,
+    }
+
+
+def verdict_json(v: Verdict) -> dict[str, Any]:
+    if v.state is None:
+        return {"job_id": v.job_id, "attempt": v.attempt, "accepted": False, "error": "stale_attempt"}
+    return {"job_id": v.job_id, "attempt": v.attempt, "accepted": True, "state": v.state.value}
+
+
+def refs_json(refs: Iterable[tuple[int, int]]) -> list[dict[str, int]]:
+    return [{"job_id": job_id, "attempt": attempt} for job_id, attempt in refs]
+
+
+_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def leases_json(leases: Iterable[Lease]) -> str:
+    """Claimed jobs as the JSON list the worker gets, each spec embedded as the JSON text the store keeps
+    (it was made by json.dumps at submit): no parse and re-encode per job."""
+    return "[" + ",".join(
+        f'{{"job_id":{j.job_id:d},"attempt":{j.attempt:d},"spec":{j.spec},"queue":{_string(j.queue)},'
+        f'"queued_at":{j.queued_at!r}}}' for j in leases) + "]"

@@ -1,0 +1,665 @@
+"""The store contract: what every backend must do, run against each (tests/contract/conftest.py).
+
+Submits, claims in the policy's order, retries and backoff, fencing of stale attempts, leases and lost
+workers, hand-backs, cancels, output kept to its tail, committed changes heard once, and durability
+across a reopen. Tests that are about one engine's machinery live beside it (tests/integration/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from storekit import POLICY, T0, TTL, FakeClock, Run, claim_one, finish, shown, spec, submit_one, worker
+
+from orch.core.errors import Conflict, NotFound, UnknownWorker
+from orch.core.policy import Ask, Candidate, pick
+from orch.core.spec import JobSpec
+from orch.core.states import JobState, Outcome
+from orch.core.times import iso
+from orch.scheduler import wire
+from orch.store.base import AttemptResult, OutputChunk, Store
+
+
+def test_submit_then_get_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jobs = await store.submit([spec(name="first", queue="q1", priority=3)], POLICY)
+        assert len(jobs) == 1
+        job = await shown(store, jobs[0].id)
+        assert job["id"] == jobs[0].id
+        assert job["state"] == "queued"
+        assert job["created_at"] == iso(T0)
+        assert job["queue"] == "q1" and job["priority"] == 3 and job["name"] == "first"
+        assert (await store.get_job(jobs[0].id)).spec == {  # the submitted form, as stored
+            "command": ["true"], "queue": "q1", "priority": 3, "name": "first", "max_attempts": 3}
+        assert job["command"] == "true"
+        assert job["attempt"] == 0 and job["max_attempts"] == 3
+        assert job["started_at"] is None and job["finished_at"] is None
+        assert job["attempts"] == [] and job["result"] is None
+        # What submit answered is what a read gives back.
+        for k, v in wire.job_summary(jobs[0]).items():
+            assert job[k] == v, k
+        with pytest.raises(NotFound):
+            await shown(store, 9999)
+
+    run(tmp_path, body)
+
+
+def test_job_max_attempts_overrides_default(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store, max_attempts=7)
+        assert (await shown(store, jid))["max_attempts"] == 7
+
+    run(tmp_path, body)
+
+
+def test_each_job_is_claimed_by_exactly_one_worker(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.submit([spec(name=f"j{i}") for i in range(100)], POLICY)
+        wids = [await worker(store, f"w{i}") for i in range(20)]
+        results = await asyncio.gather(*(store.claim(w, ["default"], 7, TTL) for w in wids))
+        claimed = [(w, j.job_id) for w, (jobs, _) in zip(wids, results, strict=True) for j in jobs]
+        ids = [jid for _, jid in claimed]
+        assert len(ids) == 100
+        assert len(set(ids)) == 100, "a job was handed out twice"
+        # The database agrees with what each worker was told.
+        for w, jid in claimed:
+            job = await shown(store, jid)
+            assert job["state"] == "running" and job["worker"] == w and job["attempt"] == 1
+            assert [a["worker"] for a in job["attempts"]] == [w]
+        more, _ = await store.claim(wids[0], ["default"], 10, TTL)
+        assert more == []
+
+    run(tmp_path, body)
+
+
+def test_claim_takes_highest_priority_first_then_oldest(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        prios = [0, 5, -3, 5, 10, 0]
+        jobs = await store.submit([spec(priority=p) for p in prios], POLICY)
+        ids = [j.id for j in jobs]
+        w = await worker(store)
+        order = [(await claim_one(store, w)).job_id for _ in prios]
+        assert order == [ids[4], ids[1], ids[3], ids[0], ids[5], ids[2]]
+        # One claim of several jobs comes back in the same order.
+        jobs2 = await store.submit([spec(priority=p) for p in prios], POLICY)
+        ids2 = [j.id for j in jobs2]
+        got, _ = await store.claim(w, ["default"], 3, TTL)
+        assert [j.job_id for j in got] == [ids2[4], ids2[1], ids2[3]]
+
+    run(tmp_path, body)
+
+
+def test_claim_only_from_the_workers_queues(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        a = await submit_one(store, queue="alpha")
+        await submit_one(store, queue="beta")
+        w = await worker(store, queues=("alpha",))
+        got, _ = await store.claim(w, ["alpha"], 10, TTL)
+        assert [j.job_id for j in got] == [a]
+        assert json.loads(got[0].spec)["queue"] == "alpha" and got[0].attempt == 1
+
+    run(tmp_path, body)
+
+
+def test_claim_by_unknown_worker_is_refused(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        with pytest.raises(UnknownWorker):
+            await store.claim("w-nobody", ["default"], 1, TTL)
+        assert (await shown(store, jid))["state"] == "queued"
+
+    run(tmp_path, body)
+
+
+def test_list_jobs_pages_and_filters(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jobs = await store.submit([spec(queue="a" if i % 3 else "b") for i in range(11)], POLICY)
+        ids = [j.id for j in jobs]
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.list_jobs(limit=4, cursor=cursor)
+            seen += [j.id for j in page]
+            if cursor is None:
+                break
+        assert seen == sorted(ids, reverse=True)
+        b, nxt = await store.list_jobs(queue="b", limit=100)
+        assert [j.id for j in b] == [ids[i] for i in (9, 6, 3, 0)] and nxt is None
+        w = await worker(store)
+        await claim_one(store, w, ("b",))
+        running, _ = await store.list_jobs(state="running", limit=100)
+        assert [j.id for j in running] == [ids[0]]
+
+    run(tmp_path, body)
+
+
+def test_every_transition_writes_an_event(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        clock.advance(1)
+        await claim_one(store, w)
+        clock.advance(1)
+        assert (await finish(store, w, jid, 1, Outcome.FAILED, 3)).accepted
+        clock.advance(2)  # backoff of attempt 1 is base = 2s
+        await store.sweep(100.0, POLICY)
+        clock.advance(1)
+        await claim_one(store, w)
+        clock.advance(1)
+        assert (await finish(store, w, jid, 2, Outcome.SUCCEEDED, 0)).accepted
+        events = await store.events(jid)
+        got = [(e.job_id, e.attempt, e.from_state, e.to_state, e.at) for e in events]
+        assert got == [
+            (jid, 0, None, "queued", T0),
+            (jid, 1, "queued", "running", T0 + 1),
+            (jid, 1, "running", "retrying", T0 + 2),
+            (jid, 1, "retrying", "queued", T0 + 4),
+            (jid, 2, "queued", "running", T0 + 5),
+            (jid, 2, "running", "succeeded", T0 + 6),
+        ]
+        assert all(e.reason for e in events)
+        assert events[0].reason == "submitted"
+        assert w in events[1].reason
+        assert "exited 3" in events[2].reason
+        ids = [e.id for e in events]
+        assert ids == sorted(ids)
+        assert await store.events(jid, after=ids[3]) == events[4:]
+
+    run(tmp_path, body)
+
+
+def test_success_sets_result_and_timestamps(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        clock.advance(1)
+        await claim_one(store, w)
+        clock.advance(2)
+        out = (OutputChunk(jid, 1, "stdout", "hello\n"), OutputChunk(jid, 1, "stderr", "warn\n"))
+        ans = await finish(store, w, jid, 1, Outcome.SUCCEEDED, 0, out)
+        assert ans == (jid, 1, JobState.SUCCEEDED) and ans.accepted
+        job = await shown(store, jid)
+        assert job["state"] == "succeeded"
+        assert job["exit_code"] == 0
+        assert job["created_at"] == iso(T0)
+        assert job["started_at"] == iso(T0 + 1)
+        assert job["finished_at"] == iso(T0 + 3)
+        assert job["result"]["stdout"] == "hello\n"
+        assert job["result"]["stderr"] == "warn\n"
+        assert job["result"]["stdout_truncated"] is False
+        assert job["attempts"][0]["state"] == "succeeded" and job["attempts"][0]["exit_code"] == 0
+
+    run(tmp_path, body)
+
+
+def test_failure_retries_after_backoff_then_sweep_requeues(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        ans = await finish(store, w, jid, 1, Outcome.FAILED, 1)
+        assert ans.accepted and ans.state == "retrying"
+        job = await shown(store, jid)
+        assert job["state"] == "retrying"
+        assert job["retry_at"] == iso(T0 + 2.0)
+        assert job["exit_code"] == 1 and job["finished_at"] is None
+        # Not due yet: the sweep leaves it, and nobody can claim it.
+        clock.advance(1.9)
+        sweep = await store.sweep(100.0, POLICY)
+        assert sweep.changes == [] and sweep.next_due == pytest.approx(T0 + 2.0)
+        assert (await shown(store, jid))["state"] == "retrying"
+        assert (await store.claim(w, ["default"], 1, TTL))[0] == []
+        # Due: queued again, and claimable as attempt 2.
+        clock.advance(0.1)
+        sweep = await store.sweep(100.0, POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(jid, "queued")]
+        assert sweep.next_due is None
+        job = await shown(store, jid)
+        assert job["state"] == "queued" and job["retry_at"] is None
+        assert (await claim_one(store, w)).attempt == 2
+        # Attempt 2 fails: the delay grows by the factor.
+        await finish(store, w, jid, 2, Outcome.FAILED, 1)
+        assert (await shown(store, jid))["retry_at"] == iso(clock.t + 6.0)
+
+    run(tmp_path, body)
+
+
+def test_exhausted_attempts_fail_and_keep_every_exit_code(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        codes = [3, 4, 5]
+        for attempt, code in enumerate(codes, start=1):
+            assert (await claim_one(store, w)).attempt == attempt
+            ans = await finish(store, w, jid, attempt, Outcome.FAILED, code)
+            assert ans.state == ("failed" if attempt == 3 else "retrying")
+            clock.advance(1000)
+            await store.sweep(10_000.0, POLICY)
+        job = await shown(store, jid)
+        assert job["state"] == "failed"
+        assert job["exit_code"] == 5
+        assert job["finished_at"] is not None
+        assert [a["exit_code"] for a in job["attempts"]] == codes
+        assert [a["state"] for a in job["attempts"]] == ["failed"] * 3
+        # A failed job stays failed: nothing more to claim.
+        assert (await store.claim(w, ["default"], 1, TTL))[0] == []
+
+    run(tmp_path, body)
+
+
+def test_exit_code_outside_retry_on_exit_fails_at_once(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store, retry_on_exit=[75])
+        w = await worker(store)
+        await claim_one(store, w)
+        assert (await finish(store, w, jid, 1, Outcome.FAILED, 1)).state == "failed"
+        jid2 = await submit_one(store, retry_on_exit=[75])
+        await claim_one(store, w)
+        assert (await finish(store, w, jid2, 1, Outcome.FAILED, 75)).state == "retrying"
+
+    run(tmp_path, body)
+
+
+def test_stale_completion_is_refused_and_changes_nothing(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        old = await worker(store, "old")
+        new = await worker(store, "new")
+        await claim_one(store, old)
+        # The old worker falls silent past its lease; the job is retried on another worker.
+        clock.advance(TTL + 1)
+        await store.heartbeat(new, [], TTL)
+        sweep = await store.sweep(worker_ttl=TTL + 5, defaults=POLICY)
+        assert [c.state for c in sweep.changes] == ["retrying"]
+        clock.advance(100)
+        await store.heartbeat(new, [], TTL)
+        await store.heartbeat(old, [], TTL)  # the old worker is still registered, only its lease went
+        await store.sweep(worker_ttl=TTL + 5, defaults=POLICY)
+        assert (await claim_one(store, new)).attempt == 2
+
+        before_job = await shown(store, jid)
+        before_events = await store.events(jid)
+        late = (OutputChunk(jid, 1, "stdout", "late output\n"),)
+        ans = await finish(store, old, jid, 1, Outcome.SUCCEEDED, 0, late)
+        assert ans.accepted is False and ans.state is None
+        # The right attempt from the wrong worker is refused too.
+        assert (await finish(store, old, jid, 2, Outcome.SUCCEEDED, 0)).accepted is False
+        assert await store.append_output(old, [OutputChunk(jid, 2, "stdout", "x")]) == [False]
+        assert await shown(store, jid) == before_job
+        assert await store.events(jid) == before_events
+        assert (await shown(store, jid))["state"] == "running"
+        assert await store.output_after(jid, 0) == []
+        # The current holder still completes normally.
+        assert (await finish(store, new, jid, 2, Outcome.SUCCEEDED, 0)).accepted is True
+        # And a second completion of the same attempt is stale.
+        assert (await finish(store, new, jid, 2, Outcome.FAILED, 1)).accepted is False
+        assert (await shown(store, jid))["state"] == "succeeded"
+
+    run(tmp_path, body)
+
+
+def test_heartbeat_from_unknown_worker_is_refused(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        with pytest.raises(UnknownWorker) as info:
+            await store.heartbeat("w-doesnotexist", [], TTL)
+        assert info.value.http_status == 409 and info.value.code == "unknown_worker"
+
+    run(tmp_path, body)
+
+
+def test_heartbeat_extends_the_lease(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        kept = await submit_one(store)
+        dropped = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await claim_one(store, w)
+        clock.advance(TTL - 2)
+        reply = await store.heartbeat(w, [(kept, 1)], TTL)  # only one of the two is reported
+        assert reply.cancel == [] and reply.stale == []
+        clock.advance(TTL - 2)  # past the first lease, inside the extended one
+        sweep = await store.sweep(worker_ttl=100.0, defaults=POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(dropped, "retrying")]
+        assert (await shown(store, kept))["state"] == "running"
+        assert (await shown(store, dropped))["attempts"][0]["state"] == "lost"
+        # The expired attempt is now stale in the worker's next heartbeat.
+        reply = await store.heartbeat(w, [(kept, 1), (dropped, 1)], TTL)
+        assert reply.stale == [(dropped, 1)]
+
+    run(tmp_path, body)
+
+
+def test_silent_worker_is_lost_and_its_jobs_retry_or_fail(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        retried = await submit_one(store)
+        last_try = await submit_one(store, max_attempts=1)
+        silent = await worker(store, "silent")
+        alive = await worker(store, "alive")
+        await claim_one(store, silent)
+        await claim_one(store, silent)
+        clock.advance(4)
+        # Keep the job leases valid so only the worker's silence can end them.
+        await store.heartbeat(alive, [], TTL)
+        sweep = await store.sweep(worker_ttl=3.0, defaults=POLICY)
+        assert sweep.lost_workers == [silent]
+        assert {(c.job_id, c.state) for c in sweep.changes} == {(retried, "retrying"), (last_try, "failed")}
+        r = await shown(store, retried)
+        assert r["state"] == "retrying" and r["attempts"][0]["state"] == "lost"
+        f = await shown(store, last_try)
+        assert f["state"] == "failed" and f["attempts"][0]["state"] == "lost"
+        assert "lost" in f["error"]
+        states = {x.id: x.state for x in await store.list_workers()}
+        assert states == {silent: "lost", alive: "alive"}
+        # A lost worker must register again.
+        with pytest.raises(UnknownWorker):
+            await store.heartbeat(silent, [(retried, 1)], TTL)
+        with pytest.raises(UnknownWorker):
+            await store.claim(silent, ["default"], 1, TTL)
+        # Nor may it report and ask for more in one go: nothing of it is written.
+        spare = await submit_one(store)
+        with pytest.raises(UnknownWorker):
+            await store.complete_and_claim(silent, [AttemptResult(retried, 1, Outcome.SUCCEEDED, exit_code=0)],
+                                           POLICY, ["default"], 5, TTL)
+        assert (await shown(store, spare))["state"] == "queued"
+        assert (await shown(store, retried))["state"] == "retrying"
+
+    run(tmp_path, body)
+
+
+def test_a_draining_worker_is_given_no_new_work(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        wid = await worker(store)
+        first = await submit_one(store)
+        waiting = await submit_one(store)
+        await claim_one(store, wid)
+        await store.heartbeat(wid, [(first, 1)], TTL, draining=True)
+        assert (await store.claim(wid, ["default"], 5, TTL))[0] == []
+        answers, jobs = await store.complete_and_claim(
+            wid, [AttemptResult(first, 1, Outcome.SUCCEEDED, exit_code=0)], POLICY, ["default"], 5, TTL)
+        assert answers[0].accepted and jobs == []  # its report is taken, no job is handed to it
+        assert (await shown(store, waiting))["state"] == "queued"
+
+    run(tmp_path, body)
+
+
+def test_hand_back_requeues_at_once_without_using_an_attempt(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store, max_attempts=1)
+        w = await worker(store)
+        other = await worker(store, "other")
+        await claim_one(store, w)
+        changes = await store.hand_back(w, [(jid, 1)], stop=True)
+        assert [(c.job_id, c.state) for c in changes] == [(jid, "queued")]
+        job = await shown(store, jid)
+        assert job["state"] == "queued" and job["worker"] is None
+        assert job["attempts"][0]["state"] == "handed_back"
+        # No waiting: another worker takes it right away, and it still gets its one real attempt.
+        got = await claim_one(store, other)
+        assert got.job_id == jid and got.attempt == 2
+        assert (await finish(store, other, jid, 2, Outcome.FAILED, 1)).state == "failed"
+        # The stopped worker is gone.
+        assert {x.id: x.state for x in await store.list_workers()}[w] == "stopped"
+        with pytest.raises(UnknownWorker):
+            await store.heartbeat(w, [], TTL)
+
+    run(tmp_path, body)
+
+
+def test_cancel_queued_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        clock.advance(1)
+        rec, changes = await store.cancel(jid)
+        assert rec.job.state == "cancelled" and rec.job.finished_at == T0 + 1
+        assert [(c.job_id, c.state) for c in changes] == [(jid, "cancelled")]
+        assert (await store.events(jid))[-1].reason == "cancelled by user"
+        w = await worker(store)
+        assert (await store.claim(w, ["default"], 1, TTL))[0] == []
+
+    run(tmp_path, body)
+
+
+def test_cancel_retrying_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await finish(store, w, jid, 1, Outcome.FAILED, 1)
+        rec, _ = await store.cancel(jid)
+        assert rec.job.state == "cancelled"
+        clock.advance(1000)
+        assert (await store.sweep(10_000.0, POLICY)).changes == []
+        assert (await shown(store, jid))["state"] == "cancelled"
+
+    run(tmp_path, body)
+
+
+def test_cancel_running_job_waits_for_the_worker(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        rec, _ = await store.cancel(jid)
+        assert rec.job.state == "running" and rec.job.cancel_requested is True
+        reply = await store.heartbeat(w, [(jid, 1)], TTL)
+        assert reply.cancel == [(jid, 1)]
+        ans = await finish(store, w, jid, 1, Outcome.CANCELLED, -15)
+        assert ans.accepted and ans.state == "cancelled"
+        job = await shown(store, jid)
+        assert job["state"] == "cancelled" and job["finished_at"] is not None
+        assert [e.to_state for e in await store.events(jid)] == ["queued", "running", "cancelled"]
+
+    run(tmp_path, body)
+
+
+def test_cancel_requested_job_that_fails_ends_cancelled_not_retrying(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await store.cancel(jid)
+        assert (await finish(store, w, jid, 1, Outcome.FAILED, 143)).state == "cancelled"
+
+    run(tmp_path, body)
+
+
+def test_cancel_of_a_finished_job_is_a_conflict(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await finish(store, w, jid, 1, Outcome.SUCCEEDED, 0)
+        events = await store.events(jid)
+        with pytest.raises(Conflict) as info:
+            await store.cancel(jid)
+        assert info.value.http_status == 409
+        assert (await shown(store, jid))["state"] == "succeeded"
+        assert await store.events(jid) == events
+        with pytest.raises(NotFound):
+            await store.cancel(424242)
+
+    run(tmp_path, body)
+
+
+def test_output_is_kept_in_order(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        chunks = [OutputChunk(jid, 1, "stdout", "one\n"), OutputChunk(jid, 1, "stderr", "oops\n"),
+                  OutputChunk(jid, 1, "stdout", "two\n"), OutputChunk(jid, 1, "stdout", "héllo ✓\n")]
+        assert await store.append_output(w, chunks) == [True] * 4
+        got = await store.output_after(jid, 0)
+        assert [(c.stream, c.data) for c in got] == [(c.stream, c.data) for c in chunks]
+        assert [c.data for c in await store.output_after(jid, got[1].id)] == ["two\n", "héllo ✓\n"]
+        job = await shown(store, jid)
+        assert job["result"]["stdout"] == "one\ntwo\nhéllo ✓\n"
+        assert job["result"]["stderr"] == "oops\n"
+        assert job["attempts"][0]["stdout_bytes"] == len("one\ntwo\nhéllo ✓\n".encode())
+
+    run(tmp_path, body)
+
+
+def cut_marked(text: str) -> tuple[int, str]:
+    """(bytes the leading marker says were not kept, the text after it); the text must start with one."""
+    m = re.match(r"\[orch: ([0-9,]+) bytes of std(?:out|err) not kept\]\n", text)
+    assert m is not None, text[:80]
+    return int(m.group(1).replace(",", "")), text[m.end():]
+
+
+def test_output_is_bounded_keeping_the_tail(run: Run, tmp_path: Path) -> None:
+    limit = 1024
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        lines = [f"line {i:04d} ".ljust(99, "x") + "\n" for i in range(60)]  # 6000 bytes
+        for line in lines:
+            assert await store.append_output(w, [OutputChunk(jid, 1, "stdout", line)]) == [True]
+        await store.append_output(w, [OutputChunk(jid, 1, "stderr", "small\n")])
+        job = await shown(store, jid)
+        res = job["result"]
+        skipped, kept = cut_marked(res["stdout"])
+        stdout = kept.encode()
+        assert len(stdout) <= limit
+        assert len(stdout) >= limit - 100  # the tail is kept, not just the last chunk
+        assert skipped + len(stdout) == 6000  # and the head that was not kept is marked, to the byte
+        assert res["stdout"].endswith(lines[-1])
+        assert "line 0059" in res["stdout"] and "line 0000" not in res["stdout"]
+        assert res["stdout_truncated"] is True
+        assert res["stderr"] == "small\n" and res["stderr_truncated"] is False
+        assert job["attempts"][0]["stdout_bytes"] == 6000  # every byte is counted
+        # The store itself does not grow without bound.
+        stored = sum(c.size for c in await store.output_after(jid) if c.stream == "stdout")
+        assert stored <= limit + 100
+
+    run(tmp_path, body, output_limit=limit)
+
+
+def test_output_the_worker_dropped_is_marked_where_it_was_dropped(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await store.append_output(w, [OutputChunk(jid, 1, "stdout", "first\n"),
+                                      OutputChunk(jid, 1, "stdout", "second", skipped=1000),
+                                      OutputChunk(jid, 1, "stderr", "", skipped=7)])
+        chunks = await store.output_after(jid)
+        assert [(c.stream, c.pos, c.size) for c in chunks] == [("stdout", 0, 6), ("stdout", 1006, 6)]
+        # The end's own output has a hole too, and so does the end of stderr (nothing came after it).
+        await finish(store, w, jid, 1, Outcome.SUCCEEDED, 0,
+                     output=(OutputChunk(jid, 1, "stdout", "third\n", skipped=5),))
+        job = await shown(store, jid)
+        res = job["result"]
+        assert res["stdout"] == ("first\n[orch: 1,000 bytes of stdout not kept]\nsecond"
+                                 "\n[orch: 5 bytes of stdout not kept]\nthird\n")
+        assert res["stderr"] == "[orch: 7 bytes of stderr not kept]\n"
+        assert res["stdout_truncated"] is True and res["stderr_truncated"] is True
+        assert job["attempts"][0]["stdout_bytes"] == 6 + 1000 + 6 + 5 + 6
+        assert (await store.output_after(jid))[-1].pos == 6 + 1000 + 6 + 5
+
+    run(tmp_path, body)
+
+
+def test_one_huge_chunk_is_cut_to_its_tail(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        big = "A" * 3000 + "THE END"
+        await store.append_output(w, [OutputChunk(jid, 1, "stdout", big)])
+        res = (await shown(store, jid))["result"]
+        skipped, kept = cut_marked(res["stdout"])
+        assert len(kept.encode()) <= 1024 and skipped + len(kept.encode()) == len(big)
+        assert kept.endswith("THE END")
+        assert res["stdout_truncated"] is True
+
+    run(tmp_path, body, output_limit=1024)
+
+
+def test_listener_hears_each_committed_batch_once_before_any_answer(run: Run, tmp_path: Path) -> None:
+    heard: list[list[tuple[int, str]]] = []
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        store.on_commit = lambda changes: heard.append([(c.job_id, c.state) for c in changes])
+        wid = await worker(store)
+        assert heard == []  # a registration changes no job
+        first, second = await asyncio.gather(submit_one(store), submit_one(store))
+        assert heard == [[(first, "queued"), (second, "queued")]]
+        job = await claim_one(store, wid)
+        assert heard[-1] == [(job.job_id, "running")]
+        await finish(store, wid, job.job_id, 1, Outcome.SUCCEEDED, 0)
+        assert heard[-1] == [(job.job_id, "succeeded")]
+        # A failed op's changes were rolled back with it: nobody hears of them.
+        bad = JobSpec(argv=("true",), kind="command", queue=None)  # type: ignore[arg-type]
+        with pytest.raises(Exception):  # noqa: B017  (each engine has its own integrity error)
+            await store.submit([spec(), bad], POLICY)
+        assert len(heard) == 3
+
+    run(tmp_path, body)
+
+
+def test_data_survives_close_and_reopen(run: Run, tmp_path: Path) -> None:
+    saved: dict[str, Any] = {}
+
+    async def first(store: Store, clock: FakeClock) -> None:
+        done = await submit_one(store, name="done")
+        waiting = await submit_one(store, name="waiting")
+        w = await worker(store)
+        await claim_one(store, w)
+        await finish(store, w, done, 1, Outcome.SUCCEEDED, 0, (OutputChunk(done, 1, "stdout", "saved\n"),))
+        saved.update(done=await shown(store, done), waiting=await shown(store, waiting),
+                     events=await store.events(done), worker=w)
+
+    run(tmp_path, first)
+
+    async def second(store: Store, clock: FakeClock) -> None:
+        done = await shown(store, saved["done"]["id"])
+        assert done == saved["done"]
+        assert done["state"] == "succeeded" and done["result"]["stdout"] == "saved\n"
+        assert await store.events(done["id"]) == saved["events"]
+        assert await shown(store, saved["waiting"]["id"]) == saved["waiting"]
+        assert [x.id for x in await store.list_workers()] == [saved["worker"]]
+        # New ids continue after the old ones.
+        assert await submit_one(store) > saved["waiting"]["id"]
+
+    run(tmp_path, second)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(jobs=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(-3, 3)), max_size=25),
+       queues=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3, unique=True),
+       limit=st.integers(1, 12), taken=st.integers(0, 5))
+def test_the_claim_takes_what_the_scheduling_policy_picks(run: Run, tmp_path_factory: pytest.TempPathFactory,
+                                                          jobs: list[tuple[str, int]], queues: list[str],
+                                                          limit: int, taken: int) -> None:
+    """The store's claim (the fast path) against ``core.policy.pick`` over the same jobs as plain data."""
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        made = await store.submit([spec(queue=q, priority=p) for q, p in jobs], POLICY) if jobs else []
+        other = await worker(store, "other", ("a", "b", "c"))
+        await store.claim(other, ["a", "b", "c"], taken, TTL) if taken else None  # some are running already
+        w = await worker(store, "w", tuple(queues))
+        listed, _ = await store.list_jobs(limit=1000)
+        candidates = [Candidate(j.id, j.queue, j.priority, j.state) for j in listed]
+        expected = pick(candidates, Ask(queues, limit))
+        got, _ = await store.claim(w, queues, limit, TTL)
+        assert [lease.job_id for lease in got] == expected
+        assert len(made) == len(jobs)
+
+    run(tmp_path_factory.mktemp("policy"), body)
+
+
+def test_the_policy_takes_the_highest_priority_then_the_oldest_of_the_asked_queues() -> None:
+    jobs = [Candidate(1, "a", 0), Candidate(2, "b", 5), Candidate(3, "a", 5), Candidate(4, "c", 9),
+            Candidate(5, "a", 5, JobState.RUNNING)]
+    assert pick(jobs, Ask(["a", "b"], 10)) == [2, 3, 1]
+    assert pick(jobs, Ask(["a"], 1)) == [3]
+    assert pick(jobs, Ask(["z"], 5)) == []
