@@ -129,6 +129,13 @@ def orch_argv() -> list[str]:
     return [sys.executable, *flags, "-m", "orch"]
 
 
+def database_name(settings: Settings) -> str:
+    """Where state is kept, as a person names it (a PostgreSQL DSN without its password)."""
+    from orch.compose import database_name as name
+
+    return name(settings)
+
+
 def _logging(settings: Settings, log_format: str | None) -> None:
     from orch.logs import setup_logging
 
@@ -152,7 +159,8 @@ async def _start_scheduler(settings: Settings) -> tuple[Any, str]:
     # both serve it). The lock goes with the process, however it ends.
     private_dir(settings.data_dir)
     lock = DatabaseLock(settings.db_path, settings.data_dir)
-    lock.acquire()
+    if settings["storage.backend"] == "sqlite":  # PostgreSQL: several schedulers share the database by design
+        lock.acquire()
     _more_open_files()
     _one_malloc_arena()
     application = build_app(settings)
@@ -306,7 +314,7 @@ def scheduler(
     async def main() -> None:
         runner, url = await _start_scheduler(settings)
         print(f"orch scheduler listening on {url}", flush=True)
-        print(f"database: {settings.db_path}", flush=True)
+        print(f"database: {database_name(settings)}", flush=True)
         stop = asyncio.Event()
         _signals(lambda sig: stop.set())
         await stop.wait()
@@ -503,7 +511,7 @@ def up(
     async def main() -> None:
         runner, url = await _start_scheduler(settings)
         print(f"orch is up: API {url}", flush=True)
-        print(f"database: {settings.db_path}", flush=True)
+        print(f"database: {database_name(settings)}", flush=True)
         argv = orch_argv()
         me = _runnable_orch(argv)
         child_env = _local_worker_env(settings, runner)

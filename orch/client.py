@@ -21,6 +21,10 @@ TOO_MANY_TRIES = 60  # 429 answers (too many long-polls open) waited out before 
 class Client:
     """One connection pool to one scheduler. Use as ``async with Client(url) as c:``.
 
+    ``server`` may name several schedulers, comma-separated (replicas sharing a PostgreSQL database): a
+    request that cannot reach the current one (or gets 503) fails as before, and the next request goes to
+    the next one, so a caller that retries (the worker does) fails over.
+
     ``token``: the bearer token sent with every request (the client token, or a
     worker's join token). A worker's own credential, returned by ``register()``,
     is then sent instead on that worker's ``/v1/workers/{id}/...`` routes.
@@ -31,7 +35,8 @@ class Client:
 
     def __init__(self, server: str, *, token: str | None = None, ca: str | None = None,
                  ssl: ssl_module.SSLContext | None = None, connect_timeout: float = 10.0) -> None:
-        self.server = server.rstrip("/")
+        self.servers = [s.strip().rstrip("/") for s in server.split(",") if s.strip()] or [server.rstrip("/")]
+        self.server = random.choice(self.servers)  # several: each client starts at one, so they spread
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
         self.token = token or None
@@ -67,6 +72,11 @@ class Client:
                 return {"Authorization": f"Bearer {cred}"}
         return None
 
+    def _next_server(self) -> None:
+        """The next request goes to the next scheduler of the list (one of them is enough)."""
+        if len(self.servers) > 1:
+            self.server = self.servers[(self.servers.index(self.server) + 1) % len(self.servers)]
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -92,9 +102,15 @@ class Client:
                     raw = await resp.read()
                     status = resp.status
             except aiohttp.ClientConnectionError as e:
-                raise ServerUnavailable(f"cannot reach the orch scheduler at {self.server}: {_why(e, self.server)}") from None
+                where = self.server
+                self._next_server()
+                raise ServerUnavailable(f"cannot reach the orch scheduler at {where}: {_why(e, where)}") from None
             except TimeoutError:
-                raise ServerUnavailable(f"the orch scheduler at {self.server} did not answer in time") from None
+                where = self.server
+                self._next_server()
+                raise ServerUnavailable(f"the orch scheduler at {where} did not answer in time") from None
+            if status == 503:
+                self._next_server()
             if status == 429 and (patient or tries < TOO_MANY_TRIES):
                 tries += 1  # too many long-polls open: wait for one to end, then ask again
                 await asyncio.sleep(_pause(tries))

@@ -5,12 +5,21 @@ from __future__ import annotations
 from aiohttp import web
 
 from orch.config import Settings
+from orch.core.errors import ConfigError
 from orch.scheduler.app import build_app as _build_app
 from orch.store.base import Store
 
 
 def store_for(settings: Settings) -> Store:
     """The store ``storage.backend`` names, not yet opened."""
+    if settings["storage.backend"] == "postgres":
+        from orch.store.postgres import PostgresStore
+
+        if not settings["storage.dsn"]:
+            raise ConfigError("storage.backend is postgres: storage.dsn (ORCH_STORAGE_DSN) must name the database, "
+                              "e.g. postgresql://orch@127.0.0.1:5432/orch")
+        return PostgresStore(settings["storage.dsn"], output_limit=settings["scheduler.output_limit_bytes"],
+                             pool_size=settings["storage.pool_size"], notify=settings["storage.notify"])
     from orch.store.sqlite import SqliteStore
 
     return SqliteStore(settings.db_path, synchronous=settings["storage.synchronous"],
@@ -37,3 +46,12 @@ def startup_error(e: BaseException, settings: Settings) -> BaseException:
     if isinstance(e, OSError):
         return StorageError(f"cannot start: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     return e
+
+
+def database_name(settings: Settings) -> str:
+    """Where ``settings`` keep state, as a person names it (a PostgreSQL DSN without its password)."""
+    if settings["storage.backend"] == "postgres":
+        from orch.store.postgres import PostgresStore
+
+        return PostgresStore(settings["storage.dsn"]).where()
+    return str(settings.db_path)

@@ -43,7 +43,7 @@ KEYS: dict[str, Key] = {
     "scheduler.output_limit_bytes": Key("int", 1 << 20, "output kept per attempt and stream (the tail; truncation is marked)", minimum=1024),
     "scheduler.max_spec_bytes": Key("int", 256 << 10, "largest job spec accepted, in bytes of JSON (large data belongs in files the job reads)", minimum=1024),
     "worker.host": Key("str", "", "host name a worker reports about itself (default: this machine's name)"),
-    "worker.join": Key("str", "http://127.0.0.1:8080", "scheduler a worker joins when --join is not given"),
+    "worker.join": Key("str", "http://127.0.0.1:8080", "scheduler a worker joins when --join is not given; several, comma-separated (schedulers sharing a PostgreSQL database), are tried in turn"),
     "worker.name": Key("str", "", "worker name (default: host name and process id)"),
     "worker.concurrency": Key("int", 4, "jobs one worker runs at once", minimum=1),
     "worker.queues": Key("names", ["default"], "queues a worker takes jobs from"),
@@ -61,7 +61,11 @@ KEYS: dict[str, Key] = {
     "metrics.host": Key("str", "127.0.0.1", "address the Prometheus metrics listeners (scheduler's and worker's) listen on"),
     "metrics.scheduler_port": Key("int", 9090, "port of the scheduler's Prometheus /metrics listener (0: none)", minimum=0),
     "metrics.worker_port": Key("int", 9091, "port of a worker's Prometheus /metrics listener (0: none)", minimum=0),
-    "storage.backend": Key("choice", "sqlite", "where state is kept", choices=("sqlite",)),
+    "storage.backend": Key("choice", "sqlite", "where state is kept: sqlite (one file, the default) or postgres (storage.dsn; several schedulers may share it)", choices=("sqlite", "postgres")),
+    "storage.dsn": Key("str", "", "PostgreSQL connection string for storage.backend postgres, e.g. postgresql://orch@db.example:5432/orch (a password is better kept in ~/.pgpass or PGPASSWORD)"),
+    "storage.pool_size": Key("int", 8, "connections a scheduler keeps open to PostgreSQL", minimum=1),
+    "storage.notify": Key("bool", True, "PostgreSQL: schedulers sharing the database wake each other's waiters with LISTEN/NOTIFY (false behind a PgBouncer in transaction mode: the poll alone)"),
+    "storage.poll_interval": Key("float", 2.0, "PostgreSQL: seconds between the polls that back up those wake-ups (the most a lost one delays a waiter)", minimum=0.05),
     "storage.data_dir": Key("str", "", "folder of all state (default: the platform's user data dir)"),
     "storage.path": Key("str", "", "SQLite database file (default: <data_dir>/orch.db)"),
     "storage.synchronous": Key("choice", "FULL", "SQLite synchronous level: FULL survives power loss, NORMAL only crashes", choices=("FULL", "NORMAL")),
@@ -283,12 +287,18 @@ def load_settings(
         given.add(key)
     # With a private CA configured, a bare HOST:PORT means HTTPS.
     scheme = "https" if values.get("tls.ca") else "http"
-    values["client.server"] = normalize_server(values["client.server"], scheme, "client.server")
-    values["worker.join"] = normalize_server(values["worker.join"], scheme, "worker.join")
+    values["client.server"] = normalize_servers(values["client.server"], scheme, "client.server")
+    values["worker.join"] = normalize_servers(values["worker.join"], scheme, "worker.join")
     return Settings(values, str(path) if path else None, frozenset(given))
 
 
 _HOST_RE = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]")  # a name or IPv4 address, or [an IPv6 address]
+
+
+def normalize_servers(addresses: str, scheme: str = "http", key: str = "the server address") -> str:
+    """A comma-separated list of scheduler addresses (schedulers sharing one database), each normalized."""
+    parts = [a for a in addresses.split(",")] if "," in addresses else [addresses]
+    return ",".join(normalize_server(a, scheme, key) for a in parts)
 
 
 def normalize_server(address: str, scheme: str = "http", key: str = "the server address") -> str:

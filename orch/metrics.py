@@ -17,7 +17,7 @@ import errno
 import os
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 
@@ -74,6 +74,8 @@ class SchedulerMetrics:
             "Attempts that ended, by queue and outcome (succeeded, failed, timed_out, lost, cancelled, handed_back).",
             ["queue", "outcome"], registry=r,
         )
+        self.leader = Gauge("orch_scheduler_leader", "1 while this scheduler runs the reaper (one of all the "
+                            "schedulers of a shared database does), else 0.", registry=r)
         self.started = Counter("orch_attempts_started", "Attempts handed to workers, by queue.", ["queue"], registry=r)
         self.duration = Histogram(
             "orch_job_duration_seconds", "Execution time of attempts that ended on their worker, by queue.",

@@ -57,10 +57,44 @@ def client_token(data_dir: Path | None = None, role: str = "client") -> str | No
         return None
 
 
+STORAGE_ENV: dict[str, str] = {}  # the storage backend of the running test (tests/conftest.py: storage_backend)
+
+
+def storage_overrides() -> dict[str, str]:
+    """Settings that put an in-process scheduler on the running test's backend (empty: SQLite, the default)."""
+    if not STORAGE_ENV:
+        return {}
+    return {"storage.backend": STORAGE_ENV["ORCH_STORAGE_BACKEND"], "storage.dsn": STORAGE_ENV["ORCH_STORAGE_DSN"]}
+
+
+def database_shown(env: dict[str, str]) -> str:
+    """How a scheduler started with ``env`` names its database (`database: ...`)."""
+    if env.get("ORCH_STORAGE_BACKEND") == "postgres":
+        return env["ORCH_STORAGE_DSN"]
+    return str(Path(env["ORCH_DATA_DIR"]) / "orch.db")
+
+
+def db_rows(env: dict[str, str], sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows of ``sql`` (with ? for parameters) read straight from the database a scheduler with ``env`` uses."""
+    if env.get("ORCH_STORAGE_BACKEND") == "postgres":
+        import psycopg
+
+        with psycopg.connect(env["ORCH_STORAGE_DSN"]) as conn:
+            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+    import sqlite3
+
+    conn = sqlite3.connect(Path(env["ORCH_DATA_DIR"]) / "orch.db")
+    try:
+        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+    finally:
+        conn.close()
+
+
 def orch_test_env(data_dir: Path, **extra: str) -> dict[str, str]:
     global _DATA_DIR
     _DATA_DIR = Path(data_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(STORAGE_ENV)
     # No metrics listeners on the fixed default ports (9090, 9091): tests that want them pass free ports.
     env.update(ORCH_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", ORCH_METRICS_SCHEDULER_PORT="0",
                ORCH_METRICS_WORKER_PORT="0")

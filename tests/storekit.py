@@ -18,7 +18,7 @@ TTL = 10.0  # lease ttl handed to claim/heartbeat
 # No jitter and a fixed rand: every backoff is exactly base * factor ** (attempt - 1).
 POLICY = RetryPolicy(max_attempts=3, base=2.0, factor=3.0, cap=100.0, jitter=0.0)
 
-BACKENDS = ("sqlite",)
+BACKENDS = ("sqlite", "postgres")
 
 
 class FakeClock:
@@ -38,7 +38,12 @@ def make_store(backend: str, tmp_path: Path, clock: Callable[[], float], **store
     if backend == "sqlite":
         from orch.store.sqlite import SqliteStore
 
+        store_kw.pop("dsn", None)
         return SqliteStore(tmp_path / "orch.db", clock=clock, monotonic=clock, rand=lambda: 0.5, **store_kw)
+    if backend == "postgres":
+        from orch.store.postgres import PostgresStore
+
+        return PostgresStore(store_kw.pop("dsn"), clock=clock, monotonic=clock, rand=lambda: 0.5, **store_kw)
     raise ValueError(f"no backend {backend!r}")
 
 
@@ -96,3 +101,15 @@ _VIEW = view_defaults(POLICY)
 async def shown(store: Store, job_id: int) -> dict[str, Any]:
     """The job as the API shows it (orch/scheduler/wire.py), output included."""
     return wire.job_json(await store.get_job(job_id), _VIEW, store.output_limit)
+
+
+def store_of(settings: Any, **kw: Any) -> Store:
+    """The store ``settings`` name (as orch.compose builds it) with the test's clocks or rand in ``kw``."""
+    if settings["storage.backend"] == "postgres":
+        from orch.store.postgres import PostgresStore
+
+        kw.pop("synchronous", None)
+        return PostgresStore(settings["storage.dsn"], output_limit=settings["scheduler.output_limit_bytes"], **kw)
+    from orch.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.db_path, output_limit=settings["scheduler.output_limit_bytes"], **kw)

@@ -136,6 +136,16 @@ class StorageFull(StorageError):
     code = "storage_full"
 
 
+class StorageUnavailable(StorageError):
+    """The database server cannot be reached (PostgreSQL down, restarting, or the network to it cut).
+
+    It passes by itself once the server is back: 503, which workers and the CLI retry.
+    """
+
+    http_status = 503
+    code = "storage_unavailable"
+
+
 class StorageCorrupt(StorageError):
     """The database file is damaged (SQLite: malformed, or not a database)."""
 

@@ -166,3 +166,11 @@ class Credential(NamedTuple):
     digest: str
     state: WorkerState
     queues: list[str]
+
+
+class Leadership(NamedTuple):
+    """Whether this scheduler runs the reaper now, and, when it has just taken the role over, for how long
+    nobody held it (None: it held the role already, or never had a predecessor)."""
+
+    held: bool
+    vacant_for: float | None = None

@@ -263,8 +263,9 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         if len(val) > 256:
             raise ValidationError("label values are at most 256 characters", field=f(f"labels.{k}"))
     name = body.get("name")
-    if "name" in body and (not isinstance(name, str) or not 0 < len(name) <= 200):
-        raise ValidationError("name must be a string of 1-200 characters", field=f("name"))
+    if "name" in body and (not isinstance(name, str) or not 0 < len(name) <= 200 or "\x00" in name):
+        # (no NUL: a job's name is a column of its own, and PostgreSQL's text holds none)
+        raise ValidationError("name must be a string of 1-200 characters without NUL bytes", field=f("name"))
     backoff = body.get("backoff", {})
     if not isinstance(backoff, dict):
         raise ValidationError("backoff must be an object", field=f("backoff"))

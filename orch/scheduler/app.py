@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import socket
 import time
+import uuid
 from collections import deque
 from contextlib import suppress
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -942,8 +945,15 @@ class ReaperFailures:
         self.streak_told = False
 
 
-async def reaper(store: Store, hub: Hub, api: Api, settings: Settings) -> None:
-    """Mark silent workers lost, expire leases, queue due retries; notice our own stalls."""
+async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: str) -> None:
+    """Mark silent workers lost, expire leases, queue due retries; notice our own stalls.
+
+    With a shared database only the scheduler that holds the reaper's role (``store.lead``, a lease of
+    scheduler.lease_ttl) sweeps; the others keep trying to take it, so one takes over within that long
+    after the leader dies or stalls. A stall of one of several schedulers extends no lease: the others
+    were listening. A scheduler that takes a role left vacant for a while (the whole cluster was down)
+    gives every lease the recovery grace, as a lone scheduler does at start.
+    """
     ttl = settings["scheduler.lease_ttl"]
     tick = max(0.05, min(1.0, settings["scheduler.heartbeat_interval"] / 2))
     grace = settings["scheduler.recovery_grace"]
@@ -951,24 +961,39 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings) -> None:
     last = time.monotonic()
     failures = ReaperFailures()
     owe_grace = False  # leases are to be extended before the next sweep
+    leading = False
     while True:
         now = time.monotonic()
         if now - last > tick + max(2.0, ttl / 2):
             # We were not running (SIGSTOP, a long pause): nobody could heartbeat to us.
-            log.warning("scheduler stalled for %.1fs; extending leases by %.1fs", now - last, grace)
-            owe_grace = True
+            if store.shared:
+                log.warning("scheduler stalled for %.1fs; the other schedulers of the database kept serving",
+                            now - last)
+            else:
+                log.warning("scheduler stalled for %.1fs; extending leases by %.1fs", now - last, grace)
+                owe_grace = True
         last = now
+        sweep = None
         try:
-            if owe_grace:
-                await store.recover(grace, ttl)
-                owe_grace = False
-            sweep = await store.sweep(ttl, defaults)
+            role = await store.lead(holder, ttl)
+            if role.held != leading:
+                leading = role.held
+                api.metrics.leader.set(1 if leading else 0)
+                if store.shared:
+                    log.info("this scheduler %s the reaper%s", "runs" if leading else "no longer runs",
+                             f" (it was vacant for {role.vacant_for:.1f}s)" if role.vacant_for is not None else "")
+                if leading and store.shared and (role.vacant_for is None or role.vacant_for > ttl / 2):
+                    owe_grace = True  # nobody swept for a while: maybe nobody heard heartbeats either
+            if leading:
+                if owe_grace:
+                    await store.recover(grace, ttl)
+                    owe_grace = False
+                sweep = await store.sweep(ttl, defaults)
         except Exception as e:
             failures.failed(e)
             # While the store could not write (a full disk), workers' heartbeats failed too: they get the
             # grace before the first sweep that works, as after a stall.
             owe_grace = owe_grace or isinstance(e, StorageError)
-            sweep = None
         else:
             failures.passed()
         wait = tick
@@ -986,6 +1011,20 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings) -> None:
             await asyncio.wait_for(hub.retry_scheduled.wait(), wait)
 
 
+async def poll_shared(store: Store, hub: Hub, interval: float) -> None:
+    """With a shared database, what other schedulers changed is heard as hints (LISTEN/NOTIFY); this poll backs
+    them up, so a hint lost (or never sent: storage.notify off) costs at most ``interval`` of latency."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            queues = hub.waited_queues()
+            for q in await store.queued_in(queues) if queues else ():
+                hub.wake_queue(q, 1)
+            hub.poke_jobs()
+        except Exception as e:  # the database is away: the next round tries again
+            log.debug("poll of the shared database failed: %s", e)
+
+
 def build_app(settings: Settings, store: Store) -> web.Application:
     """The scheduler on ``store`` (orch.compose picks the backend)."""
     # Passed to aiohttp's protocol, whatever runs the app: bodies are decoded by guard_request (security.decode_body)
@@ -1000,6 +1039,9 @@ def build_app(settings: Settings, store: Store) -> web.Application:
     app[SETTINGS] = settings
     app[API] = api
     guard = api.guard = app[GUARD] = Guard(settings)
+    if store.shared:
+        guard.lookup = store.worker_credential
+        store.on_remote = hub.committed  # another scheduler's commits: wake-ups only (it counts and logs its own)
     api.openapi = openapi_document(metrics_open=settings["auth.metrics_open"],
                                    long_poll=settings["scheduler.long_poll_timeout"],
                                    max_body=settings["scheduler.max_body_bytes"])
@@ -1009,12 +1051,19 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         await store.open()
         api.metrics.known_queues(await store.queues())  # their series exist at 0 from the first scrape
         guard.load_workers(await store.worker_credentials())
-        await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
-        task = asyncio.create_task(reaper(store, hub, api, settings))
+        if not store.shared:  # shared: the scheduler that takes the reaper's role decides (see reaper)
+            await store.recover(settings["scheduler.recovery_grace"], settings["scheduler.lease_ttl"])
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        task = asyncio.create_task(reaper(store, hub, api, settings, holder))
+        polls = asyncio.create_task(poll_shared(store, hub, settings["storage.poll_interval"])) if store.shared else None
         yield
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        for t in (task, polls):
+            if t is not None:
+                t.cancel()
+                with suppress(asyncio.CancelledError):
+                    await t
+        with suppress(Exception):
+            await store.resign(holder)  # another scheduler takes the reaper at once
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)

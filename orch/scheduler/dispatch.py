@@ -108,6 +108,21 @@ class Hub:
                 fut.set_result(queue)
                 n -= 1
 
+    def waited_queues(self) -> list[str]:
+        """Queues a lease long-poll waits on now."""
+        return [q for q, dq in self._waiters.items() if any(not f.done() for f in dq)]
+
+    def poke_jobs(self) -> None:
+        """Something may have happened to any job waited on (another scheduler's change, not heard): every
+        wait, follow and wait-for-many reads again."""
+        for ev in self._jobs.values():
+            ev.set()
+        self._jobs.clear()
+        for futs in self._many.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+
     def waiting(self, queue: str) -> int:
         """Lease long-polls now waiting on ``queue`` (for tests and metrics)."""
         return sum(1 for f in self._waiters.get(queue, ()) if not f.done())

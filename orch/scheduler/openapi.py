@@ -108,7 +108,7 @@ SCHEMAS: dict[str, Any] = {
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
         "labels": {"type": "object", "maxProperties": MAX_LABELS, "propertyNames": {"pattern": NAME_RE.pattern},
                    "additionalProperties": {"type": "string", "maxLength": 256, "pattern": NO_NUL}},
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL},
         "backoff": obj({
             "base": {"type": "number", "minimum": 0, "maximum": 86400},
             "factor": {"type": "number", "minimum": 1, "maximum": 86400},

@@ -140,6 +140,9 @@ class Guard:
 
     # ------------------------------------------------------------------ worker credentials
 
+    # Set when the database is shared: finds a worker another scheduler registered (store.worker_credential).
+    lookup: Callable[[str], Awaitable[Credential | None]] | None = None
+
     def load_workers(self, rows: Iterable[Credential]) -> None:
         """``store.worker_credentials()``: each worker's credential digest, state and queues."""
         for c in rows:
@@ -267,6 +270,11 @@ async def guard_request(request: web.Request,
         kind = guard.kind_of(method, path)
         if kind != "open":
             guard.refresh(time.monotonic())
+            if worker_id and guard.lookup is not None and worker_id not in guard.workers:
+                # Registered with another scheduler of the shared database: its credential's digest is there.
+                found = await guard.lookup(worker_id)
+                if found is not None:
+                    guard.load_workers([found])
             guard.authenticate(request, kind, worker_id)  # a 401 gets CHALLENGE from the middleware
     allowed = guard.query.get((method, path))
     if allowed is not None and request.query:

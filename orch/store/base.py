@@ -38,6 +38,7 @@ from orch.core.records import (
     Job,
     JobFacts,
     JobRecord,
+    Leadership,
     Lease,
     MetricsTarget,
     OutputPiece,
@@ -111,6 +112,8 @@ class Store(Protocol):
     output_limit: int  # bytes of output kept per attempt and stream (the tail)
     batches: int  # write transactions committed (group commits), for metrics
     ops: int  # write operations committed, for metrics
+    shared: bool  # other schedulers may use the same database at once (then one of them leads: ``lead``)
+    on_remote: Callable[[list[Change]], None] | None  # set by the scheduler: changes another scheduler committed
 
     def clock(self) -> float:
         """The wall clock (Unix seconds): what people read."""
@@ -161,6 +164,10 @@ class Store(Protocol):
         ...
 
     async def count_by_state(self) -> dict[JobState, int]: ...
+    async def queued_in(self, queues: Sequence[str]) -> list[str]:
+        """Those of ``queues`` that have a queued job (the poll that backs up other schedulers' hints)."""
+        ...
+
 
     async def events(self, job_id: int, after: int = 0) -> list[Event]:
         """A job's state changes after event ``after``, oldest first."""
@@ -189,6 +196,10 @@ class Store(Protocol):
         ...
 
     async def worker_credentials(self) -> list[Credential]: ...
+    async def worker_credential(self, worker_id: str) -> Credential | None:
+        """One worker's credential (a worker another scheduler of a shared database registered), or None."""
+        ...
+
     async def list_workers(self, retention: float | None = None) -> list[Worker]:
         """In the order they registered; with ``retention``, without the stopped and lost ones silent longer."""
         ...
@@ -229,6 +240,15 @@ class Store(Protocol):
         ...
 
     # ---- the reaper
+    async def lead(self, holder: str, ttl: float) -> Leadership:
+        """Take or keep the reaper's role for ``ttl`` seconds; one holder at a time across every scheduler of
+        the database. A store only one scheduler uses always grants it."""
+        ...
+
+    async def resign(self, holder: str) -> None:
+        """Give the role up (a scheduler that stops), so another takes it at once."""
+        ...
+
     async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
         """Mark silent workers lost, end their attempts and expired leases as lost, queue due retries."""
         ...

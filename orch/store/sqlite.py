@@ -81,6 +81,7 @@ from orch.core.records import (
     Job,
     JobFacts,
     JobRecord,
+    Leadership,
     Lease,
     MetricsTarget,
     OutputPiece,
@@ -318,6 +319,8 @@ class SqliteStore:
         self.rand = rand
         # Called on the loop with every job state change of a batch, once it has committed.
         self.on_commit: Callable[[list[Change]], None] | None = None
+        self.on_remote: Callable[[list[Change]], None] | None = None  # never called: one scheduler per file
+        self.shared = False  # orch.db.lock keeps a second scheduler away
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None  # the writer thread, for big batches
         self._wconn: sqlite3.Connection | None = None
@@ -1002,6 +1005,18 @@ class SqliteStore:
         return [Credential(r["id"], r["credential_hash"], WorkerState(r["state"]), json.loads(r["queues"]))
                 for r in rows]
 
+    async def queued_in(self, queues: Sequence[str]) -> list[str]:
+        found = []
+        for q in queues:
+            if await self._point(f"SELECT 1 FROM jobs WHERE state = '{_QUEUED}' AND queue = ? LIMIT 1", (q,)):
+                found.append(q)
+        return found
+
+    async def worker_credential(self, worker_id: str) -> Credential | None:
+        rows = await self._point("SELECT id, credential_hash, state, queues FROM workers WHERE id = ?"
+                                 " AND credential_hash IS NOT NULL", (worker_id,))
+        return Credential(rows[0][0], rows[0][1], WorkerState(rows[0][2]), json.loads(rows[0][3])) if rows else None
+
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
         draining: bool = False,
@@ -1256,6 +1271,13 @@ class SqliteStore:
 
         # It may expire thousands of leases at once (a lost worker, a stall): on the writer thread.
         return await self._write(op, weight=INLINE_WEIGHT + 1)
+
+    async def lead(self, holder: str, ttl: float) -> Leadership:
+        """The one scheduler of the file leads."""
+        return Leadership(True)
+
+    async def resign(self, holder: str) -> None:
+        pass
 
     async def recover(self, grace: float, worker_ttl: float) -> None:
         """After a scheduler start or a stall, give every live lease and worker ``grace`` seconds.

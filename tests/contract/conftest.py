@@ -15,10 +15,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def run(backend: str) -> Run:
-    """``run(tmp_path, body, **store_kw)``: ``body(store, clock)`` on a fresh store of the backend."""
+def run(backend: str, request: pytest.FixtureRequest) -> Run:
+    """``run(tmp_path, body, **store_kw)``: ``body(store, clock)`` on a fresh store of the backend (PostgreSQL: a
+    database of its own on the session's server, the same one for every run of one test)."""
+    dsn: str | None = None
+    if backend == "postgres":
+        dsn = request.getfixturevalue("postgres_server").database()
 
     def go(tmp_path: Path, body: Body, **store_kw: Any) -> None:
+        if dsn is not None:
+            store_kw["dsn"] = dsn
         run_on(backend, tmp_path, body, **store_kw)
 
     return go

@@ -592,7 +592,9 @@ def test_listener_hears_each_committed_batch_once_before_any_answer(run: Run, tm
         wid = await worker(store)
         assert heard == []  # a registration changes no job
         first, second = await asyncio.gather(submit_one(store), submit_one(store))
-        assert heard == [[(first, "queued"), (second, "queued")]]
+        # Each once, by the time its submit answered (SQLite commits the two together, PostgreSQL one by one).
+        assert sorted(c for batch in heard for c in batch) == [(first, "queued"), (second, "queued")]
+        before = len(heard)
         job = await claim_one(store, wid)
         assert heard[-1] == [(job.job_id, "running")]
         await finish(store, wid, job.job_id, 1, Outcome.SUCCEEDED, 0)
@@ -601,7 +603,7 @@ def test_listener_hears_each_committed_batch_once_before_any_answer(run: Run, tm
         bad = JobSpec(argv=("true",), kind="command", queue=None)  # type: ignore[arg-type]
         with pytest.raises(Exception):  # noqa: B017  (each engine has its own integrity error)
             await store.submit([spec(), bad], POLICY)
-        assert len(heard) == 3
+        assert len(heard) == before + 2
 
     run(tmp_path, body)
 
@@ -663,3 +665,45 @@ def test_the_policy_takes_the_highest_priority_then_the_oldest_of_the_asked_queu
     assert pick(jobs, Ask(["a", "b"], 10)) == [2, 3, 1]
     assert pick(jobs, Ask(["a"], 1)) == [3]
     assert pick(jobs, Ask(["z"], 5)) == []
+
+
+def test_one_scheduler_leads_at_a_time_and_a_resigned_role_is_taken_at_once(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        first = await store.lead("a", 30.0)
+        assert first.held
+        assert (await store.lead("a", 30.0)).held  # kept
+        if not store.shared:  # one scheduler per database: it always leads
+            assert (await store.lead("b", 30.0)).held
+            return
+        assert not (await store.lead("b", 30.0)).held  # a holds it for 30 s more
+        await store.resign("a")
+        took = await store.lead("b", 30.0)
+        assert took.held and took.vacant_for is not None and took.vacant_for < 5.0
+        assert not (await store.lead("a", 30.0)).held
+
+    run(tmp_path, body)
+
+
+def test_output_and_errors_holding_nul_bytes_are_stored(run: Run, tmp_path: Path) -> None:
+    """A job's output and a worker's error text may hold NUL (binary output): stored, never a failed write
+    (PostgreSQL's text holds no NUL: it keeps U+FFFD there, as the worker keeps bytes that are not UTF-8)."""
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        assert await store.append_output(w, [OutputChunk(jid, 1, "stdout", "a\x00b")]) == [True]
+        assert (await finish(store, w, jid, 1, Outcome.FAILED, 1)).accepted
+        got = await store.output_after(jid)
+        assert [c.data for c in got] in (["a\x00b"], ["a\ufffdb"]) and got[0].size == 3
+        w2 = await worker(store, "w2")
+        clock.advance(100)
+        await store.sweep(1000.0, POLICY)
+        await claim_one(store, w2)
+        answers, _ = await store.complete(w2, [AttemptResult(jid, 2, Outcome.FAILED, exit_code=None,
+                                                             error="bad\x00thing")], POLICY)
+        assert answers[0].accepted
+        rec = await store.get_job(jid)
+        assert rec.job.error in ("bad\x00thing", "bad\ufffdthing")
+
+    run(tmp_path, body)

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # the benchmark suite, which starts its own clusters on SQLite
 
 BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big")
 

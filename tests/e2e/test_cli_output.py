@@ -31,7 +31,7 @@ from helpers import (
     workers_alive,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # how the CLI writes what the API answered: not about storage
 
 TITLE = "\x1b]0;owned\x07"  # sets the terminal's window title
 CLEAR = "\x1b[2J\x1b[H"  # clears the screen

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 from helpers import (
     URL_RE,
     Proc,
+    database_shown,
+    db_rows,
     free_port,
     http,
     job,
@@ -32,7 +33,7 @@ def test_up_run_wait_seed_form_and_second_worker(tmp_path: Path, orch_env: dict[
     extra: list[Proc] = []
     try:
         url = wait_until(lambda: (m := URL_RE.search(up.log())) and m.group(1), 30, "orch up to print its URL")
-        assert "database: " + str(Path(orch_env["ORCH_DATA_DIR"]) / "orch.db") in up.log()
+        assert "database: " + database_shown(orch_env) in up.log()
         wait_until(lambda: workers_alive(url) == 1, 30, "the local worker")
         env = {**orch_env, "ORCH_SERVER": url}
 
@@ -234,7 +235,6 @@ def test_up_sigterm_leaves_nothing_running(tmp_path: Path, orch_env: dict[str, s
         assert up.wait(30) == 0, up.log()
     finally:
         up.stop()
-    db = sqlite3.connect(Path(orch_env["ORCH_DATA_DIR"]) / "orch.db")
-    state, attempts = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (body["id"],)).fetchone()
+    ((state, attempts),) = db_rows(orch_env, "SELECT state, attempt FROM jobs WHERE id = ?", (body["id"],))
     assert state == "queued", state  # handed back, ready for the next worker
-    assert db.execute("SELECT state FROM attempts WHERE job_id = ?", (body["id"],)).fetchone()[0] == "handed_back"
+    assert db_rows(orch_env, "SELECT state FROM attempts WHERE job_id = ?", (body["id"],)) == [("handed_back",)]

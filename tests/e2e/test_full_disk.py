@@ -18,7 +18,7 @@ import pytest
 
 from helpers import client_token, http, job, orch_test_env, run_cli, start_scheduler, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # SQLite's files: a full disk, a damaged or locked orch.db
 
 FAST = {
     "ORCH_SCHEDULER_HEARTBEAT_INTERVAL": "0.2",  # a reaper pass every 0.1 s

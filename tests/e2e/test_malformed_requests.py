@@ -13,7 +13,7 @@ import pytest
 
 from helpers import client_token, http, start_scheduler, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # aiohttp's HTTP parser on raw sockets: not about storage
 
 
 def exchange(port: int, *parts: bytes) -> tuple[int, dict[str, str], bytes]:

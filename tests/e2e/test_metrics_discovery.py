@@ -31,7 +31,7 @@ from helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # a real Prometheus finding the listeners: not about storage
 
 
 def prometheus_or_skip() -> str:

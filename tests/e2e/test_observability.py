@@ -36,7 +36,7 @@ from helpers import (
     workers_alive,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # metrics exposition and log formats: not about storage
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

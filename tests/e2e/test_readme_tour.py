@@ -32,7 +32,7 @@ import pytest
 
 from helpers import ROOT, Proc, client_token, http, wait_until, workers_alive
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.backend_specific]  # the README's tour is `orch up` on the SQLite default
 
 README = ROOT / "README.md"
 ANY_LINES = None  # a `...` line

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import Proc, client_token, http, job, orch_cmd, orch_test_env, run_cli, start_scheduler, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # SQLite's files: a full disk, a damaged or locked orch.db
 
 COMMANDS = {"scheduler": ["scheduler", "--port", "0"], "up": ["up", "--port", "0", "--workers", "1"]}
 

@@ -13,6 +13,8 @@ import pytest
 
 from helpers import ROOT, URL_RE, Proc, http, wait_until, workers_alive
 
+pytestmark = pytest.mark.backend_specific  # the zipapp carries SQLite only (no psycopg)
+
 
 def _pids_running(needle: str) -> list[int]:
     """Processes (not zombies) whose command line mentions ``needle``: here, the test's own pyz path."""

@@ -10,12 +10,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.client import Client
 from orch.compose import build_app
 from orch.config import load_settings
 from orch.scheduler.app import STORE
-from orch.store.sqlite import SqliteStore
+from orch.store.base import Store
 from orch.worker.agent import Agent, WorkerOptions
 
 CLIENT_TOKEN = "test-client-token"
@@ -27,9 +27,9 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(orch.config, "default_config_path", lambda: tmp_path / "no-config" / "config.yaml")
 
 
-def serve(tmp_path: Path, body: Callable[[str, SqliteStore, Client], Awaitable[None]], **overrides: Any) -> None:
+def serve(tmp_path: Path, body: Callable[[str, Store, Client], Awaitable[None]], **overrides: Any) -> None:
     """A scheduler app on a free loopback port; ``body(url, store, client)``."""
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
                                     "auth.join_token": JOIN_TOKEN, **overrides}, environ={})
 
     async def main() -> None:
@@ -50,14 +50,14 @@ def agent(url: str, concurrency: int) -> Agent:
     return Agent(Client(url, token=JOIN_TOKEN), WorkerOptions(concurrency=concurrency, name="t", hostname="h"))
 
 
-async def states(store: SqliteStore) -> dict[str, int]:
+async def states(store: Store) -> dict[str, int]:
     return await store.count_by_state()
 
 
 def test_a_busy_worker_reports_in_batches_and_claims_as_it_reports(tmp_path: Path) -> None:
     calls: dict[str, int] = {"reports": 0, "with_claim": 0, "claimed_by_reports": 0}
 
-    async def body(url: str, store: SqliteStore, client: Client) -> None:
+    async def body(url: str, store: Store, client: Client) -> None:
         real = store.complete_and_claim
 
         async def counted(*a: Any, **kw: Any) -> Any:
@@ -91,7 +91,7 @@ def test_a_busy_worker_reports_in_batches_and_claims_as_it_reports(tmp_path: Pat
 
 
 def test_draining_while_reports_claim_leaves_nothing_leased_to_the_stopped_worker(tmp_path: Path) -> None:
-    async def body(url: str, store: SqliteStore, client: Client) -> None:
+    async def body(url: str, store: Store, client: Client) -> None:
         jobs = await client.submit_many([{"command": ["true"]}] * 300)
         worker = agent(url, 4)
         running = asyncio.ensure_future(worker.run())
@@ -114,7 +114,7 @@ def test_a_drain_during_a_report_that_claims_hands_everything_back(tmp_path: Pat
     """The worker begins to drain while a report carrying a claim is held up in the scheduler; the claim
     goes through only after that. Whatever it hands out must come back, not run on past the worker's stop."""
 
-    async def body(url: str, store: SqliteStore, client: Client) -> None:
+    async def body(url: str, store: Store, client: Client) -> None:
         gate, inside, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
         real, real_hand_back = store.complete_and_claim, store.hand_back
         worker = agent(url, 2)
@@ -153,11 +153,11 @@ def test_a_drain_during_a_report_that_claims_hands_everything_back(tmp_path: Pat
     serve(tmp_path, body)
 
 
-async def _all(store: SqliteStore, state: str, n: int) -> bool:
+async def _all(store: Store, state: str, n: int) -> bool:
     return (await states(store)).get(state, 0) == n
 
 
-async def _at_least(store: SqliteStore, state: str, n: int) -> bool:
+async def _at_least(store: Store, state: str, n: int) -> bool:
     return (await states(store)).get(state, 0) >= n
 
 
@@ -165,7 +165,7 @@ def test_heartbeats_fit_a_small_body_limit_and_keep_every_lease(tmp_path: Path) 
     """40 attempts held, a 1 KiB body limit: one heartbeat would be ~1.7 KB, so it goes in parts, and every
     lease lives through jobs that outlast several lease TTLs."""
 
-    async def body(url: str, store: SqliteStore, client: Client) -> None:
+    async def body(url: str, store: Store, client: Client) -> None:
         jobs = []
         for _ in range(4):  # the body limit holds about 30 such specs
             jobs += await client.submit_many([{"command": ["sleep", "2.5"]}] * 10)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.compose import build_app
 from orch.config import load_settings
 from orch.scheduler.app import HUB
@@ -33,7 +33,7 @@ CREDENTIALS: dict[str, str] = {}  # worker id -> its credential (ids are random:
 
 def serve(tmp_path: Path, body: Body, **overrides: Any) -> None:
     """Run ``body`` against a scheduler app whose state lives in tmp_path."""
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
                                     "auth.join_token": JOIN_TOKEN, **overrides}, environ={})
 
     async def main() -> None:
@@ -388,6 +388,7 @@ def test_wait_returns_when_the_job_completes(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+@pytest.mark.backend_specific  # (PostgreSQL: a commit that returned is on disk)
 def test_wait_tells_of_an_end_only_once_it_is_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Waiters are woken at the commit of a job's end, but answered only after its fsync (synchronous FULL)."""
     import os

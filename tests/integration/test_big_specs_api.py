@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from test_api import call, register, serve, submit
 
@@ -58,6 +59,7 @@ def test_listings_are_bounded_summaries_whatever_the_specs(tmp_path: Path) -> No
     serve(tmp_path, body)
 
 
+@pytest.mark.backend_specific
 def test_every_listing_filter_reads_an_index_in_id_order(tmp_path: Path) -> None:
     """At 1,000,000 jobs a filter that scans the table takes seconds; one that reads an index in order stops
     after a page (benchmarks/suite.py measures it). Here: the plan of every query the listing route runs."""

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from storekit import store_of
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.compose import build_app
 from orch.config import load_settings
 from orch.core.retry import RetryPolicy
 from orch.core.spec import parse_spec
 from orch.core.times import iso
 from orch.scheduler import wire
-from orch.store.sqlite import SqliteStore
 
 T0 = 1_700_000_000.0
 TTL = 10.0
@@ -57,11 +57,16 @@ def passed(wall: Clock, mono: Clock, seconds: float, jump: float = 0.0) -> None:
 # --------------------------------------------------------------------------- the store
 
 
+def where(tmp_path: Path) -> Any:
+    """Settings naming the running test's backend (SQLite: a file under tmp_path)."""
+    return load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path)}, environ={})
+
+
 def test_wall_clock_steps_neither_expire_leases_nor_lose_heartbeating_workers(tmp_path: Path) -> None:
     wall, mono = Clock(T0), Clock(500.0)  # a monotonic clock counts from boot: nothing like the wall's
 
     async def main() -> None:
-        store = SqliteStore(tmp_path / "orch.db", clock=wall, monotonic=mono, rand=lambda: 0.5)
+        store = store_of(where(tmp_path), clock=wall, monotonic=mono, rand=lambda: 0.5)
         await store.open()
         try:
             assert store.lease_clock() == wall()  # anchored: stored deadlines read as times
@@ -126,12 +131,11 @@ def test_a_restart_rebases_deadlines_an_earlier_process_left_ahead(tmp_path: Pat
     clock, anchored to that wall clock) are an hour ahead; then the machine rebooted, NTP set the clock
     right, and the monotonic clock started again near 0. A worker that died with the first scheduler
     must still be found lost within recovery_grace, not an hour later; one that heartbeats keeps its job."""
-    path = tmp_path / "orch.db"
     ids: dict[str, Any] = {}
 
     async def first() -> None:
         wall, mono = Clock(T0 + 3600.0), Clock(90_000.0)
-        store = SqliteStore(path, clock=wall, monotonic=mono, rand=lambda: 0.5)
+        store = store_of(where(tmp_path), clock=wall, monotonic=mono, rand=lambda: 0.5)
         await store.open()
         try:
             for name in ("dead", "alive"):
@@ -147,7 +151,7 @@ def test_a_restart_rebases_deadlines_an_earlier_process_left_ahead(tmp_path: Pat
 
     async def after_reboot() -> None:
         wall, mono = Clock(T0 + 30.0), Clock(3.0)
-        store = SqliteStore(path, clock=wall, monotonic=mono, rand=lambda: 0.5)
+        store = store_of(where(tmp_path), clock=wall, monotonic=mono, rand=lambda: 0.5)
         await store.open()
         try:
             await store.recover(TTL, TTL)  # as the scheduler does at start
@@ -182,11 +186,11 @@ JOIN_TOKEN = "test-join-token"
 def test_api_wall_clock_steps_leave_heartbeating_workers_alive_and_lose_a_silent_one(tmp_path: Path) -> None:
     """The real reaper sweeps (every 50 ms of real time) while the injected clocks move: the workers,
     jobs, `orch workers` ages, the heartbeat-age gauge and `orch why` are read over HTTP."""
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
                                     "auth.join_token": JOIN_TOKEN, "scheduler.heartbeat_interval": 0.1,
                                     "scheduler.lease_ttl": TTL, "scheduler.recovery_grace": TTL}, environ={})
     wall, mono = Clock(T0), Clock(500.0)
-    store = SqliteStore(settings.db_path, clock=wall, monotonic=mono, rand=lambda: 0.5)
+    store = store_of(settings, clock=wall, monotonic=mono, rand=lambda: 0.5)
     passes = [0]
     real_sweep = store.sweep
 

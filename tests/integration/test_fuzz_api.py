@@ -30,12 +30,13 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from storekit import store_of  # noqa: E402
 
+from helpers import storage_overrides  # noqa: E402
 from orch.compose import build_app  # noqa: E402
 from orch.config import load_settings  # noqa: E402
 from orch.scheduler.openapi import operations  # noqa: E402
 from orch.scheduler.routes import document  # noqa: E402
-from orch.store.sqlite import SqliteStore  # noqa: E402
 
 CLIENT = "fuzz-client-token"
 JOIN = "fuzz-join-token"
@@ -123,7 +124,7 @@ class Cluster:
     """A scheduler on a loopback port, served by an event loop on its own thread."""
 
     def __init__(self, tmp: Path) -> None:
-        self.settings = load_settings(None, {
+        self.settings = load_settings(None, {**storage_overrides(),
             "storage.data_dir": str(tmp), "storage.synchronous": "NORMAL", "auth.token": CLIENT,
             "auth.join_token": JOIN, "scheduler.long_poll_timeout": 0.2, "scheduler.max_long_polls": 1000,
             "scheduler.body_timeout": 5.0, "scheduler.max_body_bytes": 256 * 1024,
@@ -133,7 +134,7 @@ class Cluster:
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-scheduler", daemon=True)
         self.thread.start()
         # The store's own random source: hypothesis watches the global one while it draws examples.
-        self.store = SqliteStore(self.settings.db_path, synchronous="NORMAL", rand=random.Random(7).random)
+        self.store = store_of(self.settings, synchronous="NORMAL", rand=random.Random(7).random)
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.credentials: dict[str, str] = {}

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
+from helpers import storage_overrides
 from orch.compose import build_app
 from orch.config import load_settings
 
@@ -30,7 +31,7 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def serve(tmp_path: Path, body: Callable[[TestClient], Awaitable[None]]) -> None:
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN},
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN},
                              environ={})
 
     async def main() -> None:

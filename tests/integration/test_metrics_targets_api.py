@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.client import Client
 from orch.compose import build_app
 from orch.config import load_settings
@@ -32,7 +32,7 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def serve(tmp_path: Path, body: Callable[[TestClient, web.Application], Awaitable[None]]) -> None:
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "storage.synchronous": "NORMAL",
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "storage.synchronous": "NORMAL",
                                     "auth.token": CLIENT, "auth.join_token": JOIN}, environ={})
     app = build_app(settings)
 

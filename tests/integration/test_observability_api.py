@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.compose import build_app
 from orch.config import load_settings
 
@@ -32,7 +32,7 @@ CREDENTIALS: dict[str, str] = {}  # worker id -> its credential
 
 
 def serve(tmp_path: Path, body: Body, **overrides: Any) -> None:
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT_TOKEN,
                                     "auth.join_token": JOIN_TOKEN, **overrides}, environ={})
 
     async def main() -> None:

@@ -18,6 +18,8 @@ from orch.core.errors import StorageFull, UnknownWorker
 from orch.core.spec import JobSpec, argv_of
 from orch.store.sqlite import SqliteStore, migrate, migrations
 
+pytestmark = pytest.mark.backend_specific  # SQLite's own files and machinery
+
 
 def run(tmp_path: Path, body: Callable[[SqliteStore, FakeClock], Awaitable[None]], **store_kw: Any) -> None:
     """Open a SQLite store on tmp_path/orch.db with a fake clock, run ``body``, always close."""

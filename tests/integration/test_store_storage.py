@@ -21,6 +21,8 @@ from orch.core.spec import parse_spec
 from orch.store.files import DatabaseLock, private_dir
 from orch.store.sqlite import SqliteStore
 
+pytestmark = pytest.mark.backend_specific  # SQLite's own files and machinery
+
 POLICY = RetryPolicy(max_attempts=3, base=1.0, factor=2.0, cap=300.0, jitter=0.0)
 
 

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
+from helpers import storage_overrides
 from orch.compose import build_app
 from orch.config import load_settings
 
@@ -24,7 +25,7 @@ def no_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def serve(tmp_path: Path, body: Callable[[TestClient], Awaitable[None]], **overrides: Any) -> None:
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN,
                                     **overrides}, environ={})
 
     async def main() -> None:

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from storekit import store_of
 
 import orch.config
-from helpers import until
+from helpers import storage_overrides, until
 from orch.compose import build_app
 from orch.config import load_settings
-from orch.store.sqlite import SqliteStore
 
 CLIENT = "workers-client-token"
 JOIN = "workers-join-token"
@@ -62,10 +62,10 @@ class Scheduler:
 
 
 def serve(tmp_path: Path, test: Any, **overrides: Any) -> None:
-    settings = load_settings(None, {"storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN,
+    settings = load_settings(None, {**storage_overrides(), "storage.data_dir": str(tmp_path), "auth.token": CLIENT, "auth.join_token": JOIN,
                                     "scheduler.recovery_grace": 0, **overrides}, environ={})
     clock = Clock()
-    store = SqliteStore(settings.db_path, synchronous="NORMAL", clock=clock, monotonic=clock)  # one time for both
+    store = store_of(settings, synchronous="NORMAL", clock=clock, monotonic=clock)  # one time for both
 
     async def main() -> None:
         async with TestClient(TestServer(build_app(settings, store), host="127.0.0.1")) as client:

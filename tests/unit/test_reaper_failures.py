@@ -13,6 +13,7 @@ import pytest
 from helpers import until
 from orch.config import load_settings
 from orch.core.errors import StorageCorrupt, StorageFull
+from orch.core.records import Leadership
 from orch.scheduler.app import ReaperFailures, reaper
 from orch.scheduler.dispatch import Hub
 from orch.store.base import Sweep
@@ -102,6 +103,11 @@ class FailingStore:
             raise FULL
         self.calls.append(f"{name}:ok")
 
+    shared = False
+
+    async def lead(self, holder: str, ttl: float) -> Leadership:
+        return Leadership(True)
+
     async def recover(self, grace: float, ttl: float) -> None:
         self._write("recover")
 
@@ -117,10 +123,10 @@ def test_the_reaper_goes_on_and_gives_leases_their_grace_once_the_store_writes_a
     caplog.set_level(logging.INFO, "orch.scheduler")
     settings = load_settings(None, {"scheduler.heartbeat_interval": 0.1}, environ={})
     store = FailingStore(failing=5)
-    api = SimpleNamespace(guard=None, metrics=None)
+    api = SimpleNamespace(guard=None, metrics=SimpleNamespace(leader=SimpleNamespace(set=lambda v: None)))
 
     async def main() -> None:
-        task = asyncio.create_task(reaper(store, Hub(), api, settings))  # type: ignore[arg-type]
+        task = asyncio.create_task(reaper(store, Hub(), api, settings, "me"))  # type: ignore[arg-type]
         try:
             await until(lambda: store.calls.count("sweep:ok") >= 3, 10, "the reaper to sweep again after failing")
         finally:

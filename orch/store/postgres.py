@@ -1,0 +1,879 @@
+"""The PostgreSQL store: the Store contract on a PostgreSQL database that several schedulers may share.
+
+Each operation is one transaction on a connection of a small pool. Every move
+is the core's decision (orch.core.decisions) applied by a conditional UPDATE
+from the state the job was read and locked in (``SELECT ... FOR UPDATE``), so
+two schedulers never move one job twice; claims take their jobs with ``FOR
+UPDATE SKIP LOCKED``, so concurrent claims on any number of replicas hand
+each job to one worker without waiting on each other. A transaction that the
+server aborted for a deadlock or a serialization failure is run again, a few
+times, from the start.
+
+Durability: a transaction that returns has committed, and PostgreSQL's commit
+(``synchronous_commit`` on, its default) is on disk; ``synced()`` has nothing
+to wait for.
+
+Clocks: ``clock`` stamps what people read, ``lease_clock`` judges leases and
+heartbeats, as in the SQLite store. With several schedulers the lease clock of
+each is its monotonic clock anchored to its wall clock when it opened, so
+their clocks must agree as closely as NTP keeps them (a skew of s shifts every
+expiry by s; leases are tens of seconds).
+
+Needs psycopg 3 (``pip install 'orch[postgres]'``), which this module imports
+when a store opens: the zipapp and the SQLite default run without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from contextlib import asynccontextmanager, suppress
+from importlib import resources
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+from orch.core import decisions
+from orch.core.errors import Conflict, NotFound, StorageError, StorageUnavailable, UnknownWorker, ValidationError
+from orch.core.policy import dispatch_order
+from orch.core.records import (
+    Attempt,
+    Credential,
+    Event,
+    Job,
+    JobFacts,
+    JobRecord,
+    Leadership,
+    Lease,
+    MetricsTarget,
+    OutputPiece,
+    Snapshot,
+    Verdict,
+    Worker,
+    WorkerLoad,
+)
+from orch.core.retry import RetryPolicy, policy_for
+from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
+from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
+from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Store, Sweep
+
+log = logging.getLogger("orch.store")
+
+T = TypeVar("T")
+Conn = Any  # psycopg.AsyncConnection, imported when the store opens
+
+MAX_QUEUES_PER_CLAIM = 32
+RETRIES = 5  # runs of a transaction the server aborted for a deadlock or a serialization failure
+_RETRY_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+MIGRATION_LOCK = 0x6F72636801  # the advisory lock schedulers take to migrate, one at a time
+
+_QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
+_SUCCEEDED, _CANCELLED = JobState.SUCCEEDED.value, JobState.CANCELLED.value
+_ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
+_LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
+_LIVE = [st.value for st in sorted(LIVE_WORKERS)]
+_UNFINISHED = [st.value for st in JobState if not st.terminal]
+
+SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
+                   " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
+_JOB_STATE = JobState._value2member_map_
+_OUTCOME = Outcome._value2member_map_
+
+
+def _text(v: str | None) -> str | None:
+    """A string as PostgreSQL's text can hold it: a NUL (which a job's output or a worker's error may hold) is
+    kept as U+FFFD, as the worker already keeps bytes that are not UTF-8; sizes still count the bytes sent."""
+    return v.replace("\x00", "\ufffd") if v and "\x00" in v else v
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Every PostgreSQL migration as (version, sql), in order (read from the package: works in a zipapp)."""
+    folder = resources.files("orch.store").joinpath("sql", "postgres")
+    return sorted((int(e.name.split("_", 1)[0]), e.read_text(encoding="utf-8"))
+                  for e in folder.iterdir() if e.name.endswith(".sql"))
+
+
+def job_of(r: Any) -> Job:
+    return Job(r[0], _JOB_STATE[r[1]], r[2], r[3], r[4], r[5] or "", r[6], r[7], r[8], r[9],  # type: ignore[arg-type]
+               r[10], r[11], r[12], bool(r[13]), r[14], r[15])
+
+
+def attempt_of(r: Any) -> Attempt:
+    return Attempt(r[0], r[1], _OUTCOME[r[2]], r[3], r[4], r[5], r[6], r[7], r[8], r[9])  # type: ignore[arg-type]
+
+
+_ATTEMPT_COLUMNS = ("attempt, worker_id, state, started_at, finished_at, exit_code, error, duration, stdout_bytes,"
+                    " stderr_bytes")
+
+
+def event_of(r: Any) -> Event:
+    return Event(r[0], r[1], r[2], JobState(r[3]) if r[3] is not None else None, JobState(r[4]), r[5], r[6])
+
+
+_EVENT_COLUMNS = "id, job_id, attempt, from_state, to_state, at, reason"
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        output_limit: int = 1 << 20,
+        pool_size: int = 8,
+        notify: bool = True,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.dsn = dsn
+        self.output_limit = output_limit
+        self.pool_size = pool_size
+        self.notify = notify  # LISTEN/NOTIFY hints between schedulers (off behind a transaction-pooling PgBouncer)
+        self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
+        self._listener: asyncio.Task[None] | None = None
+        self.clock = clock
+        self.monotonic = monotonic
+        self._anchor = clock() - monotonic()
+        self.rand = rand
+        self.on_commit: Callable[[list[Change]], None] | None = None
+        self.on_remote: Callable[[list[Change]], None] | None = None
+        self.shared = True
+        self.batches = 0
+        self.ops = 0
+        self._pool: asyncio.Queue[Conn] | None = None
+        self._conns: list[Conn] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def lease_clock(self) -> float:
+        return self.monotonic() + self._anchor
+
+    def _unavailable(self, e: BaseException) -> StorageUnavailable:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return StorageUnavailable(f"the database {self.where()} cannot be used now: {first}")
+
+    def where(self) -> str:
+        """The database as a person names it (the DSN without its password)."""
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            d = conninfo_to_dict(self.dsn)
+            return f"postgresql://{d.get('user', '')}@{d.get('host', '')}:{d.get('port', '5432')}/{d.get('dbname', '')}"
+        except Exception:
+            return "the PostgreSQL database (storage.dsn)"
+
+    async def open(self) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise StorageError("storage.backend is postgres but psycopg is not installed: "
+                               "pip install 'orch[postgres]' (the zipapp carries SQLite only)") from None
+        self._anchor = self.clock() - self.monotonic()
+        try:
+            first = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except psycopg.Error as e:
+            raise StorageError(f"cannot connect to {self.where()}: {str(e).strip().splitlines()[0]}") from None
+        self._conns.append(first)
+        try:
+            await self._migrate(first)
+            self._pool = asyncio.Queue()
+            self._pool.put_nowait(first)
+            for _ in range(self.pool_size - 1):
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                self._conns.append(conn)
+                self._pool.put_nowait(conn)
+            if self.notify:
+                self._listener = asyncio.create_task(self._listen())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self, conn: Conn) -> int:
+        steps = migrations()
+        newest = steps[-1][0]
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = await (await conn.execute("SELECT max(version) FROM schema_version")).fetchone()
+            current = row[0] or 0
+            if current > newest:
+                raise ValidationError(f"{self.where()} is at schema version {current}, newer than this orch knows "
+                                      f"({newest}): upgrade orch", field="storage.dsn")
+            for version, sql in steps:
+                if version > current:
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        return newest
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for conn in self._conns:
+            try:
+                await conn.close()
+            except Exception:
+                pass
+        self._conns = []
+        self._pool = None
+
+    async def synced(self) -> None:
+        """A returned transaction is on disk already (synchronous_commit)."""
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Conn]:
+        pool = self._pool
+        if pool is None:
+            raise StorageError("the store is not open")
+        conn = await pool.get()
+        try:
+            if conn.closed or conn.broken:
+                conn = await self._reconnect(conn)
+            yield conn
+        finally:
+            pool.put_nowait(conn)
+
+    async def _reconnect(self, old: Conn) -> Conn:
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except psycopg.Error as e:
+            raise self._unavailable(e) from None
+        self._conns = [c for c in self._conns if c is not old] + [conn]
+        return conn
+
+    async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
+        """Run ``op`` in a transaction (again, from the start, after a deadlock); tell ``on_commit`` its changes."""
+        import psycopg
+
+        for attempt in range(RETRIES):
+            changes: list[Change] = []
+            async with self._conn() as conn:
+                try:
+                    async with conn.transaction():
+                        value = await op(conn, changes)
+                        if changes and self.notify:  # delivered at the commit, and only if it commits
+                            await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p",
+                                               (self._hints(changes),))
+                except (psycopg.errors.OperationalError, psycopg.InterfaceError) as e:
+                    if getattr(e, "sqlstate", None) in _RETRY_STATES and attempt < RETRIES - 1:
+                        await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                        continue
+                    raise self._unavailable(e) from e
+            self.batches += 1
+            self.ops += 1
+            if changes and self.on_commit is not None:
+                try:
+                    self.on_commit(changes)
+                except Exception:
+                    log.exception("on_commit failed")
+            return value
+        raise AssertionError("unreachable")
+
+    def _hints(self, changes: Sequence[Change]) -> list[str]:
+        """The changes as NOTIFY payloads (each under PostgreSQL's 8,000 bytes): a hint for the other
+        schedulers' waiters, never the truth (they read the database when woken, and poll as well)."""
+        out: list[str] = []
+        part: list[str] = []
+        size = 0
+        for c in changes:
+            item = json.dumps([c.job_id, c.state, c.queue, c.attempt], separators=(",", ":"))
+            if size + len(item) > 7000 and part:
+                out.append(f'{{"f":"{self.ident}","c":[{",".join(part)}]}}')
+                part, size = [], 0
+            part.append(item)
+            size += len(item) + 1
+        if part:
+            out.append(f'{{"f":"{self.ident}","c":[{",".join(part)}]}}')
+        return out
+
+    async def _listen(self) -> None:
+        """Hear the other schedulers' hints (LISTEN orch) and hand them to ``on_remote``; reconnect when the
+        connection goes (what was missed meanwhile costs latency only: the scheduler polls too)."""
+        import psycopg
+
+        delay = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                try:
+                    await conn.execute("LISTEN orch")
+                    delay = 0.1
+                    async for note in conn.notifies():
+                        self._heard(note.payload)
+                finally:
+                    with suppress(Exception):
+                        await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("not hearing other schedulers' changes (%s); trying again in %.1fs",
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            hint = json.loads(payload)
+            if hint.get("f") == self.ident or self.on_remote is None:
+                return
+            changes = [Change(int(c[0]), str(c[1]), str(c[2]), int(c[3])) for c in hint["c"]]
+        except (ValueError, KeyError, TypeError, IndexError):
+            log.warning("ignored a malformed hint on the orch channel: %.80r", payload)
+            return
+        self.on_remote(changes)
+
+    async def queued_in(self, queues: Sequence[str]) -> list[str]:
+        rows = await self._rows("SELECT q FROM unnest(%s::text[]) AS q WHERE EXISTS"
+                                " (SELECT 1 FROM jobs WHERE state = %s AND queue = q)", (list(queues), _QUEUED))
+        return [r[0] for r in rows]
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        import psycopg
+
+        async with self._conn() as conn:
+            try:
+                return await (await conn.execute(sql, params)).fetchall()
+            except (psycopg.errors.OperationalError, psycopg.InterfaceError) as e:
+                raise self._unavailable(e) from e
+
+    async def recover(self, grace: float, worker_ttl: float) -> None:
+        now = self.lease_clock()
+
+        async def op(conn: Conn, out: list[Change]) -> None:
+            await conn.execute(
+                "UPDATE jobs SET lease_expires_at = LEAST(GREATEST(lease_expires_at, %s), %s) WHERE state = %s",
+                (now + grace, now + max(grace, worker_ttl), _RUNNING))
+            await conn.execute("UPDATE workers SET last_heartbeat = %s WHERE state = ANY(%s)",
+                               (now + max(0.0, grace - worker_ttl), _LIVE))
+
+        await self._write(op)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
+        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec FROM jobs WHERE id = %s", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        attempts = await self._rows(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = %s ORDER BY attempt", (job_id,))
+        rec = JobRecord(job_of(rows[0]), json.loads(rows[0][16]), [attempt_of(a) for a in attempts])
+        if attempts and with_output:
+            chunks = await self._rows(
+                "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = %s AND attempt = %s ORDER BY id",
+                (job_id, attempts[-1][0]))
+            rec.output = [OutputPiece(*c) for c in chunks]
+        return rec
+
+    async def job_state(self, job_id: int) -> tuple[JobState, int]:
+        rows = await self._rows("SELECT state, attempt FROM jobs WHERE id = %s", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        return JobState(rows[0][0]), rows[0][1]
+
+    async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
+                        cursor: int | None = None) -> tuple[list[Job], int | None]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("queue", queue)):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(str(value))
+        if cursor is not None:
+            where.append("id < %s")
+            params.append(cursor)
+        rows = await self._rows(
+            f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY id DESC LIMIT %s", (*params, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [job_of(r) for r in rows], (rows[-1][0] if more and rows else None)
+
+    async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[Job], list[int]]:
+        ids = sorted(set(job_ids))
+        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ANY(%s)", (ids,))
+        found = {r[0] for r in rows}
+        ended = [j for j in map(job_of, rows) if j.state.terminal]
+        return ended, [i for i in ids if i not in found]
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        return {JobState(s): n for s, n in await self._rows("SELECT state, count(*) FROM jobs GROUP BY state")}
+
+    async def events(self, job_id: int, after: int = 0) -> list[Event]:
+        rows = await self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE job_id = %s AND id > %s ORDER BY id",
+                                (job_id, after))
+        return [event_of(r) for r in rows]
+
+    async def output_after(self, job_id: int, after: int = 0) -> list[OutputPiece]:
+        rows = await self._rows(
+            "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = %s AND id > %s ORDER BY id",
+            (job_id, after))
+        return [OutputPiece(*r) for r in rows]
+
+    async def _live_loads(self, steady: float, queue: str | None = None) -> list[WorkerLoad]:
+        live = await self._rows(
+            "SELECT w.id, w.name, w.state, w.queues, w.concurrency, w.last_heartbeat,"
+            " (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = %s)"
+            " FROM workers w WHERE w.state = ANY(%s) ORDER BY w.registered_at", (_RUNNING, _LIVE))
+        return [WorkerLoad(r[0], r[1], WorkerState(r[2]), r[4], r[6], max(0.0, steady - r[5]))
+                for r in live if queue is None or queue in json.loads(r[3])]
+
+    async def metrics_snapshot(self) -> Snapshot:
+        steady = self.lease_clock()
+        jobs = await self._rows("SELECT state, count(*) FROM jobs GROUP BY state")
+        queues = await self._rows(
+            "SELECT queue, state, count(*) FROM jobs WHERE state = ANY(%s) GROUP BY queue, state", (_UNFINISHED,))
+        workers = await self._rows("SELECT state, count(*) FROM workers GROUP BY state")
+        return Snapshot(
+            jobs={JobState(s): n for s, n in jobs},
+            queues={(q, JobState(s)): n for q, s, n in queues},
+            workers={WorkerState(s): n for s, n in workers},
+            live_workers=await self._live_loads(steady),
+        )
+
+    async def why_facts(self, job_id: int) -> JobFacts:
+        now = self.clock()
+        steady = self.lease_clock()
+        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec, lease_expires_at FROM jobs WHERE id = %s", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        job = job_of(rows[0])
+        lease = rows[0][17]
+        last = await self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE job_id = %s ORDER BY id DESC LIMIT 1",
+                                (job_id,))
+        facts = JobFacts(now=now, record=JobRecord(job, json.loads(rows[0][16]), []),
+                         lease_expires_at=now + lease - steady if lease is not None else None,
+                         last_event=event_of(last[0]) if last else None)
+        if job.state is JobState.QUEUED:
+            (ahead,), = await self._rows(
+                "SELECT count(*) FROM jobs WHERE state = %s AND queue = %s AND (priority > %s OR (priority = %s AND id < %s))",
+                (_QUEUED, job.queue, job.priority, job.priority, job_id))
+            (total,), = await self._rows("SELECT count(*) FROM jobs WHERE state = %s AND queue = %s", (_QUEUED, job.queue))
+            facts.position, facts.queued = ahead + 1, total
+            facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.RUNNING and job.worker_id:
+            w = await self._rows("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = %s",
+                                 (job.worker_id,))
+            if w:
+                facts.worker = WorkerLoad(w[0][0], w[0][1], WorkerState(w[0][2]), w[0][3], 0, max(0.0, steady - w[0][4]))
+        return facts
+
+    async def queues(self) -> list[str]:
+        jobs = await self._rows("SELECT DISTINCT queue FROM jobs")
+        workers = await self._rows("SELECT queues FROM workers")
+        return sorted({r[0] for r in jobs}.union(*(json.loads(r[0]) for r in workers)))
+
+    async def worker_credentials(self) -> list[Credential]:
+        rows = await self._rows("SELECT id, credential_hash, state, queues FROM workers WHERE credential_hash IS NOT NULL")
+        return [Credential(r[0], r[1], WorkerState(r[2]), json.loads(r[3])) for r in rows]
+
+    async def worker_credential(self, worker_id: str) -> Credential | None:
+        rows = await self._rows("SELECT id, credential_hash, state, queues FROM workers WHERE id = %s"
+                                " AND credential_hash IS NOT NULL", (worker_id,))
+        return Credential(rows[0][0], rows[0][1], WorkerState(rows[0][2]), json.loads(rows[0][3])) if rows else None
+
+    async def list_workers(self, retention: float | None = None) -> list[Worker]:
+        steady = self.lease_clock()
+        old = "" if retention is None else " WHERE w.state = ANY(%s) OR w.last_heartbeat >= %s"
+        params: tuple[Any, ...] = (_LIVE, _RUNNING) + (() if retention is None else (_LIVE, steady - retention))
+        rows = await self._rows(
+            "SELECT w.id, w.name, w.hostname, w.queues, w.concurrency, w.state, w.registered_at, w.last_heartbeat,"
+            " CASE WHEN w.state = ANY(%s) THEN (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = %s)"
+            " ELSE 0 END, w.metrics FROM workers w" + old + " ORDER BY w.registered_at, w.id", params)
+        return [Worker(r[0], r[1], r[2], json.loads(r[3]), r[4], WorkerState(r[5]), r[6], max(0.0, steady - r[7]),
+                       r[8], r[9]) for r in rows]
+
+    async def metrics_targets(self) -> list[MetricsTarget]:
+        rows = await self._rows("SELECT id, name, metrics FROM workers WHERE state = ANY(%s) AND metrics IS NOT NULL"
+                                " ORDER BY registered_at, id", (_LIVE,))
+        return [MetricsTarget(*r) for r in rows]
+
+    # ------------------------------------------------------------------ writes
+
+    async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
+        """Ids increase in the order given (several schedulers may submit at once: not always consecutive)."""
+        if not specs:
+            return []
+        now = self.clock()
+        cols: list[list[Any]] = [[] for _ in range(8)]
+        for i, spec in enumerate(specs):
+            if stored is not None:
+                spec_json, text = stored[i]
+            else:
+                spec_json = stored_spec(spec, defaults)
+                text = json.dumps(spec_json, separators=(",", ":"))
+            for col, v in zip(cols, (spec.queue, spec.priority, text, spec_json["max_attempts"], spec.name,
+                                     spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i), strict=True):
+                col.append(v)
+
+        async def op(conn: Conn, out: list[Change]) -> list[int]:
+            rows = await (await conn.execute(
+                "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
+                " spec_bytes) SELECT q, p, %s, s, m, %s, n, c, b FROM unnest(%s::text[], %s::int[], %s::text[],"
+                " %s::int[], %s::text[], %s::text[], %s::int[], %s::int[]) AS u(q, p, s, m, n, c, b, o) ORDER BY o"
+                " RETURNING id), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                " SELECT id, 0, NULL, %s, %s, %s FROM new) SELECT id FROM new ORDER BY id",
+                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED))).fetchall()
+            ids = [r[0] for r in rows]
+            out.extend(Change(jid, _QUEUED, spec.queue, 0) for jid, spec in zip(ids, specs, strict=True))
+            return ids
+
+        ids = await self._write(op)
+        queued = JobState.QUEUED
+        return [Job(jid, queued, cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
+                    None, None, False, None, None) for i, jid in enumerate(ids)]
+
+    async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
+        now = self.clock()
+        got: list[Change] = []
+
+        async def op(conn: Conn, out: list[Change]) -> None:
+            row = await (await conn.execute("SELECT state, attempt, queue FROM jobs WHERE id = %s FOR UPDATE",
+                                            (job_id,))).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}", field="id")
+            state = JobState(row[0])
+            if decisions.cancel(job_id, state) is decisions.CancelAction.ASK_WORKER:
+                await conn.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (job_id,))
+                out.append(Change(job_id, state.value, row[2], row[1]))
+            else:
+                await _move(conn, job_id, row[1], state, decisions.CANCELLED, now, run_at=None)
+                out.append(Change(job_id, _CANCELLED, row[2], row[1]))
+            got[:] = out
+
+        await self._write(op)
+        return await self.get_job(job_id, with_output=False), got
+
+    async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
+                              credential_hash: str | None = None, metrics: str | None = None) -> str:
+        now, heard = self.clock(), self.lease_clock()
+        worker_id = "w-" + uuid.uuid4().hex[:12]
+
+        async def op(conn: Conn, out: list[Change]) -> None:
+            await conn.execute(
+                "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at, last_heartbeat,"
+                " credential_hash, metrics) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (worker_id, name, hostname, json.dumps(list(queues)), concurrency, _ALIVE, now, heard,
+                 credential_hash, metrics))
+
+        await self._write(op)
+        return worker_id
+
+    async def deregister(self, worker_id: str) -> None:
+        async def op(conn: Conn, out: list[Change]) -> None:
+            await conn.execute("UPDATE workers SET state = %s WHERE id = %s AND state != %s",
+                               (_STOPPED, worker_id, _LOST))
+
+        await self._write(op)
+
+    async def heartbeat(self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
+                        draining: bool = False) -> HeartbeatReply:
+        now = self.lease_clock()
+
+        async def op(conn: Conn, out: list[Change]) -> HeartbeatReply:
+            await _live_worker(conn, worker_id)
+            await conn.execute(
+                "UPDATE workers SET last_heartbeat = %s, running = %s,"
+                " state = CASE WHEN %s THEN %s ELSE state END WHERE id = %s",
+                (now, len(running), draining, _DRAINING, worker_id))
+            reply = HeartbeatReply()
+            if not running:
+                return reply
+            rows = await (await conn.execute(
+                "UPDATE jobs j SET lease_expires_at = %s FROM unnest(%s::bigint[], %s::int[]) AS r(id, attempt)"
+                " WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = %s AND j.worker_id = %s"
+                " RETURNING j.id, j.attempt, j.cancel_requested",
+                (now + lease_ttl, [j for j, _ in running], [a for _, a in running], _RUNNING, worker_id))).fetchall()
+            held = {(r[0], r[1]): r[2] for r in rows}
+            for ref in running:
+                if ref not in held:
+                    reply.stale.append(ref)
+                elif held[ref]:
+                    reply.cancel.append(ref)
+            return reply
+
+        return await self._write(op)
+
+    async def _claim(self, conn: Conn, out: list[Change], worker_id: str, queues: Sequence[str], limit: int,
+                     lease_ttl: float, now: float) -> list[Lease]:
+        check_transition(JobState.QUEUED, JobState.RUNNING)
+        if await _live_worker(conn, worker_id) is WorkerState.DRAINING:
+            return []
+        steady = self.lease_clock()
+        rows = await (await conn.execute(
+            "WITH picked AS (SELECT id FROM jobs WHERE state = %s AND queue = ANY(%s)"
+            " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED),"
+            " claimed AS (UPDATE jobs j SET state = %s, attempt = j.attempt + 1, worker_id = %s, lease_expires_at = %s,"
+            " started_at = %s, run_at = NULL, exit_code = NULL, error = NULL FROM picked WHERE j.id = picked.id"
+            " RETURNING j.id, j.attempt, j.spec, j.queue, j.priority, j.created_at),"
+            " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
+            " SELECT id, attempt, %s, %s, %s FROM claimed),"
+            " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+            " SELECT id, attempt, %s, %s, %s, %s FROM claimed)"
+            " SELECT id, attempt, spec, queue, priority, created_at FROM claimed",
+            (_QUEUED, list(queues)[:MAX_QUEUES_PER_CLAIM], limit, _RUNNING, worker_id, steady + lease_ttl, now,
+             worker_id, _RUNNING, now, _QUEUED, _RUNNING, now, decisions.claimed(worker_id).reason))).fetchall()
+        rows.sort(key=lambda r: dispatch_order(r[4], r[0]))
+        out.extend(Change(r[0], _RUNNING, r[3], r[1], worker=worker_id,
+                          queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
+        return [Lease(r[0], r[1], r[2], r[3], r[5], r[4]) for r in rows]
+
+    async def claim(self, worker_id: str, queues: Sequence[str], limit: int,
+                    lease_ttl: float) -> tuple[list[Lease], list[Change]]:
+        now = self.clock()
+        got: list[Change] = []
+
+        async def op(conn: Conn, out: list[Change]) -> list[Lease]:
+            leases = await self._claim(conn, out, worker_id, queues, limit, lease_ttl, now)
+            got[:] = out
+            return leases
+
+        return await self._write(op), got
+
+    async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
+        limit = self.output_limit
+
+        async def op(conn: Conn, out: list[Change]) -> list[bool]:
+            return [await _append(conn, worker_id, c, limit) for c in chunks]
+
+        return await self._write(op)
+
+    async def _complete(self, conn: Conn, out: list[Change], worker_id: str, results: Sequence[AttemptResult],
+                        defaults: RetryPolicy, now: float) -> list[Verdict]:
+        answers = []
+        for r in sorted(results, key=lambda r: r.job_id):  # row locks in one order: no deadlock between reports
+            for c in r.output:
+                if c.job_id == r.job_id and c.attempt == r.attempt:
+                    await _append(conn, worker_id, c, self.output_limit)
+            change = await _end_attempt(conn, r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
+                                        r.duration, now, defaults, self.rand, r.waited)
+            if change is not None:
+                out.append(change)
+            answers.append((r, Verdict(r.job_id, r.attempt, JobState(change.state) if change else None)))
+        order = {id(r): i for i, r in enumerate(results)}
+        return [v for _, v in sorted(answers, key=lambda a: order[id(a[0])])]
+
+    async def complete(self, worker_id: str, results: Sequence[AttemptResult],
+                       defaults: RetryPolicy) -> tuple[list[Verdict], list[Change]]:
+        now = self.clock()
+        got: list[Change] = []
+
+        async def op(conn: Conn, out: list[Change]) -> list[Verdict]:
+            verdicts = await self._complete(conn, out, worker_id, results, defaults, now)
+            got[:] = out
+            return verdicts
+
+        return await self._write(op), got
+
+    async def complete_and_claim(self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
+                                 queues: Sequence[str], limit: int, lease_ttl: float) -> tuple[list[Verdict], list[Lease]]:
+        now = self.clock()
+
+        async def op(conn: Conn, out: list[Change]) -> tuple[list[Verdict], list[Lease]]:
+            verdicts = await self._complete(conn, out, worker_id, results, defaults, now)
+            return verdicts, await self._claim(conn, out, worker_id, queues, limit, lease_ttl, now)
+
+        return await self._write(op)
+
+    async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]:
+        now = self.clock()
+        back = decisions.handed_back(worker_id)
+        got: list[Change] = []
+
+        async def op(conn: Conn, out: list[Change]) -> None:
+            await _live_worker(conn, worker_id)
+            for job_id, attempt in sorted(attempts):
+                await conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+                row = await (await conn.execute(
+                    "UPDATE attempts SET state = %s, finished_at = %s, error = %s WHERE job_id = %s AND attempt = %s"
+                    " AND state = %s AND worker_id = %s RETURNING job_id",
+                    (Outcome.HANDED_BACK.value, now, decisions.HANDED_BACK_ERROR, job_id, attempt, _RUNNING,
+                     worker_id))).fetchone()
+                if row is None:
+                    continue
+                q = await _move(conn, job_id, attempt, JobState.RUNNING, back, now, worker_id=None,
+                                lease_expires_at=None)
+                out.append(Change(job_id, _QUEUED, q, attempt, worker=worker_id, outcome=Outcome.HANDED_BACK.value))
+            if stop:
+                await conn.execute("UPDATE workers SET state = %s WHERE id = %s", (_STOPPED, worker_id))
+            got[:] = out
+
+        await self._write(op)
+        return got
+
+    async def lead(self, holder: str, ttl: float) -> Leadership:
+        """A lease on the reaper's role in the ``leader`` table, on the database server's clock."""
+
+        async def op(conn: Conn, out: list[Change]) -> Leadership:
+            (now,), = await (await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")).fetchall()
+            row = await (await conn.execute("SELECT holder, expires_at FROM leader WHERE role = 'reaper' FOR UPDATE")
+                         ).fetchone()
+            if row is None:
+                taken = await (await conn.execute(
+                    "INSERT INTO leader (role, holder, expires_at, since) VALUES ('reaper', %s, %s, %s)"
+                    " ON CONFLICT (role) DO NOTHING RETURNING holder", (holder, now + ttl, now))).fetchone()
+                return Leadership(taken is not None)
+            if row[0] == holder:
+                await conn.execute("UPDATE leader SET expires_at = %s WHERE role = 'reaper'", (now + ttl,))
+                return Leadership(True)
+            if row[1] > now:
+                return Leadership(False)
+            await conn.execute("UPDATE leader SET holder = %s, expires_at = %s, since = %s WHERE role = 'reaper'",
+                               (holder, now + ttl, now))
+            return Leadership(True, max(0.0, now - row[1]))
+
+        return await self._write(op)
+
+    async def resign(self, holder: str) -> None:
+        async def op(conn: Conn, out: list[Change]) -> None:
+            await conn.execute("UPDATE leader SET expires_at = extract(epoch FROM clock_timestamp())::float8"
+                               " WHERE role = 'reaper' AND holder = %s", (holder,))
+
+        await self._write(op)
+
+    async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
+        now = self.clock()
+        steady = self.lease_clock()
+
+        async def op(conn: Conn, changes: list[Change]) -> Sweep:
+            out = Sweep()
+            lost = await (await conn.execute(
+                "UPDATE workers SET state = %s WHERE state = ANY(%s) AND last_heartbeat < %s RETURNING id",
+                (_LOST, _LIVE, steady - worker_ttl))).fetchall()
+            out.lost_workers = sorted(r[0] for r in lost)
+            gone = set(out.lost_workers)
+            ended = await (await conn.execute(
+                "SELECT id, attempt, worker_id FROM jobs WHERE state = %s AND (lease_expires_at < %s OR worker_id = ANY(%s))"
+                " ORDER BY id FOR UPDATE SKIP LOCKED", (_RUNNING, steady, list(gone)))).fetchall()
+            for job_id, attempt, wid in ended:
+                change = await _end_attempt(conn, job_id, attempt, wid, Outcome.LOST, None,
+                                            decisions.lost(wid, wid in gone), None, now, defaults, self.rand)
+                if change is not None:
+                    out.changes.append(change)
+            check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
+            due = await (await conn.execute(
+                "WITH due AS (SELECT id FROM jobs WHERE state = %s AND run_at <= %s ORDER BY id FOR UPDATE SKIP LOCKED),"
+                " moved AS (UPDATE jobs j SET state = %s, run_at = NULL FROM due WHERE j.id = due.id"
+                " RETURNING j.id, j.attempt, j.queue),"
+                " ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                " SELECT id, attempt, %s, %s, %s, %s FROM moved) SELECT id, attempt, queue FROM moved ORDER BY id",
+                (_RETRYING, now, _QUEUED, _RETRYING, _QUEUED, now, decisions.BACKOFF_OVER.reason))).fetchall()
+            out.changes += [Change(r[0], _QUEUED, r[2], r[1]) for r in due]
+            nxt = await (await conn.execute("SELECT min(run_at) FROM jobs WHERE state = %s", (_RETRYING,))).fetchone()
+            out.next_due = nxt[0]
+            changes.extend(out.changes)
+            return out
+
+        return await self._write(op)
+
+
+# --------------------------------------------------------------------------- in-transaction helpers
+
+_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error"})
+
+
+async def _move(conn: Conn, job_id: int, attempt: int, frm: JobState, move: decisions.Move, now: float,
+                **sets: Any) -> str:
+    """The one way a job changes state (see sqlite._move): checked, conditional, with its event row."""
+    check_transition(frm, move.to)
+    assert set(sets) <= _MOVE_COLUMNS, sets
+    if move.ends:
+        sets["finished_at"] = now
+    if move.retry_in is not None:
+        sets["run_at"] = now + move.retry_in
+    assignments = "".join(f", {col} = %s" for col in sets)
+    if move.refund:
+        assignments += ", max_attempts = max_attempts + 1"
+    row = await (await conn.execute(
+        f"UPDATE jobs SET state = %s{assignments} WHERE id = %s AND state = %s AND attempt = %s RETURNING queue",
+        (move.to.value, *sets.values(), job_id, frm.value, attempt))).fetchone()
+    if row is None:
+        raise Conflict(f"job {job_id} is no longer {frm} at attempt {attempt}")
+    await conn.execute(
+        "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason) VALUES (%s, %s, %s, %s, %s, %s)",
+        (job_id, attempt, frm.value, move.to.value, now, move.reason))
+    return str(row[0])
+
+
+async def _live_worker(conn: Conn, worker_id: str) -> WorkerState:
+    """The worker's state, alive or draining; UnknownWorker if it is lost, stopped or unknown."""
+    row = await (await conn.execute("SELECT state FROM workers WHERE id = %s", (worker_id,))).fetchone()
+    state = WorkerState(row[0]) if row is not None else None
+    if state is None or not state.live:
+        raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                            field="worker_id")
+    return state
+
+
+async def _append(conn: Conn, worker_id: str, c: OutputChunk, limit: int) -> bool:
+    if c.stream not in ("stdout", "stderr"):
+        return False
+    size = len(c.data.encode("utf-8"))
+    s = c.stream
+    row = await (await conn.execute(
+        f"UPDATE attempts SET {s}_bytes = {s}_bytes + %s, {s}_kept = {s}_kept + %s WHERE job_id = %s AND attempt = %s"
+        f" AND state = %s AND worker_id = %s RETURNING {s}_bytes, {s}_kept",
+        (c.skipped + size, size, c.job_id, c.attempt, _RUNNING, worker_id))).fetchone()
+    if row is None:
+        return False
+    if size:
+        await conn.execute("INSERT INTO output (job_id, attempt, stream, data, size, pos) VALUES (%s, %s, %s, %s, %s, %s)",
+                           (c.job_id, c.attempt, s, _text(c.data), size, row[0] - size))
+    if row[1] > limit:
+        await _trim(conn, c.job_id, c.attempt, s, row[1], limit)
+    return True
+
+
+async def _trim(conn: Conn, job_id: int, attempt: int, stream: str, kept: int, limit: int) -> None:
+    """Drop an attempt's oldest chunks of ``stream`` while what is left still covers the limit: the tail stays."""
+    dropped, ids = 0, []
+    for chunk_id, size in await (await conn.execute(
+            "SELECT id, size FROM output WHERE job_id = %s AND attempt = %s AND stream = %s ORDER BY id",
+            (job_id, attempt, stream))).fetchall():
+        if kept - dropped - size < limit:
+            break
+        ids.append(chunk_id)
+        dropped += size
+    if ids:
+        await conn.execute("DELETE FROM output WHERE id = ANY(%s)", (ids,))
+        await conn.execute(f"UPDATE attempts SET {stream}_kept = {stream}_kept - %s WHERE job_id = %s AND attempt = %s",
+                           (dropped, job_id, attempt))
+
+
+async def _end_attempt(conn: Conn, job_id: int, attempt: int, worker_id: str | None, outcome: Outcome,
+                       exit_code: int | None, error: str | None, duration: float | None, now: float,
+                       defaults: RetryPolicy, rand: Callable[[], float], waited: float = 0.0) -> Change | None:
+    """End a running attempt and move its job on (decisions.attempt_ended); None if the attempt was stale."""
+    error = _text(error)
+    job = await (await conn.execute(
+        "SELECT queue, max_attempts, spec, cancel_requested FROM jobs WHERE id = %s AND state = %s AND attempt = %s"
+        " FOR UPDATE", (job_id, _RUNNING, attempt))).fetchone()
+    row = await (await conn.execute(
+        "UPDATE attempts SET state = %s, finished_at = %s, exit_code = %s, error = %s, duration = %s,"
+        " started_at = LEAST(started_at + %s, %s) WHERE job_id = %s AND attempt = %s AND state = %s"
+        " AND worker_id IS NOT DISTINCT FROM %s RETURNING started_at",
+        (outcome.value, now, exit_code, error, duration, waited, now, job_id, attempt, _RUNNING,
+         worker_id))).fetchone()
+    if row is None or job is None:
+        return None  # stale, or the job moved on while its attempt row said running: the job is not touched
+    if waited:
+        await conn.execute("UPDATE jobs SET started_at = %s WHERE id = %s AND attempt = %s", (row[0], job_id, attempt))
+    queue, max_attempts, spec_text, cancel_requested = job
+    move = decisions.attempt_ended(
+        outcome, exit_code, error, attempt, cancel_requested=bool(cancel_requested),
+        policy=lambda: policy_for(json.loads(spec_text), defaults, max_attempts), rand=rand)
+    await _move(conn, job_id, attempt, JobState.RUNNING, move, now, lease_expires_at=None, exit_code=exit_code,
+                error=error)
+    return Change(job_id, move.to.value, queue, attempt, worker=worker_id, outcome=outcome.value,
+                  duration=duration if duration is not None else max(0.0, now - row[0]))
+
+
+def _check(store: PostgresStore) -> Store:
+    """Never called: mypy checks here that PostgresStore implements the whole Store contract."""
+    return store

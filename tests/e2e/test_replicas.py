@@ -1,0 +1,121 @@
+"""Several `orch scheduler` replicas on one PostgreSQL database, with workers joined to all of them."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Proc, db_rows, http, orch_test_env, start_scheduler, start_worker, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # PostgreSQL itself: the replicas need it
+
+LEADS = re.compile(r"this scheduler runs the reaper")
+TTL = 3.0
+
+
+def counts(env: dict[str, str]) -> dict[str, int]:
+    return {str(s): int(n) for s, n in db_rows(env, "SELECT state, count(*) FROM jobs GROUP BY state")}
+
+
+def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_the_reaper(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """Two replicas, two workers joined to both, 2,000 jobs; the leader is killed with -9 half-way: every job
+    succeeds exactly once, none is left behind, the other replica runs the reaper within the lease TTL."""
+    data = tmp_path / "data"
+    data.mkdir()
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=postgres_server.database(),
+                        ORCH_SCHEDULER_LEASE_TTL=str(TTL), ORCH_SCHEDULER_HEARTBEAT_INTERVAL="0.5",
+                        ORCH_SCHEDULER_RECOVERY_GRACE=str(TTL), ORCH_STORAGE_POLL_INTERVAL="0.5")
+    procs: list[Proc] = []
+    try:
+        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
+        procs.append(a)
+        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
+        procs.append(b)
+        both = f"{url_a},{url_b}"
+        for name in ("w1", "w2"):
+            procs.append(start_worker(tmp_path, env, both, name, concurrency=8))
+        wait_until(lambda: len(http("GET", url_b + "/v1/workers")[1]["workers"]) == 2, 30, "both workers")
+        leader, other, other_url = wait_until(
+            lambda: (a, b, url_b) if LEADS.search(a.log()) else (b, a, url_a) if LEADS.search(b.log()) else None,
+            30, "one replica to take the reaper")
+        assert not LEADS.search(other.log()), "two leaders"
+
+        ids = []
+        for _ in range(4):  # 2,000 jobs, in batches, through either replica
+            status, body = http("POST", f"{url_a if len(ids) % 1000 else url_b}/v1/jobs/batch",
+                                {"jobs": [{"shell": "sleep 0.02"}] * 500})
+            assert status == 201, body
+            ids += [j["id"] for j in body["jobs"]]
+        wait_until(lambda: counts(env).get("succeeded", 0) >= 400, 120, "a fifth of the jobs to succeed")
+
+        leader.kill9()
+        killed = time.monotonic()
+        took = wait_until(lambda: LEADS.search(other.log()) and time.monotonic(), 3 * TTL, "the other replica to lead")
+        assert took - killed <= TTL + 1.5, f"took the reaper {took - killed:.1f}s after the kill"
+        before = counts(env).get("succeeded", 0)
+        wait_until(lambda: counts(env).get("succeeded", 0) > before + 100, 60, "the workers to keep going")
+
+        def all_ended() -> dict[str, int] | None:
+            c = counts(env)
+            return c if sum(c.values()) == 2000 and set(c) <= {"succeeded", "failed", "cancelled"} else None
+
+        final = wait_until(all_ended, 240, "every job to end")
+        assert final == {"succeeded": 2000}, final  # 0 lost, 0 stuck
+        # 0 stale completions accepted: each job has exactly one succeeded attempt, and it is its last one.
+        per_job = db_rows(env, "SELECT j.id, j.attempt, count(a.*) FILTER (WHERE a.state = 'succeeded'),"
+                               " max(a.attempt) FILTER (WHERE a.state = 'succeeded') FROM jobs j"
+                               " JOIN attempts a ON a.job_id = j.id GROUP BY j.id, j.attempt")
+        assert len(per_job) == 2000
+        assert all(n == 1 and last == attempt for _, attempt, n, last in per_job), [r for r in per_job if r[2] != 1][:5]
+        workers = http("GET", other_url + "/v1/workers")[1]["workers"]
+        assert sorted(w["state"] for w in workers) == ["alive", "alive"], workers
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_while_the_database_is_down_the_scheduler_answers_503_and_the_worker_keeps_its_job(tmp_path: Path) -> None:
+    """PostgreSQL stops under a running job: the API answers 503 storage_unavailable (and /healthz still 200),
+    the worker runs the job to its end and keeps reporting it; once the server is back the job ends succeeded."""
+    from pgserver import PgServer, need_postgres
+
+    need_postgres()
+    server = PgServer()  # its own, to be stopped and started
+    server.start()
+    procs: list[Proc] = []
+    try:
+        data = tmp_path / "data"
+        data.mkdir()
+        env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=server.database(),
+                            ORCH_SCHEDULER_LEASE_TTL="5", ORCH_SCHEDULER_HEARTBEAT_INTERVAL="0.5",
+                            ORCH_SCHEDULER_RECOVERY_GRACE="5")
+        sched, url = start_scheduler(tmp_path, env)
+        procs.append(sched)
+        procs.append(start_worker(tmp_path, env, url, "w1", concurrency=2))
+        wait_until(lambda: len(http("GET", url + "/v1/workers")[1]["workers"]) == 1, 30, "the worker")
+        status, job = http("POST", url + "/v1/jobs", {"shell": "sleep 4; echo done"})
+        assert status == 201, job
+        wait_until(lambda: http("GET", f"{url}/v1/jobs/{job['id']}")[1]["state"] == "running", 30, "the job to run")
+
+        server.halt()
+        status, body = http("GET", f"{url}/v1/jobs/{job['id']}")
+        assert status == 503 and body["error"]["code"] == "storage_unavailable", (status, body)
+        assert http("GET", url + "/healthz")[0] == 200
+        # The job ends meanwhile: the worker keeps its result and retries the report.
+        wait_until(lambda: re.search(r"reporting: .*keeping [1-9]\d* results", (tmp_path / "w1.log").read_text()),
+                   30, "the worker to hold the job's end while the database is down")
+        server.launch()
+        final = wait_until(lambda: (r := http("GET", f"{url}/v1/jobs/{job['id']}"))[0] == 200
+                           and r[1]["state"] in ("succeeded", "failed") and r[1], 60, "the job to end")
+        assert final["state"] == "succeeded" and final["attempt"] == 1, final
+        assert final["result"]["stdout"] == "done\n"
+    finally:
+        for p in procs:
+            p.stop()
+        server.stop()
+

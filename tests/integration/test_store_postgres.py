@@ -1,0 +1,104 @@
+"""The PostgreSQL store's own machinery on a real server: its migrations, several stores on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+from storekit import POLICY, TTL, spec, worker
+
+from orch.core.states import JobState, Outcome, WorkerState
+from orch.store.postgres import PostgresStore, migrations
+
+pytestmark = pytest.mark.backend_specific  # every test here is about PostgreSQL itself
+
+
+def schema(dsn: str) -> list[tuple[Any, ...]]:
+    """Every column, constraint and index of the public schema, as the server describes them."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        cols = conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY table_name, column_name").fetchall()
+        cons = conn.execute(
+            "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2").fetchall()
+        idx = conn.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1").fetchall()
+    return [*cols, *cons, *idx]
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    versions = [v for v, _ in migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+def test_fresh_schema_equals_the_migrations_applied_step_by_step(postgres_server: Any) -> None:
+    fresh, stepped = postgres_server.database(), postgres_server.database()
+
+    async def open_close(dsn: str) -> None:
+        store = PostgresStore(dsn, pool_size=1)
+        await store.open()
+        await store.close()
+
+    asyncio.run(open_close(fresh))
+    import psycopg
+
+    with psycopg.connect(stepped, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, sql in migrations():
+            conn.execute(sql)
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    asyncio.run(open_close(stepped))  # and opening it finds nothing left to do
+    assert schema(fresh) == schema(stepped)
+    with psycopg.connect(stepped) as conn:
+        assert conn.execute("SELECT count(*), max(version) FROM schema_version").fetchone() == (
+            len(migrations()), migrations()[-1][0])
+
+
+def test_the_state_columns_take_only_the_names_of_the_states(postgres_server: Any) -> None:
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        store = PostgresStore(dsn, pool_size=1)
+        await store.open()
+        await store.close()
+
+    asyncio.run(main())
+    import psycopg
+
+    checks = {row[0]: row[1] for row in schema(dsn) if len(row) == 2 and "CHECK" in row[1] and "state" in row[1]}
+
+    def names(table: str) -> set[str]:
+        return set(re.findall(r"'(\w+)'", checks[table]))
+
+    assert names("jobs") == {s.value for s in JobState}
+    assert names("attempts") == {o.value for o in Outcome}
+    assert names("workers") == {s.value for s in WorkerState}
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
+                     " last_heartbeat) VALUES ('w', 'w', 'h', '[]', 1, 'asleep', 0, 0)")
+
+
+def test_schedulers_starting_together_migrate_once_and_share_the_jobs(postgres_server: Any) -> None:
+    """Two stores open one empty database at the same moment (the advisory lock serializes their migrations);
+    then claims from both hand out every job exactly once (FOR UPDATE SKIP LOCKED)."""
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        a, b = PostgresStore(dsn, pool_size=4), PostgresStore(dsn, pool_size=4)
+        await asyncio.gather(a.open(), b.open())
+        try:
+            await a.submit([spec(name=f"j{i}") for i in range(200)], POLICY)
+            workers = [await worker(a, f"a{i}") for i in range(4)] + [await worker(b, f"b{i}") for i in range(4)]
+            stores = [a] * 4 + [b] * 4
+            got = await asyncio.gather(*(s.claim(w, ["default"], 30, TTL) for s, w in zip(stores, workers, strict=True)))
+            ids = [lease.job_id for leases, _ in got for lease in leases]
+            assert len(ids) == 200 and len(set(ids)) == 200
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

@@ -1,0 +1,28 @@
+"""The PostgreSQL server of the tests (benchmarks/pgserver.py), and skipping where there is none."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.pgserver import PgServer, bindir, missing  # noqa: E402
+
+__all__ = ["PgServer", "bindir", "missing", "need_postgres"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_postgres() -> None:
+    """Skip the test on a machine without PostgreSQL, saying why; under CI=true, fail instead."""
+    why = missing()
+    if why is not None:
+        if IN_CI:
+            pytest.fail(f"CI must have PostgreSQL: {why}")
+        pytest.skip(why)
