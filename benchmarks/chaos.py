@@ -10,7 +10,10 @@ progress, the run
 1. kill -9s one worker mid-job (a replacement joins, so capacity stays),
 2. SIGSTOPs another for longer than the lease TTL, waits until the scheduler
    shows it ``lost``, then SIGCONTs it (it rejoins under a new id),
-3. kill -9s the scheduler and restarts it on the same port and data dir,
+3. kill -9s the scheduler and restarts it on the same port and data dir
+   (with ``--backend postgres --replicas 2``: kill -9s the replica that runs the
+   reaper; the other takes the reaper, the workers, joined to both, fail over;
+   the killed one is started again as a follower),
 4. kill -9s a third worker mid-job (another replacement joins).
 
 Then it waits until every acknowledged job is terminal and compares the ledger
@@ -284,8 +287,11 @@ class ChaosReport:
 
 class Chaos:
     def __init__(self, tmp: Path, jobs: int, workers: int, concurrency: int, seed: int, timings: dict[str, str],
-                 deadline: float, scheduler_down: float = 0.0) -> None:
+                 deadline: float, scheduler_down: float = 0.0, backend: str = "sqlite", dsn: str = "",
+                 replicas: int = 1) -> None:
         self.tmp = tmp
+        self.backend = backend
+        self.replicas = replicas if backend == "postgres" else 1
         self.jobs = jobs
         self.n_workers = workers
         self.concurrency = concurrency
@@ -297,19 +303,24 @@ class Chaos:
         self.data.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(tmp / "ledger.txt")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ports = [free_port() for _ in range(self.replicas)]
+        self.port = self.ports[0]
+        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.url = self.urls[0]  # the replica the run talks to (the one left standing, after a kill)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "CHAOS_"))}
         env.update(ORCH_DATA_DIR=str(self.data), XDG_CONFIG_HOME=str(tmp / "xdg-config"), PYTHONUNBUFFERED="1",
                    ORCH_STORAGE_SYNCHRONOUS="FULL", **timings, **new_tokens(),
                    # No metrics listeners on their fixed default ports: several workers share this machine.
                    ORCH_METRICS_SCHEDULER_PORT="0", ORCH_METRICS_WORKER_PORT="0")
+        if backend == "postgres":
+            env.update(ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=dsn, ORCH_STORAGE_POLL_INTERVAL="0.5")
         use_tokens(env)
         self.env = env
         self.ttl = float(timings["ORCH_SCHEDULER_LEASE_TTL"])
         self.grace = float(timings["ORCH_SCHEDULER_RECOVERY_GRACE"])
         self.procs: list[Proc] = []
         self.scheduler: Proc | None = None
+        self.replica_procs: dict[str, Proc] = {}  # label -> process, with replicas
         self.workers: dict[str, Proc] = {}
         self.report = ChaosReport(jobs=jobs, workers=workers)
         # submission
@@ -337,20 +348,36 @@ class Chaos:
 
     # ---- processes
 
-    def start_scheduler(self, label: str) -> None:
+    def start_scheduler(self, label: str, port: int | None = None) -> Proc:
         log = self.logs / f"{label}.log"
-        p = Proc(label, [sys.executable, "-m", "orch", "scheduler", "--port", str(self.port)], log, self.env)
+        port = self.port if port is None else port
+        p = Proc(label, [sys.executable, "-m", "orch", "scheduler", "--port", str(port)], log, self.env)
         self.procs.append(p)
         self.scheduler = p
-
-        wait_for(lambda: not p.alive() or http("GET", self.url + "/healthz", timeout=5)[0] == 200, 30,
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: not p.alive() or http("GET", url + "/healthz", timeout=5)[0] == 200, 30,
                  f"{label} to answer /healthz")
         if not p.alive():
             raise RuntimeError(f"{label} exited {p.p.returncode}: {p.log()[-2000:]}")
+        return p
+
+    def start_replicas(self) -> None:
+        for i, port in enumerate(self.ports):
+            self.replica_procs[f"scheduler-1{'ab'[i] if i < 2 else i}"] = self.start_scheduler(
+                f"scheduler-1{'ab'[i] if i < 2 else i}", port)
+
+    def leader(self) -> str | None:
+        """The label of the live replica that logged taking the reaper last."""
+        for label, p in self.replica_procs.items():
+            text = p.log() if p.alive() else ""
+            at = text.rfind("this scheduler runs the reaper")
+            if at >= 0 and text.rfind("this scheduler no longer runs the reaper") < at:
+                return label
+        return None
 
     def start_worker(self, name: str) -> Proc:
         env = {**self.env, "CHAOS_WORKER": name}
-        p = Proc(name, [sys.executable, "-m", "orch", "worker", "--join", self.url, "--name", name,
+        p = Proc(name, [sys.executable, "-m", "orch", "worker", "--join", ",".join(self.urls), "--name", name,
                         "--concurrency", str(self.concurrency)], self.logs / f"{name}.log", env)
         self.procs.append(p)
         self.workers[name] = p
@@ -471,7 +498,31 @@ class Chaos:
         self.report.disruptions.append(
             f"SIGSTOP worker {name} ({w['id']}) with {w['running']} running for {time.time() - t:.1f}s (marked lost)")
 
+    def kill_leader_replica(self) -> None:
+        """kill -9 the replica that runs the reaper; the other must take it; the killed one comes back."""
+        self.top_up()
+        wait_for(lambda: any(w["running"] > 0 for w in self.worker_list()), 30, "a running job")
+        label = wait_for(self.leader, 30, "a replica to run the reaper")
+        victim = self.replica_procs[label]
+        port = self.ports[list(self.replica_procs).index(label)]
+        others = [u for u in self.urls if not u.endswith(f":{port}")]
+        self.url = others[0]
+        self.stale_before = stale_counts(f"http://127.0.0.1:{port}")  # its counters die with it
+        victim.kill9()
+        killed = time.time()
+        new = wait_for(lambda: (lead := self.leader()) not in (None, label) and lead, self.deadline,
+                       "another replica to take the reaper")
+        took = time.time()
+        self.scheduler_kill = (killed, took)
+        again = label + "-again"
+        self.replica_procs[again] = self.start_scheduler(again, port)
+        del self.replica_procs[label]
+        self.report.disruptions.append(f"kill -9 leader replica {label}; {new} ran the reaper after {took - killed:.1f}s")
+
     def restart_scheduler(self) -> None:
+        if self.replicas > 1:
+            self.kill_leader_replica()
+            return
         self.top_up()
         wait_for(lambda: any(w["running"] > 0 for w in self.worker_list()), 30, "a running job")
         self.stale_before = stale_counts(self.url)
@@ -499,7 +550,10 @@ class Chaos:
         t0 = time.monotonic()
         submitter = threading.Thread(target=self.submitter, name="submitter", daemon=True)
         try:
-            self.start_scheduler("scheduler-1")
+            if self.replicas > 1:
+                self.start_replicas()
+            else:
+                self.start_scheduler("scheduler-1")
             names = [f"w{i + 1}" for i in range(self.n_workers)]
             for n in names:
                 self.start_worker(n)
@@ -560,7 +614,8 @@ class Chaos:
 
     def shutdown(self) -> None:
         # Workers first, while the scheduler can still hear their goodbye; every process ends.
-        live = [p for p in self.procs if p is not self.scheduler]
+        schedulers = {id(self.scheduler), *map(id, self.replica_procs.values())}
+        live = [p for p in self.procs if id(p) not in schedulers]
         for p in live:
             if p.alive():
                 with _quiet():
@@ -589,7 +644,10 @@ class Chaos:
     def audit(self) -> None:
         r = self.report
         r.acked = len(self.acked)
-        after = stale_counts(self.url)
+        after: dict[str, float] = {}
+        for url in (self.urls if self.replicas > 1 else [self.url]):  # every replica counts its own
+            for k, v in stale_counts(url).items():
+                after[k] = after.get(k, 0) + v
         r.stale = {k: self.stale_before.get(k, 0) + after.get(k, 0) for k in set(self.stale_before) | set(after)}
         workers = self.worker_list()
         names = {w["id"]: w["name"] for w in workers}
@@ -742,12 +800,15 @@ DEFAULT_TIMINGS = {
 
 def run_chaos(tmp_dir: Path, jobs: int, workers: int, *, concurrency: int = 4, seed: int | None = None,
               timings: dict[str, str] | None = None, deadline: float = 300.0,
-              scheduler_down: float = 0.0) -> ChaosReport:
-    """Run the chaos scenario with all state in ``tmp_dir``; every process it starts is ended."""
+              scheduler_down: float = 0.0, backend: str = "sqlite", dsn: str = "", replicas: int = 1) -> ChaosReport:
+    """Run the chaos scenario with all state in ``tmp_dir`` (PostgreSQL: in ``dsn``); every process it starts
+    is ended."""
     if jobs < 1 or workers < 1:
         raise ValueError("jobs and workers must be at least 1")
+    if backend == "postgres" and not dsn:
+        raise ValueError("--backend postgres needs --dsn (an empty database)")
     chaos = Chaos(Path(tmp_dir), jobs, workers, concurrency, seed if seed is not None else random.randrange(1 << 30),
-                  {**DEFAULT_TIMINGS, **(timings or {})}, deadline, scheduler_down)
+                  {**DEFAULT_TIMINGS, **(timings or {})}, deadline, scheduler_down, backend, dsn, replicas)
     report = chaos.run()
     if report.unexplained:
         report.violations.append(f"{len(report.unexplained)} duplicate executions not explained by a disruption")
@@ -764,19 +825,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=600.0, help="longest wait for any one phase, in seconds")
     ap.add_argument("--scheduler-down", type=float, default=0.0,
                     help="seconds the killed scheduler stays down before its restart (default: restart at once)")
+    ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--dsn", default="", help="with --backend postgres: an empty PostgreSQL database")
+    ap.add_argument("--replicas", type=int, default=1, help="with --backend postgres: schedulers sharing it")
     args = ap.parse_args(argv)
+    more = {"backend": args.backend, "dsn": args.dsn, "replicas": args.replicas}
     if args.dir:
         args.dir.mkdir(parents=True, exist_ok=True)
         report = run_chaos(args.dir, args.jobs, args.workers, concurrency=args.concurrency, seed=args.seed,
                            deadline=args.deadline,
-                           scheduler_down=args.scheduler_down)
+                           scheduler_down=args.scheduler_down, **more)
         where = args.dir
     else:
         where = Path(tempfile.mkdtemp(prefix="orch-chaos-"))
         report = run_chaos(where, args.jobs, args.workers, concurrency=args.concurrency, seed=args.seed,
                            deadline=args.deadline,
-                           scheduler_down=args.scheduler_down)
-    print(report.line(), flush=True)
+                           scheduler_down=args.scheduler_down, **more)
+    print(f"{args.backend}, {args.replicas if args.backend == 'postgres' else 1} scheduler(s): {report.line()}", flush=True)
     for d in report.disruptions:
         print(f"  disruption: {d}", file=sys.stderr)
     print(f"  extra executions {report.extra_executions} ({report.explained}), lost attempts {report.lost_attempts}, "

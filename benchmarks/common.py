@@ -151,8 +151,10 @@ class Cluster:
     whatever happened.
     """
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, dsn: str = "", replicas: int = 1) -> None:
+        """``dsn``: keep state in this PostgreSQL database instead of SQLite, with ``replicas`` schedulers."""
         self.tmp = tmp
+        self.replicas = replicas if dsn else 1
         self.data = tmp / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
@@ -162,12 +164,16 @@ class Cluster:
                     **new_tokens())  # known tokens: the scheduler, its workers and our load generators share them
         # Make `python -m orch` and `python -m benchmarks.*` importable from a checkout too.
         base["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH", "")) if p)
+        if dsn:
+            base.update(ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=dsn)
         base.update(env or {})
         use_tokens(base)
         self.env = base
         self.procs: list[Proc] = []
         self.scheduler: Proc | None = None
+        self.schedulers: list[Proc] = []
         self.url = ""
+        self.urls: list[str] = []
 
     def __enter__(self) -> Cluster:
         return self
@@ -187,19 +193,25 @@ class Cluster:
         return self.data / "orch.db"
 
     def start_scheduler(self, extra: list[str] | None = None) -> str:
-        p = Proc("scheduler", [*python_cmd(), "-m", "orch", "scheduler", "--port", "0", *(extra or [])],
-                 self.tmp / "scheduler.log", self.env)
-        self.procs.insert(0, p)
-        self.scheduler = p
+        """The scheduler (with PostgreSQL, every replica); returns the first one's URL (``urls``: all)."""
+        for i in range(self.replicas):
+            name = "scheduler" if i == 0 else f"scheduler-{i + 1}"
+            p = Proc(name, [*python_cmd(), "-m", "orch", "scheduler", "--port", "0", *(extra or [])],
+                     self.tmp / f"{name}.log", self.env)
+            self.procs.insert(0, p)
+            self.schedulers.append(p)
 
-        def url() -> str | None:
-            if not p.alive():
-                raise RuntimeError(f"scheduler exited {p.p.returncode}: {p.log()[-2000:]}")
-            m = URL_RE.search(p.log())
-            return m.group(1) if m else None
+            def url(p: Proc = p) -> str | None:
+                if not p.alive():
+                    raise RuntimeError(f"scheduler exited {p.p.returncode}: {p.log()[-2000:]}")
+                m = URL_RE.search(p.log())
+                return m.group(1) if m else None
 
-        self.url = wait_for(url, 30, "the scheduler to print its URL")
-        wait_for(lambda: http("GET", self.url + "/healthz", timeout=5)[0] == 200, 30, "the scheduler's /healthz")
+            u = wait_for(url, 30, "the scheduler to print its URL")
+            wait_for(lambda u=u: http("GET", u + "/healthz", timeout=5)[0] == 200, 30, "the scheduler's /healthz")
+            self.urls.append(u)
+        self.scheduler = self.schedulers[0]
+        self.url = self.urls[0]
         return self.url
 
     def stop_scheduler(self, grace: float = 60.0) -> None:
@@ -210,7 +222,7 @@ class Cluster:
                 self.procs.remove(self.scheduler)
 
     def start_worker(self, name: str, concurrency: int, queues: Sequence[str] = ("default",)) -> Proc:
-        args = [*python_cmd(), "-m", "orch", "worker", "--join", self.url, "--name", name,
+        args = [*python_cmd(), "-m", "orch", "worker", "--join", ",".join(self.urls or [self.url]), "--name", name,
                 "--concurrency", str(concurrency)]
         for q in queues:
             args += ["--queue", q]

@@ -1,6 +1,7 @@
 """Run the benchmark suite and print one table: figure, target, orch, peer, ratio, met.
 
     python -m benchmarks [--size full|smoke] [--only NAME,...] [--json FILE] [--keep]
+    python -m benchmarks --backend postgres [--size full|smoke]   (SQLite and PostgreSQL x1, x2 side by side)
 
 Every benchmark starts real `orch scheduler` / `orch worker` processes (this
 Python's `-m orch`) on free loopback ports, each run in fresh temp dirs, and
@@ -61,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help=f"comma-separated benchmarks to run: {','.join(BENCHMARKS)}")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure and its details here")
     ap.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs, databases)")
+    ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                    help="postgres: the control plane, single submits, shell throughput and idle latency on SQLite "
+                         "and on PostgreSQL with one and two schedulers, side by side (benchmarks/backends.py)")
     args = ap.parse_args(argv)
+    if args.backend == "postgres":
+        from benchmarks.backends import bench_backends
+
+        BENCHMARKS["backends"] = bench_backends
+        TITLES["backends"] = ("backends", "PostgreSQL x1 >= 50 % of SQLite's control plane, >= 90 % of its shell")
+        args.only = args.only or "backends"
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -128,14 +128,16 @@ class Http:
             if job["state"] in TERMINAL:
                 return job
 
-    async def states_in(self, states: tuple[str, ...], lo: int, hi: int) -> dict[str, list[dict[str, Any]]]:
+    async def states_in(self, states: tuple[str, ...], lo: int, hi: int,
+                        queue: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """Jobs with ids in [lo, hi] in each of ``states``, paged newest first through GET /v1/jobs."""
         found: dict[str, list[dict[str, Any]]] = {}
         for state in states:
             rows: list[dict[str, Any]] = []
             cursor: str | None = str(hi + 1)
             while cursor is not None:
-                page = await self.call("GET", "/v1/jobs", params={"state": state, "limit": "1000", "cursor": cursor})
+                params = {"state": state, "limit": "1000", "cursor": cursor, **({"queue": queue} if queue else {})}
+                page = await self.call("GET", "/v1/jobs", params=params)
                 rows += [j for j in page["jobs"] if lo <= j["id"] <= hi]
                 cursor = page["next_cursor"]
                 if page["jobs"] and page["jobs"][-1]["id"] < lo:
@@ -258,9 +260,10 @@ def bench_shell(ctx: Context) -> list[Row]:
 # --------------------------------------------------------------------------- control plane
 
 
-async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1000) -> dict[str, Any]:
+async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1000,
+                         queue: str = "default") -> dict[str, Any]:
     async with Http(url) as api:
-        reg = await api.call("POST", "/v1/workers", {"name": "bench", "hostname": "bench", "queues": ["default"],
+        reg = await api.call("POST", "/v1/workers", {"name": "bench", "hostname": "bench", "queues": [queue],
                                                      "concurrency": 10_000})
         wid = reg["worker_id"]
         interval = float(reg["heartbeat_interval"])
@@ -292,7 +295,8 @@ async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1
 
         async def submitter() -> None:
             for i in range(0, n, batch):
-                await api.call("POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"]}] * min(batch, n - i)})
+                await api.call("POST", "/v1/jobs/batch",
+                               {"jobs": [{"command": ["true"], "queue": queue}] * min(batch, n - i)})
                 requests["submit"] += 1
 
         async def leaser() -> None:
@@ -300,7 +304,7 @@ async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1
             pending: set[asyncio.Task[None]] = set()
             while leased < n:
                 jobs = (await api.call("POST", f"/v1/workers/{wid}/lease",
-                                       {"max": lease_max, "queues": ["default"], "wait": 5}))["jobs"]
+                                       {"max": lease_max, "queues": [queue], "wait": 5}))["jobs"]
                 requests["lease"] += 1
                 leased += len(jobs)
                 for j in jobs:
@@ -324,7 +328,7 @@ async def _control_plane(url: str, n: int, batch: int = 1000, lease_max: int = 1
             beat.cancel()
         if refused:
             raise RuntimeError(f"{refused} completions were refused")
-        left = await api.states_in(("queued", "running"), 1, 10**12)
+        left = await api.states_in(("queued", "running"), 1, 10**12, queue=queue)
         if any(left.values()):
             raise RuntimeError(f"jobs left unfinished: { {k: len(v) for k, v in left.items()} }")
     return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "requests": requests}

@@ -1,0 +1,148 @@
+"""SQLite against PostgreSQL, with one and two schedulers, in one run: control plane, single submits, shell
+throughput, idle latency.
+
+    python -m benchmarks --backend postgres [--size full|smoke]
+
+A PostgreSQL server of its own is started for the run (Debian's initdb/pg_ctl, as a non-root user, on a free
+loopback port: benchmarks/pgserver.py), with a fresh database for every cluster. With two schedulers the load
+is shared between them: the control plane runs one submit -> lease -> complete loop per scheduler (half the
+jobs each), single submits spread their clients over both, the shell benchmark's worker joins both (and its
+jobs are submitted to the first, so they reach it through the other's wake-up hints when it pulls from the
+second), and the latency round trips submit to one and wait on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from benchmarks.common import Cluster, Row, median, percentile
+from benchmarks.pgserver import PgServer, missing
+from benchmarks.suite import Context, Http, _control_plane, _cpu, _orch_shell, _single_submits, run
+
+SETUPS = (("sqlite", 1), ("postgres", 1), ("postgres", 2))
+
+
+def _label(backend: str, replicas: int) -> str:
+    return "SQLite" if backend == "sqlite" else f"PostgreSQL x{replicas}"
+
+
+def _cluster(ctx: Context, name: str, pg: PgServer | None, backend: str, replicas: int) -> tuple[Any, Cluster]:
+    wd = ctx.workdir(f"{name}-{backend}-{replicas}")
+    tmp = wd.__enter__()
+    dsn = pg.database() if backend == "postgres" and pg is not None else ""
+    return wd, Cluster(tmp, dsn=dsn, replicas=replicas)
+
+
+async def _control_shared(urls: list[str], n: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    # A queue of its own per scheduler's loop: each leases the half it submitted (through its own scheduler).
+    parts = await asyncio.gather(*(_control_plane(u, n // len(urls), queue=f"part-{i}") for i, u in enumerate(urls)))
+    elapsed = time.perf_counter() - t0
+    done = sum(p["n"] for p in parts)
+    return {"n": done, "elapsed": elapsed, "rate": done / elapsed, "parts": parts}
+
+
+async def _submits_shared(urls: list[str], clients: int, total: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    parts = await asyncio.gather(*(_single_submits(u, clients // len(urls), total // len(urls)) for u in urls))
+    elapsed = time.perf_counter() - t0
+    acked = sum(p["acked"] for p in parts)
+    # Each part times only its own requests; the rate of the whole is what all of them acked over the longest.
+    return {"acked": acked, "elapsed": max(p["elapsed"] for p in parts), "wall": elapsed,
+            "rate": acked / max(p["elapsed"] for p in parts), "parts": parts}
+
+
+async def _latency_across(submit_url: str, wait_url: str, n: int) -> list[float]:
+    async with Http(submit_url) as a, Http(wait_url) as b:
+        async def once() -> float:
+            t0 = time.perf_counter()
+            job = await a.call("POST", "/v1/jobs", {"command": ["true"]})
+            done = await b.call("GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "30"})
+            if done["state"] != "succeeded":
+                raise RuntimeError(f"job {job['id']} ended {done['state']}")
+            return (time.perf_counter() - t0) * 1000
+
+        for _ in range(10):
+            await once()
+        return [await once() for _ in range(n)]
+
+
+def _one(ctx: Context, pg: PgServer | None, backend: str, replicas: int) -> dict[str, Any]:
+    s = ctx.sizes
+    out: dict[str, Any] = {}
+    label = _label(backend, replicas)
+    control, submits, shell, lat = [], [], [], []
+    for i in range(s.repeats):
+        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: control plane")
+        wd, c = _cluster(ctx, "control", pg, backend, replicas)
+        with c:
+            c.start_scheduler()
+            cpu0 = sum(_cpu(p.pid) for p in c.schedulers)
+            r = run(_control_shared(c.urls, s.control_jobs))
+            r["scheduler_cpu_s"] = sum(_cpu(p.pid) for p in c.schedulers) - cpu0
+            control.append(r)
+        wd.__exit__(None, None, None)
+        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: single submits")
+        wd, c = _cluster(ctx, "submits", pg, backend, replicas)
+        with c:
+            c.start_scheduler()
+            submits.append(run(_submits_shared(c.urls, s.submit_clients, s.submit_requests)))
+        wd.__exit__(None, None, None)
+        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: shell throughput")
+        wd, c = _cluster(ctx, "shell", pg, backend, replicas)
+        with c:
+            c.start_scheduler()
+            c.start_worker("w1", s.concurrency)
+            c.wait_workers(1)
+            shell.append(run(_orch_shell(c.url, s.shell_jobs)))
+        wd.__exit__(None, None, None)
+    ctx.log(f"backends: {label}: {s.latency_runs} round trips at idle")
+    wd, c = _cluster(ctx, "latency", pg, backend, replicas)
+    with c:
+        c.start_scheduler()
+        c.start_worker("w1", s.concurrency)
+        c.wait_workers(1)
+        lat = run(_latency_across(c.urls[0], c.urls[-1], s.latency_runs))
+    wd.__exit__(None, None, None)
+    out["control"] = median([r["rate"] for r in control])
+    out["submits"] = median([r["rate"] for r in submits])
+    out["shell"] = median([r["rate"] for r in shell])
+    out["p50"] = percentile(lat, 50)
+    out["p99"] = percentile(lat, 99)
+    out["detail"] = {"control": control, "submits": submits, "shell": shell, "latency_ms": lat}
+    return out
+
+
+def bench_backends(ctx: Context) -> list[Row]:
+    why = missing()
+    if why is not None:
+        return [Row("backends: PostgreSQL against SQLite", "", None, "", error=f"no PostgreSQL here: {why}")]
+    pg = PgServer()
+    pg.start()
+    try:
+        got = {(b, n): _one(ctx, pg, b, n) for b, n in SETUPS}
+    finally:
+        pg.stop()
+    lite, one, two = got[("sqlite", 1)], got[("postgres", 1)], got[("postgres", 2)]
+    s = ctx.sizes
+    rows: list[Row] = []
+    for key, title, unit in (("control", f"control plane: {s.control_jobs:,} jobs submit -> lease -> complete", "/s"),
+                             ("submits", f"single submits: {s.submit_clients} clients, 1 job per request", "/s"),
+                             ("shell", f"shell throughput: {s.shell_jobs:,} x echo hello, 1 worker x {s.concurrency}",
+                              "/s")):
+        goal = {"control": 0.5, "shell": 0.9}.get(key)
+        rows.append(Row(f"{title}, SQLite", "", lite[key], unit, detail={"runs": lite["detail"][key]}))
+        rows.append(Row(f"{title}, PostgreSQL x1", f">= {goal:.0%} of SQLite" if goal else "vs SQLite", one[key],
+                        unit, peer=lite[key], peer_label="SQLite", ratio_goal=goal, detail={"runs": one["detail"][key]}))
+        rows.append(Row(f"{title}, PostgreSQL x2", "no slower than x1", two[key], unit, peer=one[key],
+                        peer_label="PostgreSQL x1", ratio_goal=1.0, detail={"runs": two["detail"][key]}))
+    for key, title in (("p50", "latency at idle: submit -> result, p50"), ("p99", "latency at idle: submit -> result, p99")):
+        rows.append(Row(f"{title}, SQLite", "", lite[key], "ms", higher_better=False))
+        rows.append(Row(f"{title}, PostgreSQL x1", "vs SQLite", one[key], "ms", peer=lite[key], peer_label="SQLite",
+                        higher_better=False))
+        rows.append(Row(f"{title}, PostgreSQL x2 (submit to one, wait on the other)", "vs x1", two[key], "ms",
+                        peer=one[key], peer_label="PostgreSQL x1", higher_better=False))
+    return rows
+
