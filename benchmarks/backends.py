@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from benchmarks.common import Cluster, Row, median, percentile
 from benchmarks.pgserver import PgServer, missing
@@ -28,11 +29,12 @@ def _label(backend: str, replicas: int) -> str:
     return "SQLite" if backend == "sqlite" else f"PostgreSQL x{replicas}"
 
 
-def _cluster(ctx: Context, name: str, pg: PgServer | None, backend: str, replicas: int) -> tuple[Any, Cluster]:
-    wd = ctx.workdir(f"{name}-{backend}-{replicas}")
-    tmp = wd.__enter__()
+@contextmanager
+def _cluster(ctx: Context, name: str, pg: PgServer | None, backend: str, replicas: int) -> Iterator[Cluster]:
+    """A cluster of ``replicas`` schedulers on ``backend`` (PostgreSQL: a fresh database), in a fresh workdir."""
     dsn = pg.database() if backend == "postgres" and pg is not None else ""
-    return wd, Cluster(tmp, dsn=dsn, replicas=replicas)
+    with ctx.workdir(f"{name}-{backend}-{replicas}") as tmp, Cluster(tmp, dsn=dsn, replicas=replicas) as c:
+        yield c
 
 
 async def _control_shared(urls: list[str], n: int) -> dict[str, Any]:
@@ -76,36 +78,28 @@ def _one(ctx: Context, pg: PgServer | None, backend: str, replicas: int) -> dict
     control, submits, shell, lat = [], [], [], []
     for i in range(s.repeats):
         ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: control plane")
-        wd, c = _cluster(ctx, "control", pg, backend, replicas)
-        with c:
+        with _cluster(ctx, "control", pg, backend, replicas) as c:
             c.start_scheduler()
             cpu0 = sum(_cpu(p.pid) for p in c.schedulers)
             r = run(_control_shared(c.urls, s.control_jobs))
             r["scheduler_cpu_s"] = sum(_cpu(p.pid) for p in c.schedulers) - cpu0
             control.append(r)
-        wd.__exit__(None, None, None)
         ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: single submits")
-        wd, c = _cluster(ctx, "submits", pg, backend, replicas)
-        with c:
+        with _cluster(ctx, "submits", pg, backend, replicas) as c:
             c.start_scheduler()
             submits.append(run(_submits_shared(c.urls, s.submit_clients, s.submit_requests)))
-        wd.__exit__(None, None, None)
         ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: shell throughput")
-        wd, c = _cluster(ctx, "shell", pg, backend, replicas)
-        with c:
+        with _cluster(ctx, "shell", pg, backend, replicas) as c:
             c.start_scheduler()
             c.start_worker("w1", s.concurrency)
             c.wait_workers(1)
             shell.append(run(_orch_shell(c.url, s.shell_jobs)))
-        wd.__exit__(None, None, None)
     ctx.log(f"backends: {label}: {s.latency_runs} round trips at idle")
-    wd, c = _cluster(ctx, "latency", pg, backend, replicas)
-    with c:
+    with _cluster(ctx, "latency", pg, backend, replicas) as c:
         c.start_scheduler()
         c.start_worker("w1", s.concurrency)
         c.wait_workers(1)
         lat = run(_latency_across(c.urls[0], c.urls[-1], s.latency_runs))
-    wd.__exit__(None, None, None)
     out["control"] = median([r["rate"] for r in control])
     out["submits"] = median([r["rate"] for r in submits])
     out["shell"] = median([r["rate"] for r in shell])
