@@ -32,6 +32,7 @@ import random
 import time
 import uuid
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
@@ -249,17 +250,29 @@ class PostgresStore:
 
     async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
         """Run ``op`` in a transaction (again, from the start, after a deadlock); tell ``on_commit`` its changes."""
+        return await self._run(op, transaction=True)
+
+    async def _auto(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
+        """Run ``op``, each of whose statements is a whole change on its own (autocommit: no BEGIN and COMMIT
+        round trips, which cost more than the statement on these paths), and sends its own hints (``_hint``).
+        A statement the server aborted for a deadlock changed nothing: ``op`` runs again from the start."""
+        return await self._run(op, transaction=False)
+
+    async def _run(self, op: Callable[[Conn, list[Change]], Awaitable[T]], *, transaction: bool) -> T:
         import psycopg
 
         for attempt in range(RETRIES):
             changes: list[Change] = []
             async with self._conn() as conn:
                 try:
-                    async with conn.transaction():
+                    if transaction:
+                        async with conn.transaction():
+                            value = await op(conn, changes)
+                            if changes and self.notify:  # delivered at the commit, and only if it commits
+                                await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p",
+                                                   (self._hints(changes),))
+                    else:
                         value = await op(conn, changes)
-                        if changes and self.notify:  # delivered at the commit, and only if it commits
-                            await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p",
-                                               (self._hints(changes),))
                 except (psycopg.errors.OperationalError, psycopg.InterfaceError) as e:
                     if getattr(e, "sqlstate", None) in _RETRY_STATES and attempt < RETRIES - 1:
                         await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
@@ -274,6 +287,17 @@ class PostgresStore:
                     log.exception("on_commit failed")
             return value
         raise AssertionError("unreachable")
+
+    def _hint(self, rows: str) -> tuple[str, str]:
+        """A CTE ``hint`` that NOTIFYs ``rows`` (a query of id, state, queue, attempt) in the form ``_hints``
+        gives (50 changes a payload: under PostgreSQL's 8,000 bytes with the longest queue names), and the
+        column that makes the statement run it; empty with hints off."""
+        if not self.notify:
+            return "", ", 0"
+        return (f", hint AS (SELECT pg_notify('orch', json_build_object('f', '{self.ident}', 'c',"
+                " json_agg(json_build_array(id, state, queue, attempt)))::text)"
+                f" FROM (SELECT *, (row_number() OVER ()) / 50 AS g FROM ({rows}) AS h0) AS h GROUP BY g)",
+                ", (SELECT count(*) FROM hint)")
 
     def _hints(self, changes: Sequence[Change]) -> list[str]:
         """The changes as NOTIFY payloads (each under PostgreSQL's 8,000 bytes): a hint for the other
@@ -512,19 +536,22 @@ class PostgresStore:
                                      spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i), strict=True):
                 col.append(v)
 
+        hint, hinted = self._hint("SELECT id, %s::text AS state, queue, 0 AS attempt FROM new")
+
         async def op(conn: Conn, out: list[Change]) -> list[int]:
             rows = await (await conn.execute(
                 "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
                 " spec_bytes) SELECT q, p, %s, s, m, %s, n, c, b FROM unnest(%s::text[], %s::int[], %s::text[],"
                 " %s::int[], %s::text[], %s::text[], %s::int[], %s::int[]) AS u(q, p, s, m, n, c, b, o) ORDER BY o"
-                " RETURNING id), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                " SELECT id, 0, NULL, %s, %s, %s FROM new) SELECT id FROM new ORDER BY id",
-                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED))).fetchall()
+                " RETURNING id, queue), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                f" SELECT id, 0, NULL, %s, %s, %s FROM new){hint} SELECT id{hinted} FROM new ORDER BY id",
+                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED, *([_QUEUED] if self.notify else [])))
+            ).fetchall()
             ids = [r[0] for r in rows]
             out.extend(Change(jid, _QUEUED, spec.queue, 0) for jid, spec in zip(ids, specs, strict=True))
             return ids
 
-        ids = await self._write(op)
+        ids = await self._auto(op)
         queued = JobState.QUEUED
         return [Job(jid, queued, cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
                     None, None, False, None, None) for i, jid in enumerate(ids)]
@@ -577,19 +604,22 @@ class PostgresStore:
         now = self.lease_clock()
 
         async def op(conn: Conn, out: list[Change]) -> HeartbeatReply:
-            await _live_worker(conn, worker_id)
-            await conn.execute(
-                "UPDATE workers SET last_heartbeat = %s, running = %s,"
-                " state = CASE WHEN %s THEN %s ELSE state END WHERE id = %s",
-                (now, len(running), draining, _DRAINING, worker_id))
+            # One statement: the worker's row (no row: not live), and the leases of its running attempts.
+            rows = await _fetch(conn,
+                "WITH w AS (UPDATE workers SET last_heartbeat = %s, running = %s,"
+                " state = CASE WHEN %s THEN %s ELSE state END WHERE id = %s AND state = ANY(%s) RETURNING id),"
+                " j AS (UPDATE jobs j SET lease_expires_at = %s FROM unnest(%s::bigint[], %s::int[]) AS r(id, attempt)"
+                " WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = %s AND j.worker_id = %s"
+                " AND EXISTS (SELECT 1 FROM w) RETURNING j.id, j.attempt, j.cancel_requested)"
+                " SELECT j.id, j.attempt, j.cancel_requested FROM w LEFT JOIN j ON TRUE",
+                (now, len(running), draining, _DRAINING, worker_id, _LIVE, now + lease_ttl,
+                 [j for j, _ in running], [a for _, a in running], _RUNNING, worker_id))
+            if not rows:
+                raise _unknown(worker_id)
             reply = HeartbeatReply()
+            rows = [r for r in rows if r[0] is not None]
             if not running:
                 return reply
-            rows = await (await conn.execute(
-                "UPDATE jobs j SET lease_expires_at = %s FROM unnest(%s::bigint[], %s::int[]) AS r(id, attempt)"
-                " WHERE j.id = r.id AND j.attempt = r.attempt AND j.state = %s AND j.worker_id = %s"
-                " RETURNING j.id, j.attempt, j.cancel_requested",
-                (now + lease_ttl, [j for j, _ in running], [a for _, a in running], _RUNNING, worker_id))).fetchall()
             held = {(r[0], r[1]): r[2] for r in rows}
             for ref in running:
                 if ref not in held:
@@ -598,16 +628,18 @@ class PostgresStore:
                     reply.cancel.append(ref)
             return reply
 
-        return await self._write(op)
+        return await self._auto(op)
 
     async def _claim(self, conn: Conn, out: list[Change], worker_id: str, queues: Sequence[str], limit: int,
                      lease_ttl: float, now: float) -> list[Lease]:
         check_transition(JobState.QUEUED, JobState.RUNNING)
-        if await _live_worker(conn, worker_id) is WorkerState.DRAINING:
-            return []
         steady = self.lease_clock()
-        rows = await (await conn.execute(
-            "WITH picked AS (SELECT id FROM jobs WHERE state = %s AND queue = ANY(%s)"
+        hint, hinted = self._hint("SELECT id, %s::text AS state, queue, attempt FROM claimed")
+        # One statement: the worker's state (no row: not registered) and what it claimed (nothing if draining).
+        found = await _fetch(conn,
+            "WITH w AS (SELECT state FROM workers WHERE id = %s),"
+            " picked AS (SELECT id FROM jobs WHERE state = %s AND queue = ANY(%s)"
+            " AND EXISTS (SELECT 1 FROM w WHERE w.state = %s)"
             " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED),"
             " claimed AS (UPDATE jobs j SET state = %s, attempt = j.attempt + 1, worker_id = %s, lease_expires_at = %s,"
             " started_at = %s, run_at = NULL, exit_code = NULL, error = NULL FROM picked WHERE j.id = picked.id"
@@ -615,10 +647,15 @@ class PostgresStore:
             " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
             " SELECT id, attempt, %s, %s, %s FROM claimed),"
             " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-            " SELECT id, attempt, %s, %s, %s, %s FROM claimed)"
-            " SELECT id, attempt, spec, queue, priority, created_at FROM claimed",
-            (_QUEUED, list(queues)[:MAX_QUEUES_PER_CLAIM], limit, _RUNNING, worker_id, steady + lease_ttl, now,
-             worker_id, _RUNNING, now, _QUEUED, _RUNNING, now, decisions.claimed(worker_id).reason))).fetchall()
+            f" SELECT id, attempt, %s, %s, %s, %s FROM claimed){hint}"
+            f" SELECT c.id, c.attempt, c.spec, c.queue, c.priority, c.created_at, w.state{hinted}"
+            " FROM w LEFT JOIN claimed c ON TRUE",
+            (worker_id, _QUEUED, list(queues)[:MAX_QUEUES_PER_CLAIM], _ALIVE, limit, _RUNNING, worker_id,
+             steady + lease_ttl, now, worker_id, _RUNNING, now, _QUEUED, _RUNNING, now,
+             decisions.claimed(worker_id).reason, *([_RUNNING] if hint else [])))
+        if not found or not WorkerState(found[0][6]).live:
+            raise _unknown(worker_id)
+        rows = [r for r in found if r[0] is not None]
         rows.sort(key=lambda r: dispatch_order(r[4], r[0]))
         out.extend(Change(r[0], _RUNNING, r[3], r[1], worker=worker_id,
                           queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
@@ -634,30 +671,25 @@ class PostgresStore:
             got[:] = out
             return leases
 
-        return await self._write(op), got
+        return await self._auto(op), got
 
     async def append_output(self, worker_id: str, chunks: Sequence[OutputChunk]) -> list[bool]:
         limit = self.output_limit
 
         async def op(conn: Conn, out: list[Change]) -> list[bool]:
-            return [await _append(conn, worker_id, c, limit) for c in chunks]
+            return await _append_many(conn, worker_id, chunks, limit)
 
-        return await self._write(op)
+        return await self._auto(op)
 
     async def _complete(self, conn: Conn, out: list[Change], worker_id: str, results: Sequence[AttemptResult],
                         defaults: RetryPolicy, now: float) -> list[Verdict]:
-        answers = []
-        for r in sorted(results, key=lambda r: r.job_id):  # row locks in one order: no deadlock between reports
-            for c in r.output:
-                if c.job_id == r.job_id and c.attempt == r.attempt:
-                    await _append(conn, worker_id, c, self.output_limit)
-            change = await _end_attempt(conn, r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
-                                        r.duration, now, defaults, self.rand, r.waited)
-            if change is not None:
-                out.append(change)
-            answers.append((r, Verdict(r.job_id, r.attempt, JobState(change.state) if change else None)))
-        order = {id(r): i for i, r in enumerate(results)}
-        return [v for _, v in sorted(answers, key=lambda a: order[id(a[0])])]
+        """End the reported attempts with their last output, in one statement whatever their number (two
+        when an outcome needs the job's spec: see ``_end_attempts``)."""
+        ends = await _end_attempts(conn, [Ending(r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
+                                                 r.duration, r.waited, r.output) for r in results], now, defaults,
+                                   self.rand, self._hint, self.output_limit)
+        out.extend(c for c in ends if c is not None)
+        return [Verdict(r.job_id, r.attempt, JobState(c.state) if c else None) for r, c in zip(results, ends, strict=True)]
 
     async def complete(self, worker_id: str, results: Sequence[AttemptResult],
                        defaults: RetryPolicy) -> tuple[list[Verdict], list[Change]]:
@@ -669,17 +701,19 @@ class PostgresStore:
             got[:] = out
             return verdicts
 
-        return await self._write(op), got
+        return await self._auto(op), got
 
     async def complete_and_claim(self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
                                  queues: Sequence[str], limit: int, lease_ttl: float) -> tuple[list[Verdict], list[Lease]]:
+        """The results ended, then the claim: each a statement of its own (the results stay ended if the claim
+        then fails; the worker reports nothing twice: it asks for work again)."""
         now = self.clock()
 
         async def op(conn: Conn, out: list[Change]) -> tuple[list[Verdict], list[Lease]]:
             verdicts = await self._complete(conn, out, worker_id, results, defaults, now)
             return verdicts, await self._claim(conn, out, worker_id, queues, limit, lease_ttl, now)
 
-        return await self._write(op)
+        return await self._auto(op)
 
     async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]:
         now = self.clock()
@@ -751,11 +785,10 @@ class PostgresStore:
             ended = await (await conn.execute(
                 "SELECT id, attempt, worker_id FROM jobs WHERE state = %s AND (lease_expires_at < %s OR worker_id = ANY(%s))"
                 " ORDER BY id FOR UPDATE SKIP LOCKED", (_RUNNING, steady, list(gone)))).fetchall()
-            for job_id, attempt, wid in ended:
-                change = await _end_attempt(conn, job_id, attempt, wid, Outcome.LOST, None,
-                                            decisions.lost(wid, wid in gone), None, now, defaults, self.rand)
-                if change is not None:
-                    out.changes.append(change)
+            ends = await _end_attempts(conn, [Ending(job_id, attempt, wid, Outcome.LOST, None,
+                                                     decisions.lost(wid, wid in gone)) for job_id, attempt, wid in ended],
+                                       now, defaults, self.rand)
+            out.changes += [c for c in ends if c is not None]
             check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
             due = await (await conn.execute(
                 "WITH due AS (SELECT id FROM jobs WHERE state = %s AND run_at <= %s ORDER BY id FOR UPDATE SKIP LOCKED),"
@@ -801,77 +834,242 @@ async def _move(conn: Conn, job_id: int, attempt: int, frm: JobState, move: deci
     return str(row[0])
 
 
+def _unknown(worker_id: str) -> UnknownWorker:
+    return UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                         field="worker_id")
+
+
 async def _live_worker(conn: Conn, worker_id: str) -> WorkerState:
     """The worker's state, alive or draining; UnknownWorker if it is lost, stopped or unknown."""
     row = await (await conn.execute("SELECT state FROM workers WHERE id = %s", (worker_id,))).fetchone()
     state = WorkerState(row[0]) if row is not None else None
     if state is None or not state.live:
-        raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
-                            field="worker_id")
+        raise _unknown(worker_id)
     return state
 
 
-async def _append(conn: Conn, worker_id: str, c: OutputChunk, limit: int) -> bool:
-    if c.stream not in ("stdout", "stderr"):
-        return False
-    size = len(c.data.encode("utf-8"))
-    s = c.stream
-    row = await (await conn.execute(
-        f"UPDATE attempts SET {s}_bytes = {s}_bytes + %s, {s}_kept = {s}_kept + %s WHERE job_id = %s AND attempt = %s"
-        f" AND state = %s AND worker_id = %s RETURNING {s}_bytes, {s}_kept",
-        (c.skipped + size, size, c.job_id, c.attempt, _RUNNING, worker_id))).fetchone()
-    if row is None:
-        return False
-    if size:
-        await conn.execute("INSERT INTO output (job_id, attempt, stream, data, size, pos) VALUES (%s, %s, %s, %s, %s, %s)",
-                           (c.job_id, c.attempt, s, _text(c.data), size, row[0] - size))
-    if row[1] > limit:
-        await _trim(conn, c.job_id, c.attempt, s, row[1], limit)
-    return True
+_CHUNKS = (
+    "c AS (SELECT *, sum(size + skipped) OVER (PARTITION BY job_id, attempt, stream ORDER BY o) AS upto"
+    " FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
+    " WITH ORDINALITY AS c(job_id, attempt, stream, data, size, skipped, o)),"
+    " tot AS (SELECT job_id, attempt,"
+    " sum(CASE WHEN stream = 'stdout' THEN size + skipped ELSE 0 END)::bigint AS o_all,"
+    " sum(CASE WHEN stream = 'stdout' THEN size ELSE 0 END)::bigint AS o_kept,"
+    " sum(CASE WHEN stream = 'stderr' THEN size + skipped ELSE 0 END)::bigint AS e_all,"
+    " sum(CASE WHEN stream = 'stderr' THEN size ELSE 0 END)::bigint AS e_kept FROM c GROUP BY job_id, attempt)")
+# The counts an UPDATE of attempts t (joined LEFT to tot) adds, and the rows it RETURNs for _INSERT_CHUNKS.
+_COUNTS = ("stdout_bytes = t.stdout_bytes + coalesce(tot.o_all, 0), stdout_kept = t.stdout_kept + coalesce(tot.o_kept, 0),"
+           " stderr_bytes = t.stderr_bytes + coalesce(tot.e_all, 0), stderr_kept = t.stderr_kept + coalesce(tot.e_kept, 0)")
+_COUNTED = ("t.job_id, t.attempt, t.stdout_bytes - coalesce(tot.o_all, 0) AS o_base,"
+            " t.stderr_bytes - coalesce(tot.e_all, 0) AS e_base, t.stdout_kept, t.stderr_kept")
+
+
+def _insert_chunks(counted: str) -> str:
+    """A CTE that stores the chunks of ``c`` whose attempt is in ``counted``, each at its place in its stream."""
+    return (" ins AS (INSERT INTO output (job_id, attempt, stream, data, size, pos)"
+            " SELECT c.job_id, c.attempt, c.stream, c.data, c.size,"
+            " CASE WHEN c.stream = 'stdout' THEN k.o_base ELSE k.e_base END + c.upto - c.size"
+            f" FROM c JOIN {counted} k ON k.job_id = c.job_id AND k.attempt = c.attempt WHERE c.size > 0 ORDER BY c.o)")
+
+
+def _chunk_columns(chunks: Sequence[OutputChunk]) -> list[list[Any]]:
+    cols: list[list[Any]] = [[], [], [], [], [], []]
+    for c in chunks:
+        if c.stream in ("stdout", "stderr"):
+            for col, v in zip(cols, (c.job_id, c.attempt, c.stream, _text(c.data), len(c.data.encode("utf-8")),
+                                     c.skipped), strict=True):
+                col.append(v)
+    return cols
+
+
+async def _trim_over(conn: Conn, rows: Sequence[Any], limit: int) -> None:
+    """Trim each (job id, attempt, stdout kept, stderr kept) over the limit."""
+    for job_id, attempt, out_kept, err_kept in rows:
+        for stream, n in (("stdout", out_kept), ("stderr", err_kept)):
+            if n is not None and n > limit:
+                await _trim(conn, job_id, attempt, stream, n, limit)
+
+
+async def _append_many(conn: Conn, worker_id: str, chunks: Sequence[OutputChunk], limit: int) -> list[bool]:
+    """Add output chunks to their running attempts in one statement, whatever their number: each attempt's
+    byte counts grow by what its chunks bring, and each chunk's place in its stream follows from them (the
+    counts before, plus what the chunks before it in the list brought). A chunk is kept when its attempt is
+    still running on this worker; then each stream over the limit loses its oldest chunks."""
+    cols = _chunk_columns(chunks)
+    if not cols[0]:
+        return [False] * len(chunks)
+    rows = await _fetch(conn,
+        f"WITH {_CHUNKS}, u AS (UPDATE attempts t SET {_COUNTS} FROM tot"
+        " WHERE t.job_id = tot.job_id AND t.attempt = tot.attempt AND t.state = %s AND t.worker_id = %s"
+        f" RETURNING {_COUNTED}),{_insert_chunks('u')}"
+        " SELECT job_id, attempt, stdout_kept, stderr_kept FROM u",
+        (*cols, _RUNNING, worker_id))
+    kept = {(r[0], r[1]) for r in rows}
+    await _trim_over(conn, rows, limit)
+    return [c.stream in ("stdout", "stderr") and (c.job_id, c.attempt) in kept for c in chunks]
 
 
 async def _trim(conn: Conn, job_id: int, attempt: int, stream: str, kept: int, limit: int) -> None:
-    """Drop an attempt's oldest chunks of ``stream`` while what is left still covers the limit: the tail stays."""
+    """Drop an attempt's oldest chunks of ``stream`` while what is left still covers the limit: the tail stays.
+    The count kept falls by what this statement deleted (two trims at once never count a chunk twice)."""
     dropped, ids = 0, []
-    for chunk_id, size in await (await conn.execute(
-            "SELECT id, size FROM output WHERE job_id = %s AND attempt = %s AND stream = %s ORDER BY id",
-            (job_id, attempt, stream))).fetchall():
+    for chunk_id, size in await _fetch(
+            conn, "SELECT id, size FROM output WHERE job_id = %s AND attempt = %s AND stream = %s ORDER BY id",
+            (job_id, attempt, stream)):
         if kept - dropped - size < limit:
             break
         ids.append(chunk_id)
         dropped += size
     if ids:
-        await conn.execute("DELETE FROM output WHERE id = ANY(%s)", (ids,))
-        await conn.execute(f"UPDATE attempts SET {stream}_kept = {stream}_kept - %s WHERE job_id = %s AND attempt = %s",
-                           (dropped, job_id, attempt))
+        await _fetch(conn, f"WITH d AS (DELETE FROM output WHERE id = ANY(%s) RETURNING size)"
+                     f" UPDATE attempts SET {stream}_kept = {stream}_kept - (SELECT coalesce(sum(size), 0) FROM d)"
+                     " WHERE job_id = %s AND attempt = %s RETURNING 1", (ids, job_id, attempt))
 
 
-async def _end_attempt(conn: Conn, job_id: int, attempt: int, worker_id: str | None, outcome: Outcome,
-                       exit_code: int | None, error: str | None, duration: float | None, now: float,
-                       defaults: RetryPolicy, rand: Callable[[], float], waited: float = 0.0) -> Change | None:
-    """End a running attempt and move its job on (decisions.attempt_ended); None if the attempt was stale."""
-    error = _text(error)
-    job = await (await conn.execute(
-        "SELECT queue, max_attempts, spec, cancel_requested FROM jobs WHERE id = %s AND state = %s AND attempt = %s"
-        " FOR UPDATE", (job_id, _RUNNING, attempt))).fetchone()
-    row = await (await conn.execute(
-        "UPDATE attempts SET state = %s, finished_at = %s, exit_code = %s, error = %s, duration = %s,"
-        " started_at = LEAST(started_at + %s, %s) WHERE job_id = %s AND attempt = %s AND state = %s"
-        " AND worker_id IS NOT DISTINCT FROM %s RETURNING started_at",
-        (outcome.value, now, exit_code, error, duration, waited, now, job_id, attempt, _RUNNING,
-         worker_id))).fetchone()
-    if row is None or job is None:
-        return None  # stale, or the job moved on while its attempt row said running: the job is not touched
-    if waited:
-        await conn.execute("UPDATE jobs SET started_at = %s WHERE id = %s AND attempt = %s", (row[0], job_id, attempt))
-    queue, max_attempts, spec_text, cancel_requested = job
-    move = decisions.attempt_ended(
-        outcome, exit_code, error, attempt, cancel_requested=bool(cancel_requested),
-        policy=lambda: policy_for(json.loads(spec_text), defaults, max_attempts), rand=rand)
-    await _move(conn, job_id, attempt, JobState.RUNNING, move, now, lease_expires_at=None, exit_code=exit_code,
-                error=error)
-    return Change(job_id, move.to.value, queue, attempt, worker=worker_id, outcome=outcome.value,
-                  duration=duration if duration is not None else max(0.0, now - row[0]))
+@dataclass(frozen=True)
+class Ending:
+    """An attempt to end: whose, how, and what the worker said of it."""
+
+    job_id: int
+    attempt: int
+    worker_id: str | None
+    outcome: Outcome
+    exit_code: int | None = None
+    error: str | None = None
+    duration: float | None = None
+    waited: float = 0.0
+    output: Sequence[OutputChunk] = ()  # its last chunks, kept with its end (in the same statement)
+
+
+async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defaults: RetryPolicy,
+                        rand: Callable[[], float],
+                        hint: Callable[[str], tuple[str, str]] | None = None,
+                        output_limit: int = 1 << 20) -> list[Change | None]:
+    """End running attempts and move their jobs on (decisions.attempt_ended): a Change for each ending, None
+    where the attempt was stale (its job no longer running that attempt, or the attempt not this worker's).
+
+    One statement ends them all, whatever their number, and moves exactly the jobs whose attempt row it
+    ended: it locks the jobs (in id order, as every writer does) that are still running the attempt and
+    still as they were read, ends their attempt rows (fenced by state and worker), moves the jobs and
+    writes their event rows (and, given ``hint``, sends the hints), and keeps each ending's last output
+    chunks with it (so an end that fails keeps none of them: the worker sends them again). A success needs nothing read first (it
+    ends the job succeeded whatever else is true); any other outcome is decided by the core from the job's
+    spec and cancel flag, read first without a lock: a job changed meanwhile (a cancel asked) is read and
+    decided again, so this works the same in autocommit and inside a transaction.
+    """
+    firsts: dict[tuple[int, int], Ending] = {}
+    for e in endings:
+        firsts.setdefault((e.job_id, e.attempt), e)  # a result reported twice in one batch counts once
+    todo = list(firsts.values())
+    changes: dict[tuple[int, int], Change] = {}
+    for _ in range(RETRIES + 1):
+        if not todo:
+            break
+        now_, later = _one_per_job(todo)  # two attempts of one job in one report: the other waits a round
+        moves: dict[int, tuple[decisions.Move, bool | None]] = {}
+        weighed = {e.job_id: e for e in now_ if e.outcome is not Outcome.SUCCEEDED}
+        if weighed:
+            for job_id, max_attempts, spec_text, cancel_requested in await _fetch(
+                    conn, "SELECT j.id, j.max_attempts, j.spec, j.cancel_requested FROM jobs j"
+                    " JOIN unnest(%s::bigint[], %s::int[]) AS r(id, attempt) ON j.id = r.id AND j.attempt = r.attempt"
+                    " WHERE j.state = %s", (list(weighed), [e.attempt for e in weighed.values()], _RUNNING)):
+                e = weighed[job_id]
+                move = decisions.attempt_ended(
+                    e.outcome, e.exit_code, _text(e.error), e.attempt, cancel_requested=bool(cancel_requested),
+                    policy=lambda st=spec_text, m=max_attempts: policy_for(json.loads(st), defaults, m), rand=rand)
+                moves[job_id] = (move, bool(cancel_requested))
+        for e in now_:
+            if e.outcome is Outcome.SUCCEEDED:
+                moves[e.job_id] = (decisions.SUCCEEDED, None)
+        go = [e for e in now_ if e.job_id in moves]
+        if not go:
+            todo = later
+            continue
+        for e in go:
+            check_transition(JobState.RUNNING, moves[e.job_id][0].to)
+        text, hinted = hint("SELECT id, state, queue, attempt FROM u") if hint else ("", ", 0")
+        chunks = _chunk_columns([c for e in go for c in e.output if c.job_id == e.job_id and c.attempt == e.attempt])
+        rows = await _fetch(conn,
+            f"WITH {_CHUNKS}, r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::int[], %s::text[],"
+            " %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::int[], %s::bool[])"
+            " AS r(id, attempt, worker, outcome, exit_code, error, duration, waited, to_state, reason, finished_at,"
+            " run_at, refund, cancel_seen)),"
+            " lk AS (SELECT j.id FROM jobs j JOIN r ON j.id = r.id AND j.attempt = r.attempt WHERE j.state = %s"
+            " AND (r.cancel_seen IS NULL OR j.cancel_requested = r.cancel_seen) ORDER BY j.id FOR UPDATE OF j),"
+            " a AS (UPDATE attempts t SET state = r.outcome, finished_at = %s, exit_code = r.exit_code, error = r.error,"
+            f" duration = r.duration, started_at = LEAST(t.started_at + r.waited, %s), {_COUNTS}"
+            " FROM r JOIN lk ON lk.id = r.id LEFT JOIN tot ON tot.job_id = r.id AND tot.attempt = r.attempt"
+            " WHERE t.job_id = r.id AND t.attempt = r.attempt AND t.state = %s AND t.worker_id IS NOT DISTINCT FROM r.worker"
+            f" RETURNING t.started_at, {_COUNTED}),{_insert_chunks('a')},"
+            " u AS (UPDATE jobs j SET state = r.to_state, finished_at = COALESCE(r.finished_at, j.finished_at),"
+            " run_at = COALESCE(r.run_at, j.run_at), lease_expires_at = NULL, exit_code = r.exit_code, error = r.error,"
+            " max_attempts = j.max_attempts + r.refund,"
+            " started_at = CASE WHEN r.waited > 0 THEN a.started_at ELSE j.started_at END"
+            " FROM a JOIN r ON r.id = a.job_id WHERE j.id = a.job_id AND j.state = %s AND j.attempt = r.attempt"
+            " RETURNING j.id, j.state, j.queue, j.attempt),"
+            " ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+            f" SELECT u.id, u.attempt, %s, u.state, %s, r.reason FROM u JOIN r ON r.id = u.id ORDER BY u.id){text}"
+            f" SELECT r.id, u.queue, a.started_at, lk.id IS NOT NULL, a.stdout_kept, a.stderr_kept{hinted}"
+            " FROM r LEFT JOIN lk ON lk.id = r.id LEFT JOIN a ON a.job_id = r.id LEFT JOIN u ON u.id = r.id",
+            (*chunks, [e.job_id for e in go], [e.attempt for e in go], [e.worker_id for e in go], [e.outcome.value for e in go],
+             [e.exit_code for e in go], [_text(e.error) for e in go], [e.duration for e in go],
+             [e.waited for e in go], [moves[e.job_id][0].to.value for e in go],
+             [moves[e.job_id][0].reason for e in go],
+             [now if moves[e.job_id][0].ends else None for e in go],
+             [now + m.retry_in if (m := moves[e.job_id][0]).retry_in is not None else None for e in go],
+             [1 if moves[e.job_id][0].refund else 0 for e in go], [moves[e.job_id][1] for e in go],
+             _RUNNING, now, now, _RUNNING, _RUNNING, _RUNNING, now))
+        again = []
+        by_id = {e.job_id: e for e in go}
+        await _trim_over(conn, [(r[0], by_id[r[0]].attempt, r[4], r[5]) for r in rows if r[4] is not None],
+                         output_limit)
+        for job_id, queue, started_at, locked, *_ in rows:
+            e = by_id[job_id]
+            if queue is not None:
+                move = moves[job_id][0]
+                changes[(e.job_id, e.attempt)] = Change(
+                    e.job_id, move.to.value, queue, e.attempt, worker=e.worker_id, outcome=e.outcome.value,
+                    duration=e.duration if e.duration is not None else max(0.0, now - started_at))
+            elif not locked and moves[job_id][1] is not None:
+                again.append(e)  # not as read (its cancel flag changed, or it moved on): read and weigh it again
+        todo = again + later
+    seen: set[tuple[int, int]] = set()
+    answers: list[Change | None] = []
+    for e in endings:
+        key = (e.job_id, e.attempt)
+        answers.append(changes.get(key) if key not in seen else None)
+        seen.add(key)
+    return answers
+
+
+def _one_per_job(endings: Sequence[Ending]) -> tuple[list[Ending], list[Ending]]:
+    first: dict[int, Ending] = {}
+    rest = []
+    for e in endings:
+        if e.job_id in first:
+            rest.append(e)
+        else:
+            first[e.job_id] = e
+    return list(first.values()), rest
+
+
+async def _fetch(conn: Conn, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """Run one statement and return its rows. Outside a transaction (autocommit: the statement is the whole
+    change) a statement the server aborted for a deadlock changed nothing, and runs again."""
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    for attempt in range(RETRIES):
+        try:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall() if cur.description is not None else []
+        except psycopg.errors.OperationalError as e:
+            if (getattr(e, "sqlstate", None) in _RETRY_STATES and attempt < RETRIES - 1
+                    and conn.info.transaction_status == TransactionStatus.IDLE):
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 def _check(store: PostgresStore) -> Store:

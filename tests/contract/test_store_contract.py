@@ -707,3 +707,51 @@ def test_output_and_errors_holding_nul_bytes_are_stored(run: Run, tmp_path: Path
         assert rec.job.error in ("bad\x00thing", "bad\ufffdthing")
 
     run(tmp_path, body)
+
+
+def test_one_report_of_many_results_ends_each_as_if_it_came_alone(run: Run, tmp_path: Path) -> None:
+    """A worker's report of many results at once (a store may end them all in one statement): each ends as it
+    would alone, with its own last output; a stale one, one reported twice and an unknown one change nothing."""
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        w = await worker(store)
+        ok, retry, last, cancel, gone = [await submit_one(store) for _ in range(4)] + [await submit_one(store)]
+        once = await submit_one(store, max_attempts=1)
+        for _ in range(6):
+            await claim_one(store, w)
+        await store.cancel(cancel)  # running: the worker is asked, and its failure then ends it cancelled
+        await store.cancel(gone)
+        # "gone" ended another way meanwhile: its worker lost it and it was retried.
+        clock.advance(TTL + 1)
+        await store.heartbeat(w, [(j, 1) for j in (ok, retry, last, cancel, once)], TTL)
+        await store.sweep(worker_ttl=TTL * 10, defaults=POLICY)
+        assert (await shown(store, gone))["state"] == "cancelled"
+        out = lambda jid, text: (OutputChunk(jid, 1, "stdout", text), OutputChunk(jid, 1, "stderr", "e:" + text))  # noqa: E731
+        results = [
+            AttemptResult(ok, 1, Outcome.SUCCEEDED, 0, duration=0.5, output=out(ok, "ok\n")),
+            AttemptResult(retry, 1, Outcome.FAILED, 2, duration=0.5, output=out(retry, "retry\n")),
+            AttemptResult(once, 1, Outcome.FAILED, 3, error="it broke", output=out(once, "once\n")),
+            AttemptResult(cancel, 1, Outcome.FAILED, 1, output=out(cancel, "cancel\n")),
+            AttemptResult(gone, 1, Outcome.SUCCEEDED, 0, output=out(gone, "late\n")),
+            AttemptResult(ok, 1, Outcome.FAILED, 9, output=out(ok, "twice\n")),  # the same attempt again
+            AttemptResult(424242, 1, Outcome.SUCCEEDED, 0),  # no such job
+            AttemptResult(last, 1, Outcome.TIMED_OUT, None, error="timed out after 1s", output=out(last, "slow\n")),
+        ]
+        verdicts, changes = await store.complete(w, results, POLICY)
+        assert [(v.job_id, v.state) for v in verdicts] == [
+            (ok, JobState.SUCCEEDED), (retry, JobState.RETRYING), (once, JobState.FAILED),
+            (cancel, JobState.CANCELLED), (gone, None), (ok, None), (424242, None), (last, JobState.RETRYING)]
+        assert sorted((c.job_id, c.state) for c in changes) == sorted(
+            [(ok, "succeeded"), (retry, "retrying"), (once, "failed"), (cancel, "cancelled"), (last, "retrying")])
+        for jid, text in ((ok, "ok\n"), (retry, "retry\n"), (once, "once\n"), (cancel, "cancel\n"), (last, "slow\n")):
+            job = await shown(store, jid)
+            assert job["result"]["stdout"] == text and job["result"]["stderr"] == "e:" + text, jid
+            assert job["attempts"][0]["stdout_bytes"] == len(text)
+        assert (await shown(store, ok))["exit_code"] == 0  # the second report of it changed nothing
+        assert (await shown(store, once))["error"] == "it broke"
+        assert (await shown(store, retry))["retry_at"] == iso(clock.t + 2.0)
+        assert "late" not in (await shown(store, gone))["result"]["stdout"]
+        assert [e.to_state for e in await store.events(cancel)] == [
+            JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED]
+
+    run(tmp_path, body)
