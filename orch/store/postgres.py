@@ -33,6 +33,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
@@ -133,7 +134,11 @@ class PostgresStore:
         self.pool_size = pool_size
         self.notify = notify  # LISTEN/NOTIFY hints between schedulers (off behind a transaction-pooling PgBouncer)
         self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
+        self._own = f'{{"f":"{self.ident}",'  # how its hints start (see _hints)
         self._listener: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._told: list[Change] = []
+        self._telling = asyncio.Event()
         self.clock = clock
         self.monotonic = monotonic
         self._anchor = clock() - monotonic()
@@ -187,6 +192,7 @@ class PostgresStore:
                 self._pool.put_nowait(conn)
             if self.notify:
                 self._listener = asyncio.create_task(self._listen())
+                self._sender = asyncio.create_task(self._send_hints())
         except BaseException:
             await self.close()
             raise
@@ -209,11 +215,12 @@ class PostgresStore:
         return newest
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+        self._listener = self._sender = None
         for conn in self._conns:
             try:
                 await conn.close()
@@ -258,6 +265,43 @@ class PostgresStore:
         A statement the server aborted for a deadlock changed nothing: ``op`` runs again from the start."""
         return await self._run(op, transaction=False)
 
+    def _tell(self, changes: list[Change]) -> None:
+        """Hand committed changes to the hint sender (``_send_hints``), which NOTIFYs them to the others."""
+        self._told.extend(changes)
+        self._telling.set()
+
+    async def _send_hints(self) -> None:
+        """NOTIFY the other schedulers of what committed here, on a connection of its own, after the commits:
+        what committed while one NOTIFY was on its way goes in the next, so under load a hint costs next to
+        nothing and no commit waits on PostgreSQL's NOTIFY lock (a NOTIFY in a transaction holds a lock of
+        the whole database from its commit to its end: every notifying commit in turn, WAL flush included).
+        A hint that cannot be sent is dropped, with a line: the others poll as well (``storage.poll_interval``)."""
+        import psycopg
+
+        conn = None
+        while True:
+            await self._telling.wait()
+            self._telling.clear()
+            changes, self._told = self._told, []
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p", (self._hints(changes),))
+            except asyncio.CancelledError:
+                if conn is not None:
+                    with suppress(Exception):
+                        await conn.close()
+                raise
+            except Exception as e:
+                log.warning("could not tell the other schedulers of %d change%s (%s); they poll as well",
+                            len(changes), "" if len(changes) == 1 else "s",
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                if conn is not None:
+                    with suppress(Exception):
+                        await conn.close()
+                conn = None
+                await asyncio.sleep(0.5)
+
     async def _run(self, op: Callable[[Conn, list[Change]], Awaitable[T]], *, transaction: bool) -> T:
         import psycopg
 
@@ -268,9 +312,6 @@ class PostgresStore:
                     if transaction:
                         async with conn.transaction():
                             value = await op(conn, changes)
-                            if changes and self.notify:  # delivered at the commit, and only if it commits
-                                await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p",
-                                                   (self._hints(changes),))
                     else:
                         value = await op(conn, changes)
                 except (psycopg.errors.OperationalError, psycopg.InterfaceError) as e:
@@ -280,6 +321,8 @@ class PostgresStore:
                     raise self._unavailable(e) from e
             self.batches += 1
             self.ops += 1
+            if changes and self.notify:
+                self._tell(changes)
             if changes and self.on_commit is not None:
                 try:
                     self.on_commit(changes)
@@ -287,17 +330,6 @@ class PostgresStore:
                     log.exception("on_commit failed")
             return value
         raise AssertionError("unreachable")
-
-    def _hint(self, rows: str) -> tuple[str, str]:
-        """A CTE ``hint`` that NOTIFYs ``rows`` (a query of id, state, queue, attempt) in the form ``_hints``
-        gives (50 changes a payload: under PostgreSQL's 8,000 bytes with the longest queue names), and the
-        column that makes the statement run it; empty with hints off."""
-        if not self.notify:
-            return "", ", 0"
-        return (f", hint AS (SELECT pg_notify('orch', json_build_object('f', '{self.ident}', 'c',"
-                " json_agg(json_build_array(id, state, queue, attempt)))::text)"
-                f" FROM (SELECT *, (row_number() OVER ()) / 50 AS g FROM ({rows}) AS h0) AS h GROUP BY g)",
-                ", (SELECT count(*) FROM hint)")
 
     def _hints(self, changes: Sequence[Change]) -> list[str]:
         """The changes as NOTIFY payloads (each under PostgreSQL's 8,000 bytes): a hint for the other
@@ -342,6 +374,8 @@ class PostgresStore:
                 delay = min(5.0, delay * 2)
 
     def _heard(self, payload: str) -> None:
+        if payload.startswith(self._own):  # this scheduler's own hint: no need to read it
+            return
         try:
             hint = json.loads(payload)
             if hint.get("f") == self.ident or self.on_remote is None:
@@ -536,16 +570,14 @@ class PostgresStore:
                                      spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i), strict=True):
                 col.append(v)
 
-        hint, hinted = self._hint("SELECT id, %s::text AS state, queue, 0 AS attempt FROM new")
-
         async def op(conn: Conn, out: list[Change]) -> list[int]:
             rows = await (await conn.execute(
                 "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
                 " spec_bytes) SELECT q, p, %s, s, m, %s, n, c, b FROM unnest(%s::text[], %s::int[], %s::text[],"
                 " %s::int[], %s::text[], %s::text[], %s::int[], %s::int[]) AS u(q, p, s, m, n, c, b, o) ORDER BY o"
                 " RETURNING id, queue), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                f" SELECT id, 0, NULL, %s, %s, %s FROM new){hint} SELECT id{hinted} FROM new ORDER BY id",
-                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED, *([_QUEUED] if self.notify else [])))
+                " SELECT id, 0, NULL, %s, %s, %s FROM new) SELECT id FROM new ORDER BY id",
+                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED))
             ).fetchall()
             ids = [r[0] for r in rows]
             out.extend(Change(jid, _QUEUED, spec.queue, 0) for jid, spec in zip(ids, specs, strict=True))
@@ -634,7 +666,6 @@ class PostgresStore:
                      lease_ttl: float, now: float) -> list[Lease]:
         check_transition(JobState.QUEUED, JobState.RUNNING)
         steady = self.lease_clock()
-        hint, hinted = self._hint("SELECT id, %s::text AS state, queue, attempt FROM claimed")
         # One statement: the worker's state (no row: not registered) and what it claimed (nothing if draining).
         found = await _fetch(conn,
             "WITH w AS (SELECT state FROM workers WHERE id = %s),"
@@ -647,12 +678,12 @@ class PostgresStore:
             " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
             " SELECT id, attempt, %s, %s, %s FROM claimed),"
             " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-            f" SELECT id, attempt, %s, %s, %s, %s FROM claimed){hint}"
-            f" SELECT c.id, c.attempt, c.spec, c.queue, c.priority, c.created_at, w.state{hinted}"
+            " SELECT id, attempt, %s, %s, %s, %s FROM claimed)"
+            " SELECT c.id, c.attempt, c.spec, c.queue, c.priority, c.created_at, w.state"
             " FROM w LEFT JOIN claimed c ON TRUE",
             (worker_id, _QUEUED, list(queues)[:MAX_QUEUES_PER_CLAIM], _ALIVE, limit, _RUNNING, worker_id,
              steady + lease_ttl, now, worker_id, _RUNNING, now, _QUEUED, _RUNNING, now,
-             decisions.claimed(worker_id).reason, *([_RUNNING] if hint else [])))
+             decisions.claimed(worker_id).reason))
         if not found or not WorkerState(found[0][6]).live:
             raise _unknown(worker_id)
         rows = [r for r in found if r[0] is not None]
@@ -687,7 +718,7 @@ class PostgresStore:
         when an outcome needs the job's spec: see ``_end_attempts``)."""
         ends = await _end_attempts(conn, [Ending(r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
                                                  r.duration, r.waited, r.output) for r in results], now, defaults,
-                                   self.rand, self._hint, self.output_limit)
+                                   self.rand, self.output_limit)
         out.extend(c for c in ends if c is not None)
         return [Verdict(r.job_id, r.attempt, JobState(c.state) if c else None) for r, c in zip(results, ends, strict=True)]
 
@@ -942,16 +973,14 @@ class Ending:
 
 
 async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defaults: RetryPolicy,
-                        rand: Callable[[], float],
-                        hint: Callable[[str], tuple[str, str]] | None = None,
-                        output_limit: int = 1 << 20) -> list[Change | None]:
+                        rand: Callable[[], float], output_limit: int = 1 << 20) -> list[Change | None]:
     """End running attempts and move their jobs on (decisions.attempt_ended): a Change for each ending, None
     where the attempt was stale (its job no longer running that attempt, or the attempt not this worker's).
 
     One statement ends them all, whatever their number, and moves exactly the jobs whose attempt row it
     ended: it locks the jobs (in id order, as every writer does) that are still running the attempt and
     still as they were read, ends their attempt rows (fenced by state and worker), moves the jobs and
-    writes their event rows (and, given ``hint``, sends the hints), and keeps each ending's last output
+    writes their event rows, and keeps each ending's last output
     chunks with it (so an end that fails keeps none of them: the worker sends them again). A success needs nothing read first (it
     ends the job succeeded whatever else is true); any other outcome is decided by the core from the job's
     spec and cancel flag, read first without a lock: a job changed meanwhile (a cancel asked) is read and
@@ -976,7 +1005,7 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
                 e = weighed[job_id]
                 move = decisions.attempt_ended(
                     e.outcome, e.exit_code, _text(e.error), e.attempt, cancel_requested=bool(cancel_requested),
-                    policy=lambda st=spec_text, m=max_attempts: policy_for(json.loads(st), defaults, m), rand=rand)
+                    policy=partial(_policy_of, spec_text, defaults, max_attempts), rand=rand)
                 moves[job_id] = (move, bool(cancel_requested))
         for e in now_:
             if e.outcome is Outcome.SUCCEEDED:
@@ -987,7 +1016,6 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
             continue
         for e in go:
             check_transition(JobState.RUNNING, moves[e.job_id][0].to)
-        text, hinted = hint("SELECT id, state, queue, attempt FROM u") if hint else ("", ", 0")
         chunks = _chunk_columns([c for e in go for c in e.output if c.job_id == e.job_id and c.attempt == e.attempt])
         rows = await _fetch(conn,
             f"WITH {_CHUNKS}, r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::int[], %s::text[],"
@@ -1008,8 +1036,8 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
             " FROM a JOIN r ON r.id = a.job_id WHERE j.id = a.job_id AND j.state = %s AND j.attempt = r.attempt"
             " RETURNING j.id, j.state, j.queue, j.attempt),"
             " ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-            f" SELECT u.id, u.attempt, %s, u.state, %s, r.reason FROM u JOIN r ON r.id = u.id ORDER BY u.id){text}"
-            f" SELECT r.id, u.queue, a.started_at, lk.id IS NOT NULL, a.stdout_kept, a.stderr_kept{hinted}"
+            " SELECT u.id, u.attempt, %s, u.state, %s, r.reason FROM u JOIN r ON r.id = u.id ORDER BY u.id)"
+            " SELECT r.id, u.queue, a.started_at, lk.id IS NOT NULL, a.stdout_kept, a.stderr_kept"
             " FROM r LEFT JOIN lk ON lk.id = r.id LEFT JOIN a ON a.job_id = r.id LEFT JOIN u ON u.id = r.id",
             (*chunks, [e.job_id for e in go], [e.attempt for e in go], [e.worker_id for e in go], [e.outcome.value for e in go],
              [e.exit_code for e in go], [_text(e.error) for e in go], [e.duration for e in go],
@@ -1040,6 +1068,10 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
         answers.append(changes.get(key) if key not in seen else None)
         seen.add(key)
     return answers
+
+
+def _policy_of(spec_text: str, defaults: RetryPolicy, max_attempts: int) -> RetryPolicy:
+    return policy_for(json.loads(spec_text), defaults, max_attempts)
 
 
 def _one_per_job(endings: Sequence[Ending]) -> tuple[list[Ending], list[Ending]]:
