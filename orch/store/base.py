@@ -232,7 +232,8 @@ class Store(Protocol):
         self, worker_id: str, results: Sequence[AttemptResult], defaults: RetryPolicy,
         queues: Sequence[str], limit: int, lease_ttl: float,
     ) -> tuple[list[Verdict], list[Lease]]:
-        """``complete`` then ``claim``, in one transaction."""
+        """``complete`` then ``claim``. A store may commit the two apart: the results stay ended when the
+        claim then fails (the worker asks for work again; it never needs to report them twice)."""
         ...
 
     async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]:

@@ -1,13 +1,18 @@
 """The PostgreSQL store: the Store contract on a PostgreSQL database that several schedulers may share.
 
-Each operation is one transaction on a connection of a small pool. Every move
-is the core's decision (orch.core.decisions) applied by a conditional UPDATE
-from the state the job was read and locked in (``SELECT ... FOR UPDATE``), so
+The hot paths (submit, claim, heartbeat, output, the end of attempts) are
+single statements in autocommit, each a whole change (a round trip through
+psycopg costs more of the scheduler's CPU than these statements cost the
+server, and a transaction adds two); the rest are transactions on a connection
+of a small pool. Every move is the core's decision (orch.core.decisions)
+applied by a conditional UPDATE from the state the job was read in, with the
+job locked (``FOR UPDATE``) by the statement or transaction that moves it, so
 two schedulers never move one job twice; claims take their jobs with ``FOR
-UPDATE SKIP LOCKED``, so concurrent claims on any number of replicas hand
-each job to one worker without waiting on each other. A transaction that the
-server aborted for a deadlock or a serialization failure is run again, a few
-times, from the start.
+UPDATE SKIP LOCKED``, so concurrent claims on any number of replicas hand each
+job to one worker without waiting on each other. A statement or transaction
+that the server aborted for a deadlock or a serialization failure is run
+again, a few times, from the start. Hints to the other schedulers are sent
+after the commits by a task of their own (``_send_hints``).
 
 Durability: a transaction that returns has committed, and PostgreSQL's commit
 (``synchronous_commit`` on, its default) is on disk; ``synced()`` has nothing
