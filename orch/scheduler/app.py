@@ -1041,7 +1041,7 @@ def build_app(settings: Settings, store: Store) -> web.Application:
     guard = api.guard = app[GUARD] = Guard(settings)
     if store.shared:
         guard.lookup = store.worker_credential
-        store.on_remote = hub.committed  # another scheduler's commits: wake-ups only (it counts and logs its own)
+        store.on_remote = hub.heard  # another scheduler's commits: wake-ups only (it counts and logs its own)
     api.openapi = openapi_document(metrics_open=settings["auth.metrics_open"],
                                    long_poll=settings["scheduler.long_poll_timeout"],
                                    max_body=settings["scheduler.max_body_bytes"])

@@ -13,7 +13,7 @@ from contextlib import suppress
 from typing import Iterable, Sequence
 
 from orch.core.states import JobState
-from orch.store.base import Change
+from orch.store.base import Change, Hint
 
 
 class Hub:
@@ -126,6 +126,22 @@ class Hub:
     def waiting(self, queue: str) -> int:
         """Lease long-polls now waiting on ``queue`` (for tests and metrics)."""
         return sum(1 for f in self._waiters.get(queue, ()) if not f.done())
+
+    def heard(self, hint: Hint) -> None:
+        """Another scheduler's commits (a hint): wake what waits on them here."""
+        many, jobs = self._many, self._jobs
+        if jobs or many:
+            for job_id in hint.job_ids:
+                if jobs:
+                    self._fire(jobs, job_id)
+                if many and job_id in many:
+                    for fut in many.pop(job_id):
+                        if not fut.done():
+                            fut.set_result(None)
+        if hint.retrying:
+            self.retry_scheduled.set()
+        for q, n in hint.queued.items():
+            self.wake_queue(q, n)
 
     def committed(self, changes: Iterable[Change]) -> None:
         queued: dict[str, int] = {}

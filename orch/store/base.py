@@ -88,6 +88,17 @@ class Change:
 
 
 @dataclass
+class Hint:
+    """What another scheduler sharing the database committed, as much as a waiter here needs to be woken:
+    how many jobs each queue got, the ids of the jobs that changed, and whether a retry was scheduled.
+    Never the truth: the woken read the database."""
+
+    queued: dict[str, int]
+    job_ids: list[int]
+    retrying: bool = False
+
+
+@dataclass
 class HeartbeatReply:
     """(job id, attempt) of the attempts the worker must cancel, and of those that are no longer its own."""
 
@@ -113,7 +124,7 @@ class Store(Protocol):
     batches: int  # write transactions committed (group commits), for metrics
     ops: int  # write operations committed, for metrics
     shared: bool  # other schedulers may use the same database at once (then one of them leads: ``lead``)
-    on_remote: Callable[[list[Change]], None] | None  # set by the scheduler: changes another scheduler committed
+    on_remote: Callable[[Hint], None] | None  # set by the scheduler: what another scheduler committed
 
     def clock(self) -> float:
         """The wall clock (Unix seconds): what people read."""

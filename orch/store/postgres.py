@@ -64,7 +64,7 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Store, Sweep
+from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep
 
 log = logging.getLogger("orch.store")
 
@@ -72,6 +72,7 @@ T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection, imported when the store opens
 
 MAX_QUEUES_PER_CLAIM = 32
+HINT_BYTES = 7000  # of a NOTIFY payload (PostgreSQL takes up to 8,000)
 RETRIES = 5  # runs of a transaction the server aborted for a deadlock or a serialization failure
 _RETRY_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 MIGRATION_LOCK = 0x6F72636801  # the advisory lock schedulers take to migrate, one at a time
@@ -149,7 +150,7 @@ class PostgresStore:
         self._anchor = clock() - monotonic()
         self.rand = rand
         self.on_commit: Callable[[list[Change]], None] | None = None
-        self.on_remote: Callable[[list[Change]], None] | None = None
+        self.on_remote: Callable[[Hint], None] | None = None
         self.shared = True
         self.batches = 0
         self.ops = 0
@@ -337,20 +338,33 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     def _hints(self, changes: Sequence[Change]) -> list[str]:
-        """The changes as NOTIFY payloads (each under PostgreSQL's 8,000 bytes): a hint for the other
-        schedulers' waiters, never the truth (they read the database when woken, and poll as well)."""
+        """The changes as NOTIFY payloads of at most HINT_BYTES: a hint for the other schedulers' waiters
+        (``Hint``: jobs queued per queue, the changed jobs' ids, a retry scheduled), never the truth (they
+        read the database when woken, and poll as well)."""
         out: list[str] = []
-        part: list[str] = []
+        queued: dict[str, int] = {}
+        ids: list[str] = []
+        retrying = 0
         size = 0
+
+        def flush() -> None:
+            out.append(f'{{"f":"{self.ident}","q":{json.dumps(queued, separators=(",", ":"))},'
+                       f'"j":[{",".join(ids)}],"r":{retrying}}}')
+
         for c in changes:
-            item = json.dumps([c.job_id, c.state, c.queue, c.attempt], separators=(",", ":"))
-            if size + len(item) > 7000 and part:
-                out.append(f'{{"f":"{self.ident}","c":[{",".join(part)}]}}')
-                part, size = [], 0
-            part.append(item)
-            size += len(item) + 1
-        if part:
-            out.append(f'{{"f":"{self.ident}","c":[{",".join(part)}]}}')
+            ident = str(c.job_id)
+            grows = len(ident) + 1 + (len(c.queue) + 12 if c.state == _QUEUED and c.queue not in queued else 0)
+            if size + grows > HINT_BYTES - 100 and ids:
+                flush()
+                queued, ids, retrying, size = {}, [], 0, 0
+            ids.append(ident)
+            size += grows
+            if c.state == _QUEUED:
+                queued[c.queue] = queued.get(c.queue, 0) + 1
+            elif c.state == _RETRYING:
+                retrying = 1
+        if ids:
+            flush()
         return out
 
     async def _listen(self) -> None:
@@ -379,17 +393,15 @@ class PostgresStore:
                 delay = min(5.0, delay * 2)
 
     def _heard(self, payload: str) -> None:
-        if payload.startswith(self._own):  # this scheduler's own hint: no need to read it
+        if payload.startswith(self._own) or self.on_remote is None:  # its own hint: no need to read it
             return
         try:
-            hint = json.loads(payload)
-            if hint.get("f") == self.ident or self.on_remote is None:
-                return
-            changes = [Change(int(c[0]), str(c[1]), str(c[2]), int(c[3])) for c in hint["c"]]
-        except (ValueError, KeyError, TypeError, IndexError):
+            got = json.loads(payload)
+            hint = Hint({str(q): int(n) for q, n in got["q"].items()}, [int(j) for j in got["j"]], bool(got["r"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignored a malformed hint on the orch channel: %.80r", payload)
             return
-        self.on_remote(changes)
+        self.on_remote(hint)
 
     async def queued_in(self, queues: Sequence[str]) -> list[str]:
         rows = await self._rows("SELECT q FROM unnest(%s::text[]) AS q WHERE EXISTS"

@@ -93,7 +93,7 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, OutputChunk, Store, Sweep
+from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep
 from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
@@ -319,7 +319,7 @@ class SqliteStore:
         self.rand = rand
         # Called on the loop with every job state change of a batch, once it has committed.
         self.on_commit: Callable[[list[Change]], None] | None = None
-        self.on_remote: Callable[[list[Change]], None] | None = None  # never called: one scheduler per file
+        self.on_remote: Callable[[Hint], None] | None = None  # never called: one scheduler per file
         self.shared = False  # orch.db.lock keeps a second scheduler away
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None  # the writer thread, for big batches

@@ -120,3 +120,57 @@ def test_while_the_database_is_down_the_scheduler_answers_503_and_the_worker_kee
             p.stop()
         server.stop()
 
+
+
+@pytest.mark.parametrize("notify", ["true", "false"])
+def test_a_lease_long_polling_on_one_replica_is_woken_by_a_submit_on_the_other(
+        tmp_path: Path, postgres_server: Any, notify: str) -> None:
+    """A worker's lease waits on replica B; a job is submitted to replica A. With hints (LISTEN/NOTIFY) the lease
+    gets it at once, far sooner than the poll would (every 30 s here); with ``storage.notify: false`` (behind a
+    PgBouncer in transaction mode) the poll alone brings it, within its interval (2 s here)."""
+    from helpers import client_token
+
+    data = tmp_path / "data"
+    data.mkdir()
+    poll = "30" if notify == "true" else "2"
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=postgres_server.database(),
+                        ORCH_STORAGE_NOTIFY=notify, ORCH_STORAGE_POLL_INTERVAL=poll)
+    procs: list[Proc] = []
+    try:
+        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
+        procs.append(a)
+        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
+        procs.append(b)
+        status, reg = http("POST", url_b + "/v1/workers", {"name": "w", "hostname": "h", "queues": ["q"],
+                                                            "concurrency": 1}, token=client_token(data, "join"))
+        assert status == 201, reg
+        lease = f"{url_b}/v1/workers/{reg['worker_id']}/lease"
+        ask = {"max": 1, "queues": ["q"], "wait": 25}
+        # The lease is waiting on B (an empty queue: it has not answered after 1 s) when A takes the job.
+        import threading
+
+        got: dict[str, Any] = {}
+
+        def wait_for_work() -> None:
+            got["reply"] = http("POST", lease, ask, token=reg["credential"], timeout=60)
+            got["at"] = time.monotonic()
+
+        t = threading.Thread(target=wait_for_work)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive(), f"the lease answered at once, on an empty queue: {got}"
+        sent = time.monotonic()
+        status, body = http("POST", url_a + "/v1/jobs", {"command": ["true"], "queue": "q"})
+        assert status == 201, body
+        t.join(30)
+        assert not t.is_alive(), "the lease on B was never woken"
+        status, reply = got["reply"]
+        assert status == 200 and [j["job_id"] for j in reply["jobs"]] == [body["id"]], reply
+        waited = got["at"] - sent
+        if notify == "true":
+            assert waited < 5.0, f"woken {waited:.1f}s after the submit: by the 30 s poll, not by the hint"
+        else:
+            assert waited < 2.0 + 3.0, f"woken {waited:.1f}s after the submit, with a 2 s poll"
+    finally:
+        for p in procs:
+            p.stop()

@@ -102,3 +102,34 @@ def test_schedulers_starting_together_migrate_once_and_share_the_jobs(postgres_s
             await b.close()
 
     asyncio.run(main())
+
+
+def test_hints_fit_a_notify_payload_and_tell_the_others_what_changed() -> None:
+    """Hints for thousands of changes, over many long queue names: each payload under PostgreSQL's 8,000
+    bytes; heard by another scheduler they name every changed job, how many each queue got, and a retry;
+    a scheduler ignores its own."""
+    from orch.store.base import Change, Hint
+
+    sender, other = PostgresStore("postgresql://x@127.0.0.1/x"), PostgresStore("postgresql://x@127.0.0.1/x")
+    queues = [f"q{i:02d}-" + "x" * 59 for i in range(40)]
+    changes = [Change(10**12 + i, "queued" if i % 3 else "running", queues[i % 40], 0) for i in range(3000)]
+    changes.append(Change(7, "retrying", "default", 1))
+    payloads = sender._hints(changes)
+    assert len(payloads) > 1 and all(len(p.encode()) < 8000 for p in payloads)
+    heard: list[Hint] = []
+    other.on_remote = heard.append
+    sender.on_remote = heard.append
+    for p in payloads:
+        sender._heard(p)  # its own: nothing
+    assert heard == []
+    for p in payloads:
+        other._heard(p)
+    assert sorted(j for h in heard for j in h.job_ids) == sorted(c.job_id for c in changes)
+    total: dict[str, int] = {}
+    for h in heard:
+        for q, n in h.queued.items():
+            total[q] = total.get(q, 0) + n
+    assert total == {q: sum(1 for c in changes if c.queue == q and c.state == "queued") for q in queues}
+    assert any(h.retrying for h in heard)
+    other._heard('{"f":"someone","q":[1]}')  # malformed: a line, no hint
+    assert len(heard) == len(payloads)
