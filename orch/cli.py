@@ -448,8 +448,8 @@ def _local_worker_env(settings: Settings, runner: Any) -> dict[str, str]:
 
     env = dict(os.environ)
     guard = runner.app[GUARD]
-    if guard.enabled and guard.join:
-        env["ORCH_JOIN_TOKEN"] = guard.join.decode("utf-8", "surrogateescape")
+    if guard.enabled and guard.local.join:
+        env["ORCH_JOIN_TOKEN"] = guard.local.join
     if settings["tls.cert"]:
         ca = settings["tls.ca"]
         if not ca:
