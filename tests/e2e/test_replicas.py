@@ -62,7 +62,7 @@ def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_th
         ids = []
         for _ in range(4):  # 2,000 jobs, in batches, through either replica
             status, body = http("POST", f"{url_a if len(ids) % 1000 else url_b}/v1/jobs/batch",
-                                {"jobs": [{"shell": "sleep 0.02"}] * 500})
+                                {"jobs": [{"shell": "sleep 0.05"}] * 500})
             assert status == 201, body
             ids += [j["id"] for j in body["jobs"]]
         wait_until(lambda: counts(env).get("succeeded", 0) >= 400, 120, "a fifth of the jobs to succeed")
