@@ -14,7 +14,9 @@ Three kinds of secret:
 The client and join tokens live in ``<data_dir>/tokens.json`` (mode 0600,
 written atomically), made on the scheduler's first start unless given in the
 configuration (``auth.token``, ``auth.join_token``) or the environment
-(``ORCH_TOKEN``, ``ORCH_JOIN_TOKEN``), which win over the file.
+(``ORCH_TOKEN``, ``ORCH_JOIN_TOKEN``), which win over the file. Schedulers that
+share a PostgreSQL database accept the tokens whose digests are in effect there
+(``store.cluster_tokens``); the file then keeps this machine's copy of them.
 """
 
 from __future__ import annotations
@@ -172,6 +174,12 @@ def ensure_tokens(data_dir: Path) -> tuple[Tokens, bool]:
                     join=(tokens.join if tokens else None) or new_token("join"))
     write_tokens(data_dir, tokens)
     return tokens, True
+
+
+def fresh(old: Tokens, roles: tuple[str, ...] = ROLES) -> Tokens:
+    """``old`` with the given roles' tokens replaced by new ones (the others as they are, None too)."""
+    return Tokens(client=new_token("client") if "client" in roles else old.client,
+                  join=new_token("join") if "join" in roles else old.join)
 
 
 def rotate(data_dir: Path, roles: tuple[str, ...] = ROLES) -> Tokens:

@@ -448,8 +448,8 @@ def _local_worker_env(settings: Settings, runner: Any) -> dict[str, str]:
 
     env = dict(os.environ)
     guard = runner.app[GUARD]
-    if guard.enabled and guard.join:
-        env["ORCH_JOIN_TOKEN"] = guard.join.decode("utf-8", "surrogateescape")
+    if guard.enabled and guard.local.join:
+        env["ORCH_JOIN_TOKEN"] = guard.local.join
     if settings["tls.cert"]:
         ca = settings["tls.ca"]
         if not ca:
@@ -553,7 +553,8 @@ def up(
 
 # =========================================================================== tokens and certificates
 
-token_app = typer.Typer(help="Show or rotate the scheduler's tokens (kept in the data dir's tokens.json).",
+token_app = typer.Typer(help="Show or rotate the scheduler's tokens (kept in the data dir's tokens.json; with "
+                        "storage.backend postgres, in effect for every scheduler of the database).",
                         no_args_is_help=True)
 certs_app = typer.Typer(help="Make TLS certificates: a small CA and a server certificate.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -606,11 +607,15 @@ def token_rotate(
     data_dir: Path | None = DataDirOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Replace tokens with new ones; a running scheduler takes them within a second, the old ones are refused."""
+    """Replace tokens with new ones; a running scheduler (every one of a shared database) takes them within a
+    second, the old ones are refused."""
     from orch.auth import TokenFileError, rotate, token_path
 
     roles = _roles(client, worker)
     settings = settings_for(config, **{"storage.data_dir": str(data_dir) if data_dir else None})
+    if settings["storage.backend"] == "postgres":
+        _rotate_shared(settings, roles)
+        return
     try:
         new = rotate(settings.data_dir, roles)
     except (TokenFileError, OSError) as e:
@@ -624,6 +629,40 @@ def token_rotate(
                        "it uses that value, not the file", err=True)
     typer.echo(f"written to {token_path(settings.data_dir)}; a running scheduler with this data dir takes the new "
                "token within a second. Workers keep their own credentials; give new workers the new join token.")
+
+
+def _rotate_shared(settings: Settings, roles: tuple[str, ...]) -> None:
+    """``orch token rotate`` with a shared database: the new tokens' digests go to the database first (the truth
+    for every scheduler of it), then the tokens to this machine's tokens.json."""
+    from orch.auth import ROLES, TokenFileError, digest, read_tokens, token_path, write_tokens
+    from orch.compose import database_name, rotate_shared
+
+    path = token_path(settings.data_dir)
+    try:
+        read_tokens(settings.data_dir)  # a broken file is reported before anything changes
+    except TokenFileError as e:
+        fail(f"cannot rotate the tokens: {e}", 2)
+    new, in_effect = run_async(rotate_shared(settings, roles), failure_code=2)
+    names = {"client": "client token", "join": "join token"}
+    for role in roles:
+        typer.echo(f"new {names[role]}: {new.get(role)}")
+        key = "auth.token" if role == "client" else "auth.join_token"
+        if settings[key]:
+            typer.echo(f"orch: note: {key} is set in the configuration or environment; a scheduler started with "
+                       "it uses that value, not the database's", err=True)
+    try:
+        write_tokens(settings.data_dir, new)
+    except TokenFileError as e:
+        fail(f"{e}; the new tokens above are in effect all the same: keep them", 2)
+    for role in ROLES:
+        kept = new.get(role)
+        if role not in roles and (not kept or digest(kept) != in_effect.get(role)):
+            typer.echo(f"orch: note: the {names[role]} in {path} is not the one in effect in the database; rotate "
+                       f"it too (orch token rotate --{'client' if role == 'client' else 'worker'}) or copy tokens.json "
+                       "from the machine of the scheduler that made it", err=True)
+    typer.echo(f"put in the database {database_name(settings)} and written to {path}; every scheduler of the "
+               "database takes the new token within a second. Workers keep their own credentials; give new workers "
+               "the new join token.")
 
 
 @certs_app.command("init")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from orch import auth
 from orch.config import Settings
 from orch.core.errors import ConfigError
 from orch.scheduler.app import build_app as _build_app
@@ -29,6 +30,19 @@ def store_for(settings: Settings) -> Store:
 def build_app(settings: Settings, store: Store | None = None) -> web.Application:
     """The scheduler's aiohttp application on ``store`` (by default the configured backend's)."""
     return _build_app(settings, store if store is not None else store_for(settings))
+
+
+async def rotate_shared(settings: Settings, roles: tuple[str, ...]) -> tuple[auth.Tokens, dict[str, str]]:
+    """``orch token rotate`` on a shared database: new tokens for ``roles`` (the others as this machine's
+    tokens.json has them), their digests put in the database, where every scheduler of it takes them within a
+    second. Returns the tokens, for the caller to show and write to tokens.json, and the digests in effect."""
+    new = auth.fresh(auth.read_tokens(settings.data_dir) or auth.Tokens(), roles)
+    store = store_for(settings)
+    await store.open()
+    try:
+        return new, await store.put_tokens({role: auth.digest(new.get(role) or "") for role in roles}, replace=True)
+    finally:
+        await store.close()
 
 
 def startup_error(e: BaseException, settings: Settings) -> BaseException:

@@ -1025,6 +1025,17 @@ async def poll_shared(store: Store, hub: Hub, interval: float) -> None:
             log.debug("poll of the shared database failed: %s", e)
 
 
+async def watch_tokens(store: Store, guard: Guard, interval: float = 1.0) -> None:
+    """The tokens in effect in the shared database, read once a second into the guard (a rotation on any
+    machine); a request never waits on this query."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            guard.take(await store.cluster_tokens())
+        except Exception as e:  # the database is away: the tokens read last stay in effect
+            log.debug("reading the shared tokens failed: %s", e)
+
+
 def build_app(settings: Settings, store: Store) -> web.Application:
     """The scheduler on ``store`` (orch.compose picks the backend)."""
     # Passed to aiohttp's protocol, whatever runs the app: bodies are decoded by guard_request (security.decode_body)
@@ -1049,6 +1060,8 @@ def build_app(settings: Settings, store: Store) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         guard.load()
         await store.open()
+        if store.shared:  # the tokens every scheduler of the database accepts: ours, unless others came first
+            await guard.share(store.put_tokens)
         api.metrics.known_queues(await store.queues())  # their series exist at 0 from the first scrape
         guard.load_workers(await store.worker_credentials())
         if not store.shared:  # shared: the scheduler that takes the reaper's role decides (see reaper)
@@ -1056,8 +1069,9 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         task = asyncio.create_task(reaper(store, hub, api, settings, holder))
         polls = asyncio.create_task(poll_shared(store, hub, settings["storage.poll_interval"])) if store.shared else None
+        tokens = asyncio.create_task(watch_tokens(store, guard)) if guard.shared else None
         yield
-        for t in (task, polls):
+        for t in (task, polls, tokens):
             if t is not None:
                 t.cancel()
                 with suppress(asyncio.CancelledError):

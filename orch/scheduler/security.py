@@ -7,13 +7,19 @@ Roles (``Authorization: Bearer <token>``):
 * worker credential: ``/v1/workers/{worker_id}/...``, and only that worker's;
 * client token: every other route (so a route added later is protected by default).
 
-Tokens are compared in constant time. The client and join tokens come from the
+Tokens are kept here as SHA-256 digests and compared in constant time with the
+digest of the one presented. The client and join tokens come from the
 configuration or the data dir's ``tokens.json``; the file is looked at (one
 ``stat``) at most once a second and re-read when it changed, so
-``orch token rotate`` takes effect without a restart. Worker credentials are
-kept as SHA-256 digests in the store and in memory here: checking one costs a
-hash and a dict lookup, never a query. So are the queues each worker
-registered: a worker leases only from those (``check_queues``).
+``orch token rotate`` takes effect without a restart. When the database is
+shared (PostgreSQL) the tokens in effect are the database's instead
+(``store.cluster_tokens``): each scheduler puts its own there at start-up unless
+some are in effect already, takes those, and reads them again once a second
+(``share``, ``take``), so a rotation on any machine reaches every scheduler; a
+token in the configuration still wins on the scheduler it is set on. Worker
+credentials are kept as SHA-256 digests in the store and in memory here:
+checking one costs a hash and a dict lookup, never a query. So are the queues
+each worker registered: a worker leases only from those (``check_queues``).
 
 Limits: a request body must arrive within ``scheduler.body_timeout`` (and is
 read only after the caller is authenticated); one client address (or one
@@ -74,8 +80,10 @@ class Guard:
                                       join=settings["auth.join_token"].strip() or None)
         self.data_dir = settings.data_dir
         self.path = auth.token_path(self.data_dir)
-        self.client: bytes | None = None
-        self.join: bytes | None = None
+        self.local = auth.Tokens()  # this scheduler's own tokens: configured, else its token file's
+        self.client: str | None = None  # the digests (auth.digest) of the tokens in effect
+        self.join: str | None = None
+        self.shared = False  # the tokens in effect are the shared database's (share), not the file's
         self.created = False  # the token file was made (or completed) at this start
         self._sig: tuple[int, int, int] | None = None
         self._next_check = 0.0
@@ -107,14 +115,14 @@ class Guard:
         self._next_check = time.monotonic() + 1.0
 
     def _apply(self, tokens: auth.Tokens | None) -> None:
-        client = self.configured.client or (tokens.client if tokens else None)
-        join = self.configured.join or (tokens.join if tokens else None)
-        self.client = auth.as_bytes(client) if client else None
-        self.join = auth.as_bytes(join) if join else None
+        self.local = auth.Tokens(client=self.configured.client or (tokens.client if tokens else None),
+                                 join=self.configured.join or (tokens.join if tokens else None))
+        self.client = auth.digest(self.local.client) if self.local.client else None
+        self.join = auth.digest(self.local.join) if self.local.join else None
 
     def refresh(self, now: float) -> None:
         """Notice a rewritten token file (``orch token rotate``): one stat at most once a second."""
-        if now < self._next_check or not self.uses_file:
+        if now < self._next_check or not self.uses_file or self.shared:
             return
         self._next_check = now + 1.0
         sig = auth.file_signature(self.path)
@@ -131,12 +139,50 @@ class Guard:
             return
         old = (self.client, self.join)
         self._apply(tokens)
+        self._changed(old, "token file changed")
+
+    def _changed(self, old: tuple[str | None, str | None], why: str) -> None:
         changed = [name for name, before, now_ in (("client", old[0], self.client), ("join", old[1], self.join))
                    if before != now_]
         if changed:
-            log.warning("token file changed: new %s token%s in effect; the old one%s refused",
+            log.warning("%s: new %s token%s in effect; the old one%s refused", why,
                         " and ".join(changed), "s" if len(changed) > 1 else "",
                         "s are" if len(changed) > 1 else " is")
+
+    async def share(self, put: Callable[..., Awaitable[dict[str, str]]]) -> None:
+        """The database is shared (``store.put_tokens``): put this scheduler's tokens there unless others are in
+        effect already, and accept those from now on (a configured token still wins here). Once, after ``load``."""
+        if not self.enabled:
+            return
+        mine = {role: auth.digest(token) for role in auth.ROLES if (token := self.local.get(role))}
+        in_effect = await put(mine, replace=False)
+        self.shared = True
+        self.take(in_effect, quiet=True)
+        differ = [role for role in auth.ROLES if role in in_effect and in_effect[role] != mine.get(role)]
+        from_file = [role for role in differ if not self.configured.get(role)]
+        if from_file:
+            log.warning("the %s of %s %s not the one%s in effect in the shared database, which every scheduler "
+                        "of it accepts: so does this one. Copy tokens.json from the data dir of the scheduler that "
+                        "started first to %s (so orch token show here shows them), or run orch token rotate to "
+                        "make new ones for all", _tokens(from_file), self.path,
+                        *(("are", "s") if len(from_file) > 1 else ("is", "")), self.data_dir)
+        configured = [role for role in differ if self.configured.get(role)]
+        if configured:
+            keys = " and ".join("auth.token" if role == "client" else "auth.join_token" for role in configured)
+            log.warning("%s (configuration) %s not the %s in effect in the shared database: this scheduler "
+                        "accepts %s instead, the others the database's; set the same value on every scheduler",
+                        keys, "are" if len(configured) > 1 else "is", _tokens(configured), keys)
+
+    def take(self, digests: dict[str, str], quiet: bool = False) -> None:
+        """The digests in effect in the shared database (``store.cluster_tokens``, read once a second); a
+        configured token wins over its role's."""
+        old = (self.client, self.join)
+        if not self.configured.client and digests.get("client"):
+            self.client = digests["client"]
+        if not self.configured.join and digests.get("join"):
+            self.join = digests["join"]
+        if not quiet:
+            self._changed(old, "tokens rotated in the shared database")
 
     # ------------------------------------------------------------------ worker credentials
 
@@ -178,16 +224,16 @@ class Guard:
 
     # ------------------------------------------------------------------ checks
 
-    def _is(self, token: bytes, expected: bytes | None) -> bool:
-        return expected is not None and hmac.compare_digest(token, expected)
+    def _is(self, digest: str, expected: str | None) -> bool:
+        return expected is not None and hmac.compare_digest(digest, expected)
 
-    def _wrong_role(self, token: str, raw: bytes, want: str) -> None:
-        """Raise Forbidden if ``token`` is a real credential of another role, else Unauthorized."""
-        if want != "client" and self._is(raw, self.client):
+    def _wrong_role(self, digest: str, want: str) -> None:
+        """Raise Forbidden if the token of ``digest`` is a real credential of another role, else Unauthorized."""
+        if want != "client" and self._is(digest, self.client):
             raise Forbidden(f"the client token cannot be used here: this route needs {want}")
-        if want != "join token" and self._is(raw, self.join):
+        if want != "join token" and self._is(digest, self.join):
             raise Forbidden(f"the worker join token only registers workers (POST /v1/workers): this route needs {want}")
-        wid = self.owner.get(auth.digest(token))
+        wid = self.owner.get(digest)
         if wid is not None:
             raise Forbidden(f"a worker credential (of {wid}) cannot be used here: this route needs {want}")
         raise Unauthorized(f"unknown or revoked token: this route needs {want} (orch token show)")
@@ -200,31 +246,30 @@ class Guard:
         if token is None:
             how = "missing" if not header else "malformed"
             raise Unauthorized(f"{how} credential: send 'Authorization: Bearer <token>' with {want} (orch token show)")
-        raw = auth.as_bytes(token)
+        digest = auth.digest(token)
         if kind == "client":
-            if not self._is(raw, self.client):
-                self._wrong_role(token, raw, want)
+            if not self._is(digest, self.client):
+                self._wrong_role(digest, want)
             return
         if kind == "join":
-            if not self._is(raw, self.join):
-                self._wrong_role(token, raw, want)
+            if not self._is(digest, self.join):
+                self._wrong_role(digest, want)
             return
         assert worker_id is not None
-        digest = auth.digest(token)
         entry = self.workers.get(worker_id)
         if entry is not None and hmac.compare_digest(entry[0], digest):
             if not entry[1]:
                 raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
                                     field="worker_id")
             return
-        if (entry is None or not entry[1]) and (self._is(raw, self.join) or token.startswith(auth.PREFIX["worker"])):
+        if (entry is None or not entry[1]) and (self._is(digest, self.join) or token.startswith(auth.PREFIX["worker"])):
             # A worker whose registration is gone (lost, stopped, or unknown here): it must join again.
             raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
                                 field="worker_id")
         other = self.owner.get(digest)
         if other is not None:
             raise Forbidden(f"this credential belongs to worker {other}, not {worker_id}", field="worker_id")
-        self._wrong_role(token, raw, want)
+        self._wrong_role(digest, want)
 
     def kind_of(self, method: str, path: str) -> str:
         """Who may call the route (orch/scheduler/routes.py); a worker's path always needs its credential."""
@@ -246,6 +291,10 @@ class Guard:
                 self.long_polls[key] = left
             else:
                 self.long_polls.pop(key, None)
+
+
+def _tokens(roles: list[str]) -> str:
+    return " and ".join(roles) + (" tokens" if len(roles) > 1 else " token")
 
 
 GUARD = web.AppKey("guard", Guard)

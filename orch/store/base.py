@@ -29,9 +29,11 @@ writes them as JSON (``orch/scheduler/wire.py``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from orch.core.errors import ValidationError
 from orch.core.records import (
     Credential,
     Event,
@@ -113,6 +115,22 @@ class Sweep:
     changes: list[Change] = field(default_factory=list)
     lost_workers: list[str] = field(default_factory=list)
     next_due: float | None = None
+
+
+TOKEN_ROLES = ("client", "join")  # the roles of put_tokens (orch.auth.ROLES)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_digests(digests: dict[str, str]) -> list[tuple[str, str]]:
+    """``put_tokens``' digests as (role, digest) pairs, checked: known roles, SHA-256 hex (so a token itself is
+    never stored by mistake)."""
+    for role, value in digests.items():
+        if role not in TOKEN_ROLES:
+            raise ValidationError(f"no token role {role!r} (roles: {', '.join(TOKEN_ROLES)})", field="role")
+        if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+            raise ValidationError(f"the {role} token's digest must be 64 lowercase hex digits (a SHA-256), "
+                                  "never the token", field=role)
+    return sorted(digests.items())
 
 
 class Store(Protocol):
@@ -249,6 +267,19 @@ class Store(Protocol):
 
     async def hand_back(self, worker_id: str, attempts: Sequence[tuple[int, int]], stop: bool) -> list[Change]:
         """A stopping worker gives attempts back: queued again at once, not counted; ``stop``: it is gone."""
+        ...
+
+    # ---- the client and join tokens (shared by every scheduler of a shared database)
+    async def cluster_tokens(self) -> dict[str, str]:
+        """The tokens in effect: role (``client``, ``join``) -> SHA-256 hex digest (``auth.digest``); the roles
+        nobody has put are missing. Only digests are kept, never a token."""
+        ...
+
+    async def put_tokens(self, digests: dict[str, str], *, replace: bool) -> dict[str, str]:
+        """Put each role's digest, atomically; returns the digests in effect afterwards (as ``cluster_tokens``).
+        ``replace=False`` puts only the roles that have none yet, so schedulers that start at once agree on one
+        set: the first to commit; ``replace=True`` (a rotation) overwrites the given roles. A role other than
+        ``client`` or ``join``, or a value that is not a digest, is a ValidationError and nothing is put."""
         ...
 
     # ---- the reaper

@@ -552,6 +552,28 @@ class PostgresStore:
                                 " AND credential_hash IS NOT NULL", (worker_id,))
         return Credential(rows[0][0], rows[0][1], WorkerState(rows[0][2]), json.loads(rows[0][3])) if rows else None
 
+    async def cluster_tokens(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in await self._rows("SELECT role, digest FROM tokens")}
+
+    async def put_tokens(self, digests: dict[str, str], *, replace: bool) -> dict[str, str]:
+        """One upsert: a scheduler that starts while another commits its set waits on the row locks, then keeps
+        that set (DO NOTHING); the read after it, a statement of its own, sees what committed meanwhile."""
+        from orch.store.base import checked_digests
+
+        pairs = checked_digests(digests)
+        now = self.clock()
+        on_conflict = ("DO UPDATE SET digest = EXCLUDED.digest, changed_at = EXCLUDED.changed_at" if replace
+                       else "DO NOTHING")
+
+        async def op(conn: Conn, out: list[Change]) -> dict[str, str]:
+            if pairs:
+                await conn.execute("INSERT INTO tokens (role, digest, changed_at) SELECT r, d, %s"
+                                   f" FROM unnest(%s::text[], %s::text[]) AS t (r, d) ON CONFLICT (role) {on_conflict}",
+                                   (now, [r for r, _ in pairs], [d for _, d in pairs]))
+            return {r[0]: r[1] for r in await (await conn.execute("SELECT role, digest FROM tokens")).fetchall()}
+
+        return await self._write(op)
+
     async def list_workers(self, retention: float | None = None) -> list[Worker]:
         steady = self.lease_clock()
         old = "" if retention is None else " WHERE w.state = ANY(%s) OR w.last_heartbeat >= %s"

@@ -93,7 +93,7 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep
+from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep, checked_digests
 from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
@@ -1016,6 +1016,23 @@ class SqliteStore:
         rows = await self._point("SELECT id, credential_hash, state, queues FROM workers WHERE id = ?"
                                  " AND credential_hash IS NOT NULL", (worker_id,))
         return Credential(rows[0][0], rows[0][1], WorkerState(rows[0][2]), json.loads(rows[0][3])) if rows else None
+
+    async def cluster_tokens(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in await self._point("SELECT role, digest FROM tokens")}
+
+    async def put_tokens(self, digests: dict[str, str], *, replace: bool) -> dict[str, str]:
+        """One writer: the puts of one file never race (a scheduler of it reads tokens.json instead)."""
+        pairs = checked_digests(digests)
+        now = self.clock()
+        on_conflict = ("DO UPDATE SET digest = excluded.digest, changed_at = excluded.changed_at" if replace
+                       else "DO NOTHING")
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> dict[str, str]:
+            conn.executemany(f"INSERT INTO tokens (role, digest, changed_at) VALUES (?, ?, ?) ON CONFLICT (role)"
+                             f" {on_conflict}", [(role, d, now) for role, d in pairs])
+            return {r[0]: r[1] for r in conn.execute("SELECT role, digest FROM tokens")}
+
+        return await self._write(op)
 
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,

@@ -1,8 +1,9 @@
 """The store contract: what every backend must do, run against each (tests/contract/conftest.py).
 
 Submits, claims in the policy's order, retries and backoff, fencing of stale attempts, leases and lost
-workers, hand-backs, cancels, output kept to its tail, committed changes heard once, and durability
-across a reopen. Tests that are about one engine's machinery live beside it (tests/integration/).
+workers, hand-backs, cancels, output kept to its tail, committed changes heard once, durability
+across a reopen, and the digests of the client and join tokens. Tests that are about one engine's
+machinery live beside it (tests/integration/).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storekit import POLICY, T0, TTL, FakeClock, Run, claim_one, finish, shown, spec, submit_one, worker
 
-from orch.core.errors import Conflict, NotFound, UnknownWorker
+from orch import auth
+from orch.core.errors import Conflict, NotFound, UnknownWorker, ValidationError
 from orch.core.policy import Ask, Candidate, pick
 from orch.core.spec import JobSpec
 from orch.core.states import JobState, Outcome
@@ -753,5 +755,56 @@ def test_one_report_of_many_results_ends_each_as_if_it_came_alone(run: Run, tmp_
         assert "late" not in (await shown(store, gone))["result"]["stdout"]
         assert [e.to_state for e in await store.events(cancel)] == [
             JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED]
+
+
+def _digests(n: int) -> dict[str, str]:
+    return {"client": auth.digest(f"client-{n}"), "join": auth.digest(f"join-{n}")}
+
+
+def test_tokens_are_put_once_unless_replaced_and_kept_across_a_reopen(run: Run, tmp_path: Path) -> None:
+    first, second = _digests(1), _digests(2)
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        assert await store.cluster_tokens() == {}
+        assert await store.put_tokens(first, replace=False) == first
+        # Another scheduler's set does not win over the one in effect: it is told that one.
+        assert await store.put_tokens(second, replace=False) == first
+        # A rotation replaces the roles it names, and only those.
+        assert await store.put_tokens({"client": second["client"]}, replace=True) == {**first, "client": second["client"]}
+        assert await store.cluster_tokens() == {**first, "client": second["client"]}
+
+    async def reopened(store: Store, clock: FakeClock) -> None:
+        assert await store.cluster_tokens() == {**first, "client": second["client"]}
+        assert await store.put_tokens({}, replace=False) == {**first, "client": second["client"]}
+
+    run(tmp_path, body)
+    run(tmp_path, reopened)
+
+
+def test_only_digests_of_known_roles_are_stored(run: Run, tmp_path: Path) -> None:
+    kept = _digests(1)
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.put_tokens(kept, replace=False)
+        token = auth.new_token("client")
+        for bad in ({"client": token}, {"client": auth.digest(token).upper()}, {"admin": auth.digest(token)},
+                    {"join": auth.digest(token), "client": ""}):
+            with pytest.raises(ValidationError):
+                await store.put_tokens(bad, replace=True)
+        assert await store.cluster_tokens() == kept  # nothing of a refused put was written
+
+    run(tmp_path, body)
+
+
+def test_schedulers_putting_their_tokens_at_once_agree_on_one_set(run: Run, tmp_path: Path) -> None:
+    """Concurrent first puts (on PostgreSQL each on a connection of its own, at once): every one of them is told
+    the same set, and it is one of the sets offered, whole."""
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        offered = [_digests(n) for n in range(8)]
+        told = await asyncio.gather(*(store.put_tokens(d, replace=False) for d in offered))
+        assert all(t == told[0] for t in told), told
+        assert told[0] in offered
+        assert await store.cluster_tokens() == told[0]
 
     run(tmp_path, body)

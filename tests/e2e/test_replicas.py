@@ -1,15 +1,29 @@
-"""Several `orch scheduler` replicas on one PostgreSQL database, with workers joined to all of them."""
+"""Several `orch scheduler` replicas on one PostgreSQL database, with workers joined to all of them, and the
+tokens they share."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import Proc, db_rows, http, orch_test_env, start_scheduler, start_worker, wait_until
+from helpers import (
+    Proc,
+    db_rows,
+    free_port,
+    http,
+    orch_test_env,
+    run_cli,
+    start_scheduler,
+    start_worker,
+    wait_until,
+    workers_alive,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # PostgreSQL itself: the replicas need it
 
@@ -174,3 +188,77 @@ def test_a_lease_long_polling_on_one_replica_is_woken_by_a_submit_on_the_other(
     finally:
         for p in procs:
             p.stop()
+
+
+def tokens_in(data: Path) -> dict[str, str]:
+    return json.loads((data / "tokens.json").read_text())
+
+
+def test_orch_token_rotate_on_one_replicas_machine_takes_effect_on_the_other(tmp_path: Path,
+                                                                             postgres_server: Any) -> None:
+    """Two replicas with data dirs of their own (two machines) on one database: the second accepts the tokens the
+    first put there, not its own file's, and says so; `orch token rotate` with the first's data dir reaches the
+    second within a few seconds, for the client token and the join token alike."""
+    from orch.auth import digest
+
+    dsn = postgres_server.database()
+    data_a, data_b = tmp_path / "a", tmp_path / "b"
+    env_a, env_b = (orch_test_env(d, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=dsn)
+                    for d in (data_a, data_b))
+    procs: list[Proc] = []
+    try:
+        a, url_a = start_scheduler(tmp_path, env_a, name="replica-a")
+        procs.append(a)
+        first = tokens_in(data_a)
+        # Only the digests are in the database.
+        assert dict(db_rows(env_a, "SELECT role, digest FROM tokens")) == {r: digest(t) for r, t in first.items()}
+        b, url_b = start_scheduler(tmp_path, env_b, name="replica-b")
+        procs.append(b)
+        own = tokens_in(data_b)  # made on b's machine at its first start: not the ones in effect
+        assert own["client"] != first["client"]
+        assert re.search(r"the client and join tokens of .*tokens\.json are not the ones in effect in the shared "
+                         r"database.*Copy tokens\.json", b.log()), b.log()
+        assert http("GET", url_b + "/v1/jobs", token=first["client"])[0] == 200
+        assert http("GET", url_b + "/v1/jobs", token=own["client"])[0] == 401
+
+        r = run_cli(["token", "rotate"], env_a)
+        assert r.returncode == 0, r.stderr
+        new = tokens_in(data_a)
+        assert new["client"] != first["client"] and new["join"] != first["join"]
+        assert new["client"] in r.stdout and new["join"] in r.stdout
+        wait_until(lambda: (http("GET", url_b + "/v1/jobs", token=first["client"])[0],
+                            http("GET", url_b + "/v1/jobs", token=new["client"])[0]) == (401, 200),
+                   10, "replica b to refuse the old client token and accept the new one")
+        wait_until(lambda: http("POST", url_b + "/v1/workers", {"name": "late"}, token=first["join"])[0] == 401,
+                   10, "replica b to refuse the old join token")
+        status, body = http("POST", url_b + "/v1/workers", {"name": "new"}, token=new["join"])
+        assert status == 201, body
+        assert "tokens rotated in the shared database: new client and join tokens in effect; the old ones are " \
+               "refused" in b.log(), b.log()
+        wait_until(lambda: http("GET", url_a + "/v1/jobs", token=first["client"])[0] == 401, 10,
+                   "replica a to refuse the old client token too")
+        # What the docs say to do on the second machine: copy the first one's tokens.json. Then a real worker
+        # there finds the join token in effect, and `orch token show` shows it.
+        shutil.copy(data_a / "tokens.json", data_b / "tokens.json")
+        assert run_cli(["token", "show", "--worker"], env_b).stdout.strip() == new["join"]
+        procs.append(start_worker(tmp_path, env_b, url_b, "w-b"))
+        wait_until(lambda: workers_alive(url_b) == 1, 30, "a worker to join replica b with the copied join token")
+        # Only the digests are in the database, never a token.
+        kept = dict(db_rows(env_a, "SELECT role, digest FROM tokens"))
+        assert kept == {r: digest(t) for r, t in new.items()}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_orch_token_rotate_with_the_database_away_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Nothing listens where storage.dsn points: one line naming the database, exit 2, tokens.json unchanged."""
+    data = tmp_path / "data"
+    data.mkdir()
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres",
+                        ORCH_STORAGE_DSN=f"postgresql://orch@127.0.0.1:{free_port()}/orch")
+    r = run_cli(["token", "rotate"], env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("orch: cannot connect to postgresql://orch@127.0.0.1:"), r.stderr
+    assert r.stdout == "" and not (data / "tokens.json").exists()

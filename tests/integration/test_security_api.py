@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -14,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import orch.config
-from helpers import storage_overrides, until
+from helpers import orch_cmd, storage_overrides, until
 from orch import auth
 from orch.compose import build_app
 from orch.config import load_settings
@@ -317,14 +319,30 @@ def test_worker_credentials_survive_a_scheduler_restart(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- rotation
 
 
-def test_rotating_the_token_file_takes_effect_without_a_restart(tmp_path: Path) -> None:
+def test_orch_token_rotate_takes_effect_without_a_restart(tmp_path: Path) -> None:
+    """The real ``orch token rotate`` (SQLite: it rewrites tokens.json; PostgreSQL: it puts the new digests in
+    the database as well), on the data dir of a running scheduler."""
+
+    async def rotate() -> auth.Tokens:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") or k.startswith("ORCH_STORAGE_")}
+        env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
+        proc = await asyncio.create_subprocess_exec(*orch_cmd(), "token", "rotate", "--data-dir", str(tmp_path),
+                                                    env=env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        new = auth.read_tokens(tmp_path)
+        assert new is not None and new.client and new.client in out.decode()
+        return new
+
     async def body(client: TestClient, app: web.Application) -> None:
         old = auth.read_tokens(tmp_path)
         assert old is not None and old.client and old.join
         wid, cred = await register_with(client, old.join)
         status, _, _ = await req(client, "GET", "/v1/jobs", old.client)
         assert status == 200
-        new = auth.rotate(tmp_path)
+        new = await rotate()
+        assert new.client != old.client and new.join != old.join
 
         async def switched() -> bool:
             s_old, _, _ = await req(client, "GET", "/v1/jobs", old.client)
@@ -340,6 +358,46 @@ def test_rotating_the_token_file_takes_effect_without_a_restart(tmp_path: Path) 
         assert status == 200, data
 
     serve(tmp_path, body, tokens=False)
+
+
+@pytest.mark.backend_specific  # a database shared by several schedulers: PostgreSQL's
+def test_schedulers_of_a_shared_database_accept_its_tokens_and_a_configured_one_wins_where_set(
+        tmp_path_factory: pytest.TempPathFactory, postgres_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The first scheduler puts its file's tokens in the database; a second one with another data dir (another
+    machine) accepts those, not its own file's, and says what to do; one with tokens in its configuration keeps
+    accepting those (and says so), the database's tokens stay as they were."""
+    shared = {"storage.backend": "postgres", "storage.dsn": postgres_server.database()}
+    first_dir, second_dir, third_dir = (tmp_path_factory.mktemp(n) for n in ("first", "second", "third"))
+
+    async def first(client: TestClient, app: web.Application) -> None:
+        assert await app[STORE].cluster_tokens() == {r: auth.digest(t) for r, t in kept.items()}
+
+    async def second(client: TestClient, app: web.Application) -> None:
+        own = auth.read_tokens(second_dir)
+        assert own is not None and own.client != kept["client"]
+        assert (await req(client, "GET", "/v1/jobs", kept["client"]))[0] == 200
+        error(*(await req(client, "GET", "/v1/jobs", own.client))[:2], 401, "unauthorized")
+        await register_with(client, kept["join"])
+        error(*(await req(client, "POST", "/v1/workers", own.join, {"name": "w"}))[:2], 401, "unauthorized")
+
+    async def third(client: TestClient, app: web.Application) -> None:
+        assert (await req(client, "GET", "/v1/jobs", CLIENT))[0] == 200
+        error(*(await req(client, "GET", "/v1/jobs", kept["client"]))[:2], 401, "unauthorized")
+        await register_with(client, JOIN)
+        assert await app[STORE].cluster_tokens() == {r: auth.digest(t) for r, t in kept.items()}
+
+    made, _ = auth.ensure_tokens(first_dir)
+    kept = {"client": made.client, "join": made.join}
+    serve(first_dir, first, tokens=False, **shared)
+    with caplog.at_level(logging.WARNING, logger="orch.scheduler"):
+        serve(second_dir, second, tokens=False, **shared)
+    assert f"the client and join tokens of {second_dir / 'tokens.json'} are not the ones in effect in the shared " \
+           "database" in caplog.text and "Copy tokens.json" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orch.scheduler"):
+        serve(third_dir, third, **shared)
+    assert "auth.token and auth.join_token (configuration) are not the client and join tokens in effect in the " \
+           "shared database: this scheduler accepts auth.token and auth.join_token instead" in caplog.text, caplog.text
 
 
 async def register_with(client: TestClient, join: str) -> tuple[str, str]:
