@@ -620,15 +620,22 @@ def token_rotate(
         new = rotate(settings.data_dir, roles)
     except (TokenFileError, OSError) as e:
         fail(f"cannot rotate the tokens in {token_path(settings.data_dir)}: {e}", 2)
-    names = {"client": "client token", "join": "join token"}
+    _tell_rotated(settings, roles, new, "the file")
+    typer.echo(f"written to {token_path(settings.data_dir)}; a running scheduler with this data dir takes the new "
+               "token within a second. Workers keep their own credentials; give new workers the new join token.")
+
+
+_TOKEN_NAMES = {"client": "client token", "join": "join token"}
+
+
+def _tell_rotated(settings: Settings, roles: tuple[str, ...], new: Any, instead: str) -> None:
+    """Print the new tokens, and where a configured token wins over them (``instead``: what it wins over)."""
     for role in roles:
-        typer.echo(f"new {names[role]}: {new.get(role)}")
+        typer.echo(f"new {_TOKEN_NAMES[role]}: {new.get(role)}")
         key = "auth.token" if role == "client" else "auth.join_token"
         if settings[key]:
             typer.echo(f"orch: note: {key} is set in the configuration or environment; a scheduler started with "
-                       "it uses that value, not the file", err=True)
-    typer.echo(f"written to {token_path(settings.data_dir)}; a running scheduler with this data dir takes the new "
-               "token within a second. Workers keep their own credentials; give new workers the new join token.")
+                       f"it uses that value, not {instead}", err=True)
 
 
 def _rotate_shared(settings: Settings, roles: tuple[str, ...]) -> None:
@@ -643,13 +650,7 @@ def _rotate_shared(settings: Settings, roles: tuple[str, ...]) -> None:
     except TokenFileError as e:
         fail(f"cannot rotate the tokens: {e}", 2)
     new, in_effect = run_async(rotate_shared(settings, roles), failure_code=2)
-    names = {"client": "client token", "join": "join token"}
-    for role in roles:
-        typer.echo(f"new {names[role]}: {new.get(role)}")
-        key = "auth.token" if role == "client" else "auth.join_token"
-        if settings[key]:
-            typer.echo(f"orch: note: {key} is set in the configuration or environment; a scheduler started with "
-                       "it uses that value, not the database's", err=True)
+    _tell_rotated(settings, roles, new, "the database's")
     try:
         write_tokens(settings.data_dir, new)
     except TokenFileError as e:
@@ -657,7 +658,7 @@ def _rotate_shared(settings: Settings, roles: tuple[str, ...]) -> None:
     for role in ROLES:
         kept = new.get(role)
         if role not in roles and (not kept or digest(kept) != in_effect.get(role)):
-            typer.echo(f"orch: note: the {names[role]} in {path} is not the one in effect in the database; rotate "
+            typer.echo(f"orch: note: the {_TOKEN_NAMES[role]} in {path} is not the one in effect in the database; rotate "
                        f"it too (orch token rotate --{'client' if role == 'client' else 'worker'}) or copy tokens.json "
                        "from the machine of the scheduler that made it", err=True)
     typer.echo(f"put in the database {database_name(settings)} and written to {path}; every scheduler of the "
