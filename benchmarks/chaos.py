@@ -321,6 +321,7 @@ class Chaos:
         self.procs: list[Proc] = []
         self.scheduler: Proc | None = None
         self.replica_procs: dict[str, Proc] = {}  # label -> process, with replicas
+        self.replica_slots: dict[str, int] = {}  # label -> its index in self.ports
         self.workers: dict[str, Proc] = {}
         self.report = ChaosReport(jobs=jobs, workers=workers)
         # submission
@@ -348,23 +349,37 @@ class Chaos:
 
     # ---- processes
 
-    def start_scheduler(self, label: str, port: int | None = None) -> Proc:
-        log = self.logs / f"{label}.log"
-        port = self.port if port is None else port
-        p = Proc(label, [sys.executable, "-m", "orch", "scheduler", "--port", str(port)], log, self.env)
-        self.procs.append(p)
-        self.scheduler = p
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: not p.alive() or http("GET", url + "/healthz", timeout=5)[0] == 200, 30,
-                 f"{label} to answer /healthz")
-        if not p.alive():
-            raise RuntimeError(f"{label} exited {p.p.returncode}: {p.log()[-2000:]}")
-        return p
+    def start_scheduler(self, label: str, slot: int = 0, fresh: bool = False) -> Proc:
+        """Start the scheduler of port slot ``slot``. Its port was free when picked, but anything on this machine
+        may take it before the bind (an outgoing connection's local port, say): a first start then moves to
+        another free port; a restart, which must keep its port for the workers joined to it, tries it again."""
+        deadline = time.monotonic() + 30
+        while True:
+            port = self.ports[slot]
+            log = self.logs / f"{label}.log"
+            p = Proc(label, [sys.executable, "-m", "orch", "scheduler", "--port", str(port)], log, self.env)
+            self.procs.append(p)
+            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda p=p, url=url: not p.alive() or http("GET", url + "/healthz", timeout=5)[0] == 200,
+                     30, f"{label} to answer /healthz")
+            if p.alive():
+                self.scheduler = p
+                return p
+            if "address already in use" not in p.log() or time.monotonic() > deadline:
+                raise RuntimeError(f"{label} exited {p.p.returncode}: {p.log()[-2000:]}")
+            if fresh:
+                self.ports[slot] = free_port()
+                self.port = self.ports[0]
+                self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+                self.url = self.urls[0]
+            else:
+                time.sleep(0.2)
 
     def start_replicas(self) -> None:
-        for i, port in enumerate(self.ports):
-            self.replica_procs[f"scheduler-1{'ab'[i] if i < 2 else i}"] = self.start_scheduler(
-                f"scheduler-1{'ab'[i] if i < 2 else i}", port)
+        for i in range(len(self.ports)):
+            label = f"scheduler-1{'ab'[i] if i < 2 else i}"
+            self.replica_procs[label] = self.start_scheduler(label, i, fresh=True)
+            self.replica_slots[label] = i
 
     def leader(self) -> str | None:
         """The label of the live replica that logged taking the reaper last."""
@@ -504,7 +519,8 @@ class Chaos:
         wait_for(lambda: any(w["running"] > 0 for w in self.worker_list()), 30, "a running job")
         label = wait_for(self.leader, 30, "a replica to run the reaper")
         victim = self.replica_procs[label]
-        port = self.ports[list(self.replica_procs).index(label)]
+        slot = self.replica_slots[label]
+        port = self.ports[slot]
         others = [u for u in self.urls if not u.endswith(f":{port}")]
         self.url = others[0]
         self.stale_before = stale_counts(f"http://127.0.0.1:{port}")  # its counters die with it
@@ -515,8 +531,9 @@ class Chaos:
         took = time.time()
         self.scheduler_kill = (killed, took)
         again = label + "-again"
-        self.replica_procs[again] = self.start_scheduler(again, port)
         del self.replica_procs[label]
+        self.replica_procs[again] = self.start_scheduler(again, slot)
+        self.replica_slots[again] = slot
         self.report.disruptions.append(f"kill -9 leader replica {label}; {new} ran the reaper after {took - killed:.1f}s")
 
     def restart_scheduler(self) -> None:
@@ -553,7 +570,7 @@ class Chaos:
             if self.replicas > 1:
                 self.start_replicas()
             else:
-                self.start_scheduler("scheduler-1")
+                self.start_scheduler("scheduler-1", fresh=True)
             names = [f"w{i + 1}" for i in range(self.n_workers)]
             for n in names:
                 self.start_worker(n)
