@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -103,3 +104,59 @@ def missing() -> str | None:
     if bindir() is None:
         return "PostgreSQL's server programs are not installed (Debian: apt-get install postgresql)"
     return None
+
+
+class PgBouncer:
+    """Debian's PgBouncer in front of a ``PgServer``, pooling by transaction (each transaction, or statement
+    outside one, may go to another server connection: no LISTEN, no session state), on a loopback port."""
+
+    def __init__(self, server: PgServer, pool_size: int = 4) -> None:
+        self.server = server
+        self.exe = shutil.which("pgbouncer") or next(
+            (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+        if self.exe is None:
+            raise RuntimeError("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+        self.root = Path(tempfile.mkdtemp(prefix="orch-pgbouncer-"))
+        self.port = _free_port()
+        self.ini = self.root / "pgbouncer.ini"
+        self.ini.write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={server.port} user=postgres\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            "auth_type = any\npool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 400\n"
+            f"logfile = {self.root / 'log'}\npidfile = {self.root / 'pid'}\n")
+        self.as_user = server.as_user  # it refuses to run as root, like the server
+        if self.as_user:
+            shutil.chown(self.root, self.as_user[2])
+            shutil.chown(self.ini, self.as_user[2])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([*self.as_user, self.exe, str(self.ini)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.root / "log").read_text(errors="replace") if (self.root / "log").exists() else ""
+                self.stop()
+                raise RuntimeError(f"pgbouncer did not start ({self.proc.returncode}): {log[-2000:]}")
+            time.sleep(0.05)
+
+    def dsn(self, server_dsn: str) -> str:
+        """The DSN of the same database, through the pooler."""
+        return server_dsn.replace(f"127.0.0.1:{self.server.port}/", f"127.0.0.1:{self.port}/")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -64,7 +64,7 @@ KEYS: dict[str, Key] = {
     "storage.backend": Key("choice", "sqlite", "where state is kept: sqlite (one file, the default) or postgres (storage.dsn; several schedulers may share it)", choices=("sqlite", "postgres")),
     "storage.dsn": Key("str", "", "PostgreSQL connection string for storage.backend postgres, e.g. postgresql://orch@db.example:5432/orch (a password is better kept in ~/.pgpass or PGPASSWORD)"),
     "storage.pool_size": Key("int", 8, "connections a scheduler keeps open to PostgreSQL", minimum=1),
-    "storage.notify": Key("bool", True, "PostgreSQL: schedulers sharing the database wake each other's waiters with LISTEN/NOTIFY (false behind a PgBouncer in transaction mode: the poll alone)"),
+    "storage.notify": Key("bool", True, "PostgreSQL: schedulers sharing the database wake each other's waiters with LISTEN/NOTIFY (false behind a PgBouncer in transaction mode: the poll alone, and no statement prepared on the server)"),
     "storage.poll_interval": Key("float", 2.0, "PostgreSQL: seconds between the polls that back up those wake-ups (the most a lost one delays a waiter)", minimum=0.05),
     "storage.data_dir": Key("str", "", "folder of all state (default: the platform's user data dir)"),
     "storage.path": Key("str", "", "SQLite database file (default: <data_dir>/orch.db)"),

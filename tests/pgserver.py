@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.pgserver import PgServer, bindir, missing  # noqa: E402
+from benchmarks.pgserver import PgBouncer, PgServer, bindir, missing  # noqa: E402
 
-__all__ = ["PgServer", "bindir", "missing", "need_postgres"]
+__all__ = ["PgBouncer", "PgServer", "bindir", "missing", "need_pgbouncer", "need_postgres"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -26,3 +26,15 @@ def need_postgres() -> None:
         if IN_CI:
             pytest.fail(f"CI must have PostgreSQL: {why}")
         pytest.skip(why)
+
+
+def need_pgbouncer() -> None:
+    """Skip the test on a machine without PgBouncer, saying why; under CI=true (.ci/run installs it), fail."""
+    import shutil
+
+    if shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists():
+        return
+    why = "PgBouncer is not installed (Debian: apt-get install pgbouncer)"
+    if IN_CI:
+        pytest.fail(f"CI must have PgBouncer: {why}")
+    pytest.skip(why)

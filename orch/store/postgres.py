@@ -138,7 +138,10 @@ class PostgresStore:
         self.dsn = dsn
         self.output_limit = output_limit
         self.pool_size = pool_size
-        self.notify = notify  # LISTEN/NOTIFY hints between schedulers (off behind a transaction-pooling PgBouncer)
+        # LISTEN/NOTIFY hints between schedulers. Off is the poll-only mode for a PgBouncer that pools by
+        # transaction, where a session is not ours from one statement to the next: no LISTEN, and no statement
+        # prepared on the server either (psycopg prepares one it ran 5 times; another connection knows not it).
+        self.notify = notify
         self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
         self._own = f'{{"f":"{self.ident}",'  # how its hints start (see _hints)
         self._listener: asyncio.Task[None] | None = None
@@ -176,6 +179,12 @@ class PostgresStore:
         except Exception:
             return "the PostgreSQL database (storage.dsn)"
 
+    async def _connect(self) -> Conn:
+        import psycopg
+
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
+                                                     prepare_threshold=5 if self.notify else None)
+
     async def open(self) -> None:
         try:
             import psycopg
@@ -184,7 +193,7 @@ class PostgresStore:
                                "pip install 'orch[postgres]' (the zipapp carries SQLite only)") from None
         self._anchor = self.clock() - self.monotonic()
         try:
-            first = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            first = await self._connect()
         except psycopg.Error as e:
             raise StorageError(f"cannot connect to {self.where()}: {str(e).strip().splitlines()[0]}") from None
         self._conns.append(first)
@@ -193,7 +202,7 @@ class PostgresStore:
             self._pool = asyncio.Queue()
             self._pool.put_nowait(first)
             for _ in range(self.pool_size - 1):
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                conn = await self._connect()
                 self._conns.append(conn)
                 self._pool.put_nowait(conn)
             if self.notify:
@@ -255,7 +264,7 @@ class PostgresStore:
         import psycopg
 
         try:
-            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            conn = await self._connect()
         except psycopg.Error as e:
             raise self._unavailable(e) from None
         self._conns = [c for c in self._conns if c is not old] + [conn]
@@ -282,7 +291,6 @@ class PostgresStore:
         nothing and no commit waits on PostgreSQL's NOTIFY lock (a NOTIFY in a transaction holds a lock of
         the whole database from its commit to its end: every notifying commit in turn, WAL flush included).
         A hint that cannot be sent is dropped, with a line: the others poll as well (``storage.poll_interval``)."""
-        import psycopg
 
         conn = None
         while True:
@@ -291,7 +299,7 @@ class PostgresStore:
             changes, self._told = self._told, []
             try:
                 if conn is None or conn.closed or conn.broken:
-                    conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                    conn = await self._connect()
                 await conn.execute("SELECT pg_notify('orch', p) FROM unnest(%s::text[]) AS p", (self._hints(changes),))
             except asyncio.CancelledError:
                 if conn is not None:
@@ -370,12 +378,11 @@ class PostgresStore:
     async def _listen(self) -> None:
         """Hear the other schedulers' hints (LISTEN orch) and hand them to ``on_remote``; reconnect when the
         connection goes (what was missed meanwhile costs latency only: the scheduler polls too)."""
-        import psycopg
 
         delay = 0.1
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                conn = await self._connect()
                 try:
                     await conn.execute("LISTEN orch")
                     delay = 0.1

@@ -58,6 +58,8 @@ def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_th
             lambda: (a, b, url_b) if LEADS.search(a.log()) else (b, a, url_a) if LEADS.search(b.log()) else None,
             30, "one replica to take the reaper")
         assert not LEADS.search(other.log()), "two leaders"
+        leader_url = url_a if leader is a else url_b
+        assert (leader_gauge(leader_url), leader_gauge(other_url)) == (1.0, 0.0)
 
         ids = []
         for _ in range(4):  # 2,000 jobs, in batches, through either replica
@@ -73,6 +75,7 @@ def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_th
         before = counts(env).get("succeeded", 0)
         took = wait_until(lambda: LEADS.search(other.log()) and time.monotonic(), 3 * TTL, "the other replica to lead")
         assert took - killed <= TTL + 1.5, f"took the reaper {took - killed:.1f}s after the kill"
+        assert leader_gauge(other_url) == 1.0
         wait_until(lambda: counts(env).get("succeeded", 0) > before + 100, 60, "the workers to keep going")
 
         def all_ended() -> dict[str, int] | None:
@@ -262,3 +265,155 @@ def test_orch_token_rotate_with_the_database_away_is_one_line_and_exit_2(tmp_pat
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("orch: cannot connect to postgresql://orch@127.0.0.1:"), r.stderr
     assert r.stdout == "" and not (data / "tokens.json").exists()
+
+
+def leader_gauge(url: str) -> float | None:
+    """``orch_scheduler_leader`` as a scheduler's /metrics shows it."""
+    import urllib.request
+
+    from helpers import client_token
+
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {client_token()}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^orch_scheduler_leader\s+(\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_a_stalled_replica_extends_no_lease_of_the_cluster(tmp_path: Path, postgres_server: Any) -> None:
+    """The leading replica is stopped (SIGSTOP) past its stall threshold but within its leader lease, then resumed.
+    Its workers were heard by the other replica meanwhile, so it says so and extends no lease: a worker killed -9
+    right after is lost within the lease TTL (10 s), not after the recovery grace (60 s), as a lone scheduler's
+    stall would give it."""
+    import signal
+
+    ttl = 10.0
+    data = tmp_path / "data"
+    data.mkdir()
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=postgres_server.database(),
+                        ORCH_SCHEDULER_LEASE_TTL=str(ttl), ORCH_SCHEDULER_HEARTBEAT_INTERVAL="0.5",
+                        ORCH_SCHEDULER_RECOVERY_GRACE="60", ORCH_STORAGE_POLL_INTERVAL="0.5")
+    procs: list[Proc] = []
+    try:
+        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
+        procs.append(a)
+        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
+        procs.append(b)
+        leader, other_url = wait_until(
+            lambda: (a, url_b) if LEADS.search(a.log()) else (b, url_a) if LEADS.search(b.log()) else None,
+            30, "one replica to take the reaper")
+        worker = start_worker(tmp_path, env, other_url, "w1")  # it talks to the replica that keeps running
+        procs.append(worker)
+        status, job = http("POST", other_url + "/v1/jobs", {"shell": "sleep 120"})
+        assert status == 201, job
+        wait_until(lambda: http("GET", f"{other_url}/v1/jobs/{job['id']}")[1]["state"] == "running", 30,
+                   "the job to run")
+
+        leader.signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        # The stall: longer than the threshold (tick + max(2 s, TTL / 2) = 5.25 s), shorter than the leader's
+        # lease (the TTL), so the stopped replica still leads when it wakes.
+        wait_until(lambda: time.monotonic() - stopped > 7.0, 10, "the stall to last 7 s", interval=0.1)
+        leader.signal(signal.SIGCONT)
+        wait_until(lambda: "scheduler stalled for" in leader.log(), 10, "the resumed replica to see its stall")
+        assert re.search(r"scheduler stalled for [\d.]+s; the other schedulers of the database kept serving",
+                         leader.log()), leader.log()
+        assert "extending leases" not in leader.log()
+        assert "no longer runs the reaper" not in leader.log()  # it still led: its sweeps would apply a grace
+
+        worker.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: http("GET", f"{other_url}/v1/jobs/{job['id']}")[1]["state"] != "running", 40,
+                   "the killed worker's job to be taken back")
+        took = time.monotonic() - killed
+        assert took < ttl + 5, f"the dead worker's job was taken back {took:.1f}s after the kill: leases extended"
+        workers = http("GET", other_url + "/v1/workers")[1]["workers"]
+        assert [w["state"] for w in workers] == ["lost"], workers
+    finally:
+        for p in procs:
+            p.signal(signal.SIGCONT) if p.alive() else None
+            p.stop()
+
+
+def test_replicas_behind_a_pgbouncer_pooling_by_transaction_run_every_job_in_poll_only_mode(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """Two replicas reach the database only through a PgBouncer with ``pool_mode = transaction`` (4 server
+    connections for the 16 of the schedulers), with ``storage.notify: false``: a worker joined to both runs 500
+    jobs submitted to either, 200 of them by 16 clients at once, each job once; a lease waiting on one replica gets a job submitted to the other within
+    the poll interval; nothing fails on a statement the pooler gave to another server connection."""
+    from pgserver import PgBouncer, need_pgbouncer
+
+    from helpers import client_token
+
+    need_pgbouncer()
+    bouncer = PgBouncer(postgres_server, pool_size=4)
+    bouncer.start()
+    procs: list[Proc] = []
+    try:
+        data = tmp_path / "data"
+        data.mkdir()
+        env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres",
+                            ORCH_STORAGE_DSN=bouncer.dsn(postgres_server.database()), ORCH_STORAGE_NOTIFY="false",
+                            ORCH_STORAGE_POLL_INTERVAL="1", ORCH_SCHEDULER_LEASE_TTL="5",
+                            ORCH_SCHEDULER_HEARTBEAT_INTERVAL="0.5")
+        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
+        procs.append(a)
+        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
+        procs.append(b)
+        procs.append(start_worker(tmp_path, env, f"{url_a},{url_b}", "w1", concurrency=8))
+        wait_until(lambda: workers_alive(url_b) == 1, 30, "the worker")
+        ids = []
+        for i in range(6):  # 300 jobs, one batch in two through each replica, each at least 5 statements
+            status, body = http("POST", f"{(url_a, url_b)[i % 2]}/v1/jobs/batch",
+                                {"jobs": [{"command": ["echo", str(i)]}] * 50})
+            assert status == 201, body
+            ids += [j["id"] for j in body["jobs"]]
+        # And 200 single submits from 16 clients at once: the same statement again and again on each of the
+        # schedulers' connections, while the pooler hands each to whichever server connection is free.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            singles = list(pool.map(lambda i: http("POST", f"{(url_a, url_b)[i % 2]}/v1/jobs",
+                                                   {"command": ["echo", "single"]}), range(200)))
+        assert [s for s, _ in singles] == [201] * 200, [r for r in singles if r[0] != 201][:3]
+        ids += [body["id"] for _, body in singles]
+
+        def ended() -> dict[str, int] | None:
+            c = counts(env)
+            return c if sum(c.values()) == len(ids) and "queued" not in c and "running" not in c else None
+
+        final = wait_until(ended, 120, "every job to end")
+        assert final == {"succeeded": len(ids)}, final
+        once = db_rows(env, "SELECT count(*) FROM attempts GROUP BY job_id HAVING count(*) <> 1")
+        assert once == [], once
+
+        # A lease waiting on b is given a job submitted to a, by b's poll (no LISTEN through the pooler).
+        status, reg = http("POST", url_b + "/v1/workers", {"name": "w2", "hostname": "h", "queues": ["q"],
+                                                            "concurrency": 1}, token=client_token(data, "join"))
+        assert status == 201, reg
+        import threading
+
+        got: dict[str, Any] = {}
+
+        def lease() -> None:
+            got["reply"] = http("POST", f"{url_b}/v1/workers/{reg['worker_id']}/lease",
+                                {"max": 1, "queues": ["q"], "wait": 25}, token=reg["credential"], timeout=60)
+            got["at"] = time.monotonic()
+
+        t = threading.Thread(target=lease)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), got
+        sent = time.monotonic()
+        status, body = http("POST", url_a + "/v1/jobs", {"command": ["true"], "queue": "q"})
+        assert status == 201, body
+        t.join(30)
+        assert not t.is_alive(), "the lease on b was never given the job"
+        assert [j["job_id"] for j in got["reply"][1]["jobs"]] == [body["id"]], got
+        assert got["at"] - sent < 1.0 + 3.0, f"given {got['at'] - sent:.1f}s after the submit, with a 1 s poll"
+        for p in (a, b):
+            assert "prepared statement" not in p.log() and "Traceback" not in p.log(), p.log()[-3000:]
+    finally:
+        for p in procs:
+            p.stop()
+        bouncer.stop()
