@@ -123,6 +123,14 @@ def event_of(r: Any) -> Event:
 _EVENT_COLUMNS = "id, job_id, attempt, from_state, to_state, at, reason"
 
 
+CONNECT_TIMEOUT = 10  # seconds a connection may take to be set up, unless storage.dsn says (connect_timeout=)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class PostgresStore:
     def __init__(
         self,
@@ -142,6 +150,7 @@ class PostgresStore:
         # transaction, where a session is not ours from one statement to the next: no LISTEN, and no statement
         # prepared on the server either (psycopg prepares one it ran 5 times; another connection knows not it).
         self.notify = notify
+        self._connect_args: dict[str, Any] = {"prepare_threshold": 5 if notify else None}
         self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
         self._own = f'{{"f":"{self.ident}",'  # how its hints start (see _hints)
         self._listener: asyncio.Task[None] | None = None
@@ -166,8 +175,7 @@ class PostgresStore:
         return self.monotonic() + self._anchor
 
     def _unavailable(self, e: BaseException) -> StorageUnavailable:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return StorageUnavailable(f"the database {self.where()} cannot be used now: {first}")
+        return StorageUnavailable(f"the database {self.where()} cannot be used now: {_first_line(e)}")
 
     def where(self) -> str:
         """The database as a person names it (the DSN without its password)."""
@@ -182,8 +190,7 @@ class PostgresStore:
     async def _connect(self) -> Conn:
         import psycopg
 
-        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
-                                                     prepare_threshold=5 if self.notify else None)
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._connect_args)
 
     async def open(self) -> None:
         try:
@@ -191,11 +198,18 @@ class PostgresStore:
         except ImportError:
             raise StorageError("storage.backend is postgres but psycopg is not installed: "
                                "pip install 'orch[postgres]' (the zipapp carries SQLite only)") from None
+        from psycopg.conninfo import conninfo_to_dict
+
         self._anchor = self.clock() - self.monotonic()
         try:
+            given = conninfo_to_dict(self.dsn)
+            # A server that takes the connection and never answers (a dead host behind a live balancer, a
+            # firewall that drops) must not hang start-up, a reconnect or `orch token rotate` for ever.
+            if "connect_timeout" not in given:
+                self._connect_args["connect_timeout"] = CONNECT_TIMEOUT
             first = await self._connect()
         except psycopg.Error as e:
-            raise StorageError(f"cannot connect to {self.where()}: {str(e).strip().splitlines()[0]}") from None
+            raise StorageError(f"cannot connect to {self.where()}: {_first_line(e)}") from None
         self._conns.append(first)
         try:
             await self._migrate(first)
@@ -208,6 +222,9 @@ class PostgresStore:
             if self.notify:
                 self._listener = asyncio.create_task(self._listen())
                 self._sender = asyncio.create_task(self._send_hints())
+        except psycopg.Error as e:  # a migration the role may not run, the server's connection limit...
+            await self.close()
+            raise StorageError(f"cannot set up {self.where()} for orch: {_first_line(e)}") from None
         except BaseException:
             await self.close()
             raise
@@ -308,8 +325,7 @@ class PostgresStore:
                 raise
             except Exception as e:
                 log.warning("could not tell the other schedulers of %d change%s (%s); they poll as well",
-                            len(changes), "" if len(changes) == 1 else "s",
-                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                            len(changes), "" if len(changes) == 1 else "s", _first_line(e))
                 if conn is not None:
                     with suppress(Exception):
                         await conn.close()
@@ -395,7 +411,7 @@ class PostgresStore:
                 raise
             except Exception as e:
                 log.warning("not hearing other schedulers' changes (%s); trying again in %.1fs",
-                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, delay)
+                            _first_line(e), delay)
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 

@@ -417,3 +417,48 @@ def test_replicas_behind_a_pgbouncer_pooling_by_transaction_run_every_job_in_pol
         for p in procs:
             p.stop()
         bouncer.stop()
+
+
+def test_a_database_that_takes_the_connection_and_never_answers_is_given_up_after_the_connect_timeout(
+        tmp_path: Path) -> None:
+    """A listener that never answers (a dead host behind a live balancer): `orch token rotate` gives up after the
+    connect timeout orch sets when storage.dsn sets none (10 s), in one line and exit 2, instead of hanging."""
+    import socket
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres",
+                            ORCH_STORAGE_DSN=f"postgresql://orch@127.0.0.1:{silent.getsockname()[1]}/orch")
+        began = time.monotonic()
+        r = run_cli(["token", "rotate"], env, timeout=60)
+        took = time.monotonic() - began
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert 9 < took < 30, f"gave up after {took:.1f}s"
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("orch: cannot connect to postgresql://orch@127.0.0.1:"), r.stderr
+
+
+def test_a_role_that_may_not_create_the_schema_is_one_line_and_exit_2(tmp_path: Path, postgres_server: Any) -> None:
+    """storage.dsn names a role that may connect but not create tables (PostgreSQL 15's public schema): the
+    scheduler does not start, and says so in one line naming the database, with exit 2, not a traceback."""
+    import uuid
+
+    import psycopg
+
+    dsn = postgres_server.database()
+    role = "r_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    data = tmp_path / "data"
+    data.mkdir()
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres",
+                        ORCH_STORAGE_DSN=dsn.replace("postgresql://postgres@", f"postgresql://{role}@"))
+    r = run_cli(["scheduler", "--port", "0"], env, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert re.search(rf"^orch: cannot set up postgresql://{role}@127\.0\.0\.1:\d+/t_\w+ for orch: permission denied "
+                     r"for schema public$", r.stderr, re.M), r.stderr
