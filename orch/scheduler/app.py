@@ -472,7 +472,8 @@ class Api:
         jobs = await self.store.submit(specs, self.defaults, stored)
         # Summaries, as listings: the caller has the specs it sent, and 10,000 of them near
         # scheduler.max_spec_bytes would make an answer as large as the request again.
-        summaries = await each(jobs, lambda i, job: wire.job_summary(job))
+        times: dict[float, str | None] = {}  # one created_at for the whole batch, written once
+        summaries = await each(jobs, lambda i, job: wire.job_summary(job, times))
         body = await encode_list("jobs", summaries)
         await let_go(items, specs, stored, jobs, summaries)
         return await big_answer(request, body, 201)

@@ -18,27 +18,40 @@ from orch.output import render as render_output
 _RETRYING = JobState.RETRYING
 
 
-def job_summary(j: Job) -> dict[str, Any]:
-    """A job as a listing shows it: bounded in size whatever its spec (the command cut, with a flag)."""
-    command = j.command or ""
+def job_summary(j: Job, times: dict[float, str | None] | None = None) -> dict[str, Any]:
+    """A job as a listing shows it: bounded in size whatever its spec (the command cut, with a flag).
+
+    ``times``: the texts of timestamps already written, for many jobs at once (a batch shares its
+    created_at). The record is unpacked at once: a batch or page writes thousands of these, and a
+    named field read costs as much as the rest of the line.
+    """
+    (id_, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at, finished_at,
+     run_at, worker_id, cancel_requested, exit_code, error) = j
+    command = command or ""
+    if times is None:
+        created = iso(created_at)
+    else:
+        created = times.get(created_at)
+        if created is None:
+            created = times[created_at] = iso(created_at)
     return {
-        "id": j.id,
-        "state": j.state.value,
-        "queue": j.queue,
-        "priority": j.priority,
-        "name": j.name,
+        "id": id_,
+        "state": state.value,
+        "queue": queue,
+        "priority": priority,
+        "name": name,
         "command": command[:COMMAND_SHOWN],
         "command_truncated": len(command) > COMMAND_SHOWN,
-        "attempt": j.attempt,
-        "max_attempts": j.max_attempts,
-        "created_at": iso(j.created_at),
-        "started_at": iso(j.started_at),
-        "finished_at": iso(j.finished_at),
-        "retry_at": iso(j.run_at) if j.state is _RETRYING else None,
-        "worker": j.worker_id,
-        "cancel_requested": j.cancel_requested,
-        "exit_code": j.exit_code,
-        "error": j.error,
+        "attempt": attempt,
+        "max_attempts": max_attempts,
+        "created_at": created,
+        "started_at": None if started_at is None else iso(started_at),
+        "finished_at": None if finished_at is None else iso(finished_at),
+        "retry_at": iso(run_at) if state is _RETRYING else None,
+        "worker": worker_id,
+        "cancel_requested": cancel_requested,
+        "exit_code": exit_code,
+        "error": error,
     }
 
 

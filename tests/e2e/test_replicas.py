@@ -37,8 +37,9 @@ def counts(env: dict[str, str]) -> dict[str, int]:
 
 def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_the_reaper(
         tmp_path: Path, postgres_server: Any) -> None:
-    """Two replicas, two workers joined to both, 2,000 jobs; the leader is killed with -9 half-way: every job
-    succeeds exactly once, none is left behind, the other replica runs the reaper within the lease TTL."""
+    """Two replicas, two workers joined to both (the leader first), 2,000 jobs; the leader is killed with -9
+    half-way: every job succeeds exactly once, none is left behind, the other replica runs the reaper within the
+    lease TTL (its orch_scheduler_leader gauge goes to 1), and the workers go on through it."""
     data = tmp_path / "data"
     data.mkdir()
     env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=postgres_server.database(),
@@ -50,16 +51,16 @@ def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_th
         procs.append(a)
         b, url_b = start_scheduler(tmp_path, env, name="replica-b")
         procs.append(b)
-        both = f"{url_a},{url_b}"
-        for name in ("w1", "w2"):
-            procs.append(start_worker(tmp_path, env, both, name, concurrency=8))
-        wait_until(lambda: len(http("GET", url_b + "/v1/workers")[1]["workers"]) == 2, 30, "both workers")
         leader, other, other_url = wait_until(
             lambda: (a, b, url_b) if LEADS.search(a.log()) else (b, a, url_a) if LEADS.search(b.log()) else None,
             30, "one replica to take the reaper")
         assert not LEADS.search(other.log()), "two leaders"
         leader_url = url_a if leader is a else url_b
         assert (leader_gauge(leader_url), leader_gauge(other_url)) == (1.0, 0.0)
+        # The leader first in the workers' lists: they talk to it until it dies, then must move to the other.
+        for name in ("w1", "w2"):
+            procs.append(start_worker(tmp_path, env, f"{leader_url},{other_url}", name, concurrency=8))
+        wait_until(lambda: len(http("GET", url_b + "/v1/workers")[1]["workers"]) == 2, 30, "both workers")
 
         ids = []
         for _ in range(4):  # 2,000 jobs, in batches, through either replica
