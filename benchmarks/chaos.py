@@ -370,7 +370,7 @@ class Chaos:
             if fresh:
                 self.ports[slot] = free_port()
                 self.port = self.ports[0]
-                self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+                self.urls = [f"http://127.0.0.1:{n}" for n in self.ports]
                 self.url = self.urls[0]
             else:
                 time.sleep(0.2)

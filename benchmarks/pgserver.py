@@ -106,16 +106,22 @@ def missing() -> str | None:
     return None
 
 
+def pgbouncer_exe() -> str | None:
+    """Debian's PgBouncer (in /usr/sbin, often not on PATH), or one on PATH; None where there is none."""
+    return shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+
+
 class PgBouncer:
     """Debian's PgBouncer in front of a ``PgServer``, pooling by transaction (each transaction, or statement
     outside one, may go to another server connection: no LISTEN, no session state), on a loopback port."""
 
     def __init__(self, server: PgServer, pool_size: int = 4) -> None:
         self.server = server
-        self.exe = shutil.which("pgbouncer") or next(
-            (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
-        if self.exe is None:
+        exe = pgbouncer_exe()
+        if exe is None:
             raise RuntimeError("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+        self.exe = exe
         self.root = Path(tempfile.mkdtemp(prefix="orch-pgbouncer-"))
         self.port = _free_port()
         self.ini = self.root / "pgbouncer.ini"

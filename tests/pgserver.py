@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.pgserver import PgBouncer, PgServer, bindir, missing  # noqa: E402
+from benchmarks.pgserver import PgBouncer, PgServer, bindir, missing, pgbouncer_exe  # noqa: E402
 
 __all__ = ["PgBouncer", "PgServer", "bindir", "missing", "need_pgbouncer", "need_postgres"]
 
@@ -30,9 +30,7 @@ def need_postgres() -> None:
 
 def need_pgbouncer() -> None:
     """Skip the test on a machine without PgBouncer, saying why; under CI=true (.ci/run installs it), fail."""
-    import shutil
-
-    if shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists():
+    if pgbouncer_exe() is not None:
         return
     why = "PgBouncer is not installed (Debian: apt-get install pgbouncer)"
     if IN_CI:

@@ -308,7 +308,6 @@ class PostgresStore:
         nothing and no commit waits on PostgreSQL's NOTIFY lock (a NOTIFY in a transaction holds a lock of
         the whole database from its commit to its end: every notifying commit in turn, WAL flush included).
         A hint that cannot be sent is dropped, with a line: the others poll as well (``storage.poll_interval``)."""
-
         conn = None
         while True:
             await self._telling.wait()
@@ -394,7 +393,6 @@ class PostgresStore:
     async def _listen(self) -> None:
         """Hear the other schedulers' hints (LISTEN orch) and hand them to ``on_remote``; reconnect when the
         connection goes (what was missed meanwhile costs latency only: the scheduler polls too)."""
-
         delay = 0.1
         while True:
             try:

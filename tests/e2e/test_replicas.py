@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 
 from helpers import (
     Proc,
+    client_token,
     db_rows,
     free_port,
     http,
@@ -35,6 +38,57 @@ def counts(env: dict[str, str]) -> dict[str, int]:
     return {str(s): int(n) for s, n in db_rows(env, "SELECT state, count(*) FROM jobs GROUP BY state")}
 
 
+def two_replicas(tmp_path: Path, env: dict[str, str], procs: list[Proc]) -> tuple[Proc, str, Proc, str]:
+    """Schedulers replica-a and replica-b on the database ``env`` names (added to ``procs``), with their URLs."""
+    a, url_a = start_scheduler(tmp_path, env, name="replica-a")
+    procs.append(a)
+    b, url_b = start_scheduler(tmp_path, env, name="replica-b")
+    procs.append(b)
+    return a, url_a, b, url_b
+
+
+def leading(a: Proc, url_a: str, b: Proc, url_b: str) -> tuple[Proc, str, Proc, str]:
+    """The replica that took the reaper and its URL, then the other and its URL."""
+    return wait_until(lambda: (a, url_a, b, url_b) if LEADS.search(a.log()) else
+                      (b, url_b, a, url_a) if LEADS.search(b.log()) else None, 30, "one replica to take the reaper")
+
+
+def leader_gauge(url: str) -> float | None:
+    """``orch_scheduler_leader`` as a scheduler's /metrics shows it."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {client_token()}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^orch_scheduler_leader\s+(\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def lease_woken_by_a_submit_elsewhere(data: Path, wait_on: str, submit_to: str, name: str) -> float:
+    """A worker's lease long-polls on ``wait_on`` (still waiting after 1 s: an empty queue) when a job is
+    submitted to ``submit_to``; the lease must get that job. Returns how long after the submit it did."""
+    status, reg = http("POST", wait_on + "/v1/workers", {"name": name, "hostname": "h", "queues": ["q"],
+                                                         "concurrency": 1}, token=client_token(data, "join"))
+    assert status == 201, reg
+    got: dict[str, Any] = {}
+
+    def wait_for_work() -> None:
+        got["reply"] = http("POST", f"{wait_on}/v1/workers/{reg['worker_id']}/lease",
+                            {"max": 1, "queues": ["q"], "wait": 25}, token=reg["credential"], timeout=60)
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=wait_for_work)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), f"the lease answered at once, on an empty queue: {got}"
+    sent = time.monotonic()
+    status, body = http("POST", submit_to + "/v1/jobs", {"command": ["true"], "queue": "q"})
+    assert status == 201, body
+    t.join(30)
+    assert not t.is_alive(), f"the lease on {wait_on} was never given the job"
+    status, reply = got["reply"]
+    assert status == 200 and [j["job_id"] for j in reply["jobs"]] == [body["id"]], reply
+    return float(got["at"] - sent)
+
+
 def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_the_reaper(
         tmp_path: Path, postgres_server: Any) -> None:
     """Two replicas, two workers joined to both (the leader first), 2,000 jobs; the leader is killed with -9
@@ -47,15 +101,9 @@ def test_killing_the_leader_replica_mid_run_loses_nothing_and_the_other_takes_th
                         ORCH_SCHEDULER_RECOVERY_GRACE=str(TTL), ORCH_STORAGE_POLL_INTERVAL="0.5")
     procs: list[Proc] = []
     try:
-        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
-        procs.append(a)
-        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
-        procs.append(b)
-        leader, other, other_url = wait_until(
-            lambda: (a, b, url_b) if LEADS.search(a.log()) else (b, a, url_a) if LEADS.search(b.log()) else None,
-            30, "one replica to take the reaper")
+        a, url_a, b, url_b = two_replicas(tmp_path, env, procs)
+        leader, leader_url, other, other_url = leading(a, url_a, b, url_b)
         assert not LEADS.search(other.log()), "two leaders"
-        leader_url = url_a if leader is a else url_b
         assert (leader_gauge(leader_url), leader_gauge(other_url)) == (1.0, 0.0)
         # The leader first in the workers' lists: they talk to it until it dies, then must move to the other.
         for name in ("w1", "w2"):
@@ -146,8 +194,6 @@ def test_a_lease_long_polling_on_one_replica_is_woken_by_a_submit_on_the_other(
     """A worker's lease waits on replica B; a job is submitted to replica A. With hints (LISTEN/NOTIFY) the lease
     gets it at once, far sooner than the poll would (every 30 s here); with ``storage.notify: false`` (behind a
     PgBouncer in transaction mode) the poll alone brings it, within its interval (2 s here)."""
-    from helpers import client_token
-
     data = tmp_path / "data"
     data.mkdir()
     poll = "30" if notify == "true" else "2"
@@ -155,36 +201,8 @@ def test_a_lease_long_polling_on_one_replica_is_woken_by_a_submit_on_the_other(
                         ORCH_STORAGE_NOTIFY=notify, ORCH_STORAGE_POLL_INTERVAL=poll)
     procs: list[Proc] = []
     try:
-        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
-        procs.append(a)
-        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
-        procs.append(b)
-        status, reg = http("POST", url_b + "/v1/workers", {"name": "w", "hostname": "h", "queues": ["q"],
-                                                            "concurrency": 1}, token=client_token(data, "join"))
-        assert status == 201, reg
-        lease = f"{url_b}/v1/workers/{reg['worker_id']}/lease"
-        ask = {"max": 1, "queues": ["q"], "wait": 25}
-        # The lease is waiting on B (an empty queue: it has not answered after 1 s) when A takes the job.
-        import threading
-
-        got: dict[str, Any] = {}
-
-        def wait_for_work() -> None:
-            got["reply"] = http("POST", lease, ask, token=reg["credential"], timeout=60)
-            got["at"] = time.monotonic()
-
-        t = threading.Thread(target=wait_for_work)
-        t.start()
-        t.join(1.0)
-        assert t.is_alive(), f"the lease answered at once, on an empty queue: {got}"
-        sent = time.monotonic()
-        status, body = http("POST", url_a + "/v1/jobs", {"command": ["true"], "queue": "q"})
-        assert status == 201, body
-        t.join(30)
-        assert not t.is_alive(), "the lease on B was never woken"
-        status, reply = got["reply"]
-        assert status == 200 and [j["job_id"] for j in reply["jobs"]] == [body["id"]], reply
-        waited = got["at"] - sent
+        a, url_a, b, url_b = two_replicas(tmp_path, env, procs)
+        waited = lease_woken_by_a_submit_elsewhere(data, url_b, url_a, "w")
         if notify == "true":
             assert waited < 5.0, f"woken {waited:.1f}s after the submit: by the 30 s poll, not by the hint"
         else:
@@ -268,19 +286,6 @@ def test_orch_token_rotate_with_the_database_away_is_one_line_and_exit_2(tmp_pat
     assert r.stdout == "" and not (data / "tokens.json").exists()
 
 
-def leader_gauge(url: str) -> float | None:
-    """``orch_scheduler_leader`` as a scheduler's /metrics shows it."""
-    import urllib.request
-
-    from helpers import client_token
-
-    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {client_token()}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
-    found = re.search(r"^orch_scheduler_leader\s+(\S+)$", text, re.M)
-    return float(found.group(1)) if found else None
-
-
 def test_a_stalled_replica_extends_no_lease_of_the_cluster(tmp_path: Path, postgres_server: Any) -> None:
     """The leading replica is stopped (SIGSTOP) past its stall threshold but within its leader lease, then resumed.
     Its workers were heard by the other replica meanwhile, so it says so and extends no lease: a worker killed -9
@@ -296,13 +301,8 @@ def test_a_stalled_replica_extends_no_lease_of_the_cluster(tmp_path: Path, postg
                         ORCH_SCHEDULER_RECOVERY_GRACE="60", ORCH_STORAGE_POLL_INTERVAL="0.5")
     procs: list[Proc] = []
     try:
-        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
-        procs.append(a)
-        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
-        procs.append(b)
-        leader, other_url = wait_until(
-            lambda: (a, url_b) if LEADS.search(a.log()) else (b, url_a) if LEADS.search(b.log()) else None,
-            30, "one replica to take the reaper")
+        a, url_a, b, url_b = two_replicas(tmp_path, env, procs)
+        leader, _, _, other_url = leading(a, url_a, b, url_b)
         worker = start_worker(tmp_path, env, other_url, "w1")  # it talks to the replica that keeps running
         procs.append(worker)
         status, job = http("POST", other_url + "/v1/jobs", {"shell": "sleep 120"})
@@ -344,8 +344,6 @@ def test_replicas_behind_a_pgbouncer_pooling_by_transaction_run_every_job_in_pol
     the poll interval; nothing fails on a statement the pooler gave to another server connection."""
     from pgserver import PgBouncer, need_pgbouncer
 
-    from helpers import client_token
-
     need_pgbouncer()
     bouncer = PgBouncer(postgres_server, pool_size=4)
     bouncer.start()
@@ -357,10 +355,7 @@ def test_replicas_behind_a_pgbouncer_pooling_by_transaction_run_every_job_in_pol
                             ORCH_STORAGE_DSN=bouncer.dsn(postgres_server.database()), ORCH_STORAGE_NOTIFY="false",
                             ORCH_STORAGE_POLL_INTERVAL="1", ORCH_SCHEDULER_LEASE_TTL="5",
                             ORCH_SCHEDULER_HEARTBEAT_INTERVAL="0.5")
-        a, url_a = start_scheduler(tmp_path, env, name="replica-a")
-        procs.append(a)
-        b, url_b = start_scheduler(tmp_path, env, name="replica-b")
-        procs.append(b)
+        a, url_a, b, url_b = two_replicas(tmp_path, env, procs)
         procs.append(start_worker(tmp_path, env, f"{url_a},{url_b}", "w1", concurrency=8))
         wait_until(lambda: workers_alive(url_b) == 1, 30, "the worker")
         ids = []
@@ -389,29 +384,8 @@ def test_replicas_behind_a_pgbouncer_pooling_by_transaction_run_every_job_in_pol
         assert once == [], once
 
         # A lease waiting on b is given a job submitted to a, by b's poll (no LISTEN through the pooler).
-        status, reg = http("POST", url_b + "/v1/workers", {"name": "w2", "hostname": "h", "queues": ["q"],
-                                                            "concurrency": 1}, token=client_token(data, "join"))
-        assert status == 201, reg
-        import threading
-
-        got: dict[str, Any] = {}
-
-        def lease() -> None:
-            got["reply"] = http("POST", f"{url_b}/v1/workers/{reg['worker_id']}/lease",
-                                {"max": 1, "queues": ["q"], "wait": 25}, token=reg["credential"], timeout=60)
-            got["at"] = time.monotonic()
-
-        t = threading.Thread(target=lease)
-        t.start()
-        t.join(0.5)
-        assert t.is_alive(), got
-        sent = time.monotonic()
-        status, body = http("POST", url_a + "/v1/jobs", {"command": ["true"], "queue": "q"})
-        assert status == 201, body
-        t.join(30)
-        assert not t.is_alive(), "the lease on b was never given the job"
-        assert [j["job_id"] for j in got["reply"][1]["jobs"]] == [body["id"]], got
-        assert got["at"] - sent < 1.0 + 3.0, f"given {got['at'] - sent:.1f}s after the submit, with a 1 s poll"
+        waited = lease_woken_by_a_submit_elsewhere(data, url_b, url_a, "w2")
+        assert waited < 1.0 + 3.0, f"given {waited:.1f}s after the submit, with a 1 s poll"
         for p in (a, b):
             assert "prepared statement" not in p.log() and "Traceback" not in p.log(), p.log()[-3000:]
     finally:
