@@ -1066,22 +1066,26 @@ class SqliteStore:
                   steady: float) -> Op:
         """``now``: the wall clock, for the attempt's start and the events; ``steady``: ``lease_clock()``."""
         check_transition(JobState.QUEUED, JobState.RUNNING)
-        qs = list(queues)[:MAX_QUEUES_PER_CLAIM]
-        marks = ",".join("?" * len(qs))
+        qs = list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM]
+        # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
+        # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
+        # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
+        one = f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND queue = ? ORDER BY priority DESC, id LIMIT ?"
+        firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs) if len(qs) > 1 else one
         sql = (
             f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
             " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
-            f" WHERE id IN (SELECT id FROM jobs WHERE state = '{_QUEUED}' AND queue IN (" + marks + ")"
-            " ORDER BY priority DESC, id LIMIT ?)"
+            f" WHERE id IN (SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?)"
             # A big spec is read after the commit, on the reader thread (claims commit on the loop).
             f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority, created_at"
         )
+        picks = [v for q in qs for v in (q, limit)]
         reason = decisions.claimed(worker_id).reason
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
             if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
-            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *qs, limit)).fetchall()
+            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks, limit)).fetchall()
             if rows:
                 conn.executemany(
                     "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"

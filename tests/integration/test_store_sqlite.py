@@ -538,3 +538,35 @@ def test_migrating_to_the_checked_tables_keeps_every_row_and_the_id_counter(tmp_
 
     run(tmp_path, body)
     assert user_version(path) == migrations()[-1][0]
+
+
+def test_a_claim_reads_each_queues_first_jobs_not_every_queued_one(tmp_path: Path) -> None:
+    """A worker of two queues claims with 20 jobs queued, then with 20,000 more waiting in one of the queues:
+    SQLite does the same work both times (its virtual machine's steps, counted), because a claim reads each
+    queue's first jobs by the queue's index, never every queued job of its queues."""
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        wid = await worker(store, queues=("deep", "shallow"))
+        steps = [0]
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        async def claim_steps() -> int:
+            steps[0] = 0
+            store._wconn.set_progress_handler(step, 100)
+            try:
+                leases, _ = await store.claim(wid, ["deep", "shallow"], 4, TTL)
+            finally:
+                store._wconn.set_progress_handler(None, 100)
+            assert len(leases) == 4
+            return steps[0]
+
+        await store.submit([spec(queue=q) for q in ("deep", "shallow") for _ in range(10)], POLICY)
+        shallow = await claim_steps()
+        await store.submit([spec(queue="deep") for _ in range(20_000)], POLICY)
+        deep = await claim_steps()
+        assert deep <= 2 * shallow + 10, (shallow, deep)
+
+    run(tmp_path, body)
