@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from benchmarks.common import Cluster, Row, median, percentile
 from benchmarks.pgserver import PgServer, missing
-from benchmarks.suite import Context, Http, _control_plane, _cpu, _orch_shell, _single_submits, run
+from benchmarks.suite import BIG_QUEUE, Context, Http, _control_plane, _cpu, _fill, _orch_shell, _single_submits, run
 
 SETUPS = (("sqlite", 1), ("postgres", 1), ("postgres", 2))
 
@@ -71,41 +71,80 @@ async def _latency_across(submit_url: str, wait_url: str, n: int) -> list[float]
         return [await once() for _ in range(n)]
 
 
-def _one(ctx: Context, pg: PgServer | None, backend: str, replicas: int) -> dict[str, Any]:
-    s = ctx.sizes
+async def _deep_claims(url: str, queued: int, samples: int) -> dict[str, Any]:
+    """Claim latency with ``queued`` jobs waiting: leases of one job, by a worker of the big queue and by one
+    of the big queue and a small one (each queue's first jobs, then the first of those)."""
+    await _fill(url, queued)
     out: dict[str, Any] = {}
-    label = _label(backend, replicas)
-    control, submits, shell, lat = [], [], [], []
+    async with Http(url) as api:
+        await api.submit_batches({"command": ["true"], "queue": "work"}, 2 * (samples + 10), 1000)
+        for label, queues in (("one", [BIG_QUEUE]), ("two", [BIG_QUEUE, "work"])):
+            reg = await api.call("POST", "/v1/workers", {"name": f"deep-{label}", "hostname": "bench",
+                                                         "queues": queues, "concurrency": 1})
+            path = f"/v1/workers/{reg['worker_id']}/lease"
+            body = {"max": 1, "queues": queues, "wait": 0}
+            for _ in range(10):  # warm up: connection, caches, prepared statements
+                await api.call("POST", path, body)
+            times = []
+            for _ in range(samples):
+                t0 = time.perf_counter()
+                jobs = (await api.call("POST", path, body))["jobs"]
+                times.append((time.perf_counter() - t0) * 1000)
+                if len(jobs) != 1:
+                    raise RuntimeError(f"a lease from {queues} returned {len(jobs)} jobs")
+            out[label] = percentile(times, 50)
+            out[f"{label}_ms"] = times
+    return out
+
+
+def _runs(ctx: Context, pg: PgServer | None) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every timed figure ``repeats`` times, the three setups in turn within each repeat (so that a minute
+    when the machine is slower is slower for all three, not for one), then each setup's idle latency and its
+    claims from a deep queue."""
+    s = ctx.sizes
+    runs: dict[tuple[str, int], dict[str, list[Any]]] = {k: {"control": [], "submits": [], "shell": []} for k in SETUPS}
     for i in range(s.repeats):
-        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: control plane")
-        with _cluster(ctx, "control", pg, backend, replicas) as c:
-            c.start_scheduler()
-            cpu0 = sum(_cpu(p.pid) for p in c.schedulers)
-            r = run(_control_shared(c.urls, s.control_jobs))
-            r["scheduler_cpu_s"] = sum(_cpu(p.pid) for p in c.schedulers) - cpu0
-            control.append(r)
-        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: single submits")
-        with _cluster(ctx, "submits", pg, backend, replicas) as c:
-            c.start_scheduler()
-            submits.append(run(_submits_shared(c.urls, s.submit_clients, s.submit_requests)))
-        ctx.log(f"backends: {label}: run {i + 1}/{s.repeats}: shell throughput")
-        with _cluster(ctx, "shell", pg, backend, replicas) as c:
+        for backend, replicas in SETUPS:
+            label, got = _label(backend, replicas), runs[(backend, replicas)]
+            ctx.log(f"backends: run {i + 1}/{s.repeats}: {label}: control plane")
+            with _cluster(ctx, "control", pg, backend, replicas) as c:
+                c.start_scheduler()
+                cpu0 = sum(_cpu(p.pid) for p in c.schedulers)
+                r = run(_control_shared(c.urls, s.control_jobs))
+                r["scheduler_cpu_s"] = sum(_cpu(p.pid) for p in c.schedulers) - cpu0
+                got["control"].append(r)
+            ctx.log(f"backends: run {i + 1}/{s.repeats}: {label}: single submits")
+            with _cluster(ctx, "submits", pg, backend, replicas) as c:
+                c.start_scheduler()
+                got["submits"].append(run(_submits_shared(c.urls, s.submit_clients, s.submit_requests)))
+            ctx.log(f"backends: run {i + 1}/{s.repeats}: {label}: shell throughput")
+            with _cluster(ctx, "shell", pg, backend, replicas) as c:
+                c.start_scheduler()
+                c.start_worker("w1", s.concurrency)
+                c.wait_workers(1)
+                got["shell"].append(run(_orch_shell(c.url, s.shell_jobs)))
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for backend, replicas in SETUPS:
+        label, got = _label(backend, replicas), runs[(backend, replicas)]
+        ctx.log(f"backends: {label}: {s.latency_runs} round trips at idle")
+        with _cluster(ctx, "latency", pg, backend, replicas) as c:
             c.start_scheduler()
             c.start_worker("w1", s.concurrency)
             c.wait_workers(1)
-            shell.append(run(_orch_shell(c.url, s.shell_jobs)))
-    ctx.log(f"backends: {label}: {s.latency_runs} round trips at idle")
-    with _cluster(ctx, "latency", pg, backend, replicas) as c:
-        c.start_scheduler()
-        c.start_worker("w1", s.concurrency)
-        c.wait_workers(1)
-        lat = run(_latency_across(c.urls[0], c.urls[-1], s.latency_runs))
-    out["control"] = median([r["rate"] for r in control])
-    out["submits"] = median([r["rate"] for r in submits])
-    out["shell"] = median([r["rate"] for r in shell])
-    out["p50"] = percentile(lat, 50)
-    out["p99"] = percentile(lat, 99)
-    out["detail"] = {"control": control, "submits": submits, "shell": shell, "latency_ms": lat}
+            lat = run(_latency_across(c.urls[0], c.urls[-1], s.latency_runs))
+        deep: dict[str, Any] = {}
+        if replicas == 1:
+            ctx.log(f"backends: {label}: claims with {s.deep_queue:,} jobs queued")
+            with _cluster(ctx, "deep", pg, backend, replicas) as c:
+                c.start_scheduler()
+                deep = run(_deep_claims(c.url, s.deep_queue, s.claim_samples))
+        out[(backend, replicas)] = {
+            "control": median([r["rate"] for r in got["control"]]),
+            "submits": median([r["rate"] for r in got["submits"]]),
+            "shell": median([r["rate"] for r in got["shell"]]),
+            "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+            "deep_one": deep.get("one"), "deep_two": deep.get("two"),
+            "detail": {**got, "latency_ms": lat, "deep": deep}}
     return out
 
 
@@ -116,7 +155,7 @@ def bench_backends(ctx: Context) -> list[Row]:
     pg = PgServer()
     pg.start()
     try:
-        got = {(b, n): _one(ctx, pg, b, n) for b, n in SETUPS}
+        got = _runs(ctx, pg)
     finally:
         pg.stop()
     lite, one, two = got[("sqlite", 1)], got[("postgres", 1)], got[("postgres", 2)]
@@ -138,5 +177,10 @@ def bench_backends(ctx: Context) -> list[Row]:
                         higher_better=False))
         rows.append(Row(f"{title}, PostgreSQL x2 (submit to one, wait on the other)", "vs x1", two[key], "ms",
                         peer=one[key], peer_label="PostgreSQL x1", higher_better=False))
+    for key, title in (("deep_one", f"claim latency p50, {s.deep_queue:,} jobs queued, a worker of that queue"),
+                       ("deep_two", f"claim latency p50, {s.deep_queue:,} jobs queued, a worker of it and another")):
+        rows.append(Row(f"{title}, SQLite", "", lite[key], "ms", higher_better=False,
+                        detail={"ms": lite["detail"]["deep"]}))
+        rows.append(Row(f"{title}, PostgreSQL x1", "vs SQLite", one[key], "ms", peer=lite[key], peer_label="SQLite",
+                        higher_better=False, detail={"ms": one["detail"]["deep"]}))
     return rows
-

@@ -52,16 +52,17 @@ class Sizes:
     list_samples: int  # job listings timed per filter (scale)
     big_jobs: int  # jobs with a spec near scheduler.max_spec_bytes and megabytes of output (big)
     big_seconds: float  # how long the big requests are served while /healthz is probed
+    deep_queue: int  # jobs queued for the backends' claim latency (--backend postgres)
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
              latency_runs=300, idle_s=60.0, scale_jobs=1_000_000, scale_probe_batches=10, claim_samples=200,
              sim_workers=500, sim_settle=4.0, sim_window=20.0, sim_jobs=200, sim_rate=20.0,
-             list_samples=100, big_jobs=40, big_seconds=10.0)
+             list_samples=100, big_jobs=40, big_seconds=10.0, deep_queue=100_000)
 SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_clients=8, submit_requests=200,
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
               sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
-              list_samples=5, big_jobs=3, big_seconds=1.0)
+              list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
