@@ -1071,21 +1071,25 @@ class SqliteStore:
         # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
         # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
         one = f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND queue = ? ORDER BY priority DESC, id LIMIT ?"
-        firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs) if len(qs) > 1 else one
+        if len(qs) == 1:
+            picked, picks = one.replace("id, priority", "id", 1), [qs[0], limit]
+        else:
+            firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs)
+            picked, picks = f"SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?", [
+                *(v for q in qs for v in (q, limit)), limit]
         sql = (
             f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
             " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
-            f" WHERE id IN (SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?)"
+            f" WHERE id IN ({picked})"
             # A big spec is read after the commit, on the reader thread (claims commit on the loop).
             f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority, created_at"
         )
-        picks = [v for q in qs for v in (q, limit)]
         reason = decisions.claimed(worker_id).reason
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
             if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
-            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks, limit)).fetchall()
+            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks)).fetchall()
             if rows:
                 conn.executemany(
                     "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
