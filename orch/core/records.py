@@ -26,7 +26,7 @@ class Job(NamedTuple):
     created_at: float
     started_at: float | None
     finished_at: float | None
-    run_at: float | None  # when a retrying job is due again
+    run_at: float | None  # when a scheduled or retrying job is due (after a scheduled one came due: when it was)
     worker_id: str | None  # the worker holding (or that last held) its lease
     cancel_requested: bool
     exit_code: int | None

@@ -75,7 +75,9 @@ JOB_FIELDS: dict[str, Any] = {
                                                                     "cut to 256 characters"},
     "command_truncated": {"type": "boolean", "description": "command was cut"},
     "attempt": INT, "max_attempts": INT, "created_at": TIME, "started_at": nullable(TIME),
-    "finished_at": nullable(TIME), "retry_at": nullable(TIME), "worker": nullable({"type": "string"}),
+    "finished_at": nullable(TIME), "retry_at": nullable(TIME),
+    "scheduled_for": {**nullable(TIME), "description": "when a scheduled job is due: then it is queued"},
+    "worker": nullable({"type": "string"}),
     "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
 }
 JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_truncated", "attempt", "max_attempts",
