@@ -139,7 +139,7 @@ class JobFacts:
     last_event: Event | None
     position: int | None = None  # queued: its place in its queue (1 is next)
     queued: int | None = None  # queued: jobs queued in its queue
-    workers: list[WorkerLoad] = field(default_factory=list)  # queued: live workers serving its queue
+    workers: list[WorkerLoad] = field(default_factory=list)  # queued, scheduled: live workers serving its queue
     worker: WorkerLoad | None = None  # running: the worker holding its lease, if it is still known
 
 

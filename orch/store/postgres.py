@@ -579,6 +579,8 @@ class PostgresStore:
                                          (job.queue,))
             facts.position, facts.queued = ahead + 1, total
             facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.SCHEDULED:
+            facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
         elif job.state is JobState.RUNNING and job.worker_id:
             w = await self._rows("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = %s",
                                  (job.worker_id,))

@@ -862,6 +862,8 @@ class SqliteStore:
             facts.position = ahead[0]["n"] + 1
             facts.queued = total[0]["n"]
             facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.SCHEDULED:
+            facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
         elif job.state is JobState.RUNNING and job.worker_id:
             w = await self._read("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = ?",
                                  (job.worker_id,))
