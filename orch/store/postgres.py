@@ -407,7 +407,7 @@ class PostgresStore:
                 queued[c.queue] = queued.get(c.queue, 0) + 1
             elif c.state == _RETRYING or c.state == _SCHEDULED:
                 # A retry or a delayed submit: the leader's reaper must look by its due time, maybe sooner than
-                # it was going to (a lone hint: the reaper of a scheduler with no hints looks every tick anyway).
+                # it was going to (with no hints, storage.notify off, it looks at its tick: up to 1 s late).
                 retrying = 1
                 due = None if c.due is None or due is None else min(due, c.due)
         if ids:
