@@ -201,11 +201,12 @@ def test_a_scheduled_job_pending_through_a_scheduler_killed_with_9_runs_when_due
 @pytest.mark.backend_specific  # PostgreSQL itself: the replicas need it
 def test_a_job_delayed_on_the_replica_that_does_not_reap_is_queued_on_time_by_the_leader(
         tmp_path: Path, postgres_server: Any) -> None:
-    """Two replicas on one database; five jobs, one after the other, each with a delay of 0.2 s, are submitted to
+    """Two replicas on one database; ten jobs, one after the other, each with a delay of 0.2 s, are submitted to
     the one that does not run the reaper. The leader looks at least every tick (1 s), which alone would queue such
-    a job up to 0.8 s late (more than 0.4 s half the time: all five within it 3 % of the time); the hint of each
-    submit, with its due time, re-arms the leader's timer, so each is queued within 0.4 s (a few ms, really). The
-    poll that backs the hints up is every 30 s here."""
+    a job up to 0.8 s late (more than 0.4 s half the time: eight of ten within it 5 % of the time); the hint of each
+    submit, with its due time, re-arms the leader's timer, so each is queued within a few ms. The test asks eight
+    of the ten within 0.4 s (one stall of a loaded machine must not fail it) and every one within 2 s. The poll
+    that backs the hints up is every 30 s here."""
     from test_replicas import leading, two_replicas
 
     data = tmp_path / "data"
@@ -219,12 +220,14 @@ def test_a_job_delayed_on_the_replica_that_does_not_reap_is_queued_on_time_by_th
         procs.append(start_worker(tmp_path, env, f"{other_url},{leader_url}", "w1", concurrency=4))
         wait_until(lambda: workers_alive(other_url) == 1, 30, "the worker")
         lateness = []
-        for _ in range(5):
+        for _ in range(10):
             status, body = http("POST", other_url + "/v1/jobs", {"command": ["true"], "delay": 0.2})
             assert status == 201 and body["state"] == "scheduled", body
             assert ended(other_url, body["id"], 30)["state"] == "succeeded"
-            lateness.append(assert_queued_on_time(other_url, body["id"], body["scheduled_for"], late=0.4))
-        print(f"queued after their time by {', '.join(f'{s * 1000:.0f} ms' for s in lateness)}")
+            lateness.append(assert_queued_on_time(other_url, body["id"], body["scheduled_for"], late=2.0))
+        shown = ", ".join(f"{s * 1000:.0f} ms" for s in lateness)
+        print(f"queued after their time by {shown}")
+        assert sum(1 for s in lateness if s <= 0.4) >= 8, f"queued after their time by {shown}"
     finally:
         for p in procs:
             p.stop()
