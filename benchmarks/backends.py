@@ -1,5 +1,5 @@
 """SQLite against PostgreSQL, with one and two schedulers, in one run: control plane, single submits, shell
-throughput, idle latency.
+throughput, idle latency, delayed jobs' lateness.
 
     python -m benchmarks --backend postgres [--size full|smoke]
 
@@ -8,7 +8,8 @@ loopback port: benchmarks/pgserver.py), with a fresh database for every cluster.
 is shared between them: the control plane runs one submit -> lease -> complete loop per scheduler (half the
 jobs each), single submits spread their clients over both, the shell benchmark's worker joins both (and its
 jobs are submitted to the first, so they reach it through the other's wake-up hints when it pulls from the
-second), and the latency round trips submit to one and wait on the other.
+second), the latency round trips submit to one and wait on the other, and the delayed jobs are submitted to the
+second (which may not run the reaper: the leader hears of them in hints).
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ from typing import Any, Iterator
 
 from benchmarks.common import Cluster, Row, median, percentile
 from benchmarks.pgserver import PgServer, missing
-from benchmarks.suite import BIG_QUEUE, Context, Http, _control_plane, _cpu, _fill, _orch_shell, _single_submits, run
+from benchmarks.suite import (
+    BIG_QUEUE,
+    Context,
+    Http,
+    _control_plane,
+    _cpu,
+    _fill,
+    _orch_shell,
+    _single_submits,
+    delayed_once,
+    delayed_rows,
+    run,
+)
 
 SETUPS = (("sqlite", 1), ("postgres", 1), ("postgres", 2))
 
@@ -132,6 +145,8 @@ def _runs(ctx: Context, pg: PgServer | None) -> dict[tuple[str, int], dict[str, 
             c.start_worker("w1", s.concurrency)
             c.wait_workers(1)
             lat = run(_latency_across(c.urls[0], c.urls[-1], s.latency_runs))
+        ctx.log(f"backends: {label}: {s.delayed_jobs} delayed jobs" + (", submitted to the second" if replicas > 1 else ""))
+        delayed = delayed_once(ctx, pg.database() if backend == "postgres" and pg is not None else "", replicas)
         deep: dict[str, Any] = {}
         if replicas == 1:
             ctx.log(f"backends: {label}: claims with {s.deep_queue:,} jobs queued")
@@ -143,7 +158,7 @@ def _runs(ctx: Context, pg: PgServer | None) -> dict[tuple[str, int], dict[str, 
             "submits": median([r["rate"] for r in got["submits"]]),
             "shell": median([r["rate"] for r in got["shell"]]),
             "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-            "deep_one": deep.get("one"), "deep_two": deep.get("two"),
+            "deep_one": deep.get("one"), "deep_two": deep.get("two"), "delayed": delayed,
             "detail": {**got, "latency_ms": lat, "deep": deep}}
     return out
 
@@ -177,6 +192,9 @@ def bench_backends(ctx: Context) -> list[Row]:
                         higher_better=False))
         rows.append(Row(f"{title}, PostgreSQL x2 (submit to one, wait on the other)", "vs x1", two[key], "ms",
                         peer=one[key], peer_label="PostgreSQL x1", higher_better=False))
+    for (backend, replicas), where in ((("sqlite", 1), ", SQLite"), (("postgres", 1), ", PostgreSQL x1"),
+                                       (("postgres", 2), ", PostgreSQL x2 (submitted to the second)")):
+        rows += delayed_rows([got[(backend, replicas)]["delayed"]], s.delayed_jobs, where)
     for key, title in (("deep_one", f"claim latency p50, {s.deep_queue:,} jobs queued, a worker of that queue"),
                        ("deep_two", f"claim latency p50, {s.deep_queue:,} jobs queued, a worker of it and another")):
         rows.append(Row(f"{title}, SQLite", "", lite[key], "ms", higher_better=False,

@@ -40,6 +40,7 @@ TITLES = {
     "scale": ("scale", "within 2x of empty, <= 1 KiB/job"),
     "workers": ("many workers", "< 30 % CPU, p99 <= 50 ms"),
     "big": ("big requests", "/healthz p99 <= 10 ms, <= 300 MB"),
+    "delayed": ("delayed jobs", "due -> queued p99 <= 100 ms"),
 }
 
 

@@ -53,6 +53,8 @@ class Sizes:
     big_jobs: int  # jobs with a spec near scheduler.max_spec_bytes and megabytes of output (big)
     big_seconds: float  # how long the big requests are served while /healthz is probed
     deep_queue: int  # jobs queued for the backends' claim latency (--backend postgres)
+    delayed_jobs: int = 200  # delayed jobs per run (delayed): half run_at in one batch, half delays one by one
+    delayed_window: float = 10.0  # seconds their due times are spread over
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
@@ -62,7 +64,7 @@ FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, sub
 SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_clients=8, submit_requests=200,
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
               sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
-              list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000)
+              list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000, delayed_jobs=20, delayed_window=1.0)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -708,6 +710,109 @@ def bench_big(ctx: Context) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- delayed jobs
+
+
+async def _delayed(submit_url: str, n: int, window: float, seed: int = 12) -> list[int]:
+    """Submit ``n`` delayed jobs whose due times spread over ``window`` seconds from a second from now: half in one
+    batch up front with a run_at each (the reaper's timer goes from one due time to the next), half one at a time
+    while those come due, each with a delay of 50-500 ms (due sooner than the timer is set for, often: the submit
+    must wake the reaper). Waits until every one has run; their ids."""
+    import random
+    from datetime import datetime
+
+    rng = random.Random(seed)
+    async with Http(submit_url) as api:
+        t0 = time.time() + 1.0
+        ahead = n // 2
+        # Each run_at with this machine's offset written out, to the microsecond.
+        specs = [{"command": ["true"], "run_at": datetime.fromtimestamp(t0 + window * i / ahead).astimezone().isoformat()}
+                 for i in range(ahead)]
+        ids = [j["id"] for j in (await api.call("POST", "/v1/jobs/batch", {"jobs": specs}))["jobs"]]
+        live = n - ahead
+        for k in range(live):
+            pause = t0 - 0.5 + window * k / live - time.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            job = await api.call("POST", "/v1/jobs", {"command": ["true"], "delay": round(rng.uniform(0.05, 0.5), 3)})
+            if job["state"] != "scheduled":
+                raise RuntimeError(f"job {job['id']} was {job['state']} at its submit, not scheduled")
+            ids.append(job["id"])
+        for job_id in ids:
+            done = await api.wait_job(job_id)
+            if done["state"] != "succeeded":
+                raise RuntimeError(f"delayed job {job_id} ended {done['state']}")
+    return ids
+
+
+def _lateness(rows: list[tuple[Any, ...]], n: int) -> dict[str, list[float]]:
+    """(id, due, queued at, running at) rows, read from the database itself (exact times, not the API's
+    milliseconds): how long after its due time each job was queued and started, in ms."""
+    if len(rows) != n:
+        raise RuntimeError(f"found {len(rows)} of {n} delayed jobs queued and run")
+    early = [r for r in rows if r[2] < r[1]]
+    if early:
+        raise RuntimeError(f"{len(early)} jobs were queued before they were due, e.g. {early[0]}")
+    return {"queued_ms": [(q - due) * 1000 for _, due, q, _ in rows],
+            "started_ms": [(r - due) * 1000 for _, due, _, r in rows]}
+
+
+_DELAYED_SQL = ("SELECT j.id, j.run_at, q.at, r.at FROM jobs j"
+                " JOIN events q ON q.job_id = j.id AND q.from_state = 'scheduled' AND q.to_state = 'queued'"
+                " JOIN events r ON r.job_id = j.id AND r.from_state = 'queued' AND r.to_state = 'running'"
+                " AND r.attempt = 1 WHERE j.id BETWEEN ? AND ?")
+
+
+def delayed_once(ctx: Context, dsn: str = "", replicas: int = 1) -> dict[str, Any]:
+    """One run: a scheduler (or ``replicas`` on PostgreSQL, the jobs submitted to the last one, which need not run
+    the reaper) and a worker; lateness of every job from the database."""
+    s = ctx.sizes
+    with ctx.workdir("delayed") as tmp, Cluster(tmp, dsn=dsn, replicas=replicas) as c:
+        c.start_scheduler()
+        c.start_worker("w1", s.concurrency)
+        c.wait_workers(1)
+        ids = run(_delayed(c.urls[-1], s.delayed_jobs, s.delayed_window))
+        lo, hi = min(ids), max(ids)
+        if dsn:
+            import psycopg
+
+            with psycopg.connect(dsn) as conn:
+                rows = [tuple(r) for r in conn.execute(_DELAYED_SQL.replace("?", "%s"), (lo, hi)).fetchall()]
+        else:
+            import sqlite3
+
+            conn = sqlite3.connect(str(c.db_path))
+            try:
+                rows = conn.execute(_DELAYED_SQL, (lo, hi)).fetchall()
+            finally:
+                conn.close()
+    return _lateness(rows, s.delayed_jobs)
+
+
+def delayed_rows(runs: list[dict[str, Any]], n: int, where: str = "") -> list[Row]:
+    queued = [v for r in runs for v in r["queued_ms"]]
+    started = [v for r in runs for v in r["started_ms"]]
+    total = f"{len(queued):,} jobs" + (f" in {len(runs)} runs" if len(runs) > 1 else "")
+    detail = {"runs": runs, "max_queued_ms": max(queued)}
+    return [
+        Row(f"delayed jobs: due -> queued, p50 of {total}{where}", "<= 100 ms", percentile(queued, 50), "ms",
+            goal=100, higher_better=False, detail=detail),
+        Row(f"delayed jobs: due -> queued, p99 of {total}{where}", "<= 100 ms", percentile(queued, 99), "ms",
+            goal=100, higher_better=False),
+        Row(f"delayed jobs: due -> started on an idle worker, p99{where}", "", percentile(started, 99), "ms",
+            higher_better=False),
+    ]
+
+
+def bench_delayed(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    runs = []
+    for i in range(s.repeats):
+        ctx.log(f"delayed: run {i + 1}/{s.repeats}: {s.delayed_jobs} jobs due over {s.delayed_window:g} s")
+        runs.append(delayed_once(ctx))
+    return delayed_rows(runs, s.delayed_jobs)
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -716,4 +821,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "scale": bench_scale,
     "workers": bench_workers,
     "big": bench_big,
+    "delayed": bench_delayed,
 }

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import zipfile
@@ -706,6 +707,44 @@ def _parse_env(pairs: List[str] | None) -> dict[str, str]:
     return env
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?",
+                       re.ASCII)
+
+
+def parse_duration(text: str) -> float | None:
+    """``10m``, ``90s``, ``1h30m``, ``2d``, ``1.5h`` or plain seconds (``45``) as seconds; None if it is none."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text, re.ASCII):
+        return float(text)
+    m = _DURATION.fullmatch(text)
+    if not text or m is None:
+        return None
+    return sum(float(part) * unit for part, unit in zip(m.groups(), (86400, 3600, 60, 1), strict=True) if part)
+
+
+def _when(in_: str | None, at: str | None) -> dict[str, Any]:
+    """The spec fields of ``orch run --in`` or ``--at`` (checked here, so a bad one is one line and exit 2)."""
+    from orch.core.spec import MAX_DELAY, parse_time
+
+    if in_ is not None and at is not None:
+        fail("--in and --at are exclusive: give one of them", 2)
+    if in_ is not None:
+        seconds = parse_duration(in_)
+        if seconds is None:
+            fail(f"--in takes a duration like 90s, 10m, 1h30m or 2d, not {in_!r}", 2)
+        elif seconds > MAX_DELAY:
+            fail(f"--in {in_} is more than 366 days", 2)
+        else:
+            return {"delay": int(seconds) if seconds.is_integer() else seconds}
+    if at is not None:
+        try:
+            parse_time(at, "--at")
+        except ValidationError as e:
+            fail(e.message, 2)
+        return {"run_at": at}
+    return {}
+
+
 @app.command(context_settings={"allow_interspersed_args": True, "ignore_unknown_options": True})
 def run(
     command: List[str] = typer.Argument(..., help="The command and its arguments (put them after -- if they look like options)."),
@@ -721,15 +760,18 @@ def run(
     name: str | None = typer.Option(None, "--name", help="A name for the job."),
     cwd: str | None = typer.Option(None, "--cwd", help="Working directory on the worker."),
     cancel_on_interrupt: bool = typer.Option(False, "--cancel-on-interrupt", help="With --wait: Ctrl-C cancels the job (else it keeps running; a second Ctrl-C within 2 s cancels it)."),
+    in_: str | None = typer.Option(None, "--in", help="Run it no sooner than this long from now: 90s, 10m, 1h30m, 2d (scheduled until then)."),
+    at: str | None = typer.Option(None, "--at", help="Run it no sooner than this time, RFC 3339 with its offset: 2026-12-24T08:00:00+01:00 or ...Z."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
     data_dir: Path | None = DataDirOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Submit a job: orch run echo hello --wait; orch run --wait -- ls -la."""
+    """Submit a job: orch run echo hello --wait; orch run --wait -- ls -la; orch run --in 10m -- ./report.sh."""
     settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
     spec: dict[str, Any] = {"shell": " ".join(command)} if shell else {"command": list(command)}
+    spec.update(_when(in_, at))
     extra = {"env": _parse_env(env) or None, "timeout": timeout, "queue": queue, "priority": priority,
              "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None}
     spec.update({k: v for k, v in extra.items() if v is not None})
@@ -757,8 +799,9 @@ def run(
                         return _exit_code(done)
 
             # The id goes to stderr at once (stdout is the job's): a Ctrl-C never leaves it nameless.
+            later = f", scheduled for {_short(job['scheduled_for'])}" if job.get("scheduled_for") else ""
             return await _interruptible(client, job_id, to_the_end(), cancel_on_interrupt,
-                                        announce=f"orch: job {job_id}")
+                                        announce=f"orch: job {job_id}{later}")
 
     raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))
 
@@ -897,6 +940,8 @@ def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
     ]
     if job.get("retry_at"):
         lines.append(f"  retry at:  {_short(job['retry_at'])}")
+    if job.get("scheduled_for"):
+        lines.append(f"  due at:    {_short(job['scheduled_for'])}  (scheduled: then it is queued)")
     if job.get("worker"):
         lines.append(f"  worker:    {job['worker']}")
     if job.get("exit_code") is not None or job.get("error"):
@@ -919,7 +964,7 @@ def format_status(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
 
 @app.command()
 def jobs(
-    state: str | None = typer.Option(None, "--state", help="Only jobs in this state."),
+    state: str | None = typer.Option(None, "--state", help=f"Only jobs in this state: {', '.join(JobState)}."),
     queue: str | None = typer.Option(None, "--queue", help="Only jobs of this queue."),
     limit: int = typer.Option(50, "--limit", min=1, max=1000, help="At most this many (newest first)."),
     cursor: str | None = typer.Option(None, "--cursor", help="Start after this page cursor."),
@@ -993,7 +1038,7 @@ def cancel(
     data_dir: Path | None = DataDirOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Cancel a job: queued and retrying jobs at once, running ones at the worker's next heartbeat."""
+    """Cancel a job: scheduled, queued and retrying jobs at once, running ones at the worker's next heartbeat."""
     settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
 
     async def main() -> None:

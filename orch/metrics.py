@@ -43,6 +43,7 @@ TERMINAL = frozenset(st.value for st in JobState if st.terminal)
 # Attempt outcomes whose duration the worker measured (lost and handed-back attempts did not end by themselves).
 TIMED_OUTCOMES = frozenset(o.value for o in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT, Outcome.CANCELLED))
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
+_SCHEDULED = JobState.SCHEDULED.value
 ATTEMPT_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.RUNNING)
 STALE_KINDS = ("heartbeat", "output", "completion")
 
@@ -139,9 +140,12 @@ class SchedulerMetrics:
             state, queue = c.state, c.queue
             if queue not in known:
                 self.known_queues((queue,))
-            if state == _QUEUED and c.attempt == 0:  # a submit: only they are queued before any attempt
-                key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
-                counts[key] = counts.get(key, 0) + 1
+            if c.attempt == 0 and (state == _SCHEDULED or state == _QUEUED):
+                # A submit (queued or scheduled before any attempt); not a scheduled job that came due (its
+                # change says when it was due): that one was counted when it was submitted.
+                if state == _SCHEDULED or c.due is None:
+                    key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
+                    counts[key] = counts.get(key, 0) + 1
                 continue
             outcome = c.outcome
             if outcome is not None:

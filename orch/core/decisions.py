@@ -50,6 +50,13 @@ SUCCEEDED = Move(JobState.SUCCEEDED, reason(Outcome.SUCCEEDED, 0, None))
 CANCELLED_BY_USER = "cancelled by user"
 CANCELLED = Move(JobState.CANCELLED, CANCELLED_BY_USER)  # a cancel of a job that was not running
 BACKOFF_OVER = Move(JobState.QUEUED, "backoff over")
+DUE = Move(JobState.QUEUED, "scheduled time reached")  # a scheduled job whose run_at or delay came
+
+
+def submitted(due: float | None, now: float) -> JobState:
+    """A new job's first state: scheduled while the time it is due (``JobSpec.due``) is after ``now``, else queued
+    (no run_at nor delay, a run_at already past, a delay of 0)."""
+    return JobState.SCHEDULED if due is not None and due > now else JobState.QUEUED
 
 
 def attempt_ended(

@@ -26,7 +26,7 @@ class Job(NamedTuple):
     created_at: float
     started_at: float | None
     finished_at: float | None
-    run_at: float | None  # when a retrying job is due again
+    run_at: float | None  # when a scheduled or retrying job is due (after a scheduled one came due: when it was)
     worker_id: str | None  # the worker holding (or that last held) its lease
     cancel_requested: bool
     exit_code: int | None
@@ -139,7 +139,7 @@ class JobFacts:
     last_event: Event | None
     position: int | None = None  # queued: its place in its queue (1 is next)
     queued: int | None = None  # queued: jobs queued in its queue
-    workers: list[WorkerLoad] = field(default_factory=list)  # queued: live workers serving its queue
+    workers: list[WorkerLoad] = field(default_factory=list)  # queued, scheduled: live workers serving its queue
     worker: WorkerLoad | None = None  # running: the worker holding its lease, if it is still known
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import re
@@ -28,11 +29,19 @@ MAX_ENV = 256
 MAX_LABELS = 64
 MAX_TIMEOUT = 7 * 24 * 3600.0
 COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
+MAX_DELAY = 366 * 86400.0  # seconds a job's delay may put it off (a run_at is a time: the calendar bounds it)
+MAX_TIME_LEN = 64  # characters of a run_at (an RFC 3339 time is 20-35 of them)
+# RFC 3339's date-time (section 5.6): full-date "T" partial-time time-offset; T and Z in either case, any digits of
+# fraction, the offset required (a time without one is a local time of no known zone, and is refused).
+RFC3339_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+                        re.ASCII)
+_NAIVE_RE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?", re.ASCII)
+_EPOCH_DAY = datetime.date(1970, 1, 1).toordinal()
 
 SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
-        "max_attempts", "labels", "name", "backoff", "retry_on_exit",
+        "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -54,6 +63,18 @@ class JobSpec:
     name: str | None = None
     backoff: Mapping[str, float] = field(default_factory=dict)
     retry_on_exit: tuple[int, ...] | None = None
+    run_at: str | None = None  # when to run it, as the user wrote it (RFC 3339 with an offset)
+    delay: float | None = None  # or: seconds after its submit (as written: an int stays an int)
+    run_at_ts: float | None = None  # run_at as Unix seconds
+
+    def due(self, now: float) -> float | None:
+        """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
+        None without either. The caller reads the clock (the store, at submit): the core never does."""
+        if self.run_at_ts is not None:
+            return self.run_at_ts
+        if self.delay is not None:
+            return now + self.delay
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The spec as stored and as a worker gets it: the form it was submitted in (``command``, ``shell``,
@@ -87,6 +108,10 @@ class JobSpec:
             out["backoff"] = dict(self.backoff)
         if self.retry_on_exit is not None:
             out["retry_on_exit"] = list(self.retry_on_exit)
+        if self.run_at is not None:
+            out["run_at"] = self.run_at
+        if self.delay is not None:
+            out["delay"] = self.delay
         return out
 
     @property
@@ -148,7 +173,8 @@ def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
             "max_attempts": defaults.max_attempts, "labels": {}, "name": None,
             "backoff": {"base": defaults.base, "factor": defaults.factor, "cap": defaults.cap,
                         "jitter": defaults.jitter},
-            "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None}
+            "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None,
+            "run_at": None, "delay": None}
 
 
 def _is_int(v: Any) -> bool:
@@ -194,6 +220,31 @@ def _str_map(v: Any, fld: str, key_re: re.Pattern[str], limit: int) -> dict[str,
         if not isinstance(val, str) or len(val) > MAX_ARG_LEN or "\x00" in val:
             raise ValidationError(f"{fld}.{k} must be a string without NUL bytes", field=f"{fld}.{k}")
     return dict(v)
+
+
+def parse_time(v: Any, fld: str) -> float:
+    """An RFC 3339 time with its UTC offset (``2026-12-24T08:00:00+01:00``, ``...Z``) as Unix seconds; anything
+    else is a ValidationError naming ``fld``, one without an offset saying so. A leap second (``:60``) is the
+    second after ``:59``; years run from 0001 to 9999, as the format allows."""
+    example = "e.g. 2026-12-24T08:00:00+01:00 or 2026-12-24T07:00:00Z"
+    if not isinstance(v, str) or len(v) > MAX_TIME_LEN:
+        raise ValidationError(f"{fld} must be an RFC 3339 time with a UTC offset, {example}", field=fld)
+    m = RFC3339_RE.fullmatch(v)
+    if m is None:
+        if _NAIVE_RE.fullmatch(v):
+            raise ValidationError(f"{fld} {v!r} has no UTC offset: add Z or +HH:MM (RFC 3339), {example}", field=fld)
+        raise ValidationError(f"{fld} must be an RFC 3339 time with a UTC offset, {example}", field=fld)
+    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    off_h, off_m = (int(m.group(10)), int(m.group(11))) if m.group(9) else (0, 0)
+    try:
+        ordinal = datetime.date(year, month, day).toordinal()
+    except ValueError:
+        raise ValidationError(f"{fld} {v!r} is not a date of the calendar", field=fld) from None
+    if hour > 23 or minute > 59 or second > 60 or off_h > 23 or off_m > 59:
+        raise ValidationError(f"{fld} {v!r} is not a time of day (or its offset is not one)", field=fld)
+    offset = (off_h * 3600 + off_m * 60) * (-1 if m.group(9) == "-" else 1)
+    frac = float(m.group(7)) if m.group(7) else 0.0
+    return (ordinal - _EPOCH_DAY) * 86400.0 + hour * 3600 + minute * 60 + second + frac - offset
 
 
 def validate_name(v: Any, fld: str) -> str:
@@ -281,11 +332,19 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         if codes is None or len(codes) > 255 or not all(c is not None and 1 <= c <= 255 for c in codes):
             raise ValidationError("retry_on_exit must be a list of exit codes 1-255", field=f("retry_on_exit"))
         retry_on_exit = tuple(c for c in codes if c is not None)
+    run_at, run_at_ts, delay = body.get("run_at"), None, body.get("delay")
+    if "run_at" in body:
+        if "delay" in body:
+            raise ValidationError("give run_at or delay, not both", field=f("delay"))
+        run_at_ts = parse_time(run_at, f("run_at"))
+    if "delay" in body and (delay is None or not _is_num(delay) or not 0 <= delay <= MAX_DELAY):
+        raise ValidationError(f"delay must be a number of seconds from 0 to {int(MAX_DELAY)} (366 days)",
+                              field=f("delay"))
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
-        retry_on_exit=retry_on_exit,
+        retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts,
     )
 
 

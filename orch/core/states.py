@@ -8,6 +8,7 @@ from orch.core.errors import IllegalTransition
 
 
 class JobState(enum.StrEnum):
+    SCHEDULED = "scheduled"  # submitted with a run_at or delay still ahead: queued once it is due
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -24,6 +25,7 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 # The one table of allowed moves. Every writer goes through check_transition().
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
         {JobState.SUCCEEDED, JobState.FAILED, JobState.RETRYING, JobState.QUEUED, JobState.CANCELLED}

@@ -975,6 +975,7 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
                 owe_grace = True
         last = now
         sweep = None
+        hub.sweeping()
         try:
             role = await store.lead(holder, ttl)
             if role.held != leading:
@@ -997,7 +998,7 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
             owe_grace = owe_grace or isinstance(e, StorageError)
         else:
             failures.passed()
-        wait = tick
+        until = store.clock() + tick
         if sweep is not None:
             for wid in sweep.lost_workers:
                 hub.wake_worker(wid)  # its lease long-poll, if the connection still looks open, ends
@@ -1006,8 +1007,11 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
                 api.metrics.lost_workers.inc()
                 log.warning("worker %s lost: no heartbeat for %.1fs", wid, ttl)
             if sweep.next_due is not None:
-                wait = max(0.0, min(tick, sweep.next_due - store.clock()))
-        hub.retry_scheduled.clear()
+                until = min(until, sweep.next_due)
+        # A timer, not a poll: asleep until the next due retry or scheduled job (or the tick), and woken sooner by
+        # one that comes due earlier (Hub.due: a commit here, or another scheduler's hint). What came due while
+        # this pass swept counts too: the sweep may have read the earliest due time before its commit.
+        wait = max(0.0, hub.armed(until) - store.clock())
         with suppress(asyncio.TimeoutError):
             await asyncio.wait_for(hub.retry_scheduled.wait(), wait)
 

@@ -8,6 +8,7 @@ read and the wait.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from contextlib import suppress
 from typing import Iterable, Sequence
@@ -19,7 +20,10 @@ from orch.store.base import Change, Hint
 class Hub:
     def __init__(self) -> None:
         self._jobs: dict[int, asyncio.Event] = {}
+        # The reaper's timer (see ``due``): set when a job is due sooner than the reaper is going to look.
         self.retry_scheduled = asyncio.Event()
+        self.reaper_at = -math.inf  # the wall time the reaper sleeps until; -inf while it sweeps (or not started)
+        self.due_seen = math.inf  # the earliest due time told while it swept
         # Lease long-polls waiting for work, per queue, oldest first. A newly queued
         # job wakes one waiter, not all of them: 500 idle workers must not all run a
         # claim for every submit.
@@ -127,6 +131,29 @@ class Hub:
         """Lease long-polls now waiting on ``queue`` (for tests and metrics)."""
         return sum(1 for f in self._waiters.get(queue, ()) if not f.done())
 
+    def due(self, at: float | None) -> None:
+        """A job is due at ``at`` (wall clock; None: a time not known): a retry's backoff or a scheduled job's
+        run_at. The reaper is woken if it sleeps until later than that; while it sweeps, the time is kept for
+        the timer it sets next (its sweep read the earliest due time already, maybe before this commit)."""
+        if at is None:
+            self.retry_scheduled.set()
+            return
+        if at < self.due_seen:
+            self.due_seen = at
+        if at < self.reaper_at:
+            self.retry_scheduled.set()
+
+    def sweeping(self) -> None:
+        """The reaper starts a pass: whatever comes due from now on is kept for its next timer (``armed``)."""
+        self.retry_scheduled.clear()
+        self.reaper_at = -math.inf
+        self.due_seen = math.inf
+
+    def armed(self, until: float) -> float:
+        """The reaper sleeps until ``until`` (wall clock), or sooner for a job told due meanwhile: what it sets."""
+        self.reaper_at = min(until, self.due_seen)
+        return self.reaper_at
+
     def heard(self, hint: Hint) -> None:
         """Another scheduler's commits (a hint): wake what waits on them here."""
         many, jobs = self._many, self._jobs
@@ -139,7 +166,7 @@ class Hub:
                         if not fut.done():
                             fut.set_result(None)
         if hint.retrying:
-            self.retry_scheduled.set()
+            self.due(hint.due)
         for q, n in hint.queued.items():
             self.wake_queue(q, n)
 
@@ -155,8 +182,8 @@ class Hub:
                         fut.set_result(None)
             if c.state == JobState.QUEUED:
                 queued[c.queue] = queued.get(c.queue, 0) + 1
-            elif c.state == JobState.RETRYING:
-                self.retry_scheduled.set()
+            elif c.state == JobState.RETRYING or c.state == JobState.SCHEDULED:
+                self.due(c.due)
         for q, n in queued.items():
             self.wake_queue(q, n)
 

@@ -14,7 +14,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from orch.core.spec import CONTROL_CHARS, ENV_KEY_RE, MAX_ARG_LEN, MAX_ARGS, MAX_ENV, MAX_LABELS, MAX_TIMEOUT, NAME_RE
+from orch.core.spec import (
+    CONTROL_CHARS,
+    ENV_KEY_RE,
+    MAX_ARG_LEN,
+    MAX_ARGS,
+    MAX_DELAY,
+    MAX_ENV,
+    MAX_LABELS,
+    MAX_TIME_LEN,
+    MAX_TIMEOUT,
+    NAME_RE,
+)
 from orch.core.states import JobState, Outcome, WorkerState
 
 MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
@@ -75,7 +86,9 @@ JOB_FIELDS: dict[str, Any] = {
                                                                     "cut to 256 characters"},
     "command_truncated": {"type": "boolean", "description": "command was cut"},
     "attempt": INT, "max_attempts": INT, "created_at": TIME, "started_at": nullable(TIME),
-    "finished_at": nullable(TIME), "retry_at": nullable(TIME), "worker": nullable({"type": "string"}),
+    "finished_at": nullable(TIME), "retry_at": nullable(TIME),
+    "scheduled_for": {**nullable(TIME), "description": "when a scheduled job is due: then it is queued"},
+    "worker": nullable({"type": "string"}),
     "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
 }
 JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_truncated", "attempt", "max_attempts",
@@ -116,10 +129,16 @@ SCHEMAS: dict[str, Any] = {
             "jitter": {"type": "number", "minimum": 0, "maximum": 1},
         }, closed=True),
         "retry_on_exit": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 255}, "maxItems": 255},
+        "run_at": {"type": "string", "format": "date-time", "maxLength": MAX_TIME_LEN,
+                   "description": "run it no sooner than this time: RFC 3339 with a UTC offset or Z, e.g. "
+                                  "2026-12-24T08:00:00+01:00 (a time without one is refused); until then the job is "
+                                  "scheduled, and one already past queues it at once"},
+        "delay": {"type": "number", "minimum": 0, "maximum": MAX_DELAY,
+                  "description": "or: run it no sooner than this many seconds after the submit (0: at once)"},
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
-        dependentRequired={"args": ["task"]},
-        description="exactly one of command, shell, task (args only with task); an optional field is left out, "
-                    "never null"),
+        dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}}},
+        description="exactly one of command, shell, task (args only with task); run_at or delay, not both; an "
+                    "optional field is left out, never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
                       description="a job as listings show it: bounded in size, without its spec"),
     "Job": obj({**JOB_FIELDS, "spec": {

@@ -5,7 +5,8 @@ reads the job row, its last event, its queue position and the live workers
 serving its queue (or the worker holding its lease); this module turns them
 into ``{"reason": code, "message": text, ...details}``.
 
-Reason codes: ``no_worker``, ``waiting_for_slot``, ``backoff``, ``lease_held``
+Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_worker``, ``waiting_for_slot``,
+``backoff``, ``lease_held``
 (the lease holder has gone quiet), ``running``, ``cancel_requested``,
 ``succeeded``, ``failed``, ``cancelled``. ``blocked`` (waiting on
 dependencies) comes with DAGs, which orch does not have yet.
@@ -26,6 +27,18 @@ QUIET_HEARTBEATS = 2.0
 
 def _s(seconds: float) -> str:
     return f"{seconds:.1f}s"
+
+
+def _span(seconds: float) -> str:
+    """A time ahead as people say it: 42.0s, 9m58s, 2h05m, 3d04h."""
+    if seconds < 60:
+        return _s(seconds)
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _plural(n: int, word: str) -> str:
@@ -61,6 +74,17 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
     if state is JobState.CANCELLED:
         return done(state.value, f"job {jid} was cancelled at {job['finished_at']}"
                                  + (f" ({last_reason})" if last_reason else "") + "; it will not run again.")
+    if state is JobState.SCHEDULED:
+        due = j.run_at if j.run_at is not None else now
+        left = due - now
+        details = {"scheduled_for": iso(due), "due_in": round(max(0.0, left), 3)}
+        alive = [w for w in facts.workers if w.state is WorkerState.ALIVE]
+        unserved = "" if alive else f" (no live worker serves {queue} now)"
+        if left > 0:
+            return done("scheduled", f"job {jid} is scheduled for {iso(due)} ({_span(left)} from now); then it is "
+                                     f"queued on {queue}{unserved}.", **details)
+        return done("scheduled", f"job {jid} was due at {iso(due)}; it is being queued on {queue}{unserved}.",
+                    **details)
     if state is JobState.RETRYING:
         run_at = j.run_at or now
         left = run_at - now

@@ -15,7 +15,7 @@ from orch.core.states import JobState
 from orch.core.times import iso
 from orch.output import render as render_output
 
-_RETRYING = JobState.RETRYING
+_RETRYING, _SCHEDULED = JobState.RETRYING, JobState.SCHEDULED
 
 
 def job_summary(j: Job, times: dict[float, str | None] | None = None) -> dict[str, Any]:
@@ -48,6 +48,7 @@ def job_summary(j: Job, times: dict[float, str | None] | None = None) -> dict[st
         "started_at": None if started_at is None else iso(started_at),
         "finished_at": None if finished_at is None else iso(finished_at),
         "retry_at": iso(run_at) if state is _RETRYING else None,
+        "scheduled_for": iso(run_at) if state is _SCHEDULED else None,
         "worker": worker_id,
         "cancel_requested": cancel_requested,
         "exit_code": exit_code,

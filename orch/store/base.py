@@ -86,18 +86,23 @@ class Change:
     worker: str | None = None  # the worker that claimed, ended or handed back the attempt
     outcome: str | None = None  # how the attempt ended (core.states.Outcome), when this change ends one
     duration: float | None = None  # seconds the attempt ran, when this change ends one
-    queue_wait: float | None = None  # seconds from submit to the first start (attempt 1 claims)
+    queue_wait: float | None = None  # seconds from submit (or from its scheduled time) to the first start
+    # When a scheduled or retrying job is due (wall clock): the reaper's timer is set again for a sooner one. On
+    # the move of a scheduled job that came due to queued: the time it was due (so it is not taken for a submit).
+    due: float | None = None
 
 
 @dataclass
 class Hint:
     """What another scheduler sharing the database committed, as much as a waiter here needs to be woken:
-    how many jobs each queue got, the ids of the jobs that changed, and whether a retry was scheduled.
+    how many jobs each queue got, the ids of the jobs that changed, and whether a job was given a due time (a
+    retry or a scheduled submit: the reaper wants to know), with the earliest of them when all were told.
     Never the truth: the woken read the database."""
 
     queued: dict[str, int]
     job_ids: list[int]
-    retrying: bool = False
+    retrying: bool = False  # a job went to retrying or scheduled (the leader's reaper may have to look sooner)
+    due: float | None = None  # the earliest due time among them (None: not known, look now)
 
 
 @dataclass
@@ -114,7 +119,7 @@ class Sweep:
 
     changes: list[Change] = field(default_factory=list)
     lost_workers: list[str] = field(default_factory=list)
-    next_due: float | None = None
+    next_due: float | None = None  # the earliest due time of a retrying or scheduled job (wall clock)
 
 
 TOKEN_ROLES = ("client", "join")  # the roles of put_tokens (orch.auth.ROLES)
@@ -171,8 +176,11 @@ class Store(Protocol):
     # ---- jobs: clients
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
                      stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
-        """Queue jobs, all or none, with consecutive ids in the order given. ``stored``: each spec's
-        stored form and its JSON text, when the caller made them (``core.spec.stored_spec``)."""
+        """Queue jobs, all or none, with consecutive ids in the order given. A job whose spec has a run_at or
+        a delay is due at ``spec.due(clock())``, the store's clock at this submit: while that is ahead it starts
+        ``scheduled`` (``decisions.submitted``) with its due time in ``Job.run_at``, and ``sweep`` queues it.
+        ``stored``: each spec's stored form and its JSON text, when the caller made them
+        (``core.spec.stored_spec``)."""
         ...
 
     async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
@@ -207,8 +215,8 @@ class Store(Protocol):
         ...
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
-        """End a job that is not running as cancelled; ask a running one's worker to stop it. NotFound,
-        or Conflict if it has ended."""
+        """End a job that is not running (scheduled, queued, retrying) as cancelled; ask a running one's worker
+        to stop it. NotFound, or Conflict if it has ended."""
         ...
 
     # ---- observability
@@ -293,5 +301,8 @@ class Store(Protocol):
         ...
 
     async def sweep(self, worker_ttl: float, defaults: RetryPolicy) -> Sweep:
-        """Mark silent workers lost, end their attempts and expired leases as lost, queue due retries."""
+        """Mark silent workers lost, end their attempts and expired leases as lost, queue due retries
+        (``decisions.BACKOFF_OVER``) and scheduled jobs whose time came (``decisions.DUE``), each kind in one
+        bulk move with its event rows; ``Sweep.next_due``: the earliest due time of the retrying and scheduled
+        jobs left, on ``clock()``."""
         ...

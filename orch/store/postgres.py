@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -78,6 +79,7 @@ _RETRY_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock
 MIGRATION_LOCK = 0x6F72636801  # the advisory lock schedulers take to migrate, one at a time
 
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
+_SCHEDULED = JobState.SCHEDULED.value
 _SUCCEEDED, _CANCELLED = JobState.SUCCEEDED.value, JobState.CANCELLED.value
 _ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
 _LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
@@ -96,7 +98,7 @@ def _lit(value: str) -> str:
     return f"'{value}'"
 
 
-Q_QUEUED, Q_RUNNING, Q_RETRYING = _lit(_QUEUED), _lit(_RUNNING), _lit(_RETRYING)
+Q_QUEUED, Q_RUNNING, Q_RETRYING, Q_SCHEDULED = _lit(_QUEUED), _lit(_RUNNING), _lit(_RETRYING), _lit(_SCHEDULED)
 Q_ALIVE, Q_DRAINING = _lit(_ALIVE), _lit(_DRAINING)
 Q_LIVE = "(" + ", ".join(_lit(v) for v in _LIVE) + ")"
 
@@ -384,24 +386,30 @@ class PostgresStore:
         queued: dict[str, int] = {}
         ids: list[str] = []
         retrying = 0
+        due: float | None = math.inf  # the earliest due time of the retries and scheduled jobs (None: one unknown)
         size = 0
 
         def flush() -> None:
+            # "d" only when every due time is known and some was told; a scheduler that knows no "d" ignores it.
+            d = f',"d":{due!r}' if retrying and due is not None and due != math.inf else ""
             out.append(f'{{"f":"{self.ident}","q":{json.dumps(queued, separators=(",", ":"))},'
-                       f'"j":[{",".join(ids)}],"r":{retrying}}}')
+                       f'"j":[{",".join(ids)}],"r":{retrying}{d}}}')
 
         for c in changes:
             ident = str(c.job_id)
             grows = len(ident) + 1 + (len(c.queue) + 12 if c.state == _QUEUED and c.queue not in queued else 0)
             if size + grows > HINT_BYTES - 100 and ids:
                 flush()
-                queued, ids, retrying, size = {}, [], 0, 0
+                queued, ids, retrying, due, size = {}, [], 0, math.inf, 0
             ids.append(ident)
             size += grows
             if c.state == _QUEUED:
                 queued[c.queue] = queued.get(c.queue, 0) + 1
-            elif c.state == _RETRYING:
+            elif c.state == _RETRYING or c.state == _SCHEDULED:
+                # A retry or a delayed submit: the leader's reaper must look by its due time, maybe sooner than
+                # it was going to (with no hints, storage.notify off, it looks at its tick: up to 1 s late).
                 retrying = 1
+                due = None if c.due is None or due is None else min(due, c.due)
         if ids:
             flush()
         return out
@@ -434,7 +442,9 @@ class PostgresStore:
             return
         try:
             got = json.loads(payload)
-            hint = Hint({str(q): int(n) for q, n in got["q"].items()}, [int(j) for j in got["j"]], bool(got["r"]))
+            d = got.get("d")
+            hint = Hint({str(q): int(n) for q, n in got["q"].items()}, [int(j) for j in got["j"]], bool(got["r"]),
+                        float(d) if isinstance(d, (int, float)) and math.isfinite(d) else None)
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignored a malformed hint on the orch channel: %.80r", payload)
             return
@@ -569,6 +579,8 @@ class PostgresStore:
                                          (job.queue,))
             facts.position, facts.queued = ahead + 1, total
             facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.SCHEDULED:
+            facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
         elif job.state is JobState.RUNNING and job.worker_id:
             w = await self._rows("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = %s",
                                  (job.worker_id,))
@@ -632,38 +644,46 @@ class PostgresStore:
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
                      stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
-        """Ids increase in the order given (several schedulers may submit at once: not always consecutive)."""
+        """Ids increase in the order given (several schedulers may submit at once: not always consecutive). A job
+        due later (``JobSpec.due`` on this store's clock) starts scheduled, its due time in run_at."""
         if not specs:
             return []
         now = self.clock()
-        cols: list[list[Any]] = [[] for _ in range(8)]
+        cols: list[list[Any]] = [[] for _ in range(10)]
+        states: list[JobState] = []
         for i, spec in enumerate(specs):
             if stored is not None:
                 spec_json, text = stored[i]
             else:
                 spec_json = stored_spec(spec, defaults)
                 text = json.dumps(spec_json, separators=(",", ":"))
+            due = spec.due(now)
+            state = decisions.submitted(due, now)
+            if state is not JobState.SCHEDULED:
+                due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
+            states.append(state)
             for col, v in zip(cols, (spec.queue, spec.priority, text, spec_json["max_attempts"], spec.name,
-                                     spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i), strict=True):
+                                     spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i, state.value, due),
+                              strict=True):
                 col.append(v)
 
         async def op(conn: Conn, out: list[Change]) -> list[int]:
             rows = await (await conn.execute(
                 "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                " spec_bytes) SELECT q, p, %s, s, m, %s, n, c, b FROM unnest(%s::text[], %s::int[], %s::text[],"
-                " %s::int[], %s::text[], %s::text[], %s::int[], %s::int[]) AS u(q, p, s, m, n, c, b, o) ORDER BY o"
-                " RETURNING id, queue), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                " SELECT id, 0, NULL, %s, %s, %s FROM new) SELECT id FROM new ORDER BY id",
-                (_QUEUED, now, *cols, _QUEUED, now, decisions.SUBMITTED))
+                " spec_bytes, run_at) SELECT q, p, st, s, m, %s, n, c, b, d FROM unnest(%s::text[], %s::int[],"
+                " %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::float8[])"
+                " AS u(q, p, s, m, n, c, b, o, st, d) ORDER BY o"
+                " RETURNING id, state), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                " SELECT id, 0, NULL, state, %s, %s FROM new) SELECT id FROM new ORDER BY id",
+                (now, *cols, now, decisions.SUBMITTED))
             ).fetchall()
             ids = [r[0] for r in rows]
-            out.extend(Change(jid, _QUEUED, spec.queue, 0) for jid, spec in zip(ids, specs, strict=True))
+            out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=cols[9][i]) for i, jid in enumerate(ids))
             return ids
 
         ids = await self._auto(op)
-        queued = JobState.QUEUED
-        return [Job(jid, queued, cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
-                    None, None, False, None, None) for i, jid in enumerate(ids)]
+        return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
+                    cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         now = self.clock()
@@ -754,8 +774,10 @@ class PostgresStore:
             f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE})"
             " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id LIMIT %s),"
             f" claimed AS (UPDATE jobs j SET state = {Q_RUNNING}, attempt = j.attempt + 1, worker_id = %s,"
-            " lease_expires_at = %s, started_at = %s, run_at = NULL, exit_code = NULL, error = NULL"
-            " FROM picked WHERE j.id = picked.id RETURNING j.id, j.attempt, j.spec, j.queue, j.priority, j.created_at),"
+            " lease_expires_at = %s, started_at = %s, exit_code = NULL, error = NULL"
+            # A job queued once its scheduled time came keeps that time in run_at: it has waited since then.
+            " FROM picked WHERE j.id = picked.id RETURNING j.id, j.attempt, j.spec, j.queue, j.priority,"
+            " COALESCE(j.run_at, j.created_at) AS created_at),"
             " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
             f" SELECT id, attempt, %s, {Q_RUNNING}, %s FROM claimed),"
             " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
@@ -902,6 +924,7 @@ class PostgresStore:
                                        now, defaults, self.rand)
             out.changes += [c for c in ends if c is not None]
             check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
+            check_transition(JobState.SCHEDULED, decisions.DUE.to)
             due = await (await conn.execute(
                 f"WITH due AS (SELECT id FROM jobs WHERE state = {Q_RETRYING} AND run_at <= %s ORDER BY id"
                 f" FOR UPDATE SKIP LOCKED), moved AS (UPDATE jobs j SET state = {Q_QUEUED}, run_at = NULL FROM due"
@@ -911,8 +934,21 @@ class PostgresStore:
                 " SELECT id, attempt, queue FROM moved ORDER BY id",
                 (now, now, decisions.BACKOFF_OVER.reason))).fetchall()
             out.changes += [Change(r[0], _QUEUED, r[2], r[1]) for r in due]
-            nxt = await (await conn.execute(f"SELECT min(run_at) FROM jobs WHERE state = {Q_RETRYING}")).fetchone()
-            out.next_due = nxt[0]
+            # Scheduled jobs whose time came (by jobs_scheduled): queued, keeping in run_at when they were due.
+            ready = await (await conn.execute(
+                f"WITH due AS (SELECT id FROM jobs WHERE state = {Q_SCHEDULED} AND run_at <= %s ORDER BY id"
+                f" FOR UPDATE SKIP LOCKED), moved AS (UPDATE jobs j SET state = {Q_QUEUED} FROM due"
+                " WHERE j.id = due.id RETURNING j.id, j.attempt, j.queue, j.run_at),"
+                " ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                f" SELECT id, attempt, {Q_SCHEDULED}, {Q_QUEUED}, %s, %s FROM moved ORDER BY id)"
+                " SELECT id, attempt, queue, run_at FROM moved ORDER BY id",
+                (now, now, decisions.DUE.reason))).fetchall()
+            out.changes += [Change(r[0], _QUEUED, r[2], r[1], due=r[3]) for r in ready]
+            # The next pass is due at the earliest of both (each min one step down its partial index).
+            nxt = await (await conn.execute(
+                f"SELECT (SELECT min(run_at) FROM jobs WHERE state = {Q_RETRYING}),"
+                f" (SELECT min(run_at) FROM jobs WHERE state = {Q_SCHEDULED})")).fetchone()
+            out.next_due = min((t for t in nxt if t is not None), default=None)
             changes.extend(out.changes)
             return out
 
@@ -1142,7 +1178,8 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
                 move = moves[job_id][0]
                 changes[(e.job_id, e.attempt)] = Change(
                     e.job_id, move.to.value, queue, e.attempt, worker=e.worker_id, outcome=e.outcome.value,
-                    duration=e.duration if e.duration is not None else max(0.0, now - started_at))
+                    duration=e.duration if e.duration is not None else max(0.0, now - started_at),
+                    due=now + move.retry_in if move.retry_in is not None else None)
             elif not locked and moves[job_id][1] is not None:
                 again.append(e)  # not as read (its cancel flag changed, or it moved on): read and weigh it again
         todo = again + later

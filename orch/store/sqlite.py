@@ -116,6 +116,7 @@ SMALL_SPEC = 16 << 10  # bytes of spec a claim returns in its own statement; big
 
 # State names as SQL text reads them (the names themselves live in orch.core.states only).
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
+_SCHEDULED = JobState.SCHEDULED.value
 _SUCCEEDED, _FAILED, _CANCELLED = JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value
 _ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
 _LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
@@ -861,6 +862,8 @@ class SqliteStore:
             facts.position = ahead[0]["n"] + 1
             facts.queued = total[0]["n"]
             facts.workers = await self._live_loads(steady, job.queue)
+        elif job.state is JobState.SCHEDULED:
+            facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
         elif job.state is JobState.RUNNING and job.worker_id:
             w = await self._read("SELECT id, name, state, concurrency, last_heartbeat FROM workers WHERE id = ?",
                                  (job.worker_id,))
@@ -918,12 +921,15 @@ class SqliteStore:
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
                      stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
-        """Queue jobs; their ids are consecutive, in the order given. ``stored``: each spec's stored form and
-        its JSON text, when the caller made them already (core.spec.stored_spec)."""
+        """Queue jobs (or schedule those due later: ``JobSpec.due`` on this store's clock, ``decisions.submitted``);
+        their ids are consecutive, in the order given. ``stored``: each spec's stored form and its JSON text,
+        when the caller made them already (core.spec.stored_spec)."""
         if not specs:
             return []
         now = self.clock()
         rows = []
+        states: list[JobState] = []
+        dues: list[float | None] = []
         for i, spec in enumerate(specs):
             if stored is not None:
                 spec_json, text = stored[i]
@@ -931,8 +937,14 @@ class SqliteStore:
                 spec_json = stored_spec(spec, defaults)
                 text = json.dumps(spec_json, separators=(",", ":"))
             command = spec.command_text[:COMMAND_SHOWN + 1]
+            due = spec.due(now)
+            state = decisions.submitted(due, now)
+            if state is not JobState.SCHEDULED:
+                due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
+            states.append(state)
+            dues.append(due)
             rows.append((spec.queue, spec.priority, text, spec_json["max_attempts"], now, spec.name, command,
-                         len(text)))
+                         len(text), state.value, due))
             if i & 1023 == 1023:
                 await asyncio.sleep(0)  # a batch of thousands: let the loop serve others meanwhile
 
@@ -940,20 +952,19 @@ class SqliteStore:
             # One statement for all the rows, one for all their events. With AUTOINCREMENT and a
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
-                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command, spec_bytes)"
-                f" VALUES (?, ?, '{_QUEUED}', ?, ?, ?, ?, ?, ?)", rows)
+                "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes, state,"
+                " run_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
                 "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                f" SELECT id, 0, NULL, '{_QUEUED}', ?, ? FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id",
+                " SELECT id, 0, NULL, state, ?, ? FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id",
                 (now, decisions.SUBMITTED, first, last))
-            out.extend(Change(first + i, _QUEUED, spec.queue, 0) for i, spec in enumerate(specs))
+            out.extend(Change(first + i, states[i].value, spec.queue, 0, due=dues[i]) for i, spec in enumerate(specs))
             return first
 
         first = await self._write(op, durable=True, weight=len(specs))
-        queued = JobState.QUEUED
-        return [Job(first + i, queued, r[0], r[1], r[5], r[6], 0, r[3], now, None, None, None, None, False, None,
+        return [Job(first + i, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None,
                     None) for i, r in enumerate(rows)]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
@@ -1079,10 +1090,12 @@ class SqliteStore:
                 *(v for q in qs for v in (q, limit)), limit]
         sql = (
             f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
-            " lease_expires_at = ?, started_at = ?, run_at = NULL, exit_code = NULL, error = NULL"
+            " lease_expires_at = ?, started_at = ?, exit_code = NULL, error = NULL"
             f" WHERE id IN ({picked})"
-            # A big spec is read after the commit, on the reader thread (claims commit on the loop).
-            f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority, created_at"
+            # A big spec is read after the commit, on the reader thread (claims commit on the loop). A job queued
+            # once its scheduled time came keeps that time in run_at: it has waited in its queue since then.
+            f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority,"
+            " COALESCE(run_at, created_at)"
         )
         reason = decisions.claimed(worker_id).reason
 
@@ -1277,8 +1290,9 @@ class SqliteStore:
                 if change is not None:
                     out.changes.append(change)
             check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
+            check_transition(JobState.SCHEDULED, decisions.DUE.to)
             due = conn.execute(
-                f"UPDATE jobs SET state = '{_QUEUED}', run_at = NULL WHERE state = '{_RETRYING}'"
+                f"UPDATE jobs INDEXED BY jobs_due SET state = '{_QUEUED}', run_at = NULL WHERE state = '{_RETRYING}'"
                 " AND run_at <= ? RETURNING id, attempt, queue",
                 (now,),
             ).fetchall()
@@ -1289,8 +1303,27 @@ class SqliteStore:
                     [(r["id"], r["attempt"], now, decisions.BACKOFF_OVER.reason) for r in due],
                 )
                 out.changes += [Change(r["id"], _QUEUED, r["queue"], r["attempt"]) for r in due]
-            nxt = conn.execute(f"SELECT MIN(run_at) FROM jobs WHERE state = '{_RETRYING}'").fetchone()[0]
-            out.next_due = nxt
+            # Scheduled jobs whose time came (by jobs_scheduled): queued, keeping in run_at when they were due.
+            ready = conn.execute(
+                f"UPDATE jobs INDEXED BY jobs_scheduled SET state = '{_QUEUED}' WHERE state = '{_SCHEDULED}'"
+                " AND run_at <= ?"
+                " RETURNING id, attempt, queue, run_at",
+                (now,),
+            ).fetchall()
+            if ready:
+                ready.sort(key=lambda r: r[0])
+                conn.executemany(
+                    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                    f" VALUES (?, ?, '{_SCHEDULED}', '{_QUEUED}', ?, ?)",
+                    [(r[0], r[1], now, decisions.DUE.reason) for r in ready],
+                )
+                out.changes += [Change(r[0], _QUEUED, r[2], r[1], due=r[3]) for r in ready]
+            # The next pass is due at the earliest of both: each MIN one step down its partial index. INDEXED BY,
+            # here and above: without statistics SQLite takes jobs_state (state, id) instead and reads every
+            # retrying or scheduled job (48 ms a pass for 200,000 jobs scheduled ahead, against 25 us).
+            nxt = [conn.execute(f"SELECT MIN(run_at) FROM jobs INDEXED BY {index} WHERE state = '{st}'").fetchone()[0]
+                   for st, index in ((_RETRYING, "jobs_due"), (_SCHEDULED, "jobs_scheduled"))]
+            out.next_due = min((t for t in nxt if t is not None), default=None)
             changes.extend(out.changes)
             return out
 
@@ -1555,7 +1588,8 @@ def _end_attempt(
     to = move.to
     _move(conn, job_id, attempt, JobState.RUNNING, move, now, lease_expires_at=None, exit_code=exit_code, error=error)
     return Change(job_id, to.value, job["queue"], attempt, worker=worker_id, outcome=outcome.value,
-                  duration=duration if duration is not None else max(0.0, now - row[0]))
+                  duration=duration if duration is not None else max(0.0, now - row[0]),
+                  due=now + move.retry_in if move.retry_in is not None else None)
 
 
 def _check(store: SqliteStore) -> Store:

@@ -232,6 +232,173 @@ def test_failure_retries_after_backoff_then_sweep_requeues(run: Run, tmp_path: P
     run(tmp_path, body)
 
 
+# --------------------------------------------------------------------------- delayed jobs (scheduled)
+
+
+def test_a_delayed_job_is_scheduled_until_due_then_the_sweep_queues_it_with_an_event(run: Run, tmp_path: Path) -> None:
+    """A delay puts the job in ``scheduled`` with its due time (the store's clock at submit plus the delay): no
+    worker can claim it, a sweep before its time leaves it (saying when the next pass is due); the first sweep at
+    its time queues it, with an event at that time; its wait in the queue counts from then."""
+    heard: list[Any] = []
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        store.on_commit = heard.extend
+        clock.advance(5)
+        jid = await submit_one(store, delay=30)
+        rec = await store.get_job(jid)
+        assert rec.job.state == "scheduled" and rec.job.run_at == T0 + 35
+        assert rec.spec == {"command": ["true"], "delay": 30, "max_attempts": 3}  # as written
+        assert [(c.job_id, c.state, c.due) for c in heard] == [(jid, "scheduled", T0 + 35)]
+        w = await worker(store)
+        assert (await store.claim(w, ["default"], 10, TTL))[0] == []
+        clock.advance(29.9)
+        sweep = await store.sweep(100.0, POLICY)
+        assert sweep.changes == [] and sweep.next_due == pytest.approx(T0 + 35)
+        assert (await store.job_state(jid))[0] == "scheduled"
+        assert (await store.claim(w, ["default"], 10, TTL))[0] == []
+        clock.advance(0.1)
+        heard.clear()
+        sweep = await store.sweep(100.0, POLICY)
+        assert [(c.job_id, c.state, c.attempt) for c in sweep.changes] == [(jid, "queued", 0)]
+        assert [(c.job_id, c.state) for c in heard] == [(jid, "queued")]  # heard like any queued job: it wakes
+        assert sweep.next_due is None
+        events = await store.events(jid)
+        assert [(e.from_state, e.to_state, e.at, e.reason) for e in events] == [
+            (None, "scheduled", T0 + 5, "submitted"), ("scheduled", "queued", T0 + 35, "scheduled time reached")]
+        assert (await store.sweep(100.0, POLICY)).changes == []  # queued once
+        clock.advance(2)
+        heard.clear()
+        lease = await claim_one(store, w)
+        assert (lease.job_id, lease.attempt) == (jid, 1)
+        assert [c.queue_wait for c in heard] == [pytest.approx(2.0)]  # from when it was due, not from its submit
+        await finish(store, w, jid, 1, Outcome.SUCCEEDED, 0)
+        assert (await shown(store, jid))["state"] == "succeeded"
+
+    run(tmp_path, body)
+
+
+def test_a_run_at_ahead_schedules_and_one_past_or_a_delay_of_0_queues_at_once(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        ahead, past, now, zero, plain = (j.id for j in await store.submit([
+            spec(run_at=iso(T0 + 3600)), spec(run_at="2001-09-09T01:46:40Z"), spec(run_at=iso(T0)), spec(delay=0),
+            spec()], POLICY))
+        assert ahead + 4 == plain  # one batch: consecutive ids whatever their states
+        job = (await store.get_job(ahead)).job
+        assert (job.state, job.run_at) == ("scheduled", T0 + 3600)
+        assert (await store.get_job(ahead)).spec["run_at"] == iso(T0 + 3600)
+        for jid in (past, now, zero, plain):
+            got = (await store.get_job(jid)).job
+            assert (got.state, got.run_at) == ("queued", None), jid
+            assert [(e.from_state, e.to_state) for e in await store.events(jid)] == [(None, "queued")]
+        w = await worker(store)
+        got, _ = await store.claim(w, ["default"], 10, TTL)
+        assert sorted(lease.job_id for lease in got) == [past, now, zero, plain]
+        assert (await store.sweep(100.0, POLICY)).next_due == T0 + 3600
+
+    run(tmp_path, body)
+
+
+def test_next_due_is_the_earliest_of_the_retrying_and_the_scheduled_jobs(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        later = await submit_one(store, delay=50)
+        failing = await submit_one(store)
+        w = await worker(store)
+        await claim_one(store, w)
+        await finish(store, w, failing, 1, Outcome.FAILED, 1)  # retry due at T0 + 2
+        assert (await store.sweep(100.0, POLICY)).next_due == pytest.approx(T0 + 2)
+        soon = await submit_one(store, delay=1)
+        assert (await store.sweep(100.0, POLICY)).next_due == pytest.approx(T0 + 1)
+        clock.advance(1)
+        sweep = await store.sweep(100.0, POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(soon, "queued")]
+        assert sweep.next_due == pytest.approx(T0 + 2)
+        clock.advance(1)
+        sweep = await store.sweep(100.0, POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(failing, "queued")]
+        assert sweep.next_due == pytest.approx(T0 + 50)
+        clock.advance(100)
+        sweep = await store.sweep(1000.0, POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(later, "queued")] and sweep.next_due is None
+
+    run(tmp_path, body)
+
+
+def test_many_scheduled_jobs_come_due_in_one_sweep_each_with_its_event(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jobs = await store.submit([spec(delay=1 + i % 5, queue="a" if i % 2 else "b") for i in range(200)], POLICY)
+        clock.advance(3)
+        sweep = await store.sweep(100.0, POLICY)
+        due = sorted(j.id for j in jobs if (j.run_at or 0) <= T0 + 3)
+        assert len(due) == 120 and sorted(c.job_id for c in sweep.changes) == due
+        assert {c.state for c in sweep.changes} == {"queued"}
+        assert sweep.next_due == pytest.approx(T0 + 4)
+        for jid in (due[0], due[-1]):
+            assert [(e.to_state, e.at) for e in await store.events(jid)] == [("scheduled", T0), ("queued", T0 + 3)]
+        counts = await store.count_by_state()
+        assert (counts.get(JobState.SCHEDULED), counts.get(JobState.QUEUED)) == (80, 120)
+
+    run(tmp_path, body)
+
+
+def test_cancel_scheduled_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store, delay=60)
+        clock.advance(1)
+        rec, changes = await store.cancel(jid)
+        assert rec.job.state == "cancelled" and rec.job.finished_at == T0 + 1
+        assert [(c.job_id, c.state) for c in changes] == [(jid, "cancelled")]
+        assert [(e.from_state, e.to_state, e.reason) for e in await store.events(jid)][-1] == (
+            "scheduled", "cancelled", "cancelled by user")
+        clock.advance(100)
+        sweep = await store.sweep(1000.0, POLICY)
+        assert sweep.changes == [] and sweep.next_due is None  # it never comes due
+        assert (await shown(store, jid))["state"] == "cancelled"
+        with pytest.raises(Conflict):
+            await store.cancel(jid)
+
+    run(tmp_path, body)
+
+
+def test_scheduled_jobs_are_listed_counted_and_explained_by_state(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        a = await submit_one(store, delay=10, queue="nightly")
+        b = await submit_one(store, run_at=iso(T0 + 20))
+        queued = await submit_one(store)
+        page, nxt = await store.list_jobs(state=JobState.SCHEDULED)
+        assert [j.id for j in page] == [b, a] and nxt is None
+        assert [j.id for j in (await store.list_jobs(state=JobState.QUEUED))[0]] == [queued]
+        assert [j.id for j in (await store.list_jobs(queue="nightly"))[0]] == [a]
+        assert [j.id for j in (await store.list_jobs(queue="nightly", state=JobState.SCHEDULED))[0]] == [a]
+        assert (await store.count_by_state())[JobState.SCHEDULED] == 2
+        snap = await store.metrics_snapshot()
+        assert snap.jobs[JobState.SCHEDULED] == 2
+        assert snap.queues[("nightly", JobState.SCHEDULED)] == 1 and snap.queues[("default", JobState.SCHEDULED)] == 1
+        facts = await store.why_facts(a)
+        assert facts.record.job.state == "scheduled" and facts.record.job.run_at == T0 + 10 and facts.now == T0
+        assert facts.last_event is not None and facts.last_event.to_state == "scheduled"
+        assert wire.job_summary((await store.get_job(a)).job)["scheduled_for"] == iso(T0 + 10)
+
+    run(tmp_path, body)
+
+
+def test_a_scheduled_job_survives_a_reopen_and_comes_due_after_it(run: Run, tmp_path: Path) -> None:
+    ids: list[int] = []
+
+    async def first(store: Store, clock: FakeClock) -> None:
+        ids.append(await submit_one(store, delay=5))
+
+    run(tmp_path, first)
+
+    async def second(store: Store, clock: FakeClock) -> None:
+        sweep = await store.sweep(100.0, POLICY)
+        assert sweep.changes == [] and sweep.next_due == T0 + 5
+        clock.advance(5)
+        sweep = await store.sweep(100.0, POLICY)
+        assert [(c.job_id, c.state) for c in sweep.changes] == [(ids[0], "queued")]
+
+    run(tmp_path, second)
+
+
 def test_exhausted_attempts_fail_and_keep_every_exit_code(run: Run, tmp_path: Path) -> None:
     async def body(store: Store, clock: FakeClock) -> None:
         jid = await submit_one(store)

@@ -114,6 +114,62 @@ def test_healthz(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+def test_a_delayed_job_is_scheduled_then_handed_to_a_waiting_lease_once_due(tmp_path: Path) -> None:
+    """A delay (or a run_at ahead) answers 201 scheduled with when it is due; listings and why show it; a lease
+    long-polling on its queue gets nothing before its time and gets it once due: the reaper's timer queues it
+    and the queue's waiter is woken (no poll)."""
+    async def body(client: TestClient) -> None:
+        wid = await register(client, queues=["later"])
+        started = time.time()
+        job = await submit(client, command=["echo", "later"], queue="later", delay=0.5)
+        assert job["state"] == "scheduled" and job["spec"]["delay"] == 0.5 and job["spec"]["run_at"] is None
+        due = job["scheduled_for"]
+        assert due is not None and job["retry_at"] is None
+        status, page = await call(client, "GET", "/v1/jobs", params={"state": "scheduled"})
+        assert status == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]
+        assert page["jobs"][0]["scheduled_for"] == due
+        status, why = await call(client, "GET", f"/v1/jobs/{job['id']}/why")
+        assert status == 200 and why["reason"] == "scheduled" and f"scheduled for {due}" in why["message"], why
+        got = await lease(client, wid, wait=5, queues=["later"])
+        assert [j["job_id"] for j in got] == [job["id"]]
+        assert time.time() - started >= 0.5 - 0.01, "claimed before it was due"
+        status, events = await call(client, "GET", f"/v1/jobs/{job['id']}/events")
+        assert [(e["from"], e["to"]) for e in events["events"]] == [
+            (None, "scheduled"), ("scheduled", "queued"), ("queued", "running")]
+        assert events["events"][1]["at"] >= due
+
+        later = await submit(client, run_at="2999-01-01T00:00:00+01:00")
+        assert later["state"] == "scheduled" and later["scheduled_for"] == "2998-12-31T23:00:00.000Z"
+        assert later["spec"]["run_at"] == "2999-01-01T00:00:00+01:00"  # as written
+        past = await submit(client, run_at="2001-01-01T00:00:00Z")
+        assert past["state"] == "queued" and past["scheduled_for"] is None
+        status, cancelled = await call(client, "POST", f"/v1/jobs/{later['id']}/cancel")
+        assert status == 200 and cancelled["state"] == "cancelled" and cancelled["scheduled_for"] is None
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"run_at": "2026-12-24T08:00:00"}, "run_at"),
+    ({"run_at": "soon"}, "run_at"),
+    ({"run_at": 1798095600}, "run_at"),
+    ({"delay": -1}, "delay"),
+    ({"delay": 10**9}, "delay"),
+    ({"delay": "10m"}, "delay"),
+    ({"delay": 10, "run_at": "2026-12-24T08:00:00Z"}, "delay"),
+])
+def test_a_bad_run_at_or_delay_is_400_naming_it(tmp_path: Path, spec: dict[str, Any], field: str) -> None:
+    async def body(client: TestClient) -> None:
+        status, err = await call(client, "POST", "/v1/jobs", {"command": ["true"], **spec})
+        assert_error(status, err, 400, field, "invalid")
+        status, err = await call(client, "POST", "/v1/jobs/batch", {"jobs": [{"command": ["true"]},
+                                                                             {"command": ["true"], **spec}]})
+        assert_error(status, err, 400, f"jobs[1].{field}", "invalid")
+        assert await job_count(client) == 0
+
+    serve(tmp_path, body)
+
+
 def test_submit_and_get_job(tmp_path: Path) -> None:
     async def body(client: TestClient) -> None:
         status, job = await call(client, "POST", "/v1/jobs", {"command": ["echo", "hi"], "name": "greet"})
@@ -126,7 +182,8 @@ def test_submit_and_get_job(tmp_path: Path) -> None:
         assert job["spec"] == {
             "command": ["echo", "hi"], "queue": "default", "priority": 0, "env": {}, "cwd": None, "timeout": None,
             "max_attempts": 3, "labels": {}, "name": "greet",
-            "backoff": {"base": 1.0, "factor": 2.0, "cap": 300.0, "jitter": 0.2}, "retry_on_exit": None}
+            "backoff": {"base": 1.0, "factor": 2.0, "cap": 300.0, "jitter": 0.2}, "retry_on_exit": None,
+            "run_at": None, "delay": None}
         status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
         assert status == 200 and got["spec"] == job["spec"]
         assert got["id"] == job["id"] and got["state"] == "queued" and got["created_at"] == job["created_at"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Any
 
@@ -184,3 +185,59 @@ def test_a_claim_reads_each_queues_first_jobs_not_every_queued_one(postgres_serv
         conn.rollback()
     read = _jobs_rows_read(plan[0]["Plan"])
     assert read <= 3 * 4, f"the claim read {read} rows of jobs to take 4"
+
+
+def test_the_sweep_reads_only_the_due_scheduled_jobs_whatever_is_scheduled_later(postgres_server: Any) -> None:
+    """5,000 jobs scheduled an hour ahead and one due (and the statistics know it): the sweep's reads of due
+    scheduled jobs and of the earliest due time go down jobs_scheduled, not through every scheduled job; the
+    sweep queues the one."""
+    import psycopg
+
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        clock = [1_700_000_000.0]
+        store = PostgresStore(dsn, pool_size=1, clock=lambda: clock[0], monotonic=lambda: clock[0])
+        await store.open()
+        try:
+            await store.submit([spec(delay=3600) for _ in range(5000)], POLICY)
+            (due,) = await store.submit([spec(delay=1)], POLICY)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ANALYZE jobs")
+                for sql in ("SELECT id FROM jobs WHERE state = 'scheduled' AND run_at <= %s ORDER BY id"
+                            " FOR UPDATE SKIP LOCKED", "SELECT min(run_at) FROM jobs WHERE state = 'scheduled'"):
+                    (plan,) = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql,
+                                           (clock[0] + 1,) if "%s" in sql else ()).fetchone()
+                    text = json.dumps(plan)
+                    assert "jobs_scheduled" in text and _jobs_rows_read(plan[0]["Plan"]) <= 2, (sql, text[:2000])
+            clock[0] += 1
+            sweep = await store.sweep(100.0, POLICY)
+            assert [(c.job_id, c.state) for c in sweep.changes] == [(due.id, "queued")]
+            assert sweep.next_due == 1_700_000_000.0 + 3600
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_scheduled_submit_is_hinted_to_the_others_with_its_due_time() -> None:
+    """The leader's reaper sleeps until the next due time: a delayed job submitted to another replica must reach it
+    as a hint with the retry flag (r) and the earliest due time (d), so it re-arms its timer when that is sooner.
+    A due time not known (a change without one) sends no d: the leader then looks at once."""
+    from orch.store.base import Change, Hint
+
+    sender, other = PostgresStore("postgresql://x@127.0.0.1/x"), PostgresStore("postgresql://x@127.0.0.1/x")
+    heard: list[Hint] = []
+    other.on_remote = heard.append
+    for changes in ([Change(1, "scheduled", "q", 0, due=1_800_000_010.5), Change(2, "scheduled", "q", 0, due=1_800_000_003.0),
+                     Change(3, "queued", "q", 0)],
+                    [Change(4, "retrying", "q", 1, due=1_800_000_001.0)],
+                    [Change(5, "scheduled", "q", 0, due=7.0), Change(6, "retrying", "q", 1)],
+                    [Change(7, "queued", "q", 0)]):
+        for p in sender._hints(changes):
+            other._heard(p)
+    assert [(h.retrying, h.due) for h in heard] == [(True, 1_800_000_003.0), (True, 1_800_000_001.0), (True, None),
+                                                   (False, None)]
+    assert heard[0].queued == {"q": 1} and heard[0].job_ids == [1, 2, 3]
+    other._heard('{"f":"older","q":{},"j":[8],"r":1}')  # from a scheduler that sends no d: look at once
+    assert (heard[-1].retrying, heard[-1].due) == (True, None)

@@ -570,3 +570,63 @@ def test_a_claim_reads_each_queues_first_jobs_not_every_queued_one(tmp_path: Pat
         assert deep <= 2 * shallow + 10, (shallow, deep)
 
     run(tmp_path, body)
+
+
+def test_migrating_to_scheduled_jobs_keeps_every_row_and_the_id_counter(tmp_path: Path) -> None:
+    """Version 7 makes the jobs table again for its CHECK (the new state scheduled): a retrying job keeps its
+    due time, the id counter goes on, and a delayed job can then be stored."""
+    path = tmp_path / "orch.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for version, sql in migrations()[:6]:
+        conn.executescript(sql)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO jobs (id, queue, state, spec, max_attempts, created_at, attempt, run_at) VALUES"
+                 " (3, 'q', 'retrying', '{\"command\":[\"false\"],\"max_attempts\":3}', 3, 0, 1, 1700000002.5)")
+    conn.execute("UPDATE sqlite_sequence SET seq = 9 WHERE name = 'jobs'")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("UPDATE jobs SET state = 'scheduled' WHERE id = 3")  # version 6 knows no such state
+    conn.close()
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        rec = await store.get_job(3)
+        assert (rec.job.state, rec.job.run_at, rec.job.attempt) == ("retrying", 1700000002.5, 1)
+        assert await submit_one(store, delay=5) == 10
+        assert (await store.get_job(10)).job.state == "scheduled"
+        assert (await store.sweep(100.0, POLICY)).next_due == 1700000002.5
+
+    run(tmp_path, body)
+    assert user_version(path) == migrations()[-1][0]
+
+
+def test_the_sweep_reads_only_the_due_jobs_whatever_is_scheduled_later(tmp_path: Path) -> None:
+    """With 5,000 jobs scheduled an hour ahead, a sweep that queues one due job does the work of one with none
+    waiting (SQLite's virtual machine steps, counted): the moves and the next due time go down the partial
+    indexes by due time (jobs_scheduled, jobs_due), never through every scheduled job."""
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        steps = [0]
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        async def sweep_steps() -> int:
+            steps[0] = 0
+            store._wconn.set_progress_handler(step, 100)
+            try:
+                sweep = await store.sweep(100.0, POLICY)
+            finally:
+                store._wconn.set_progress_handler(None, 100)
+            assert [c.state for c in sweep.changes] == ["queued"]
+            return steps[0]
+
+        await submit_one(store, delay=1)
+        clock.advance(1)
+        alone = await sweep_steps()
+        await store.submit([spec(delay=3600) for _ in range(5000)], POLICY)
+        await submit_one(store, delay=1)
+        clock.advance(1)
+        crowded = await sweep_steps()
+        assert crowded <= 2 * alone + 10, (alone, crowded)
+
+    run(tmp_path, body)

@@ -198,3 +198,37 @@ def test_run_env_without_key_or_value_is_one_line_exit_2(cli: Any, pair: str) ->
     code, out, err = cli(["run", "--env", "A=1", "--env", pair, "--server", "127.0.0.1:9", "echo"])
     assert (code, out) == (2, "")
     assert err == f"orch: --env takes KEY=VALUE, not {pair!r}\n"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("10m", 600), ("90s", 90), ("1h30m", 5400), ("2d", 172800),
+                                                ("1d2h3m4s", 93784), ("1.5h", 5400), ("45", 45), ("0.25", 0.25),
+                                                ("0s", 0), (" 2H ", 7200)])
+def test_run_in_takes_durations_as_people_write_them(text: str, seconds: float) -> None:
+    from orch.cli import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--in", "10x"], "--in takes a duration like 90s, 10m, 1h30m or 2d, not '10x'"),
+    (["--in", "m"], "--in takes a duration like 90s, 10m, 1h30m or 2d, not 'm'"),
+    (["--in", "30m1h"], "--in takes a duration like 90s, 10m, 1h30m or 2d, not '30m1h'"),
+    (["--in", "-5m"], "--in takes a duration like 90s, 10m, 1h30m or 2d, not '-5m'"),
+    (["--in", "367d"], "--in 367d is more than 366 days"),
+    (["--at", "2026-12-24T08:00:00"], "--at '2026-12-24T08:00:00' has no UTC offset: add Z or +HH:MM"),
+    (["--at", "next tuesday"], "--at must be an RFC 3339 time with a UTC offset, e.g. 2026-12-24T08:00:00+01:00"),
+    (["--at", "2026-02-30T08:00:00Z"], "--at '2026-02-30T08:00:00Z' is not a date of the calendar"),
+    (["--in", "5m", "--at", "2026-12-24T08:00:00Z"], "--in and --at are exclusive: give one of them"),
+])
+def test_run_with_a_bad_in_or_at_is_one_line_exit_2(cli: Any, args: list[str], said: str) -> None:
+    code, out, err = cli(["run", *args, "--server", "127.0.0.1:9", "--", "./report.sh"])
+    assert (code, out) == (2, "")
+    assert err.startswith(f"orch: {said}") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_status_says_when_a_scheduled_job_is_due() -> None:
+    job = {"id": 9, "state": "scheduled", "name": None, "spec": {"command": ["./report.sh"]}, "queue": "default",
+           "priority": 0, "attempt": 0, "max_attempts": 3, "created_at": "2026-12-24T06:50:00.000Z",
+           "started_at": None, "finished_at": None, "retry_at": None, "scheduled_for": "2026-12-24T07:00:00.000Z",
+           "worker": None, "exit_code": None, "error": None, "attempts": []}
+    assert "  due at:    2026-12-24 07:00:00.000 UTC  (scheduled: then it is queued)" in format_status(job, []).splitlines()

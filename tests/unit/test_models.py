@@ -70,9 +70,32 @@ def test_unknown_state_name_is_rejected() -> None:
 
 
 def test_sources_of_matches_the_table() -> None:
-    assert sources_of(JobState.QUEUED) == ("retrying", "running")
+    assert sources_of(JobState.QUEUED) == ("retrying", "running", "scheduled")
     assert sources_of(JobState.RUNNING) == ("queued",)
-    assert set(sources_of(JobState.CANCELLED)) == {"queued", "retrying", "running"}
+    assert set(sources_of(JobState.CANCELLED)) == {"queued", "retrying", "running", "scheduled"}
+
+
+def test_a_scheduled_job_is_queued_when_due_or_cancelled_and_nothing_else() -> None:
+    """``scheduled`` (a job whose run_at or delay is still ahead) goes to queued once due, or is cancelled; no
+    other state leads to it (it is a submit's first state only), and it is not an end."""
+    assert TRANSITIONS[JobState.SCHEDULED] == {JobState.QUEUED, JobState.CANCELLED}
+    assert sources_of(JobState.SCHEDULED) == ()
+    assert not JobState.SCHEDULED.terminal
+    for to in ("running", "retrying", "succeeded", "failed", "scheduled"):
+        with pytest.raises(IllegalTransition, match=f"scheduled -> {to}"):
+            check_transition("scheduled", to)
+
+
+def test_a_submit_starts_scheduled_only_while_its_time_is_ahead() -> None:
+    from orch.core.decisions import DUE, submitted
+
+    now = 1_800_000_000.0
+    assert submitted(None, now) is JobState.QUEUED
+    assert submitted(now + 0.001, now) is JobState.SCHEDULED
+    assert submitted(now, now) is JobState.QUEUED  # delay 0: queued at once
+    assert submitted(now - 3600, now) is JobState.QUEUED  # a run_at already past
+    assert DUE.to is JobState.QUEUED and DUE.reason
+    check_transition(JobState.SCHEDULED, DUE.to)
 
 
 # --------------------------------------------------------------------------- retry policy
@@ -204,13 +227,52 @@ def test_optional_fields_are_kept() -> None:
     assert parse_spec({"command": ["x"], "timeout": 3}).timeout == 3.0
 
 
+@pytest.mark.parametrize(("text", "epoch"), [
+    ("2026-12-24T08:00:00+01:00", 1798095600.0),
+    ("2026-12-24T07:00:00Z", 1798095600.0),
+    ("2026-12-24t07:00:00z", 1798095600.0),
+    ("2026-12-24T02:30:00-04:30", 1798095600.0),
+    ("2026-12-24T07:00:00.250Z", 1798095600.25),
+    ("2016-12-31T23:59:60Z", 1483228800.0),  # a leap second: the second after :59
+    ("1970-01-01T00:00:00-00:00", 0.0),
+    ("2028-02-29T00:00:00Z", 1835395200.0),
+])
+def test_run_at_is_rfc_3339_with_an_offset_as_unix_seconds(text: str, epoch: float) -> None:
+    from datetime import datetime
+
+    spec = parse_spec({"command": ["x"], "run_at": text})
+    assert spec.run_at_ts == pytest.approx(epoch)
+    if ":60" not in text:
+        assert spec.run_at_ts == pytest.approx(datetime.fromisoformat(text.upper()).timestamp())
+    assert spec.to_json()["run_at"] == text  # kept as written
+    assert spec.due(0.0) == spec.run_at_ts  # a time is a time, whenever it was submitted
+
+
+def test_delay_is_kept_as_written_and_due_that_long_after_the_submit() -> None:
+    spec = parse_spec({"command": ["x"], "delay": 90})
+    assert spec.to_json() == {"command": ["x"], "delay": 90} and isinstance(spec.to_json()["delay"], int)
+    assert spec.due(1000.0) == 1090.0
+    assert parse_spec({"command": ["x"], "delay": 0.5}).due(1000.0) == 1000.5
+    assert parse_spec({"command": ["x"], "delay": 0}).due(1000.0) == 1000.0
+    assert parse_spec({"command": ["x"], "delay": 366 * 86400}).delay == 366 * 86400
+    assert parse_spec({"command": ["x"]}).due(1000.0) is None
+
+
+def test_a_run_at_without_an_offset_says_so() -> None:
+    with pytest.raises(ValidationError, match="no UTC offset") as info:
+        parse_spec({"command": ["x"], "run_at": "2026-12-24T08:00:00"}, "jobs[2].")
+    assert info.value.field == "jobs[2].run_at"
+
+
 def test_spec_survives_a_json_round_trip() -> None:
     from orch.core.spec import spec_from_json
 
     spec = parse_spec({"shell": "exit 3", "queue": "q1", "priority": 5, "env": {"A": "1"},
                        "timeout": 9, "labels": {"k": "v"}, "name": "n", "backoff": {"base": 2},
-                       "retry_on_exit": [3]})
+                       "retry_on_exit": [3], "run_at": "2026-12-24T08:00:00+01:00"})
     back = spec_from_json(spec.to_json())
+    assert back.run_at_ts == spec.run_at_ts == 1798095600.0
+    assert spec_from_json(parse_spec({"command": ["x"], "delay": 2.5}).to_json()).delay == 2.5
     assert back.argv == spec.argv
     assert back.to_json() == spec.to_json()
 
@@ -280,6 +342,32 @@ BAD_SPECS = [
     ({"command": ["x"], "retry_on_exit": [0]}, "retry_on_exit"),
     ({"command": ["x"], "retry_on_exit": [256]}, "retry_on_exit"),
     ({"command": ["x"], "retry_on_exit": [True]}, "retry_on_exit"),
+    ({"command": ["x"], "run_at": "2026-12-24T08:00:00"}, "run_at"),  # no offset: a local time of no known zone
+    ({"command": ["x"], "run_at": "2026-12-24 08:00:00"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24 08:00:00Z"}, "run_at"),  # RFC 3339 says T
+    ({"command": ["x"], "run_at": "2026-12-24T08:00Z"}, "run_at"),  # no seconds
+    ({"command": ["x"], "run_at": "2026-12-24"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-02-30T08:00:00Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-13-01T08:00:00Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "0000-01-01T00:00:00Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24T24:00:00Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24T12:99:00Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24T08:00:00+24:00"}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24T08:00:00+0100"}, "run_at"),
+    ({"command": ["x"], "run_at": "tomorrow"}, "run_at"),
+    ({"command": ["x"], "run_at": ""}, "run_at"),
+    ({"command": ["x"], "run_at": "2026-12-24T08:00:00." + "0" * 64 + "Z"}, "run_at"),
+    ({"command": ["x"], "run_at": "\u0662\u0660\u0662\u0666-12-24T08:00:00Z"}, "run_at"),  # digits, not ASCII ones
+    ({"command": ["x"], "run_at": 1798095600}, "run_at"),
+    ({"command": ["x"], "run_at": None}, "run_at"),
+    ({"command": ["x"], "delay": -1}, "delay"),
+    ({"command": ["x"], "delay": 366 * 86400 + 1}, "delay"),
+    ({"command": ["x"], "delay": float("inf")}, "delay"),
+    ({"command": ["x"], "delay": float("nan")}, "delay"),
+    ({"command": ["x"], "delay": True}, "delay"),
+    ({"command": ["x"], "delay": "10"}, "delay"),
+    ({"command": ["x"], "delay": None}, "delay"),
+    ({"command": ["x"], "delay": 10, "run_at": "2026-12-24T08:00:00Z"}, "delay"),  # one or the other
 ]
 
 

@@ -86,6 +86,21 @@ def test_why_in_backoff_until_a_time() -> None:
     assert out["reason"] == "backoff" and "being queued again" in out["message"]
 
 
+def test_why_a_scheduled_job_says_when_it_is_due_and_then_that_it_is_being_queued() -> None:
+    out = why(job("scheduled", attempt=0, run_at=NOW + 598), workers=[worker()])
+    assert out["reason"] == "scheduled"
+    assert out["message"] == ("job 7 is scheduled for 2027-01-15T08:09:58.000Z (9m58s from now); then it is "
+                              "queued on q.")
+    assert (out["scheduled_for"], out["due_in"]) == ("2027-01-15T08:09:58.000Z", 598)
+    out = why(job("scheduled", attempt=0, run_at=NOW + 2 * 86400 + 3 * 3600), workers=[])
+    assert "(2d03h from now)" in out["message"] and "no live worker serves q now" in out["message"]
+    assert "(1h05m from now)" in why(job("scheduled", attempt=0, run_at=NOW + 3900))["message"]
+    assert "(4.5s from now)" in why(job("scheduled", attempt=0, run_at=NOW + 4.5))["message"]
+    out = why(job("scheduled", attempt=0, run_at=NOW - 0.01), workers=[worker()])
+    assert out["reason"] == "scheduled" and out["due_in"] == 0
+    assert out["message"] == "job 7 was due at 2027-01-15T07:59:59.990Z; it is being queued on q."
+
+
 def test_why_lease_held_by_a_quiet_worker() -> None:
     j = job("running", worker="w-1")
     out = why(j, worker=worker(age=7.25), lease_expires_at=NOW + 2.75)
@@ -190,6 +205,19 @@ def test_scheduler_metrics_count_state_changes() -> None:
     m.set_snapshot(Snapshot(jobs={}, queues={}, workers={}, live_workers=[]))
     f = families(m.render()[0].decode())
     assert value(f, "orch_queue_jobs", queue="default", state="queued") == 0
+
+
+def test_a_scheduled_submit_counts_as_a_submit_once_and_shows_in_the_state_gauges() -> None:
+    m = SchedulerMetrics()
+    m.observe([Change(1, "scheduled", "nightly", 0, due=NOW + 60), Change(2, "queued", "nightly", 0)])
+    m.observe([Change(1, "queued", "nightly", 0, due=NOW + 60)])  # it came due: no second submit
+    m.set_snapshot(Snapshot(jobs={JobState.SCHEDULED: 3}, queues={("nightly", JobState.SCHEDULED): 3}, workers={},
+                            live_workers=[]))
+    f = families(m.render()[0].decode())
+    assert value(f, "orch_jobs_submitted", "orch_jobs_submitted_total", queue="nightly") == 2
+    assert value(f, "orch_jobs", state="scheduled") == 3
+    assert value(f, "orch_queue_jobs", queue="nightly", state="scheduled") == 3
+    assert value(f, "orch_queue_jobs", queue="nightly", state="queued") == 0
 
 
 def test_worker_metrics_count_attempts_and_slots() -> None:
