@@ -42,7 +42,7 @@ def orch_cmd() -> list[str]:
 # The data dir of the current test's orch_env, and of each scheduler start_scheduler() started: http()
 # sends the client token the scheduler keeps there.
 _DATA_DIR: Path | None = None
-_SCHEDULER_DATA: dict[str, Path] = {}
+_SCHEDULER_DATA: dict[str, tuple[Path, Proc]] = {}  # a scheduler's URL: its data dir, its process
 AUTO: Any = object()
 
 
@@ -161,7 +161,7 @@ def start_scheduler(tmp: Path, env: dict[str, str], port: int = 0, name: str = "
     proc = Proc([*orch_cmd(), "scheduler", "--port", str(port), *(extra or [])], tmp / f"{name}.log", env)
     url = wait_until(lambda: _url(proc), 30, f"{name} to print its URL")
     if env.get("ORCH_DATA_DIR"):
-        _SCHEDULER_DATA[url] = Path(env["ORCH_DATA_DIR"])  # http() to this URL sends its client token
+        _SCHEDULER_DATA[url] = (Path(env["ORCH_DATA_DIR"]), proc)  # http() to this URL sends its client token
     wait_until(lambda: http("GET", url + "/healthz")[0] == 200, 30, f"{name} healthz")
     return proc, url
 
@@ -184,8 +184,10 @@ def http(method: str, url: str, body: Any = None, timeout: float = 30.0, token: 
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
     if token is AUTO:
-        base = next((u for u in _SCHEDULER_DATA if url.startswith(u + "/")), None)
-        token = client_token(_SCHEDULER_DATA[base] if base else None)
+        # The scheduler started at this URL, while it runs: a port an ended scheduler (of an earlier test) had
+        # may be another's now, and its token the wrong one (that gave an `orch up` on a recycled port 401s).
+        found = next((d for u, (d, proc) in _SCHEDULER_DATA.items() if url.startswith(u + "/") and proc.alive()), None)
+        token = client_token(found)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
