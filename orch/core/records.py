@@ -169,8 +169,8 @@ class Credential(NamedTuple):
 
 
 class Leadership(NamedTuple):
-    """Whether this scheduler runs the reaper now, and, when it has just taken the role over, for how long
-    nobody held it (None: it held the role already, or never had a predecessor)."""
+    """Whether this scheduler runs the reaper now, and, when it has just taken the role (over, or back after its
+    own lease ran out), for how long nobody held it (None: it held the role throughout, or had no predecessor)."""
 
     held: bool
     vacant_for: float | None = None

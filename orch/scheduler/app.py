@@ -978,14 +978,18 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
         hub.sweeping()
         try:
             role = await store.lead(holder, ttl)
+            took = role.held and not leading
             if role.held != leading:
                 leading = role.held
                 api.metrics.leader.set(1 if leading else 0)
                 if store.shared:
                     log.info("this scheduler %s the reaper%s", "runs" if leading else "no longer runs",
                              f" (it was vacant for {role.vacant_for:.1f}s)" if role.vacant_for is not None else "")
-                if leading and store.shared and (role.vacant_for is None or role.vacant_for > ttl / 2):
-                    owe_grace = True  # nobody swept for a while: maybe nobody heard heartbeats either
+            # Nobody swept for a while (the role was vacant: the cluster was down, or this scheduler, alone, was
+            # stalled past its own lease), so maybe nobody heard heartbeats either.
+            if leading and store.shared and ((took and role.vacant_for is None)
+                                             or (role.vacant_for is not None and role.vacant_for > ttl / 2)):
+                owe_grace = True
             if leading:
                 if owe_grace:
                     await store.recover(grace, ttl)

@@ -886,9 +886,9 @@ class PostgresStore:
                     "INSERT INTO leader (role, holder, expires_at, since) VALUES ('reaper', %s, %s, %s)"
                     " ON CONFLICT (role) DO NOTHING RETURNING holder", (holder, now + ttl, now))).fetchone()
                 return Leadership(taken is not None)
-            if row[0] == holder:
+            if row[0] == holder:  # its own lease: kept, or taken again after it ran out (this scheduler stalled)
                 await conn.execute("UPDATE leader SET expires_at = %s WHERE role = 'reaper'", (now + ttl,))
-                return Leadership(True)
+                return Leadership(True, now - row[1] if row[1] <= now else None)
             if row[1] > now:
                 return Leadership(False)
             await conn.execute("UPDATE leader SET holder = %s, expires_at = %s, since = %s WHERE role = 'reaper'",

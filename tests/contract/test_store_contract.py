@@ -853,6 +853,27 @@ def test_one_scheduler_leads_at_a_time_and_a_resigned_role_is_taken_at_once(run:
     run(tmp_path, body)
 
 
+def test_a_leader_whose_own_lease_ran_out_is_told_the_role_was_vacant(run: Run, tmp_path: Path) -> None:
+    """A scheduler that stalled past its own lease, with nobody to take the role meanwhile, takes it back and
+    hears how long nobody held it (so it gives the leases the recovery grace: nobody heard heartbeats). Kept
+    in time, it hears nothing of the kind."""
+    import time
+
+    async def body(store: Store, clock: FakeClock) -> None:
+        if not store.shared:
+            return  # one scheduler per database: it leads throughout, and notices its stalls by itself
+        assert (await store.lead("a", 30.0)).vacant_for is None
+        kept = await store.lead("a", 0.05)
+        assert kept.held and kept.vacant_for is None
+        ran_out = time.monotonic() + 0.3
+        while time.monotonic() < ran_out:  # the condition is time itself: past the 0.05 s lease
+            await asyncio.sleep(0.05)
+        back = await store.lead("a", 30.0)
+        assert back.held and back.vacant_for is not None and 0.1 < back.vacant_for < 5.0, back
+
+    run(tmp_path, body)
+
+
 def test_output_and_errors_holding_nul_bytes_are_stored(run: Run, tmp_path: Path) -> None:
     """A job's output and a worker's error text may hold NUL (binary output): stored, never a failed write
     (PostgreSQL's text holds no NUL: it keeps U+FFFD there, as the worker keeps bytes that are not UTF-8)."""
