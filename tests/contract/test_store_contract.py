@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storekit import POLICY, T0, TTL, FakeClock, Run, claim_one, finish, shown, spec, submit_one, worker
 
+from helpers import until
 from orch import auth
 from orch.core.errors import Conflict, NotFound, UnknownWorker, ValidationError
 from orch.core.policy import Ask, Candidate, pick
@@ -866,8 +867,7 @@ def test_a_leader_whose_own_lease_ran_out_is_told_the_role_was_vacant(run: Run, 
         kept = await store.lead("a", 0.05)
         assert kept.held and kept.vacant_for is None
         ran_out = time.monotonic() + 0.3
-        while time.monotonic() < ran_out:  # the condition is time itself: past the 0.05 s lease
-            await asyncio.sleep(0.05)
+        await until(lambda: time.monotonic() > ran_out, 2, "the 0.05 s lease to run out")  # time itself
         back = await store.lead("a", 30.0)
         assert back.held and back.vacant_for is not None and 0.1 < back.vacant_for < 5.0, back
 
