@@ -228,10 +228,11 @@ class Guard:
         return expected is not None and hmac.compare_digest(digest, expected)
 
     def _wrong_role(self, digest: str, want: str) -> None:
-        """Raise Forbidden if the token of ``digest`` is a real credential of another role, else Unauthorized."""
-        if want != "client" and self._is(digest, self.client):
+        """Raise Forbidden if the token of ``digest`` is a real credential of another role, else Unauthorized.
+        (Called once the token is known not to be the one the route wants.)"""
+        if self._is(digest, self.client):
             raise Forbidden(f"the client token cannot be used here: this route needs {want}")
-        if want != "join token" and self._is(digest, self.join):
+        if self._is(digest, self.join):
             raise Forbidden(f"the worker join token only registers workers (POST /v1/workers): this route needs {want}")
         wid = self.owner.get(digest)
         if wid is not None:

@@ -560,7 +560,7 @@ class Agent:
             log.error("the scheduler refused %d bytes of output of job %s attempt %s (%s); they are marked "
                       "as not kept", chunk.nbytes, out.job_id, out.attempt, e.message)
         elif p.results:
-            result, out, _ = p.results[0]
+            result, _, _ = p.results[0]
             key = (result["job_id"], result["attempt"])
             if key not in self._bare:
                 # Once more without its output and error text: the end itself is what matters most.

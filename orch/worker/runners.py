@@ -197,8 +197,9 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
     for fd in streams:
         poller.register(fd, select.POLLIN)
     try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
-        poller.register(pidfd, select.POLLIN)
+        opened = os.pidfd_open(proc.pid)
+        poller.register(opened, select.POLLIN)
+        pidfd: int | None = opened
     except (AttributeError, OSError):
         pidfd = None
     exited_at: float | None = None
@@ -233,8 +234,8 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
                     exited_at = time.monotonic()
                     continue
                 data = os.read(fd, READ_CHUNK)
-                name = streams.get(fd)
-                if name is None:
+                stream = streams.get(fd)
+                if stream is None:
                     continue
                 if data:
                     text = decoders[fd].decode(data)
@@ -243,7 +244,7 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
                     poller.unregister(fd)
                     del streams[fd]
                 if text:
-                    emit(name, text)
+                    emit(stream, text)
         return proc.wait()
     finally:
         if pidfd is not None:

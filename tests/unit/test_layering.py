@@ -30,9 +30,10 @@ def test_import_linter_contracts_are_kept() -> None:
 
 
 @pytest.mark.slow
-def test_core_store_and_client_are_mypy_clean() -> None:
+def test_core_store_client_and_worker_are_mypy_clean() -> None:
     """Each backend passes as an implementation of the Store contract (``_check`` at the end of its module)."""
-    done = subprocess.run([_tool("mypy"), "orch/core", "orch/store", "orch/client.py", "orch/compose.py"],
+    done = subprocess.run([_tool("mypy"), "orch/core", "orch/store", "orch/worker", "orch/client.py",
+                           "orch/compose.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
