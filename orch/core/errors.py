@@ -46,6 +46,12 @@ class Conflict(OrchError):
     exit_code = 5
 
 
+class IdempotencyKeyReused(Conflict):
+    """A submit named the idempotency key of a kept job with another spec."""
+
+    code = "idempotency_key_reused"
+
+
 class StaleAttempt(Conflict):
     """A worker spoke for an attempt that is no longer the job's current one."""
 

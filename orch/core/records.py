@@ -31,6 +31,7 @@ class Job(NamedTuple):
     cancel_requested: bool
     exit_code: int | None
     error: str | None
+    replayed: bool = False  # a submit's answer: an existing job, named by the submit's idempotency key
 
 
 class Attempt(NamedTuple):

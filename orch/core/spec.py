@@ -30,6 +30,7 @@ MAX_LABELS = 64
 MAX_TIMEOUT = 7 * 24 * 3600.0
 COMMAND_SHOWN = 256  # characters of a job's command a listing shows (a longer one is cut, and says so)
 MAX_DELAY = 366 * 86400.0  # seconds a job's delay may put it off (a run_at is a time: the calendar bounds it)
+MAX_KEY_LEN = 255  # characters of an idempotency key (a UUID is 36; Stripe allows 255)
 MAX_TIME_LEN = 64  # characters of a run_at (an RFC 3339 time is 20-35 of them)
 # RFC 3339's date-time (section 5.6): full-date "T" partial-time time-offset; T and Z in either case, any digits of
 # fraction, the offset required (a time without one is a local time of no known zone, and is refused).
@@ -41,7 +42,7 @@ _EPOCH_DAY = datetime.date(1970, 1, 1).toordinal()
 SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
-        "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay",
+        "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay", "idempotency_key",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -66,6 +67,7 @@ class JobSpec:
     run_at: str | None = None  # when to run it, as the user wrote it (RFC 3339 with an offset)
     delay: float | None = None  # or: seconds after its submit (as written: an int stays an int)
     run_at_ts: float | None = None  # run_at as Unix seconds
+    idempotency_key: str | None = None  # a submit with a key a kept job has is that job, not a new one
 
     def due(self, now: float) -> float | None:
         """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
@@ -112,6 +114,8 @@ class JobSpec:
             out["run_at"] = self.run_at
         if self.delay is not None:
             out["delay"] = self.delay
+        if self.idempotency_key is not None:
+            out["idempotency_key"] = self.idempotency_key
         return out
 
     @property
@@ -174,7 +178,7 @@ def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
             "backoff": {"base": defaults.base, "factor": defaults.factor, "cap": defaults.cap,
                         "jitter": defaults.jitter},
             "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None,
-            "run_at": None, "delay": None}
+            "run_at": None, "delay": None, "idempotency_key": None}
 
 
 def _is_int(v: Any) -> bool:
@@ -340,12 +344,32 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     if "delay" in body and (delay is None or not _is_num(delay) or not 0 <= delay <= MAX_DELAY):
         raise ValidationError(f"delay must be a number of seconds from 0 to {int(MAX_DELAY)} (366 days)",
                               field=f("delay"))
+    key = body.get("idempotency_key")
+    if "idempotency_key" in body:
+        key = check_idempotency_key(key, f("idempotency_key"))
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
-        retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts,
+        retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts, idempotency_key=key,
     )
+
+
+def check_idempotency_key(key: object, field: str = "idempotency_key") -> str:
+    """An idempotency key: 1-255 printable characters (no controls: it is shown, logged and put in headers)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN or CONTROL_RE.search(key) or not _utf8(key):
+        raise ValidationError(f"an idempotency key is 1-{MAX_KEY_LEN} characters of Unicode without control "
+                              "characters", field=field)
+    return key
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (a header decoded with surrogate escapes, or JSON's lone surrogates, is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def spec_from_json(d: Mapping[str, Any]) -> JobSpec:

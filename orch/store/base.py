@@ -122,6 +122,12 @@ class Sweep:
     next_due: float | None = None  # the earliest due time of a retrying or scheduled job (wall clock)
 
 
+def key_reused(key: str | None, job_id: int) -> str:
+    """The message of a submit whose idempotency key a kept job of another spec has."""
+    return (f"idempotency key {key!r} is job {job_id}'s, which was submitted with another spec: a retried submit "
+            "sends the same spec, a new job needs a new key")
+
+
 TOKEN_ROLES = ("client", "join")  # the roles of put_tokens (orch.auth.ROLES)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -176,11 +182,15 @@ class Store(Protocol):
     # ---- jobs: clients
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
                      stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
-        """Queue jobs, all or none, with consecutive ids in the order given. A job whose spec has a run_at or
+        """Queue jobs, all or none, with ids increasing in the order given. A job whose spec has a run_at or
         a delay is due at ``spec.due(clock())``, the store's clock at this submit: while that is ahead it starts
         ``scheduled`` (``decisions.submitted``) with its due time in ``Job.run_at``, and ``sweep`` queues it.
         ``stored``: each spec's stored form and its JSON text, when the caller made them
-        (``core.spec.stored_spec``)."""
+        (``core.spec.stored_spec``).
+
+        A spec with an ``idempotency_key`` that a kept job has already is that job (``Job.replayed``), not a new
+        one, when its stored spec is the same; else the whole submit is refused with IdempotencyKeyReused. A unique
+        index decides it, so submits at once through any scheduler of the database agree on one job."""
         ...
 
     async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:

@@ -44,7 +44,15 @@ from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from orch.core import decisions
-from orch.core.errors import Conflict, NotFound, StorageError, StorageUnavailable, UnknownWorker, ValidationError
+from orch.core.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+    UnknownWorker,
+    ValidationError,
+)
 from orch.core.policy import dispatch_order
 from orch.core.records import (
     Attempt,
@@ -65,7 +73,7 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep
+from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep, key_reused
 
 log = logging.getLogger("orch.store")
 
@@ -681,9 +689,53 @@ class PostgresStore:
             out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=cols[9][i]) for i, jid in enumerate(ids))
             return ids
 
+        if any(spec.idempotency_key is not None for spec in specs):
+            return await self._submit_keyed(specs, cols, states, now)
         ids = await self._auto(op)
         return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
                     cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
+
+    async def _submit_keyed(self, specs: Sequence[JobSpec], cols: list[list[Any]], states: list[JobState],
+                            now: float) -> list[Job]:
+        """A submit where some jobs carry an idempotency key, in one transaction: each row is inserted unless the
+        unique index has its key (ON CONFLICT DO NOTHING waits for a concurrent insert of the key to commit or roll
+        back), and then the kept job with it is the answer when its spec is the same, or the submit is refused,
+        whole (IdempotencyKeyReused). A row at a time: which rows the index let in is known only so."""
+
+        async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool]]:
+            got: list[tuple[int, bool]] = []
+            for i, spec in enumerate(specs):
+                key, text = spec.idempotency_key, cols[2][i]
+                row = await (await conn.execute(
+                    "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
+                    " spec_bytes, run_at, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
+                    (cols[0][i], cols[1][i], cols[8][i], text, cols[3][i], now, cols[4][i], cols[5][i], cols[6][i],
+                     cols[9][i], key))).fetchone()
+                if row is None:
+                    old = await (await conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = %s",
+                                                    (key,))).fetchone()
+                    assert old is not None  # the conflict's row, committed (else the insert had gone in)
+                    if old[1] != text:
+                        raise IdempotencyKeyReused(key_reused(key, old[0]), field="idempotency_key")
+                    got.append((old[0], True))
+                    continue
+                await conn.execute(
+                    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                    " VALUES (%s, 0, NULL, %s, %s, %s)", (row[0], cols[8][i], now, decisions.SUBMITTED))
+                out.append(Change(row[0], states[i].value, spec.queue, 0, due=cols[9][i]))
+                got.append((row[0], False))
+            return got
+
+        got = await self._write(op)
+        again = sorted({jid for jid, replayed in got if replayed})
+        kept: dict[int, Job] = {}
+        if again:
+            found = await self._rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ANY(%s)", (again,))
+            kept = {j.id: j._replace(replayed=True) for j in map(job_of, found)}
+        return [kept[jid] if replayed else
+                Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
+                    cols[9][i], None, False, None, None) for i, (jid, replayed) in enumerate(got)]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         now = self.clock()

@@ -65,6 +65,7 @@ import aiosqlite
 from orch.core import decisions
 from orch.core.errors import (
     Conflict,
+    IdempotencyKeyReused,
     NotFound,
     OrchError,
     StorageCorrupt,
@@ -93,7 +94,19 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep, checked_digests
+from orch.store.base import (
+    AttemptResult,
+    Change,
+    HeartbeatReply,
+    Hint,
+    OutputChunk,
+    Store,
+    Sweep,
+    checked_digests,
+)
+from orch.store.base import (
+    key_reused as _key_reused,
+)
 from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
@@ -963,9 +976,49 @@ class SqliteStore:
             out.extend(Change(first + i, states[i].value, spec.queue, 0, due=dues[i]) for i, spec in enumerate(specs))
             return first
 
+        if any(spec.idempotency_key is not None for spec in specs):
+            return await self._submit_keyed(specs, rows, states, dues, now)
         first = await self._write(op, durable=True, weight=len(specs))
         return [Job(first + i, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None,
                     None) for i, r in enumerate(rows)]
+
+    async def _submit_keyed(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], states: list[JobState],
+                            dues: list[float | None], now: float) -> list[Job]:
+        """A submit where some jobs carry an idempotency key: each keyed row is inserted unless the unique index
+        has its key already; then the kept job with it is the answer (when its spec is the same) or the submit
+        is refused, whole (IdempotencyKeyReused). A row at a time: its id is known only once inserted."""
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> list[tuple[int, bool]]:
+            got: list[tuple[int, bool]] = []
+            for i, spec in enumerate(specs):
+                key = spec.idempotency_key
+                cur = conn.execute(
+                    "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
+                    " state, run_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*rows[i], key))
+                if cur.rowcount == 0:
+                    old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+                    if old["spec"] != rows[i][2]:
+                        raise IdempotencyKeyReused(_key_reused(key, old["id"]), field="idempotency_key")
+                    got.append((old["id"], True))
+                    continue
+                jid = cur.lastrowid
+                assert jid is not None
+                _event(conn, jid, 0, None, states[i], now, decisions.SUBMITTED)
+                out.append(Change(jid, states[i].value, spec.queue, 0, due=dues[i]))
+                got.append((jid, False))
+            return got
+
+        got = await self._write(op, durable=True, weight=len(specs))
+        again = sorted({jid for jid, replayed in got if replayed})
+        kept: dict[int, Job] = {}
+        if again:
+            marks = ", ".join("?" * len(again))
+            found = await self._read(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id IN ({marks})", again)
+            kept = {j.id: j._replace(replayed=True) for j in map(_summary, found)}
+        return [kept[jid] if replayed else
+                Job(jid, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None, None)
+                for i, ((jid, replayed), r) in enumerate(zip(got, rows, strict=True))]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         """Cancel a job: one not running ends cancelled now; a running one is marked, its worker told at its

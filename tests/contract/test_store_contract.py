@@ -21,7 +21,7 @@ from storekit import POLICY, T0, TTL, FakeClock, Run, claim_one, finish, shown, 
 
 from helpers import until
 from orch import auth
-from orch.core.errors import Conflict, NotFound, UnknownWorker, ValidationError
+from orch.core.errors import Conflict, IdempotencyKeyReused, NotFound, UnknownWorker, ValidationError
 from orch.core.policy import Ask, Candidate, pick
 from orch.core.spec import JobSpec
 from orch.core.states import JobState, Outcome
@@ -994,5 +994,70 @@ def test_schedulers_putting_their_tokens_at_once_agree_on_one_set(run: Run, tmp_
         assert all(t == told[0] for t in told), told
         assert told[0] in offered
         assert await store.cluster_tokens() == told[0]
+
+    run(tmp_path, body)
+
+
+# ---- idempotency keys
+
+
+def test_a_submit_with_a_kept_jobs_idempotency_key_is_that_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        first = (await store.submit([spec(idempotency_key="order-42", name="charge")], POLICY))[0]
+        assert not first.replayed
+        wid = await worker(store)
+        lease = await claim_one(store, wid)
+        await finish(store, wid, lease.job_id, lease.attempt, Outcome.SUCCEEDED)
+        clock.t += 60
+        again = (await store.submit([spec(idempotency_key="order-42", name="charge")], POLICY))[0]
+        assert again.replayed and again.id == first.id
+        assert again.state is JobState.SUCCEEDED  # the job as it is now, not a new one
+        assert (await store.count_by_state()) == {JobState.SUCCEEDED: 1}
+        assert [e.to_state for e in await store.events(first.id)].count(JobState.QUEUED) == 1
+        # Without a key, or with another, the same spec is a new job.
+        other = (await store.submit([spec(name="charge"), spec(idempotency_key="order-43", name="charge")], POLICY))
+        assert [j.replayed for j in other] == [False, False]
+        assert len({first.id, *(j.id for j in other)}) == 3
+
+    run(tmp_path, body)
+
+
+def test_the_same_key_with_another_spec_is_refused_and_changes_nothing(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        first = (await store.submit([spec(idempotency_key="k-1", command=["./charge.sh", "42"])], POLICY))[0]
+        before = await store.count_by_state()
+        with pytest.raises(IdempotencyKeyReused) as e:
+            await store.submit([spec(command=["true"]), spec(idempotency_key="k-1", command=["./charge.sh", "43"])],
+                               POLICY)
+        assert e.value.code == "idempotency_key_reused" and e.value.field == "idempotency_key"
+        assert "'k-1'" in e.value.message and f"job {first.id}" in e.value.message
+        assert await store.count_by_state() == before  # the batch is all or none: its other job is not in
+
+    run(tmp_path, body)
+
+
+def test_keys_inside_a_batch_replay_alone_and_one_key_twice_is_one_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        kept = (await store.submit([spec(idempotency_key="a")], POLICY))[0]
+        jobs = await store.submit([spec(), spec(idempotency_key="a"), spec(idempotency_key="b"),
+                                   spec(idempotency_key="b")], POLICY)
+        assert [j.replayed for j in jobs] == [False, True, False, True]
+        assert jobs[1].id == kept.id and jobs[3].id == jobs[2].id
+        assert jobs[0].id < jobs[2].id  # the new ones in the order given
+        assert (await store.count_by_state()) == {JobState.QUEUED: 3}
+        with pytest.raises(IdempotencyKeyReused):
+            await store.submit([spec(idempotency_key="c"), spec(idempotency_key="c", priority=5)], POLICY)
+        assert (await store.count_by_state()) == {JobState.QUEUED: 3}
+
+    run(tmp_path, body)
+
+
+def test_submits_of_one_key_at_once_make_one_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        answers = await asyncio.gather(*(store.submit([spec(idempotency_key="once")], POLICY) for _ in range(20)))
+        ids = {jobs[0].id for jobs in answers}
+        assert len(ids) == 1
+        assert sum(not jobs[0].replayed for jobs in answers) == 1
+        assert (await store.count_by_state()) == {JobState.QUEUED: 1}
 
     run(tmp_path, body)

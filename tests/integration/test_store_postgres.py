@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from storekit import POLICY, TTL, spec, worker
 
+from orch.core.errors import IdempotencyKeyReused
+from orch.core.spec import parse_spec
 from orch.core.states import JobState, Outcome, WorkerState
 from orch.store.postgres import PostgresStore, migrations
 
@@ -241,3 +243,29 @@ def test_a_scheduled_submit_is_hinted_to_the_others_with_its_due_time() -> None:
     assert heard[0].queued == {"q": 1} and heard[0].job_ids == [1, 2, 3]
     other._heard('{"f":"older","q":{},"j":[8],"r":1}')  # from a scheduler that sends no d: look at once
     assert (heard[-1].retrying, heard[-1].due) == (True, None)
+
+
+def test_one_idempotency_key_submitted_through_two_schedulers_at_once_is_one_job(postgres_server: Any) -> None:
+    """The unique index decides across schedulers of one database: of 2 x 10 submits at once, one inserts, every
+    other answers with its job; and the key with another spec is refused through either."""
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        a, b = PostgresStore(dsn, pool_size=4), PostgresStore(dsn, pool_size=4)
+        await a.open()
+        await b.open()
+        try:
+            body = parse_spec({"command": ["./charge.sh", "42"], "idempotency_key": "order-42"})
+            answers = await asyncio.gather(*(s.submit([body], POLICY) for s in (a, b) * 10))
+            assert len({jobs[0].id for jobs in answers}) == 1
+            assert sum(not jobs[0].replayed for jobs in answers) == 1
+            for s in (a, b):
+                with pytest.raises(IdempotencyKeyReused):
+                    await s.submit([parse_spec({"command": ["./charge.sh", "43"], "idempotency_key": "order-42"})],
+                                   POLICY)
+            assert await a.count_by_state() == {JobState.QUEUED: 1}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
