@@ -762,6 +762,7 @@ def run(
     cancel_on_interrupt: bool = typer.Option(False, "--cancel-on-interrupt", help="With --wait: Ctrl-C cancels the job (else it keeps running; a second Ctrl-C within 2 s cancels it)."),
     in_: str | None = typer.Option(None, "--in", help="Run it no sooner than this long from now: 90s, 10m, 1h30m, 2d (scheduled until then)."),
     at: str | None = typer.Option(None, "--at", help="Run it no sooner than this time, RFC 3339 with its offset: 2026-12-24T08:00:00+01:00 or ...Z."),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key", help="Run it once per key: a submit with the key of a kept job is that job, not a second run."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -773,7 +774,8 @@ def run(
     spec: dict[str, Any] = {"shell": " ".join(command)} if shell else {"command": list(command)}
     spec.update(_when(in_, at))
     extra = {"env": _parse_env(env) or None, "timeout": timeout, "queue": queue, "priority": priority,
-             "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None}
+             "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None,
+             "idempotency_key": idempotency_key}
     spec.update({k: v for k, v in extra.items() if v is not None})
     if retry_on_exit is not None:
         try:
@@ -784,6 +786,9 @@ def run(
     async def main() -> int:
         async with client_for(settings) as client:
             job = await client.submit(spec)
+            if job.get("idempotent_replay"):  # said on stderr: stdout stays the id (or the job's output)
+                typer.echo(f"orch: job {job['id']} was submitted before with idempotency key {idempotency_key!r} "
+                           f"({job['state']}): not run again", err=True)
             if not wait:
                 emit_json(job) if as_json else typer.echo(job["id"])
                 return 0

@@ -179,10 +179,10 @@ def start_worker(tmp: Path, env: dict[str, str], url: str, name: str, concurrenc
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 30.0, token: Any = AUTO,
-         context: Any = None) -> tuple[int, Any]:
-    """One request; ``token``: by default the current test's client token (None: send none)."""
+         context: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One request; ``token``: by default the current test's client token (None: send none); ``headers``: more."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if token is AUTO:
         # The scheduler started at this URL, while it runs: a port an ended scheduler (of an earlier test) had
         # may be another's now, and its token the wrong one (that gave an `orch up` on a recycled port 401s).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from aiohttp import web
 from orch.auth import new_worker_credential
 from orch.config import Settings
 from orch.core.errors import (
+    Conflict,
     NotFound,
     OrchError,
     PayloadTooLarge,
@@ -33,6 +35,7 @@ from orch.core.spec import (
     CONTROL_RE,
     NAME_RE,
     JobSpec,
+    check_idempotency_key,
     parse_spec,
     stored_spec,
     validate_name,
@@ -455,13 +458,28 @@ class Api:
             raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
                                   f"({self.max_spec:,}): put large data in a file the job reads", field="body")
         spec = parse_spec(await read_json(request))
+        header = request.headers.get("Idempotency-Key")
+        if header is not None:
+            key = check_idempotency_key(header, "Idempotency-Key")
+            if spec.idempotency_key not in (None, key):
+                # A 409, not a 400: each part is valid alone (the document cannot say a header and a body field
+                # must agree); the request is at odds with itself.
+                raise Conflict("the Idempotency-Key header and the spec's idempotency_key differ: give one, "
+                               "or the same in both", field="Idempotency-Key")
+            spec = dataclasses.replace(spec, idempotency_key=key)
         stored = self.stored(spec, "")
         jobs = await self.store.submit([spec], self.defaults, [stored])
+        if jobs[0].replayed:  # the job of this key, as it is now
+            return ok({**self.view(await self.store.get_job(jobs[0].id, with_output=False)),
+                       "idempotent_replay": True}, 200)
         return ok(self.view(JobRecord(jobs[0], stored[0], [])), 201)
 
     async def submit_batch(self, request: web.Request) -> web.StreamResponse:
         """Up to MAX_BATCH specs in one transaction. Parsing, checking and answering go a slice at a time:
         a batch of thousands must not hold up the other requests (orch/scheduler/bodies.py)."""
+        if "Idempotency-Key" in request.headers:
+            raise ValidationError("a batch takes no Idempotency-Key header: give each job its own idempotency_key",
+                                  field="Idempotency-Key")
         data = await read_json(request, "jobs")
         only(data, {"jobs"})
         items = data.get("jobs")
@@ -475,8 +493,9 @@ class Api:
         times: dict[float, str | None] = {}  # one created_at for the whole batch, written once
         summaries = await each(jobs, lambda i, job: wire.job_summary(job, times))
         body = await encode_list("jobs", summaries)
+        status = 200 if all(job.replayed for job in jobs) else 201  # 200: nothing new (every job was a replay)
         await let_go(items, specs, stored, jobs, summaries)
-        return await big_answer(request, body, 201)
+        return await big_answer(request, body, status)
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
         return await self.answer(request, self.view(await self.store.get_job(job_id_of(request))))

@@ -21,6 +21,7 @@ from orch.core.spec import (
     MAX_ARGS,
     MAX_DELAY,
     MAX_ENV,
+    MAX_KEY_LEN,
     MAX_LABELS,
     MAX_TIME_LEN,
     MAX_TIMEOUT,
@@ -79,6 +80,10 @@ METRICS_ADDRESS_RE = re.compile(rf"{_HOST}:{_PORT}|https?://{_HOST}(?::{_PORT})?
 MAX_METRICS_ADDRESS = 255
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
+IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LEN, "pattern": f"^[^{CONTROL_CHARS}]*$",
+                   "description": "a submit with the key of a kept job is that job (answered 200 with "
+                                  "idempotent_replay), not a new one; with another spec it is a 409 "
+                                  "idempotency_key_reused"}
 JOB_FIELDS: dict[str, Any] = {
     "id": INT, "state": {"type": "string", "enum": [s.value for s in JobState]}, "queue": {"type": "string"},
     "priority": INT, "name": nullable({"type": "string"}),
@@ -90,6 +95,8 @@ JOB_FIELDS: dict[str, Any] = {
     "scheduled_for": {**nullable(TIME), "description": "when a scheduled job is due: then it is queued"},
     "worker": nullable({"type": "string"}),
     "cancel_requested": {"type": "boolean"}, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
+    "idempotent_replay": {"type": "boolean", "description": "in a submit's answer only: true when the job is one "
+                                                            "submitted before with the same idempotency key"},
 }
 JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_truncated", "attempt", "max_attempts",
                 "created_at", "started_at", "finished_at", "worker", "cancel_requested", "exit_code", "error")
@@ -97,7 +104,8 @@ JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_
 SCHEMAS: dict[str, Any] = {
     "Error": obj({
         "error": obj({
-            "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, stale_attempt, "
+            "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, "
+                                                      "idempotency_key_reused, stale_attempt, "
                                                       "unknown_worker, unauthorized, forbidden, too_large, "
                                                       "unsupported_encoding, timeout, too_many_requests, ..."},
             "message": {"type": "string"},
@@ -135,6 +143,7 @@ SCHEMAS: dict[str, Any] = {
                                   "scheduled, and one already past queues it at once"},
         "delay": {"type": "number", "minimum": 0, "maximum": MAX_DELAY,
                   "description": "or: run it no sooner than this many seconds after the submit (0: at once)"},
+        "idempotency_key": IDEMPOTENCY_KEY,
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
         dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}}},
         description="exactly one of command, shell, task (args only with task); run_at or delay, not both; an "
@@ -300,8 +309,9 @@ def _json(schema_name: str, description: str) -> dict[str, Any]:
 
 
 def _op(summary: str, ok: dict[str, Any], *, status: str = "200", security: str | None = "clientToken",
-        body: str | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {status: ok, "4XX": _ERROR}}
+        body: str | None = None, params: list[dict[str, Any]] | None = None,
+        more: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {status: ok, **(more or {}), "4XX": _ERROR}}
     op["security"] = [{security: []}] if security else []
     if body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
@@ -322,6 +332,8 @@ def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str
 
 
 JOB_PARAM = _path("job_id", JOB_ID)
+IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": IDEMPOTENCY_KEY,
+                      "description": "the job's idempotency_key, as a header (both given: they must be the same)"}
 WORKER_PARAM = _path("worker_id", NAME)
 FOLLOW = _query("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
                 "1: stream NDJSON lines until the job ends")

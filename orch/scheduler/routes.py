@@ -13,6 +13,7 @@ from orch import __version__
 from orch.core.states import JobState
 from orch.scheduler.openapi import (
     FOLLOW,
+    IDEMPOTENCY_HEADER,
     JOB_PARAM,
     NAME,
     NDJSON,
@@ -42,6 +43,7 @@ class Route:
     body: str | None = None  # the request body's schema
     params: list[dict[str, Any]] = field(default_factory=list)
     long_poll: str | None = None  # None: never; "": always; else the query flag that makes it one
+    more: dict[str, Any] = field(default_factory=dict)  # other success responses, by status
 
     @property
     def served_path(self) -> str:
@@ -53,12 +55,14 @@ class Route:
         security = _SECURITY[OPEN if self.access == METRICS and metrics_open else
                              CLIENT if self.access == METRICS else self.access]
         return _op(self.summary, self.ok, status=self.status, security=security, body=self.body,
-                   params=self.params or None)
+                   params=self.params or None, more=self.more or None)
 
 
 def _wait_params() -> list[dict[str, Any]]:
     return [JOB_PARAM, _query("timeout", {"type": "number", "minimum": 0, "maximum": 3600})]
 
+
+_REPLAYED = {"200": _json("Job", "the job submitted before with this idempotency key (idempotent_replay: true)")}
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", "health", OPEN, "liveness", _json("Health", "alive")),
@@ -67,14 +71,15 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/openapi.json", "openapi_json", CLIENT, "this document",
           {"description": "OpenAPI 3.1", "content": {"application/json": {}}}),
     Route("POST", "/v1/jobs", "submit", CLIENT, "submit one job", _json("Job", "the new job"), status="201",
-          body="JobSpec"),
+          body="JobSpec", params=[IDEMPOTENCY_HEADER], more=_REPLAYED),
     Route("GET", "/v1/jobs", "list_jobs", CLIENT, "list jobs, newest first", _json("JobPage", "a page of jobs"),
           params=[_query("state", {"type": "string", "enum": [s.value for s in JobState]}),
                   _query("queue", NAME),
                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                   _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "next_cursor of the previous page")]),
     Route("POST", "/v1/jobs/batch", "submit_batch", CLIENT, "submit many jobs in one transaction",
-          _json("Jobs", "the new jobs"), status="201", body="Batch"),
+          _json("Jobs", "the new jobs"), status="201", body="Batch",
+          more={"200": _json("Jobs", "every job was submitted before with its idempotency key: those jobs")}),
     Route("POST", "/v1/jobs/wait", "wait_many", CLIENT,
           "hold until one of the jobs named has ended (or timeout), then list those that have",
           _json("Ended", "the jobs that have ended"), body="WaitMany", long_poll=""),
@@ -116,7 +121,7 @@ ROUTES: tuple[Route, ...] = (
           _json("HandedBack", "what was handed back"), body="HandBack", params=[WORKER_PARAM]),
     # The seed's form, kept working: POST /job {"task": "echo", "args": ["hello"]}.
     Route("POST", "/job", "submit", CLIENT, "submit, original form", _json("Job", "the new job"), status="201",
-          body="JobSpec"),
+          body="JobSpec", params=[IDEMPOTENCY_HEADER], more=_REPLAYED),
     Route("GET", "/job/{job_id}", "get_job", CLIENT, "a job, original form", _json("JobDetail", "the job"),
           params=[JOB_PARAM]),
 )

@@ -26,7 +26,7 @@ def job_summary(j: Job, times: dict[float, str | None] | None = None) -> dict[st
     named field read costs as much as the rest of the line.
     """
     (id_, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at, finished_at,
-     run_at, worker_id, cancel_requested, exit_code, error) = j
+     run_at, worker_id, cancel_requested, exit_code, error, replayed) = j
     command = command or ""
     if times is None:
         created = iso(created_at)
@@ -53,7 +53,11 @@ def job_summary(j: Job, times: dict[float, str | None] | None = None) -> dict[st
         "cancel_requested": cancel_requested,
         "exit_code": exit_code,
         "error": error,
+        **_REPLAY[replayed],
     }
+
+
+_REPLAY: dict[bool, dict[str, bool]] = {False: {}, True: {"idempotent_replay": True}}
 
 
 def attempt_json(a: Attempt) -> dict[str, Any]:

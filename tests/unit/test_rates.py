@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from orch.core.errors import ValidationError
@@ -54,7 +56,7 @@ def _starts(rate: Rate, n: int, now: float = 1000.0) -> list[float]:
 def test_starts_asked_at_once_are_spaced_at_the_rate() -> None:
     starts = _starts(parse_rate("10/s"), 100)
     assert starts[0] == 1000.0
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(abs(g - 0.1) < 1e-9 for g in gaps)
     assert starts[-1] - starts[0] == pytest.approx(9.9)
 
