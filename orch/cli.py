@@ -19,7 +19,7 @@ import typer
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
 from orch.core.errors import ApiError, ConfigError, OrchError, ValidationError
-from orch.core.states import JobState
+from orch.core.states import REPLAYABLE, JobState
 from orch.text import visible
 
 T = TypeVar("T")
@@ -559,7 +559,11 @@ token_app = typer.Typer(help="Show or rotate the scheduler's tokens (kept in the
                         no_args_is_help=True)
 certs_app = typer.Typer(help="Make TLS certificates: a small CA and a server certificate.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+queue_app = typer.Typer(help="Pause or resume a queue (`orch queues` lists them).", no_args_is_help=True)
+limit_app = typer.Typer(help="Make, change or delete a rate limit (`orch limits` lists them).", no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
+app.add_typer(queue_app, name="queue")
+app.add_typer(limit_app, name="limit")
 
 
 def _roles(client: bool, worker: bool) -> tuple[str, ...]:
@@ -763,6 +767,7 @@ def run(
     in_: str | None = typer.Option(None, "--in", help="Run it no sooner than this long from now: 90s, 10m, 1h30m, 2d (scheduled until then)."),
     at: str | None = typer.Option(None, "--at", help="Run it no sooner than this time, RFC 3339 with its offset: 2026-12-24T08:00:00+01:00 or ...Z."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key", help="Run it once per key: a submit with the key of a kept job is that job, not a second run."),
+    rate_key: List[str] | None = typer.Option(None, "--rate-key", help="A rate limit (orch limit set) its start counts against (repeatable); one that is used up puts the start off."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -775,7 +780,7 @@ def run(
     spec.update(_when(in_, at))
     extra = {"env": _parse_env(env) or None, "timeout": timeout, "queue": queue, "priority": priority,
              "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None,
-             "idempotency_key": idempotency_key}
+             "idempotency_key": idempotency_key, "rate_keys": list(rate_key) if rate_key else None}
     spec.update({k: v for k, v in extra.items() if v is not None})
     if retry_on_exit is not None:
         try:
@@ -1059,6 +1064,74 @@ def cancel(
     run_async(main())
 
 
+def who_am_i() -> str:
+    """user@host, as a replay's event records who asked (the scheduler adds the address it came from)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name and no passwd entry (a container's numeric user)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return visible(f"{user}@{socket.gethostname()}")[:128] or "unknown"
+
+
+@app.command()
+def retry(
+    jobs: List[str] = typer.Argument(None, help="Job ids (or use --state)."),
+    state: str | None = typer.Option(None, "--state", help="Replay every job in this state: failed or cancelled."),
+    queue: str | None = typer.Option(None, "--queue", help="With --state: only this queue's jobs."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Replay failed or cancelled jobs: each is queued again with a fresh set of attempts (its max_attempts), and
+    its history keeps every earlier attempt. `orch retry 17 18`, or `orch retry --state failed [--queue Q]` for a
+    whole dead-letter set (`orch jobs --state failed` lists it). Exits 5 if a job named could not be replayed."""
+    if bool(jobs) == (state is not None):
+        fail(f"name the jobs to replay: job ids, or --state {'|'.join(sorted(REPLAYABLE))}", 2)
+    if queue is not None and state is None:
+        fail("--queue goes with --state (job ids name their jobs already)", 2)
+    if state is not None and state not in REPLAYABLE:
+        fail(f"--state is {' or '.join(sorted(REPLAYABLE))}, not {state!r}", 2)
+    ids = [int(_job_ref(j)) for j in jobs or []]
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> int:
+        async with client_for(settings) as client:
+            if len(ids) == 1:
+                job = await client.retry(ids[0], by=who_am_i())
+                data = {"replayed": [job["id"]], "refused": []}
+            else:
+                data = await client.retry_many(ids=ids or None, state=state, queue=queue, by=who_am_i())
+        if as_json:
+            emit_json(data)
+        else:
+            replayed = data["replayed"]
+            if len(ids) == 1:
+                typer.echo(f"job {ids[0]} queued again")
+            elif state is not None:
+                where = f" of queue {queue}" if queue else ""
+                typer.echo(f"{len(replayed)} {state} job{'s' if len(replayed) != 1 else ''}{where} queued again"
+                           + (f": {_id_list(replayed)}" if replayed else ""))
+            else:
+                typer.echo(f"{len(replayed)} of {len(set(ids))} jobs queued again"
+                           + (f": {_id_list(replayed)}" if replayed else ""))
+            for r in data["refused"]:
+                typer.echo(f"orch: {visible(r['error']['message'])}", err=True)
+        return 5 if data["refused"] and ids else 0
+
+    raise typer.Exit(run_async(main()))
+
+
+def _id_list(ids: List[int], most: int = 20) -> str:
+    shown = " ".join(str(i) for i in ids[:most])
+    return shown + (f" ... (+{len(ids) - most})" if len(ids) > most else "")
+
+
 @app.command()
 def workers(
     show_all: bool = typer.Option(False, "--all", help="Also stopped and lost workers not heard from for longer than scheduler.worker_retention (1 h)."),
@@ -1084,6 +1157,153 @@ def workers(
                          f"{w['running']}/{w['concurrency']}", f"{w['heartbeat_age']:.1f}s ago",
                          w.get("metrics") or "-"])
         typer.echo(table(rows))
+
+    run_async(main())
+
+
+@app.command()
+def queues(
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """List queues: jobs queued (the depth), running, scheduled and retrying, whether paused, the oldest wait."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            items = await client.queues()
+        if as_json:
+            emit_json({"queues": items})
+            return
+        rows = [["QUEUE", "STATE", "QUEUED", "RUNNING", "SCHEDULED", "RETRYING", "OLDEST QUEUED"]]
+        for q in items:
+            age = q["oldest_queued_age"]
+            rows.append([visible(q["name"]), "paused" if q["paused"] else "active", str(q["queued"]), str(q["running"]),
+                         str(q["scheduled"]), str(q["retrying"]), f"{age:.1f}s ago" if age is not None else "-"])
+        typer.echo(table(rows))
+
+    run_async(main())
+
+
+def _pause(queue: str, paused: bool, as_json: bool, settings: Settings) -> None:
+    async def main() -> None:
+        async with client_for(settings) as client:
+            q = await client.pause_queue(queue, paused)
+        if as_json:
+            emit_json(q)
+            return
+        word = "paused" if paused else "resumed"
+        if not q["changed"]:
+            typer.echo(f"queue {q['name']} was {word if paused else 'not paused'} already")
+        elif paused:
+            typer.echo(f"queue {q['name']} paused: none of its {q['queued']} queued jobs will start until "
+                       f"`orch queue resume {q['name']}`; {q['running']} running go on")
+        else:
+            typer.echo(f"queue {q['name']} resumed ({q['queued']} queued)")
+
+    run_async(main())
+
+
+@queue_app.command("pause")
+def queue_pause(
+    queue: str = typer.Argument(..., help="Queue name."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Pause a queue: no job of it is handed out until it is resumed (jobs may still be submitted to it); its
+    running jobs go on."""
+    _pause(queue, True, as_json, settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)}))
+
+
+@queue_app.command("resume")
+def queue_resume(
+    queue: str = typer.Argument(..., help="Queue name."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Resume a paused queue: its queued jobs are handed out again."""
+    _pause(queue, False, as_json, settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)}))
+
+
+@app.command()
+def limits(
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """List rate limits: each one's rate, burst and when its next start is allowed."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            items = await client.limits()
+        if as_json:
+            emit_json({"limits": items})
+            return
+        rows = [["LIMIT", "RATE", "BURST", "NEXT START (UTC)"]]
+        rows += [[x["name"], x["rate"], str(x["burst"]), _short(x["next_start_at"], zone=False)] for x in items]
+        typer.echo(table(rows))
+
+    run_async(main())
+
+
+@limit_app.command("set")
+def limit_set(
+    name: str = typer.Argument(..., help="The limit's name, as jobs name it in --rate-key / rate_keys."),
+    rate: str = typer.Option(..., "--rate", help="Starts allowed: COUNT/UNIT, e.g. 100/m, 10/s, 5/10s (units s, m, h, d)."),
+    burst: int | None = typer.Option(None, "--burst", help="Starts a bucket left unused may let through at once (default 1: evenly spaced)."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Make a rate limit, or change its rate: the jobs naming it start at most at that rate, cluster-wide."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            x = await client.set_limit(name, rate, burst)
+        if as_json:
+            emit_json(x)
+        else:
+            typer.echo(f"rate limit {x['name']}: {x['rate']}, burst {x['burst']}")
+
+    run_async(main())
+
+
+@limit_app.command("delete")
+def limit_delete(
+    name: str = typer.Argument(..., help="The limit's name."),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Delete a rate limit: jobs it put off keep their times; a submit naming it is refused from now on."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            await client.delete_limit(name)
+        typer.echo(f"rate limit {name} deleted")
 
     run_async(main())
 

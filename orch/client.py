@@ -7,6 +7,7 @@ import json
 import random
 import ssl as ssl_module
 from typing import Any, AsyncIterator, Sequence
+from urllib.parse import quote
 
 import aiohttp
 
@@ -138,6 +139,34 @@ class Client:
 
     async def cancel(self, job_id: int | str) -> dict[str, Any]:
         return await self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    async def retry(self, job_id: int | str, by: str | None = None) -> dict[str, Any]:
+        """Replay a failed or cancelled job (``by``: who asks, recorded in its event)."""
+        return await self.request("POST", f"/v1/jobs/{job_id}/retry", body={"by": by} if by else None)
+
+    async def retry_many(self, *, ids: Sequence[int] | None = None, state: str | None = None,
+                         queue: str | None = None, by: str | None = None) -> dict[str, Any]:
+        """Replay the jobs ``ids``, or every job in ``state`` (of ``queue``): ``{"replayed", "refused"}``."""
+        body = {k: v for k, v in {"ids": list(ids) if ids is not None else None, "state": state, "queue": queue,
+                                  "by": by}.items() if v is not None}
+        return await self.request("POST", "/v1/jobs/retry", body=body, read_timeout=None)
+
+    async def queues(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v1/queues"))["queues"]
+
+    async def pause_queue(self, queue: str, paused: bool = True) -> dict[str, Any]:
+        """Pause (or, ``paused`` False, resume) a queue: its answer, with ``changed``."""
+        return await self.request("POST", f"/v1/queues/{quote(queue, safe='')}/{'pause' if paused else 'resume'}")
+
+    async def limits(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v1/limits"))["limits"]
+
+    async def set_limit(self, name: str, rate: str, burst: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"rate": rate, **({"burst": burst} if burst is not None else {})}
+        return await self.request("PUT", f"/v1/limits/{quote(name, safe='')}", body=body)
+
+    async def delete_limit(self, name: str) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v1/limits/{quote(name, safe='')}")
 
     async def wait(self, job_id: int | str, timeout: float = 30.0) -> dict[str, Any]:
         return await self.request("GET", f"/v1/jobs/{job_id}/wait", params={"timeout": timeout},

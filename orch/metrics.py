@@ -54,6 +54,10 @@ class SchedulerMetrics:
         self.submitted = Counter(
             "orch_jobs_submitted", "Jobs accepted by the scheduler.", ["queue"], registry=self.registry
         )
+        self.replayed = Counter(
+            "orch_jobs_replayed", "Ended jobs queued again by a replay (orch retry), by queue.", ["queue"],
+            registry=self.registry,
+        )
         self.stale = Counter(
             "orch_stale_reports",
             "Worker reports refused because they named an attempt that is no longer current.",
@@ -115,7 +119,7 @@ class SchedulerMetrics:
             if queue in self._queues:
                 continue
             self._queues.add(queue)
-            for metric in (self.submitted, self.retries, self.started, self.duration, self.queue_wait):
+            for metric in (self.submitted, self.replayed, self.retries, self.started, self.duration, self.queue_wait):
                 self._child(metric, (queue,))
             for state in sorted(TERMINAL):
                 self._child(self.completed, (queue, state))
@@ -140,11 +144,15 @@ class SchedulerMetrics:
             state, queue = c.state, c.queue
             if queue not in known:
                 self.known_queues((queue,))
+            if c.replay:
+                key: tuple[Any, tuple[str, ...]] = (self.replayed, (queue,))
+                counts[key] = counts.get(key, 0) + 1
+                continue
             if c.attempt == 0 and (state == _SCHEDULED or state == _QUEUED):
                 # A submit (queued or scheduled before any attempt); not a scheduled job that came due (its
                 # change says when it was due): that one was counted when it was submitted.
                 if state == _SCHEDULED or c.due is None:
-                    key: tuple[Any, tuple[str, ...]] = (self.submitted, (queue,))
+                    key = (self.submitted, (queue,))
                     counts[key] = counts.get(key, 0) + 1
                 continue
             outcome = c.outcome

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from orch.core.errors import Conflict
+from orch.core.rates import Rate, reserve
 from orch.core.retry import RetryPolicy
-from orch.core.states import JobState, Outcome, check_transition
+from orch.core.states import REPLAYABLE, JobState, Outcome, check_transition
+from orch.core.times import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,43 @@ def cancel(job_id: int, state: JobState) -> CancelAction:
         return CancelAction.ASK_WORKER
     check_transition(state, JobState.CANCELLED)
     return CancelAction.END
+
+
+RATE_HELD = "held by rate limit "  # in a submit's event reason when a limit put its start off (orch why finds it)
+
+
+def rated(due: float | None, now: float, names: Sequence[str], limits: Mapping[str, Rate],
+          tats: Mapping[str, float | None]) -> tuple[JobState, float | None, str, dict[str, float]]:
+    """A submit whose start counts against the rate limits ``names``: a start is reserved on each at the first
+    time all of them allow it, no sooner than the job is due. Returns its first state, its due time (None:
+    queued now), its first event's reason (naming the limit that put it off, if one did) and the limits' new
+    ``tat``."""
+    at, holder, new = reserve(limits, tats, names, due if due is not None and due > now else now)
+    if holder is None:
+        state = submitted(due, now)
+        return state, due if state is JobState.SCHEDULED else None, SUBMITTED, new
+    return JobState.SCHEDULED, at, submitted_held(holder, iso(at) or ""), new
+
+
+def unknown_limit(name: str) -> str:
+    return f"no rate limit {name!r}: make it first (orch limit set {name} --rate COUNT/UNIT)"
+
+
+def submitted_held(holder: str, until: str) -> str:
+    """The event reason of a submit whose start the rate limit ``holder`` puts off until ``until``."""
+    return f"{SUBMITTED}; {RATE_HELD}{holder} until {until}"
+
+
+REPLAYED_BY = "replayed by "  # the start of a replay's event reason (orch why finds it there)
+
+
+def replay(job_id: int, state: JobState, by: str) -> Move:
+    """The move of a replay (``orch retry``) asked for by ``by``: a failed or cancelled job is queued again with
+    a fresh set of attempts (the store counts them from its current attempt on); Conflict for any other state."""
+    if state not in REPLAYABLE:
+        doing = "has succeeded" if state is JobState.SUCCEEDED else f"is {state}, not ended"
+        raise Conflict(f"job {job_id} {doing}: only a failed or cancelled job is replayed", field="id")
+    return Move(JobState.QUEUED, REPLAYED_BY + by)
 
 
 def claimed(worker_id: str) -> Move:

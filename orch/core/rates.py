@@ -27,9 +27,11 @@ from orch.core.errors import ValidationError
 LIMIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_RATE_KEYS = 16  # limits one job may name
 MAX_BURST = 1_000_000
-MAX_PER = 366 * 86400.0  # the longest period a rate may be written over
+MAX_PER = 999 * 86400.0  # the longest period a rate may be written over (999d: every rate RATE_PATTERN lets by)
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\d{0,9})\s*(s|m|h|d|sec|min|hour|day)\s*$", re.ASCII)
+_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\d{0,3})\s*(s|m|h|d|sec|min|hour|day)\s*$", re.ASCII)
+# The rates the API document describes (every one of them is taken; the server also takes spaces, leading zeros).
+RATE_PATTERN = r"^[1-9][0-9]{0,8}/(?:[1-9][0-9]{0,2})?(?:s|m|h|d|sec|min|hour|day)$"
 _LONG = {"sec": "s", "min": "m", "hour": "h", "day": "d"}
 _SLACK = 1e-6  # seconds of float rounding a burst's last start may be late by and still start now
 
@@ -77,7 +79,7 @@ def parse_rate(text: str, burst: int | None = None, *, field: str = "rate") -> R
     if count < 1:
         raise ValidationError("a rate's count must be at least 1", field=field)
     if not 0 < per <= MAX_PER:
-        raise ValidationError(f"a rate's period must be more than 0 and at most 366 days, not {per:g}s", field=field)
+        raise ValidationError(f"a rate's period must be more than 0 and at most 999 days, not {per:g}s", field=field)
     return Rate(count, per, check_burst(burst))
 
 

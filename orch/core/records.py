@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from orch.core.rates import Rate
 from orch.core.states import JobState, Outcome, WorkerState
 
 
@@ -142,6 +143,28 @@ class JobFacts:
     queued: int | None = None  # queued: jobs queued in its queue
     workers: list[WorkerLoad] = field(default_factory=list)  # queued, scheduled: live workers serving its queue
     worker: WorkerLoad | None = None  # running: the worker holding its lease, if it is still known
+    queue_paused: bool = False  # queued, scheduled, retrying: its queue is paused (it hands out nothing)
+
+
+class QueueInfo(NamedTuple):
+    """A queue as `orch queues` shows it: its unfinished jobs by state, whether it is paused, and how long its
+    oldest queued job has waited (wall clock: the submit, or the due time of a job that was scheduled)."""
+
+    name: str
+    queued: int
+    running: int
+    scheduled: int
+    retrying: int
+    paused: bool
+    oldest_queued_at: float | None
+
+
+class LimitInfo(NamedTuple):
+    """A named rate limit and its bucket: ``tat`` (orch/core/rates.py; None: never used, full)."""
+
+    name: str
+    rate: Rate
+    tat: float | None
 
 
 @dataclass(slots=True)

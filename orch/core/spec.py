@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from orch.core.errors import ValidationError
+from orch.core.rates import check_rate_keys
 from orch.core.retry import RetryPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -43,6 +44,7 @@ SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
         "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay", "idempotency_key",
+        "rate_keys",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -68,6 +70,7 @@ class JobSpec:
     delay: float | None = None  # or: seconds after its submit (as written: an int stays an int)
     run_at_ts: float | None = None  # run_at as Unix seconds
     idempotency_key: str | None = None  # a submit with a key a kept job has is that job, not a new one
+    rate_keys: tuple[str, ...] = ()  # the rate limits (orch limit set) its start counts against
 
     def due(self, now: float) -> float | None:
         """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
@@ -116,6 +119,8 @@ class JobSpec:
             out["delay"] = self.delay
         if self.idempotency_key is not None:
             out["idempotency_key"] = self.idempotency_key
+        if self.rate_keys:
+            out["rate_keys"] = list(self.rate_keys)
         return out
 
     @property
@@ -178,7 +183,7 @@ def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
             "backoff": {"base": defaults.base, "factor": defaults.factor, "cap": defaults.cap,
                         "jitter": defaults.jitter},
             "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None,
-            "run_at": None, "delay": None, "idempotency_key": None}
+            "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": []}
 
 
 def _is_int(v: Any) -> bool:
@@ -347,20 +352,28 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     key = body.get("idempotency_key")
     if "idempotency_key" in body:
         key = check_idempotency_key(key, f("idempotency_key"))
+    rate_keys = check_rate_keys(body["rate_keys"], field=f("rate_keys")) if "rate_keys" in body else ()
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
         retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts, idempotency_key=key,
+        rate_keys=rate_keys,
     )
 
 
 def check_idempotency_key(key: object, field: str = "idempotency_key") -> str:
     """An idempotency key: 1-255 printable characters (no controls: it is shown, logged and put in headers)."""
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN or CONTROL_RE.search(key) or not _utf8(key):
-        raise ValidationError(f"an idempotency key is 1-{MAX_KEY_LEN} characters of Unicode without control "
-                              "characters", field=field)
-    return key
+    return check_printable(key, field, MAX_KEY_LEN, "an idempotency key")
+
+
+def check_printable(text: object, field: str, max_len: int, what: str) -> str:
+    """1 to ``max_len`` characters of valid Unicode without control characters: a string users wrote that orch
+    shows, logs and may put in a header, so that it cannot forge a line or break a terminal."""
+    if not isinstance(text, str) or not 0 < len(text) <= max_len or CONTROL_RE.search(text) or not _utf8(text):
+        raise ValidationError(f"{what} is 1-{max_len} characters of Unicode without control characters",
+                              field=field)
+    return text
 
 
 def _utf8(text: str) -> bool:

@@ -21,7 +21,8 @@ class JobState(enum.StrEnum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})  # ended: nothing runs
+REPLAYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})  # ended, and a replay may run them again
 
 # The one table of allowed moves. Every writer goes through check_transition().
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -32,8 +33,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.RETRYING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # A replay (orch retry) gives a failed or cancelled job a fresh set of attempts: ended, but not for good.
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
 

@@ -30,18 +30,20 @@ from orch.core.errors import (
     Unauthorized,
     ValidationError,
 )
-from orch.core.records import JobRecord, Lease, Verdict
+from orch.core.rates import MAX_BURST, check_limit_name, parse_rate
+from orch.core.records import JobRecord, Lease, LimitInfo, Verdict
 from orch.core.spec import (
     CONTROL_RE,
     NAME_RE,
     JobSpec,
     check_idempotency_key,
+    check_printable,
     parse_spec,
     stored_spec,
     validate_name,
     view_defaults,
 )
-from orch.core.states import JobState, Outcome
+from orch.core.states import REPLAYABLE, JobState, Outcome
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.output import marker as output_marker
@@ -62,6 +64,7 @@ STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
 MAX_BATCH = 10_000
+REPLAY_PAGE = 1000  # jobs replayed in one transaction by a replay of a state's jobs
 ACCOUNT_SLICE = 256  # committed changes counted and logged per turn of the loop, at most
 BIG_OUTPUT = 128 * 1024  # characters of output in an answer beyond which it is encoded a slice at a time
 
@@ -182,6 +185,14 @@ async def read_json(request: web.Request, list_key: str | None = None) -> dict[s
     return data
 
 
+async def optional_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, as read_json reads it, or {} when there is none."""
+    raw = request.get(BODY)
+    if raw is None:
+        raw = await request.read()
+    return await read_json(request) if raw else {}
+
+
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -281,6 +292,18 @@ def job_id_of(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound(f"no job {raw[:40]!r}", field="id")
     return int(raw)
+
+
+MAX_BY = 128  # characters of the name a client gives as who asked for a replay
+
+
+def who_asked(request: web.Request, data: dict[str, Any]) -> str:
+    """Who asked for a replay, as its event records it: the name the client gave (``by``: orch retry gives
+    user@host), and the address the request came from."""
+    peer = request.remote or "an unknown address"
+    if "by" not in data:
+        return peer
+    return f"{check_printable(data['by'], 'by', MAX_BY, 'by')} from {peer}"
 
 
 def _job_id_item(v: Any, i: int) -> int:
@@ -526,6 +549,106 @@ class Api:
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         job, _ = await self.store.cancel(job_id_of(request))
         return ok(self.view(job))
+
+    async def retry(self, request: web.Request) -> web.StreamResponse:
+        """Replay one failed or cancelled job: a fresh set of attempts (404, or 409 naming its state)."""
+        job_id = job_id_of(request)
+        data = await optional_json(request)
+        only(data, {"by"})
+        refused, _ = await self.store.replay([job_id], who_asked(request, data))
+        if job_id in refused:
+            raise refused[job_id]
+        return ok(self.view(await self.store.get_job(job_id, with_output=False)))
+
+    async def retry_many(self, request: web.Request) -> web.Response:
+        """Replay the jobs named by ``ids``, or every job in ``state`` (failed or cancelled) of ``queue`` (or of
+        every queue): each page of REPLAY_PAGE jobs in one transaction. Answers which were replayed, and why each
+        of the rest was not."""
+        data = await read_json(request)
+        only(data, {"ids", "state", "queue", "by"})
+        by = who_asked(request, data)
+        replayed: list[int] = []
+        refused: dict[int, OrchError] = {}
+        if "ids" in data:
+            if "state" in data or "queue" in data:
+                raise ValidationError("name the jobs by ids, or by state (and queue), not both", field="ids")
+            ids = data["ids"]
+            if not isinstance(ids, list) or not ids or len(ids) > MAX_BATCH:
+                raise ValidationError(f"ids must be a list of 1 to {MAX_BATCH} job ids", field="ids")
+            ids = [_job_id_item(v, i) for i, v in enumerate(ids)]
+            refused, changes = await self.store.replay(ids, by)
+            replayed = [c.job_id for c in changes]
+        else:
+            state = data.get("state")
+            if not isinstance(state, str) or state not in REPLAYABLE:
+                raise ValidationError("state must be failed or cancelled (or give ids)", field="state")
+            queue = data.get("queue")
+            if queue is not None:
+                validate_name(queue, "queue")
+            cursor: int | None = None
+            while True:
+                found, cursor = await self.store.list_jobs(state=JobState(state), queue=queue, limit=REPLAY_PAGE,
+                                                           cursor=cursor)
+                if found:
+                    more, changes = await self.store.replay([j.id for j in found], by)
+                    refused.update(more)
+                    replayed.extend(c.job_id for c in changes)
+                if cursor is None:
+                    break
+        return ok({"replayed": sorted(replayed),
+                   "refused": [{"id": jid, "error": e.to_json()["error"]} for jid, e in sorted(refused.items())]})
+
+    # ---- queues
+
+    async def list_queues(self, request: web.Request) -> web.Response:
+        only(dict(request.query), set())
+        now = self.store.clock()
+        return ok({"queues": [wire.queue_json(q, now) for q in await self.store.queue_stats()]})
+
+    async def pause_queue(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, True)
+
+    async def resume_queue(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: web.Request, paused: bool) -> web.Response:
+        """Pause or resume the queue the path names; a resume wakes the long-polls waiting on it here (another
+        replica's hear of it through the hint the store sends, or at their next poll)."""
+        queue = validate_name(request.match_info["queue"], "queue")
+        changed = await self.store.pause_queue(queue, paused)
+        (info,) = await self.store.queue_stats([queue])
+        if changed:
+            log.info("queue %s %s", queue, "paused" if paused else "resumed")
+            if not paused and info.queued:
+                self.hub.wake_queue(queue, info.queued)
+        return ok({**wire.queue_json(info, self.store.clock()), "changed": changed})
+
+    # ---- rate limits
+
+    async def list_limits(self, request: web.Request) -> web.Response:
+        only(dict(request.query), set())
+        now = self.store.clock()
+        return ok({"limits": [wire.limit_json(x, now) for x in await self.store.limits()]})
+
+    async def put_limit(self, request: web.Request) -> web.Response:
+        """Make or change a rate limit: ``{"rate": "100/m", "burst": 1}`` (201 when made)."""
+        name = check_limit_name(request.match_info["name"])
+        data = await read_json(request)
+        only(data, {"rate", "burst"})
+        if "rate" not in data:
+            raise ValidationError("rate is required, such as '100/m' or '10/s'", field="rate")
+        rate = parse_rate(data["rate"], int_field(data, "burst", 1, MAX_BURST, 1))
+        made = await self.store.set_limit(name, rate)
+        log.info("rate limit %s %s: %s, burst %d", name, "made" if made else "changed", rate.text(), rate.burst)
+        (info,) = [x for x in await self.store.limits() if x.name == name] or [LimitInfo(name, rate, None)]
+        return ok(wire.limit_json(info, self.store.clock()), status=201 if made else 200)
+
+    async def delete_limit(self, request: web.Request) -> web.Response:
+        name = check_limit_name(request.match_info["name"])
+        if not await self.store.delete_limit(name):
+            raise NotFound(f"no rate limit {name!r}", field="name")
+        log.info("rate limit %s deleted", name)
+        return ok({"name": name, "deleted": True})
 
     async def wait(self, request: web.Request) -> web.StreamResponse:
         job_id = job_id_of(request)

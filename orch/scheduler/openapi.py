@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
     CONTROL_CHARS,
     ENV_KEY_RE,
@@ -27,7 +28,7 @@ from orch.core.spec import (
     MAX_TIMEOUT,
     NAME_RE,
 )
-from orch.core.states import JobState, Outcome, WorkerState
+from orch.core.states import REPLAYABLE, JobState, Outcome, WorkerState
 
 MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
 REF = "#/components/schemas/"
@@ -60,6 +61,9 @@ _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f
 NOT_BLANK = rf"^(?![\s\S]*\x00)(?=[\s\S]*[^{_SPACE}])"
 TIME = {"type": "string", "description": "ISO 8601 UTC time with milliseconds, e.g. 2026-01-05T10:00:07.101Z"}
 INT = {"type": "integer"}
+COUNT = {"type": "integer", "minimum": 0}
+LIMIT_NAME = {"type": "string", "pattern": LIMIT_NAME_RE.pattern, "maxLength": 64}
+QUEUE_COUNTS = (JobState.QUEUED, JobState.RUNNING, JobState.SCHEDULED, JobState.RETRYING)  # a Queue's counts
 JOB_ID = {"type": "integer", "minimum": 1, "maximum": 2**62}
 ATTEMPT = {"type": "integer", "minimum": 1, "maximum": 10**6}
 ARG = {"type": "string", "maxLength": MAX_ARG_LEN, "pattern": NO_NUL}
@@ -80,6 +84,8 @@ METRICS_ADDRESS_RE = re.compile(rf"{_HOST}:{_PORT}|https?://{_HOST}(?::{_PORT})?
 MAX_METRICS_ADDRESS = 255
 RESULT_OUTCOMES = sorted(o.value for o in Outcome if o not in (Outcome.RUNNING, Outcome.LOST, Outcome.HANDED_BACK))
 
+BY = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": f"^[^{CONTROL_CHARS}]*$",
+      "description": "who asks (orch retry gives user@host); the replay's event names it with the client address"}
 IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LEN, "pattern": f"^[^{CONTROL_CHARS}]*$",
                    "description": "a submit with the key of a kept job is that job (answered 200 with "
                                   "idempotent_replay), not a new one; with another spec it is a 409 "
@@ -102,15 +108,16 @@ JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_
                 "created_at", "started_at", "finished_at", "worker", "cancel_requested", "exit_code", "error")
 
 SCHEMAS: dict[str, Any] = {
+    "ErrorBody": obj({
+        "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, "
+                                                  "idempotency_key_reused, stale_attempt, "
+                                                  "unknown_worker, unauthorized, forbidden, too_large, "
+                                                  "unsupported_encoding, timeout, too_many_requests, ..."},
+        "message": {"type": "string"},
+        "field": {"type": "string", "description": "the offending field, e.g. jobs[3].queue"},
+    }, ("code", "message")),
     "Error": obj({
-        "error": obj({
-            "code": {"type": "string", "description": "invalid, not_found, method_not_allowed, conflict, "
-                                                      "idempotency_key_reused, stale_attempt, "
-                                                      "unknown_worker, unauthorized, forbidden, too_large, "
-                                                      "unsupported_encoding, timeout, too_many_requests, ..."},
-            "message": {"type": "string"},
-            "field": {"type": "string", "description": "the offending field, e.g. jobs[3].queue"},
-        }, ("code", "message")),
+        "error": ref("ErrorBody"),
     }, ("error",)),
     "JobSpec": obj({
         "command": {"type": "array", "prefixItems": [{**ARG, "minLength": 1}], "items": ARG, "minItems": 1,
@@ -144,6 +151,10 @@ SCHEMAS: dict[str, Any] = {
         "delay": {"type": "number", "minimum": 0, "maximum": MAX_DELAY,
                   "description": "or: run it no sooner than this many seconds after the submit (0: at once)"},
         "idempotency_key": IDEMPOTENCY_KEY,
+        "rate_keys": {"type": "array", "maxItems": MAX_RATE_KEYS, "uniqueItems": True,
+                      "items": LIMIT_NAME,
+                      "description": "rate limits (orch limit set NAME) its start counts against; a start a limit "
+                                     "does not allow yet waits, scheduled, for the first time it does"},
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
         dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}}},
         description="exactly one of command, shell, task (args only with task); run_at or delay, not both; an "
@@ -269,6 +280,44 @@ SCHEMAS: dict[str, Any] = {
     "HandedBack": obj({"handed_back": {"type": "array", "items": ref("AttemptRef")}}, ("handed_back",)),
     "Batch": obj({"jobs": {"type": "array", "items": ref("JobSpec"), "minItems": 1, "maxItems": MAX_BATCH}},
                  ("jobs",), closed=True),
+    "Replay": obj({"by": BY}, closed=True),
+    "ReplayMany": obj({
+        "ids": {"type": "array", "items": JOB_ID, "minItems": 1, "maxItems": MAX_BATCH},
+        "state": {"type": "string", "enum": sorted(REPLAYABLE)},
+        "queue": NAME,
+        "by": BY,
+    }, closed=True, oneOf=[{"required": ["ids"], "not": {"anyOf": [{"required": ["state"]}, {"required": ["queue"]}]}},
+                           {"required": ["state"], "not": {"required": ["ids"]}}],
+        description="the jobs to replay: ids, or every job in state (of queue, or of every queue)"),
+    "Replayed": obj({
+        "replayed": {"type": "array", "items": JOB_ID, "description": "the jobs queued again"},
+        "refused": {"type": "array", "items": obj({"id": JOB_ID, "error": ref("ErrorBody")}, ("id", "error")),
+                    "description": "the jobs named that were not, and why (no such job, or its state)"},
+    }, ("replayed", "refused")),
+    "Queue": obj({
+        "name": NAME, **{state.value: COUNT for state in QUEUE_COUNTS},
+        "paused": {"type": "boolean", "description": "a paused queue hands out no job; its running jobs go on"},
+        "oldest_queued_at": nullable(TIME),
+        "oldest_queued_age": nullable({"type": "number", "minimum": 0,
+                                       "description": "seconds the oldest queued job has waited"}),
+        "changed": {"type": "boolean", "description": "pause and resume: whether the call changed anything"},
+    }, ("name", *(state.value for state in QUEUE_COUNTS), "paused", "oldest_queued_at", "oldest_queued_age"),
+        description="a queue's unfinished jobs by state (queued: its depth)"),
+    "Limit": obj({
+        "name": LIMIT_NAME, "rate": {"type": "string", "description": "COUNT/UNIT, e.g. 100/m, 10/s, 5/10s"},
+        "count": {"type": "integer", "minimum": 1}, "per": {"type": "number", "exclusiveMinimum": 0},
+        "burst": {"type": "integer", "minimum": 1},
+        "next_start_at": {**TIME, "description": "the first time a start of it is allowed (now, if one is)"},
+    }, ("name", "rate", "count", "per", "burst", "next_start_at")),
+    "Limits": obj({"limits": {"type": "array", "items": ref("Limit")}}, ("limits",)),
+    "LimitBody": obj({
+        "rate": {"type": "string", "minLength": 3, "maxLength": 40, "pattern": RATE_PATTERN,
+                 "description": "COUNT/UNIT: 100/m, 10/s, 5/10s (units s, m, h, d)"},
+        "burst": {"type": "integer", "minimum": 1, "maximum": MAX_BURST,
+                  "description": "starts a bucket left unused may let through at once (default 1)"},
+    }, ("rate",), closed=True),
+    "Deleted": obj({"name": {"type": "string"}, "deleted": {"type": "boolean"}}, ("name", "deleted")),
+    "Queues": obj({"queues": {"type": "array", "items": ref("Queue")}}, ("queues",)),
     "Health": obj({"status": {"type": "string", "const": "ok"}}, ("status",)),
     "WaitMany": obj({
         "ids": {"type": "array", "items": JOB_ID, "minItems": 1, "maxItems": MAX_BATCH},
@@ -310,11 +359,11 @@ def _json(schema_name: str, description: str) -> dict[str, Any]:
 
 def _op(summary: str, ok: dict[str, Any], *, status: str = "200", security: str | None = "clientToken",
         body: str | None = None, params: list[dict[str, Any]] | None = None,
-        more: dict[str, Any] | None = None) -> dict[str, Any]:
+        more: dict[str, Any] | None = None, body_required: bool = True) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {status: ok, **(more or {}), "4XX": _ERROR}}
     op["security"] = [{security: []}] if security else []
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": ref(body)}}}
     if params:
         op["parameters"] = params
     return op
@@ -335,6 +384,8 @@ JOB_PARAM = _path("job_id", JOB_ID)
 IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": IDEMPOTENCY_KEY,
                       "description": "the job's idempotency_key, as a header (both given: they must be the same)"}
 WORKER_PARAM = _path("worker_id", NAME)
+QUEUE_PARAM = _path("queue", NAME)
+LIMIT_PARAM = _path("name", LIMIT_NAME)
 FOLLOW = _query("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
                 "1: stream NDJSON lines until the job ends")
 NDJSON = {"description": "the document, or with follow=1 a stream of NDJSON lines",

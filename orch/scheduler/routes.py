@@ -15,8 +15,10 @@ from orch.scheduler.openapi import (
     FOLLOW,
     IDEMPOTENCY_HEADER,
     JOB_PARAM,
+    LIMIT_PARAM,
     NAME,
     NDJSON,
+    QUEUE_PARAM,
     SCHEMAS,
     SECURITY_SCHEMES,
     WORKER_PARAM,
@@ -44,6 +46,7 @@ class Route:
     params: list[dict[str, Any]] = field(default_factory=list)
     long_poll: str | None = None  # None: never; "": always; else the query flag that makes it one
     more: dict[str, Any] = field(default_factory=dict)  # other success responses, by status
+    body_required: bool = True
 
     @property
     def served_path(self) -> str:
@@ -55,7 +58,8 @@ class Route:
         security = _SECURITY[OPEN if self.access == METRICS and metrics_open else
                              CLIENT if self.access == METRICS else self.access]
         return _op(self.summary, self.ok, status=self.status, security=security, body=self.body,
-                   params=self.params or None, more=self.more or None)
+                   params=self.params or None, more=self.more or None,
+                   body_required=self.body_required)
 
 
 def _wait_params() -> list[dict[str, Any]]:
@@ -87,6 +91,12 @@ ROUTES: tuple[Route, ...] = (
           _json("JobDetail", "the job"), params=[JOB_PARAM]),
     Route("POST", "/v1/jobs/{job_id}/cancel", "cancel", CLIENT, "cancel a job", _json("Job", "the job"),
           params=[JOB_PARAM]),
+    Route("POST", "/v1/jobs/{job_id}/retry", "retry", CLIENT,
+          "replay a failed or cancelled job: a fresh set of attempts; 409 names any other state",
+          _json("Job", "the job, queued again"), body="Replay", body_required=False, params=[JOB_PARAM]),
+    Route("POST", "/v1/jobs/retry", "retry_many", CLIENT,
+          "replay the failed or cancelled jobs named by ids, or every one in a state (of a queue)",
+          _json("Replayed", "which were replayed, and why the rest were not"), body="ReplayMany"),
     Route("GET", "/v1/jobs/{job_id}/wait", "wait", CLIENT, "hold until the job ends or timeout passes",
           _json("JobDetail", "the job"), params=_wait_params(), long_poll=""),
     Route("GET", "/v1/jobs/{job_id}/output", "output", CLIENT, "stored output, or a stream of it", NDJSON,
@@ -96,6 +106,23 @@ ROUTES: tuple[Route, ...] = (
           long_poll="follow"),
     Route("GET", "/v1/jobs/{job_id}/why", "why", CLIENT, "why the job is (not) running",
           _json("Why", "the explanation"), params=[JOB_PARAM]),
+    Route("GET", "/v1/queues", "list_queues", CLIENT,
+          "every queue with unfinished jobs or a setting: jobs by state, paused, the oldest queued job's wait",
+          _json("Queues", "the queues")),
+    Route("POST", "/v1/queues/{queue}/pause", "pause_queue", CLIENT,
+          "pause a queue: it hands out no job until resumed; its running jobs go on",
+          _json("Queue", "the queue"), params=[QUEUE_PARAM]),
+    Route("POST", "/v1/queues/{queue}/resume", "resume_queue", CLIENT, "resume a paused queue",
+          _json("Queue", "the queue"), params=[QUEUE_PARAM]),
+    Route("GET", "/v1/limits", "list_limits", CLIENT, "every rate limit, with when its next start is allowed",
+          _json("Limits", "the rate limits")),
+    Route("PUT", "/v1/limits/{name}", "put_limit", CLIENT,
+          "make or change a rate limit (a token bucket counting the starts of the jobs naming it in rate_keys)",
+          _json("Limit", "the limit, changed"), body="LimitBody", params=[LIMIT_PARAM],
+          more={"201": _json("Limit", "the limit, made")}),
+    Route("DELETE", "/v1/limits/{name}", "delete_limit", CLIENT,
+          "delete a rate limit: jobs it put off keep their times; submits naming it are refused (404)",
+          _json("Deleted", "deleted"), params=[LIMIT_PARAM]),
     Route("POST", "/v1/workers", "register", JOIN, "register a worker; returns its own credential",
           _json("Registered", "registered"), status="201", body="Register"),
     Route("GET", "/v1/workers", "list_workers", CLIENT, "list workers", _json("Workers", "the workers"),

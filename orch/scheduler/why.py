@@ -8,14 +8,18 @@ into ``{"reason": code, "message": text, ...details}``.
 Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_worker``, ``waiting_for_slot``,
 ``backoff``, ``lease_held``
 (the lease holder has gone quiet), ``running``, ``cancel_requested``,
-``succeeded``, ``failed``, ``cancelled``. ``blocked`` (waiting on
+``succeeded``, ``failed``, ``cancelled``, ``rate_limited`` (a job a rate limit put off: which, and until when),
+``queue_paused`` (a queued job whose queue is paused; a scheduled or
+retrying one says it too, with ``queue_paused: true``); a queued job a replay queued again says so first (``replayed_by``).
+``blocked`` (waiting on
 dependencies) comes with DAGs, which orch does not have yet.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from orch.core.decisions import RATE_HELD, REPLAYED_BY
 from orch.core.records import JobFacts, WorkerLoad
 from orch.core.states import JobState, WorkerState
 from orch.core.times import iso
@@ -61,6 +65,11 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
                            "max_attempts": j.max_attempts}
 
     def done(reason: str, message: str, **details: Any) -> dict[str, Any]:
+        if facts.queue_paused and reason != "queue_paused":
+            # Due, or its backoff over, it is queued on a queue that hands nothing out: say so as well.
+            message += f" Queue {queue} is paused: none of its jobs starts until `orch queue resume {queue}`."
+        if facts.queue_paused:
+            details["queue_paused"] = True
         out.update(details, reason=reason, message=message)
         return out
 
@@ -70,16 +79,26 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
     if state is JobState.FAILED:
         why = j.error or (f"exited {j.exit_code}" if j.exit_code is not None else last_reason)
         return done(state.value, f"job {jid} failed for good at {job['finished_at']} after attempt "
-                              f"{job['attempt']} of {job['max_attempts']}: {why}; it will not run again.")
+                              f"{job['attempt']} of {job['max_attempts']}: {why}; it will not run again unless replayed "
+                              f"(orch retry {jid}).")
     if state is JobState.CANCELLED:
         return done(state.value, f"job {jid} was cancelled at {job['finished_at']}"
-                                 + (f" ({last_reason})" if last_reason else "") + "; it will not run again.")
+                                 + (f" ({last_reason})" if last_reason else "")
+                    + f"; it will not run again unless replayed (orch retry {jid}).")
     if state is JobState.SCHEDULED:
         due = j.run_at if j.run_at is not None else now
         left = due - now
         details = {"scheduled_for": iso(due), "due_in": round(max(0.0, left), 3)}
         alive = [w for w in facts.workers if w.state is WorkerState.ALIVE]
         unserved = "" if alive else f" (no live worker serves {queue} now)"
+        held = last_reason.split(RATE_HELD, 1)[1].split(" until ", 1)[0] if last_reason and RATE_HELD in last_reason \
+            else None
+        if held is not None:
+            details["rate_limit"] = held
+        if left > 0 and held is not None:
+            return done("rate_limited", f"job {jid} is held by rate limit {held}: it may start at {iso(due)} "
+                                        f"({_span(left)} from now), scheduled until then; then it is queued on "
+                                        f"{queue}{unserved}.", **details)
         if left > 0:
             return done("scheduled", f"job {jid} is scheduled for {iso(due)} ({_span(left)} from now); then it is "
                                      f"queued on {queue}{unserved}.", **details)
@@ -115,31 +134,46 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
                         **details)
         return done(state.value, f"job {jid} is running: attempt {job['attempt']} on worker {name}, which {heard}; "
                                f"its lease runs {_s(max(0.0, lease_left))} more unless renewed.", **details)
+    if state is JobState.QUEUED and facts.last_event and last_reason and last_reason.startswith(REPLAYED_BY):
+        # Queued again by a replay: say so first, then why it has not started (the rest is as for any queued job).
+        replay = f"job {jid} was {last_reason} at {iso(facts.last_event.at)}; "
+        out["replayed_by"] = last_reason[len(REPLAYED_BY):]
+        queued = explain_queued(facts, done, jid, queue)
+        queued["message"] = replay + queued["message"]
+        return queued
     if state is JobState.QUEUED:
-        workers = facts.workers
-        alive = [w for w in workers if w.state is WorkerState.ALIVE]
-        position, queued = facts.position or 1, facts.queued or 1
-        details = {"position": position, "queued_in_queue": queued, "workers": len(alive)}
-        if not alive:
-            draining = len(workers) - len(alive)
-            extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""
-            return done("no_worker", f"job {jid} is queued, but no live worker serves queue {queue}{extra}; start one "
-                                     f"with `orch worker --join SCHEDULER --queue {queue}`.", **details)
-        slots = sum(w.concurrency for w in alive)
-        busy = sum(min(w.busy, w.concurrency) for w in alive)
-        free = slots - busy
-        details.update(slots=slots, busy_slots=busy)
-        served = f"{_plural(len(alive), 'live worker')} serve{'s' if len(alive) == 1 else ''} {queue}"
-        if free <= 0:
-            msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
-                   f"{served} and {'its one slot is' if slots == 1 else f'all {slots} slots are'} busy.")
-        elif free < position:
-            msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
-                   f"{served} with {free} of {_plural(slots, 'slot')} free, and {_plural(position - 1, 'job')} "
-                   f"{'is' if position == 2 else 'are'} ahead of it.")
-        else:
-            msg = (f"job {jid} is next in line on queue {queue} (position {position} of {queued}) and "
-                   f"{free} of {_plural(slots, 'slot')} are free on the {served.split(' serve')[0]}: it should start "
-                   f"at their next lease request.")
-        return done("waiting_for_slot", msg, **details)
+        return explain_queued(facts, done, jid, queue)
     return done(state.value, f"job {jid} is {state}.")
+
+
+def explain_queued(facts: JobFacts, done: Callable[..., dict[str, Any]], jid: int, queue: str) -> dict[str, Any]:
+    """Why a queued job has not started: no live worker serves its queue, or it waits for a slot."""
+    workers = facts.workers
+    alive = [w for w in workers if w.state is WorkerState.ALIVE]
+    position, queued = facts.position or 1, facts.queued or 1
+    details = {"position": position, "queued_in_queue": queued, "workers": len(alive)}
+    if facts.queue_paused:
+        return done("queue_paused", f"job {jid} is queued on {queue}, which is paused: no job of it is handed out "
+                                    f"until `orch queue resume {queue}` (position {position} of {queued}).", **details)
+    if not alive:
+        draining = len(workers) - len(alive)
+        extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""
+        return done("no_worker", f"job {jid} is queued, but no live worker serves queue {queue}{extra}; start one "
+                                 f"with `orch worker --join SCHEDULER --queue {queue}`.", **details)
+    slots = sum(w.concurrency for w in alive)
+    busy = sum(min(w.busy, w.concurrency) for w in alive)
+    free = slots - busy
+    details.update(slots=slots, busy_slots=busy)
+    served = f"{_plural(len(alive), 'live worker')} serve{'s' if len(alive) == 1 else ''} {queue}"
+    if free <= 0:
+        msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
+               f"{served} and {'its one slot is' if slots == 1 else f'all {slots} slots are'} busy.")
+    elif free < position:
+        msg = (f"job {jid} is waiting for a free slot on queue {queue} (position {position} of {queued}): "
+               f"{served} with {free} of {_plural(slots, 'slot')} free, and {_plural(position - 1, 'job')} "
+               f"{'is' if position == 2 else 'are'} ahead of it.")
+    else:
+        msg = (f"job {jid} is next in line on queue {queue} (position {position} of {queued}) and "
+               f"{free} of {_plural(slots, 'slot')} are free on the {served.split(' serve')[0]}: it should start "
+               f"at their next lease request.")
+    return done("waiting_for_slot", msg, **details)

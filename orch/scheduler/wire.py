@@ -9,7 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
-from orch.core.records import Attempt, Event, Job, JobRecord, Lease, OutputPiece, Verdict, Worker
+from orch.core.rates import allowed_at
+from orch.core.records import (
+    Attempt,
+    Event,
+    Job,
+    JobRecord,
+    Lease,
+    LimitInfo,
+    OutputPiece,
+    QueueInfo,
+    Verdict,
+    Worker,
+)
 from orch.core.spec import COMMAND_SHOWN, spec_view
 from orch.core.states import JobState
 from orch.core.times import iso
@@ -150,3 +162,18 @@ def leases_json(leases: Iterable[Lease]) -> str:
     return "[" + ",".join(
         f'{{"job_id":{j.job_id:d},"attempt":{j.attempt:d},"spec":{j.spec},"queue":{_string(j.queue)},'
         f'"queued_at":{j.queued_at!r}}}' for j in leases) + "]"
+
+
+def queue_json(q: QueueInfo, now: float) -> dict[str, Any]:
+    """A queue as GET /v1/queues shows it: unfinished jobs by state, paused, its oldest queued job's wait."""
+    oldest = q.oldest_queued_at
+    return {"name": q.name, "queued": q.queued, "running": q.running, "scheduled": q.scheduled,
+            "retrying": q.retrying, "paused": q.paused, "oldest_queued_at": iso(oldest) if oldest is not None else None,
+            "oldest_queued_age": round(max(0.0, now - oldest), 3) if oldest is not None else None}
+
+
+def limit_json(x: LimitInfo, now: float) -> dict[str, Any]:
+    """A rate limit as GET /v1/limits shows it, with the first time its next start is allowed."""
+    first = allowed_at(x.rate, x.tat)
+    return {"name": x.name, "rate": x.rate.text(), "count": x.rate.count, "per": x.rate.per, "burst": x.rate.burst,
+            "next_start_at": iso(max(first, now))}

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from orch.core.errors import ValidationError
+from orch.core.errors import OrchError, ValidationError
+from orch.core.rates import Rate
 from orch.core.records import (
     Credential,
     Event,
@@ -42,8 +43,10 @@ from orch.core.records import (
     JobRecord,
     Leadership,
     Lease,
+    LimitInfo,
     MetricsTarget,
     OutputPiece,
+    QueueInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -90,6 +93,7 @@ class Change:
     # When a scheduled or retrying job is due (wall clock): the reaper's timer is set again for a sooner one. On
     # the move of a scheduled job that came due to queued: the time it was due (so it is not taken for a submit).
     due: float | None = None
+    replay: bool = False  # a replay (orch retry) queued this ended job again
 
 
 @dataclass
@@ -120,6 +124,30 @@ class Sweep:
     changes: list[Change] = field(default_factory=list)
     lost_workers: list[str] = field(default_factory=list)
     next_due: float | None = None  # the earliest due time of a retrying or scheduled job (wall clock)
+
+
+def queue_infos(counts: Iterable[tuple[str, str, int, float | None]], paused: dict[str, bool],
+                names: Sequence[str] | None) -> list[QueueInfo]:
+    """QueueInfo rows, by name, from the unfinished jobs' counts (queue, state, count, and the oldest of that
+    state's COALESCE(run_at, created_at)) and the queues table's rows (name: paused): every queue either names,
+    or with ``names``, those alone (a queue nobody has used yet is an empty one)."""
+    by: dict[str, dict[str, Any]] = {}
+    for queue, state, n, oldest in counts:
+        q = by.setdefault(queue, {})
+        q[state] = n
+        if state == _QUEUED:
+            q["oldest"] = oldest
+    known = set(names) if names is not None else set(by) | set(paused)
+    out = []
+    for name in sorted(known):
+        q = by.get(name, {})
+        out.append(QueueInfo(name, q.get(_QUEUED, 0), q.get(_RUNNING, 0), q.get(_SCHEDULED, 0), q.get(_RETRYING, 0),
+                             paused.get(name, False), q.get("oldest")))
+    return out
+
+
+_QUEUED, _RUNNING, _SCHEDULED, _RETRYING = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.SCHEDULED.value,
+                                            JobState.RETRYING.value)
 
 
 def key_reused(key: str | None, job_id: int) -> str:
@@ -227,6 +255,37 @@ class Store(Protocol):
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         """End a job that is not running (scheduled, queued, retrying) as cancelled; ask a running one's worker
         to stop it. NotFound, or Conflict if it has ended."""
+        ...
+
+    async def replay(self, job_ids: Sequence[int], by: str) -> tuple[dict[int, OrchError], list[Change]]:
+        """Give each failed or cancelled job of ``job_ids`` a fresh set of attempts (``decisions.replay``): queued
+        again, its attempt numbers going on from its last (they fence), its max_attempts its spec's counted from
+        there, every earlier attempt and event kept, and an event naming ``by``. Returns why each id that was not
+        replayed was not (NotFound, or a Conflict naming its state); every other id was. All in one transaction."""
+        ...
+
+    # ---- queues
+    async def pause_queue(self, queue: str, paused: bool) -> bool:
+        """Pause a queue (no claim hands out its jobs from the commit on; running ones go on) or resume it.
+        Returns whether that changed anything (pausing a paused queue does not)."""
+        ...
+
+    async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+        """Every queue that has an unfinished job or a setting (or those ``names``, known or not), by name."""
+        ...
+
+    # ---- rate limits
+    async def set_limit(self, name: str, rate: Rate) -> bool:
+        """Make the rate limit ``name``, or change its rate (its bucket goes on as it is). True if it was made."""
+        ...
+
+    async def delete_limit(self, name: str) -> bool:
+        """Delete a rate limit (jobs it put off keep their times; new submits naming it are refused). False if
+        there was none."""
+        ...
+
+    async def limits(self) -> list[LimitInfo]:
+        """Every rate limit, by name."""
         ...
 
     # ---- observability

@@ -48,12 +48,14 @@ from orch.core.errors import (
     Conflict,
     IdempotencyKeyReused,
     NotFound,
+    OrchError,
     StorageError,
     StorageUnavailable,
     UnknownWorker,
     ValidationError,
 )
 from orch.core.policy import dispatch_order
+from orch.core.rates import Rate
 from orch.core.records import (
     Attempt,
     Credential,
@@ -63,8 +65,10 @@ from orch.core.records import (
     JobRecord,
     Leadership,
     Lease,
+    LimitInfo,
     MetricsTarget,
     OutputPiece,
+    QueueInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -73,7 +77,17 @@ from orch.core.records import (
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
-from orch.store.base import AttemptResult, Change, HeartbeatReply, Hint, OutputChunk, Store, Sweep, key_reused
+from orch.store.base import (
+    AttemptResult,
+    Change,
+    HeartbeatReply,
+    Hint,
+    OutputChunk,
+    Store,
+    Sweep,
+    key_reused,
+    queue_infos,
+)
 
 log = logging.getLogger("orch.store")
 
@@ -109,6 +123,7 @@ def _lit(value: str) -> str:
 Q_QUEUED, Q_RUNNING, Q_RETRYING, Q_SCHEDULED = _lit(_QUEUED), _lit(_RUNNING), _lit(_RETRYING), _lit(_SCHEDULED)
 Q_ALIVE, Q_DRAINING = _lit(_ALIVE), _lit(_DRAINING)
 Q_LIVE = "(" + ", ".join(_lit(v) for v in _LIVE) + ")"
+Q_UNFINISHED = "(" + ", ".join(_lit(v) for v in _UNFINISHED) + ")"
 
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
@@ -579,6 +594,8 @@ class PostgresStore:
         facts = JobFacts(now=now, record=JobRecord(job, json.loads(rows[0][16]), []),
                          lease_expires_at=now + lease - steady if lease is not None else None,
                          last_event=event_of(last[0]) if last else None)
+        if not job.state.terminal and job.state is not JobState.RUNNING:
+            facts.queue_paused = bool(await self._rows("SELECT 1 FROM queues WHERE name = %s AND paused", (job.queue,)))
         if job.state is JobState.QUEUED:
             (ahead,), = await self._rows(
                 f"SELECT count(*) FROM jobs WHERE state = {Q_QUEUED} AND queue = %s"
@@ -689,53 +706,77 @@ class PostgresStore:
             out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=cols[9][i]) for i, jid in enumerate(ids))
             return ids
 
-        if any(spec.idempotency_key is not None for spec in specs):
-            return await self._submit_keyed(specs, cols, states, now)
+        if any(spec.idempotency_key is not None or spec.rate_keys for spec in specs):
+            return await self._submit_each(specs, cols, now)
         ids = await self._auto(op)
         return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
                     cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
 
-    async def _submit_keyed(self, specs: Sequence[JobSpec], cols: list[list[Any]], states: list[JobState],
-                            now: float) -> list[Job]:
-        """A submit where some jobs carry an idempotency key, in one transaction: each row is inserted unless the
-        unique index has its key (ON CONFLICT DO NOTHING waits for a concurrent insert of the key to commit or roll
-        back), and then the kept job with it is the answer when its spec is the same, or the submit is refused,
-        whole (IdempotencyKeyReused). A row at a time: which rows the index let in is known only so."""
+    async def _submit_each(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float) -> list[Job]:
+        """A submit where some jobs carry an idempotency key or name rate limits, in one transaction, a row at a
+        time (which rows the index let in is known only so).
 
-        async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool]]:
-            got: list[tuple[int, bool]] = []
+        A keyed row is inserted unless the unique index has its key (ON CONFLICT DO NOTHING waits for a
+        concurrent insert of the key to commit or roll back); then the kept job with it is the answer when its
+        spec is the same, or the submit is refused, whole (IdempotencyKeyReused). The rate limits named are
+        locked (FOR UPDATE, by name: submits through any replica take turns on a bucket) and each job naming
+        them reserves a start (decisions.rated): queued if they allow it now, else scheduled for the first time
+        they do; a replayed keyed job takes nothing. A limit no one made refuses the submit, naming it."""
+        named = sorted({n for spec in specs for n in spec.rate_keys})
+
+        async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
+            limits: dict[str, Rate] = {}
+            tats: dict[str, float | None] = {}
+            if named:
+                for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
+                                            " ORDER BY name FOR UPDATE", (named,)):
+                    limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+                for name in named:
+                    if name not in limits:
+                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
+            moved: dict[str, float] = {}
+            got: list[tuple[int, bool, JobState, float | None]] = []
             for i, spec in enumerate(specs):
                 key, text = spec.idempotency_key, cols[2][i]
+                state, due, reason = JobState(cols[8][i]), cols[9][i], decisions.SUBMITTED
+                new: dict[str, float] = {}
+                if spec.rate_keys:
+                    state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
                 row = await (await conn.execute(
                     "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
                     " spec_bytes, run_at, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
-                    (cols[0][i], cols[1][i], cols[8][i], text, cols[3][i], now, cols[4][i], cols[5][i], cols[6][i],
-                     cols[9][i], key))).fetchone()
+                    (cols[0][i], cols[1][i], state.value, text, cols[3][i], now, cols[4][i], cols[5][i], cols[6][i],
+                     due, key))).fetchone()
                 if row is None:
                     old = await (await conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = %s",
                                                     (key,))).fetchone()
                     assert old is not None  # the conflict's row, committed (else the insert had gone in)
                     if old[1] != text:
                         raise IdempotencyKeyReused(key_reused(key, old[0]), field="idempotency_key")
-                    got.append((old[0], True))
+                    got.append((old[0], True, state, due))
                     continue
+                tats.update(new)
+                moved.update(new)
                 await conn.execute(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-                    " VALUES (%s, 0, NULL, %s, %s, %s)", (row[0], cols[8][i], now, decisions.SUBMITTED))
-                out.append(Change(row[0], states[i].value, spec.queue, 0, due=cols[9][i]))
-                got.append((row[0], False))
+                    " VALUES (%s, 0, NULL, %s, %s, %s)", (row[0], state.value, now, reason))
+                out.append(Change(row[0], state.value, spec.queue, 0, due=due))
+                got.append((row[0], False, state, due))
+            if moved:
+                await conn.execute("UPDATE limits SET tat = u.tat FROM unnest(%s::text[], %s::float8[]) AS u(name, tat)"
+                                   " WHERE limits.name = u.name", (list(moved), list(moved.values())))
             return got
 
         got = await self._write(op)
-        again = sorted({jid for jid, replayed in got if replayed})
+        again = sorted({jid for jid, replayed, _, _ in got if replayed})
         kept: dict[int, Job] = {}
         if again:
             found = await self._rows(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id = ANY(%s)", (again,))
             kept = {j.id: j._replace(replayed=True) for j in map(job_of, found)}
         return [kept[jid] if replayed else
-                Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
-                    cols[9][i], None, False, None, None) for i, (jid, replayed) in enumerate(got)]
+                Job(jid, state, cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
+                    due, None, False, None, None) for i, (jid, replayed, state, due) in enumerate(got)]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         now = self.clock()
@@ -757,6 +798,93 @@ class PostgresStore:
 
         await self._write(op)
         return await self.get_job(job_id, with_output=False), got
+
+    async def replay(self, job_ids: Sequence[int], by: str) -> tuple[dict[int, OrchError], list[Change]]:
+        """Queue failed and cancelled jobs again with a fresh set of attempts (see Store.replay); the rows are
+        locked in id order, as every multi-job write here locks them."""
+        now = self.clock()
+        ids = sorted(set(job_ids))
+        got: list[Change] = []
+
+        async def op(conn: Conn, out: list[Change]) -> dict[int, OrchError]:
+            refused: dict[int, OrchError] = {}
+            rows = {r[0]: r for r in await (await conn.execute(
+                "SELECT id, state, attempt, queue, spec FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (ids,))).fetchall()}
+            for jid in ids:
+                row = rows.get(jid)
+                if row is None:
+                    refused[jid] = NotFound(f"no job {jid}", field="id")
+                    continue
+                state = JobState(row[1])
+                try:
+                    move = decisions.replay(jid, state, by)
+                except Conflict as e:
+                    refused[jid] = e
+                    continue
+                fresh = row[2] + int(json.loads(row[4])["max_attempts"])
+                await _move(conn, jid, row[2], state, move, now, finished_at=None, run_at=None, worker_id=None,
+                            lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
+                            cancel_requested=False)
+                out.append(Change(jid, _QUEUED, row[3], row[2], replay=True))
+            got[:] = out
+            return refused
+
+        refused = await self._write(op)
+        return refused, got
+
+    async def pause_queue(self, queue: str, paused: bool) -> bool:
+        """Pause or resume a queue (see Store.pause_queue): every replica's next claim statement sees it. A
+        resume hints the others as a queued job would, so their long-polls on the queue look again."""
+        now = self.clock()
+
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            if paused:
+                sql = ("INSERT INTO queues (name, paused, updated_at) VALUES (%s, TRUE, %s) ON CONFLICT (name)"
+                       " DO UPDATE SET paused = TRUE, updated_at = EXCLUDED.updated_at WHERE NOT queues.paused"
+                       " RETURNING name")
+            else:
+                sql = "UPDATE queues SET paused = FALSE, updated_at = %s WHERE name = %s AND paused RETURNING name"
+            return bool(await _fetch(conn, sql, (queue, now) if paused else (now, queue)))
+
+        changed = await self._write(op)
+        if changed and not paused and self.notify:
+            self._tell([Change(0, _QUEUED, queue, 0)])  # no job changed: job 0 is no job, its queue the wake
+        return changed
+
+    async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+        """Queues with unfinished jobs or a setting (or ``names``): counts by state, paused, oldest queued."""
+        where, params = (" AND queue = ANY(%s)", [list(names)]) if names is not None else ("", [])
+        async with self._conn() as conn:
+            counts = await _fetch(conn, "SELECT queue, state, COUNT(*), MIN(COALESCE(run_at, created_at)) FROM jobs"
+                                        f" WHERE state IN {Q_UNFINISHED}{where} GROUP BY queue, state", params)
+            settings = await _fetch(conn, "SELECT name, paused FROM queues")
+        return queue_infos([(r[0], r[1], int(r[2]), r[3]) for r in counts], {r[0]: bool(r[1]) for r in settings},
+                           names)
+
+    async def set_limit(self, name: str, rate: Rate) -> bool:
+        now = self.clock()
+
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            # xmax = 0: the row was inserted by this statement, not updated.
+            (made,), = await _fetch(conn,
+                "INSERT INTO limits (name, count, per, burst, updated_at) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET count = EXCLUDED.count, per = EXCLUDED.per,"
+                " burst = EXCLUDED.burst, updated_at = EXCLUDED.updated_at RETURNING xmax = 0",
+                (name, rate.count, rate.per, rate.burst, now))
+            return bool(made)
+
+        return await self._write(op)
+
+    async def delete_limit(self, name: str) -> bool:
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            return bool(await _fetch(conn, "DELETE FROM limits WHERE name = %s RETURNING name", (name,)))
+
+        return await self._write(op)
+
+    async def limits(self) -> list[LimitInfo]:
+        rows = await self._rows("SELECT name, count, per, burst, tat FROM limits ORDER BY name")
+        return [LimitInfo(r[0], Rate(r[1], r[2], r[3]), r[4]) for r in rows]
 
     async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
                               credential_hash: str | None = None, metrics: str | None = None) -> str:
@@ -821,9 +949,11 @@ class PostgresStore:
             "WITH w AS (SELECT state FROM workers WHERE id = %s),"
             # Each queue's first jobs by the order of its index (jobs_ready: no queued job is read past them,
             # however many wait), then the first of those: the order of one index over every queue.
+            # A paused queue hands out nothing: its name is left out before its jobs are looked at.
             " picked AS (SELECT x.id FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL"
             f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND queue = q.name"
             f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE})"
+            " AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)"
             " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id LIMIT %s),"
             f" claimed AS (UPDATE jobs j SET state = {Q_RUNNING}, attempt = j.attempt + 1, worker_id = %s,"
             " lease_expires_at = %s, started_at = %s, exit_code = NULL, error = NULL"
@@ -1009,7 +1139,8 @@ class PostgresStore:
 
 # --------------------------------------------------------------------------- in-transaction helpers
 
-_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error"})
+_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error", "max_attempts",
+                           "cancel_requested"})
 
 
 async def _move(conn: Conn, job_id: int, attempt: int, frm: JobState, move: decisions.Move, now: float,

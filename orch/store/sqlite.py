@@ -75,6 +75,7 @@ from orch.core.errors import (
     ValidationError,
 )
 from orch.core.policy import dispatch_order
+from orch.core.rates import Rate
 from orch.core.records import (
     Attempt,
     Credential,
@@ -84,8 +85,10 @@ from orch.core.records import (
     JobRecord,
     Leadership,
     Lease,
+    LimitInfo,
     MetricsTarget,
     OutputPiece,
+    QueueInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -103,6 +106,7 @@ from orch.store.base import (
     Store,
     Sweep,
     checked_digests,
+    queue_infos,
 )
 from orch.store.base import (
     key_reused as _key_reused,
@@ -342,6 +346,9 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None  # reads that may scan, on their own thread
         self._pending: list[tuple[Op, asyncio.Future[Any], bool]] = []
         self._pending_weight = 0
+        # The paused queues: the claim leaves them out. The queues table is the truth; this copy is made at open
+        # and changed by pause_queue in the writer's transaction (one scheduler per database: no one else writes).
+        self._paused: frozenset[str] = frozenset()
         self._kick_handle: asyncio.Handle | None = None
         self._busy = False  # a batch is running on the writer thread
         self._idle_waiters: list[asyncio.Future[None]] = []  # synced() callers waiting for that batch
@@ -408,6 +415,7 @@ class SqliteStore:
                 migrate(self._wconn)
             except ValidationError as e:
                 raise ValidationError(f"{self.path}: {e.message}", field=e.field) from None
+            self._paused = frozenset(r[0] for r in self._wconn.execute("SELECT name FROM queues WHERE paused = 1"))
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wconn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._wconn.execute("PRAGMA temp_store=MEMORY")
@@ -864,6 +872,7 @@ class SqliteStore:
             lease_expires_at=(now + row["lease_expires_at"] - steady if row["lease_expires_at"] is not None else None),
             last_event=event_of(last[0]) if last else None,
         )
+        facts.queue_paused = job.queue in self._paused
         if job.state is JobState.QUEUED:
             ahead = await self._read(
                 "SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND queue = ?"
@@ -976,49 +985,72 @@ class SqliteStore:
             out.extend(Change(first + i, states[i].value, spec.queue, 0, due=dues[i]) for i, spec in enumerate(specs))
             return first
 
-        if any(spec.idempotency_key is not None for spec in specs):
-            return await self._submit_keyed(specs, rows, states, dues, now)
+        if any(spec.idempotency_key is not None or spec.rate_keys for spec in specs):
+            return await self._submit_each(specs, rows, now)
         first = await self._write(op, durable=True, weight=len(specs))
         return [Job(first + i, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None,
                     None) for i, r in enumerate(rows)]
 
-    async def _submit_keyed(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], states: list[JobState],
-                            dues: list[float | None], now: float) -> list[Job]:
-        """A submit where some jobs carry an idempotency key: each keyed row is inserted unless the unique index
-        has its key already; then the kept job with it is the answer (when its spec is the same) or the submit
-        is refused, whole (IdempotencyKeyReused). A row at a time: its id is known only once inserted."""
+    async def _submit_each(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], now: float) -> list[Job]:
+        """A submit where some jobs carry an idempotency key or name rate limits, a row at a time.
 
-        def op(conn: sqlite3.Connection, out: list[Change]) -> list[tuple[int, bool]]:
-            got: list[tuple[int, bool]] = []
+        A keyed row is inserted unless the unique index has its key already; then the kept job with it is the
+        answer (when its spec is the same) or the submit is refused, whole (IdempotencyKeyReused). A job naming
+        rate limits reserves a start on each (decisions.rated): queued if they allow it now, else scheduled for
+        the first time they do; a replayed keyed job takes nothing from them. A limit no one made refuses the
+        submit, naming it."""
+        named = sorted({n for spec in specs for n in spec.rate_keys})
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
+            limits: dict[str, Rate] = {}
+            tats: dict[str, float | None] = {}
+            if named:
+                for r in conn.execute(f"SELECT name, count, per, burst, tat FROM limits WHERE name IN"
+                                      f" ({', '.join('?' * len(named))})", named):
+                    limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+                for name in named:
+                    if name not in limits:
+                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
+            moved: dict[str, float] = {}
+            got: list[tuple[int, bool, JobState, float | None]] = []
             for i, spec in enumerate(specs):
+                row, state, due, reason = rows[i], JobState(rows[i][8]), rows[i][9], decisions.SUBMITTED
+                new: dict[str, float] = {}
+                if spec.rate_keys:
+                    state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
+                    row = (*row[:8], state.value, due)
                 key = spec.idempotency_key
                 cur = conn.execute(
                     "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
                     " state, run_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*rows[i], key))
+                    " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*row, key))
                 if cur.rowcount == 0:
                     old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
-                    if old["spec"] != rows[i][2]:
+                    if old["spec"] != row[2]:
                         raise IdempotencyKeyReused(_key_reused(key, old["id"]), field="idempotency_key")
-                    got.append((old["id"], True))
+                    got.append((old["id"], True, state, due))
                     continue
                 jid = cur.lastrowid
                 assert jid is not None
-                _event(conn, jid, 0, None, states[i], now, decisions.SUBMITTED)
-                out.append(Change(jid, states[i].value, spec.queue, 0, due=dues[i]))
-                got.append((jid, False))
+                tats.update(new)
+                moved.update(new)
+                _event(conn, jid, 0, None, state, now, reason)
+                out.append(Change(jid, state.value, spec.queue, 0, due=due))
+                got.append((jid, False, state, due))
+            if moved:
+                conn.executemany("UPDATE limits SET tat = ? WHERE name = ?", [(t, n) for n, t in moved.items()])
             return got
 
         got = await self._write(op, durable=True, weight=len(specs))
-        again = sorted({jid for jid, replayed in got if replayed})
+        again = sorted({jid for jid, replayed, _, _ in got if replayed})
         kept: dict[int, Job] = {}
         if again:
             marks = ", ".join("?" * len(again))
             found = await self._read(f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE id IN ({marks})", again)
             kept = {j.id: j._replace(replayed=True) for j in map(_summary, found)}
         return [kept[jid] if replayed else
-                Job(jid, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None, None)
-                for i, ((jid, replayed), r) in enumerate(zip(got, rows, strict=True))]
+                Job(jid, state, r[0], r[1], r[5], r[6], 0, r[3], now, None, None, due, None, False, None, None)
+                for (jid, replayed, state, due), r in zip(got, rows, strict=True)]
 
     async def cancel(self, job_id: int) -> tuple[JobRecord, list[Change]]:
         """Cancel a job: one not running ends cancelled now; a running one is marked, its worker told at its
@@ -1040,6 +1072,96 @@ class SqliteStore:
 
         changes = await self._write(op, durable=True)
         return await self.get_job(job_id, with_output=False), changes
+
+    async def replay(self, job_ids: Sequence[int], by: str) -> tuple[dict[int, OrchError], list[Change]]:
+        """Queue failed and cancelled jobs again with a fresh set of attempts (see Store.replay)."""
+        now = self.clock()
+        ids = sorted(set(job_ids))
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[dict[int, OrchError], list[Change]]:
+            refused: dict[int, OrchError] = {}
+            rows: dict[int, sqlite3.Row] = {}
+            for at in range(0, len(ids), 500):
+                part = ids[at:at + 500]
+                rows.update((r["id"], r) for r in conn.execute(
+                    f"SELECT id, state, attempt, queue, spec FROM jobs WHERE id IN ({', '.join('?' * len(part))})",
+                    part))
+            for jid in ids:
+                row = rows.get(jid)
+                if row is None:
+                    refused[jid] = NotFound(f"no job {jid}", field="id")
+                    continue
+                state = JobState(row["state"])
+                try:
+                    move = decisions.replay(jid, state, by)
+                except Conflict as e:
+                    refused[jid] = e
+                    continue
+                fresh = row["attempt"] + int(json.loads(row["spec"])["max_attempts"])
+                _move(conn, jid, row["attempt"], state, move, now, finished_at=None, run_at=None,
+                      worker_id=None, lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
+                      cancel_requested=0)
+                out.append(Change(jid, _QUEUED, row["queue"], row["attempt"], replay=True))
+            return refused, list(out)
+
+        return await self._write(op, durable=True, weight=len(ids))
+
+    async def pause_queue(self, queue: str, paused: bool) -> bool:
+        """Pause or resume a queue (see Store.pause_queue); the claim reads the paused set this op leaves."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            row = conn.execute("SELECT paused FROM queues WHERE name = ?", (queue,)).fetchone()
+            if bool(row and row[0]) is paused:
+                return False
+            conn.execute("INSERT INTO queues (name, paused, updated_at) VALUES (?, ?, ?) ON CONFLICT (name)"
+                         " DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at",
+                         (queue, int(paused), now))
+            self._paused = self._paused | {queue} if paused else self._paused - {queue}
+            return True
+
+        try:
+            return await self._write(op, durable=True)
+        except BaseException:
+            # The batch may have failed after the op changed the copy (its commit did not happen): read the truth.
+            with suppress(Exception):
+                self._paused = frozenset(r[0] for r in await self._read("SELECT name FROM queues WHERE paused = 1"))
+            raise
+
+    async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+        """Queues with unfinished jobs or a setting (or ``names``): counts by state, paused, oldest queued."""
+        where, params = "", list(names or ())
+        if names is not None:
+            where = f" AND queue IN ({', '.join('?' * len(params))})" if params else " AND 0"
+        counts = await self._read(
+            f"SELECT queue, state, COUNT(*) AS n, MIN(COALESCE(run_at, created_at)) AS oldest FROM jobs"
+            f" WHERE state IN {_UNFINISHED}{where} GROUP BY queue, state", params)
+        settings = await self._read("SELECT name, paused FROM queues")  # a few rows: a queue's settings
+        return queue_infos([(r["queue"], r["state"], r["n"], r["oldest"]) for r in counts],
+                           {r["name"]: bool(r["paused"]) for r in settings}, names)
+
+    async def set_limit(self, name: str, rate: Rate) -> bool:
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            made = conn.execute("SELECT 1 FROM limits WHERE name = ?", (name,)).fetchone() is None
+            conn.execute("INSERT INTO limits (name, count, per, burst, updated_at) VALUES (?, ?, ?, ?, ?)"
+                         " ON CONFLICT (name) DO UPDATE SET count = excluded.count, per = excluded.per,"
+                         " burst = excluded.burst, updated_at = excluded.updated_at",
+                         (name, rate.count, rate.per, rate.burst, now))
+            return made
+
+        return await self._write(op, durable=True)
+
+    async def delete_limit(self, name: str) -> bool:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            return conn.execute("DELETE FROM limits WHERE name = ?", (name,)).rowcount > 0
+
+        return await self._write(op, durable=True)
+
+    async def limits(self) -> list[LimitInfo]:
+        rows = await self._read("SELECT name, count, per, burst, tat FROM limits ORDER BY name")
+        return [LimitInfo(r[0], Rate(r[1], r[2], r[3]), r[4]) for r in rows]
 
     async def register_worker(
         self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
@@ -1131,31 +1253,21 @@ class SqliteStore:
         """``now``: the wall clock, for the attempt's start and the events; ``steady``: ``lease_clock()``."""
         check_transition(JobState.QUEUED, JobState.RUNNING)
         qs = list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM]
-        # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
-        # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
-        # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
-        one = f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND queue = ? ORDER BY priority DESC, id LIMIT ?"
-        if len(qs) == 1:
-            picked, picks = one.replace("id, priority", "id", 1), [qs[0], limit]
-        else:
-            firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs)
-            picked, picks = f"SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?", [
-                *(v for q in qs for v in (q, limit)), limit]
-        sql = (
-            f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
-            " lease_expires_at = ?, started_at = ?, exit_code = NULL, error = NULL"
-            f" WHERE id IN ({picked})"
-            # A big spec is read after the commit, on the reader thread (claims commit on the loop). A job queued
-            # once its scheduled time came keeps that time in run_at: it has waited in its queue since then.
-            f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority,"
-            " COALESCE(run_at, created_at)"
-        )
+        sql, picks = _claim_sql(qs, limit)
         reason = decisions.claimed(worker_id).reason
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
             if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
-            rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks)).fetchall()
+            paused = self._paused  # as of this op: a pause earlier in this batch holds already
+            if paused and not paused.isdisjoint(qs):
+                served = [q for q in qs if q not in paused]
+                if not served:
+                    return []
+                some, some_picks = _claim_sql(served, limit)
+                rows = conn.execute(some, (worker_id, steady + lease_ttl, now, *some_picks)).fetchall()
+            else:
+                rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks)).fetchall()
             if rows:
                 conn.executemany(
                     "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
@@ -1449,6 +1561,30 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 # These run inside the writer's transaction; they never await.
 
 
+def _claim_sql(qs: Sequence[str], limit: int) -> tuple[str, list[Any]]:
+    """The claim's statement over queues ``qs`` and its parameters after the worker's, lease's and start's."""
+    # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
+    # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
+    # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
+    one = f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND queue = ? ORDER BY priority DESC, id LIMIT ?"
+    if len(qs) == 1:
+        picked, picks = one.replace("id, priority", "id", 1), [qs[0], limit]
+    else:
+        firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs)
+        picked, picks = f"SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?", [
+            *(v for q in qs for v in (q, limit)), limit]
+    sql = (
+        f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
+        " lease_expires_at = ?, started_at = ?, exit_code = NULL, error = NULL"
+        f" WHERE id IN ({picked})"
+        # A big spec is read after the commit, on the reader thread (claims commit on the loop). A job queued
+        # once its scheduled time came keeps that time in run_at: it has waited in its queue since then.
+        f" RETURNING id, attempt, CASE WHEN spec_bytes <= {SMALL_SPEC} THEN spec END, queue, priority,"
+        " COALESCE(run_at, created_at)"
+    )
+    return sql, picks
+
+
 def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState | None, to: JobState,
            at: float, reason: str) -> None:
     conn.execute(
@@ -1457,7 +1593,8 @@ def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState | 
     )
 
 
-_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error"})
+_MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error", "max_attempts",
+                           "cancel_requested"})
 
 
 def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState, move: decisions.Move, now: float,

@@ -23,6 +23,7 @@ from helpers import until
 from orch import auth
 from orch.core.errors import Conflict, IdempotencyKeyReused, NotFound, UnknownWorker, ValidationError
 from orch.core.policy import Ask, Candidate, pick
+from orch.core.rates import Rate
 from orch.core.spec import JobSpec
 from orch.core.states import JobState, Outcome
 from orch.core.times import iso
@@ -1059,5 +1060,190 @@ def test_submits_of_one_key_at_once_make_one_job(run: Run, tmp_path: Path) -> No
         assert len(ids) == 1
         assert sum(not jobs[0].replayed for jobs in answers) == 1
         assert (await store.count_by_state()) == {JobState.QUEUED: 1}
+
+    run(tmp_path, body)
+
+
+# ---- replay (orch retry)
+
+
+def test_a_replayed_failed_job_runs_again_with_fresh_attempts_and_keeps_its_history(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        jid = await submit_one(store, max_attempts=2, backoff={"base": 0, "jitter": 0})
+        wid = await worker(store)
+        for attempt in (1, 2):
+            lease = await claim_one(store, wid)
+            assert (lease.job_id, lease.attempt) == (jid, attempt)
+            await finish(store, wid, jid, attempt, Outcome.FAILED, exit_code=3)
+            await store.sweep(60, POLICY)  # the backoff (0 s) is over: queued again, once
+        assert (await store.job_state(jid)) == (JobState.FAILED, 2)
+        refused, changes = await store.replay([jid], "alice@laptop")
+        assert refused == {} and [(c.job_id, c.state) for c in changes] == [(jid, "queued")]
+        shown_job = await shown(store, jid)
+        assert shown_job["state"] == "queued" and shown_job["finished_at"] is None and shown_job["exit_code"] is None
+        assert shown_job["max_attempts"] == 4  # two more, counted from attempt 2
+        events = await store.events(jid)
+        assert (events[-1].from_state, events[-1].to_state) == (JobState.FAILED, JobState.QUEUED)
+        assert events[-1].reason == "replayed by alice@laptop"
+        # It runs again under a new attempt number, and the old attempts' reports stay refused.
+        lease = await claim_one(store, wid)
+        assert (lease.job_id, lease.attempt) == (jid, 3)
+        assert (await finish(store, wid, jid, 2, Outcome.SUCCEEDED)).state is None  # stale: attempt 2 is over
+        assert (await finish(store, wid, jid, 3, Outcome.SUCCEEDED)).state is JobState.SUCCEEDED
+        record = await store.get_job(jid)
+        assert [(a.attempt, a.state) for a in record.attempts] == [
+            (1, Outcome.FAILED), (2, Outcome.FAILED), (3, Outcome.SUCCEEDED)]
+
+    run(tmp_path, body)
+
+
+def test_only_failed_and_cancelled_jobs_are_replayed_and_the_rest_are_told_why(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        ids = [await submit_one(store) for _ in range(3)]
+        cancelled, queued, done = ids
+        await store.cancel(cancelled)
+        wid = await worker(store)
+        leases, _ = await store.claim(wid, ["default"], 2, TTL)
+        assert [x.job_id for x in leases] == [queued, done]
+        await finish(store, wid, done, 1, Outcome.SUCCEEDED)
+        refused, changes = await store.replay([cancelled, queued, done, 999], "ops")
+        assert [c.job_id for c in changes] == [cancelled]
+        assert set(refused) == {queued, done, 999}
+        assert "running" in refused[queued].message and "succeeded" in refused[done].message
+        assert isinstance(refused[999], NotFound) and refused[999].message == "no job 999"
+        assert isinstance(refused[done], Conflict)
+        assert (await store.job_state(cancelled))[0] is JobState.QUEUED
+        assert (await store.job_state(done))[0] is JobState.SUCCEEDED
+        # A second replay of the same job finds it queued: refused, nothing changes.
+        refused, changes = await store.replay([cancelled], "ops")
+        assert changes == [] and "queued" in refused[cancelled].message
+        lease = await claim_one(store, wid)
+        assert (lease.job_id, lease.attempt) == (cancelled, 1)  # cancelled before it ran: its first attempt
+
+    run(tmp_path, body)
+
+
+# ---- queues: pause and resume, and what `orch queues` shows
+
+
+def test_a_paused_queue_hands_out_nothing_while_its_running_jobs_go_on(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        first, second = [await submit_one(store, queue="email") for _ in range(2)]
+        other = await submit_one(store)
+        wid = await worker(store, queues=("email", "default"))
+        lease = await claim_one(store, wid, ("email",))
+        assert lease.job_id == first
+        assert await store.pause_queue("email", True) is True
+        assert await store.pause_queue("email", True) is False  # paused already: nothing changes
+        # Only the other queue's job is handed out, by a claim over both queues, and by complete-and-claim.
+        leases, _ = await store.claim(wid, ["email", "default"], 10, TTL)
+        assert [x.job_id for x in leases] == [other]
+        assert (await store.claim(wid, ["email"], 10, TTL))[0] == []
+        # The running job goes on: its report is taken, and the claim that comes with it hands out nothing.
+        verdicts, more = await store.complete_and_claim(
+            wid, [AttemptResult(first, lease.attempt, Outcome.SUCCEEDED, exit_code=0, duration=0.1)], POLICY,
+            ["email"], 5, TTL)
+        assert [v.state for v in verdicts] == [JobState.SUCCEEDED] and more == []
+        facts = await store.why_facts(second)
+        assert facts.queue_paused is True
+        (email,) = await store.queue_stats(["email"])
+        assert (email.name, email.paused, email.queued, email.running) == ("email", True, 1, 0)
+        clock.advance(5)
+        assert await store.pause_queue("email", False) is True
+        assert await store.pause_queue("email", False) is False
+        assert (await store.why_facts(second)).queue_paused is False
+        assert (await claim_one(store, wid, ("email",))).job_id == second
+
+    run(tmp_path, body)
+
+
+def test_a_pause_outlives_a_reopen_and_queue_stats_count_each_state(run: Run, tmp_path: Path) -> None:
+    async def first(store: Store, clock: FakeClock) -> None:
+        queued = [await submit_one(store, queue="email") for _ in range(3)]
+        await submit_one(store, queue="email", delay=600)
+        wid = await worker(store, queues=("email",))
+        await claim_one(store, wid, ("email",))
+        assert await store.pause_queue("email", True)
+        assert await store.pause_queue("idle", True)  # a queue no job has named yet may be paused
+        assert queued
+
+    async def second(store: Store, clock: FakeClock) -> None:
+        wid = await worker(store, "w2", queues=("email",))
+        assert (await store.claim(wid, ["email"], 10, TTL))[0] == []  # still paused after the reopen
+        stats = {q.name: q for q in await store.queue_stats()}
+        assert set(stats) == {"email", "idle"}
+        email = stats["email"]
+        assert (email.queued, email.running, email.scheduled, email.retrying, email.paused) == (2, 1, 1, 0, True)
+        assert email.oldest_queued_at == T0
+        assert stats["idle"] == stats["idle"]._replace(queued=0, running=0, paused=True, oldest_queued_at=None)
+        assert [q.name for q in await store.queue_stats(["nowhere", "email"])] == ["email", "nowhere"]
+        assert (await store.queue_stats(["nowhere"]))[0].paused is False
+        assert await store.pause_queue("email", False)
+        assert len((await store.claim(wid, ["email"], 10, TTL))[0]) == 2
+
+    run(tmp_path, first)
+    run(tmp_path, second)
+
+
+# ---- rate limits
+
+
+def test_a_rate_limit_spaces_the_starts_of_the_jobs_naming_it(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        assert await store.set_limit("api", Rate(10, 1.0)) is True  # 10 a second: 0.1 s apart
+        assert await store.set_limit("api", Rate(10, 1.0)) is False  # there already: changed, not made
+        jobs = await store.submit([spec(rate_keys=["api"]) for _ in range(4)], POLICY)
+        assert [j.state for j in jobs] == [JobState.QUEUED] + [JobState.SCHEDULED] * 3
+        assert [j.run_at for j in jobs] == [None, pytest.approx(T0 + 0.1), pytest.approx(T0 + 0.2),
+                                            pytest.approx(T0 + 0.3)]
+        events = await store.events(jobs[2].id)
+        assert events[0].to_state is JobState.SCHEDULED
+        assert events[0].reason == f"submitted; held by rate limit api until {iso(T0 + 0.2)}"
+        assert (await store.events(jobs[0].id))[0].reason == "submitted"
+        # A job not naming it is not held; one naming a limit no one made is refused, and nothing is submitted.
+        assert (await store.submit([spec()], POLICY))[0].state is JobState.QUEUED
+        with pytest.raises(NotFound, match="no rate limit 'nope'") as e:
+            await store.submit([spec(rate_keys=["api"]), spec(rate_keys=["nope"])], POLICY)
+        assert e.value.field == "rate_keys"
+        assert len((await store.list_jobs(limit=100))[0]) == 5
+        (info,) = await store.limits()
+        assert (info.name, info.rate, info.tat) == ("api", Rate(10, 1.0), pytest.approx(T0 + 0.4))
+        # Once the bucket has refilled, a start is allowed at once again.
+        clock.advance(10)
+        assert (await store.submit([spec(rate_keys=["api"])], POLICY))[0].state is JobState.QUEUED
+        assert await store.delete_limit("api") is True and await store.delete_limit("api") is False
+        assert await store.limits() == []
+
+    run(tmp_path, body)
+
+
+def test_a_burst_lets_that_many_start_at_once_and_the_strictest_limit_holds(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.set_limit("per-minute", Rate(1, 60.0, burst=3))
+        await store.set_limit("fast", Rate(100, 1.0, burst=10))
+        jobs = await store.submit([spec(rate_keys=["fast", "per-minute"]) for _ in range(4)], POLICY)
+        assert [j.state for j in jobs] == [JobState.QUEUED] * 3 + [JobState.SCHEDULED]
+        assert jobs[3].run_at == pytest.approx(T0 + 60)
+        assert (await store.events(jobs[3].id))[0].reason.startswith("submitted; held by rate limit per-minute")
+        # A delayed job reserves its start at its own due time, not now.
+        later = await store.submit([spec(rate_keys=["fast"], delay=3600)], POLICY)
+        assert later[0].state is JobState.SCHEDULED and later[0].run_at == pytest.approx(T0 + 3600)
+        assert (await store.events(later[0].id))[0].reason == "submitted"
+        # It came due, with the others: the sweep queues them as any delayed job.
+        clock.advance(60)
+        await store.sweep(60, POLICY)
+        assert (await store.job_state(jobs[3].id))[0] is JobState.QUEUED
+
+    run(tmp_path, body)
+
+
+def test_a_replayed_idempotent_submit_takes_no_start_from_its_limit(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.set_limit("api", Rate(1, 1.0))
+        first = await store.submit([spec(rate_keys=["api"], idempotency_key="k")], POLICY)
+        again = await store.submit([spec(rate_keys=["api"], idempotency_key="k")], POLICY)
+        assert again[0].replayed and again[0].id == first[0].id and first[0].state is JobState.QUEUED
+        other = await store.submit([spec(rate_keys=["api"])], POLICY)
+        assert other[0].state is JobState.SCHEDULED and other[0].run_at == pytest.approx(T0 + 1)  # not T0 + 2
 
     run(tmp_path, body)

@@ -12,7 +12,7 @@ not typed here.
 The README's example values stand for this test's: port 8080 for a free port, 9090 for a free metrics port,
 /home/you/.local/share/orch for a temp data dir (given to orch as ORCH_DATA_DIR, the server as ORCH_SERVER
 and the ports as ORCH_SCHEDULER_PORT and ORCH_METRICS_SCHEDULER_PORT, which the commands honour as written),
-box1 for this machine's name. Between commands the test waits until no job is queued any more (a reader
+box1 for this machine's name (you@box1: the user and machine `orch retry` says asked). Between commands the test waits until no job is queued any more (a reader
 types slower than a worker claims), never a fixed time.
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, Proc, client_token, http, wait_until, workers_alive
+from orch.cli import who_am_i
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.backend_specific]  # the README's tour is `orch up` on the SQLite default
 
@@ -154,7 +155,7 @@ def test_quick_tour_does_what_it_shows(tmp_path: Path, orch_env: dict[str, str])
     expect = Expect({"127.0.0.1:8080": f"127.0.0.1:{port}", "localhost:8080": f"localhost:{port}",
                      "127.0.0.1:9090": f"127.0.0.1:{metrics}", "127.0.0.1:9091": f"127.0.0.1:{metrics + 1}",
                      "/home/you/.local/share/orch": str(data),
-                     "box1": socket.gethostname()})
+                     "you@box1": who_am_i(), "box1": socket.gethostname()})
 
     first = blocks[0][0]
     up_env = {**env, "ORCH_SCHEDULER_PORT": str(port), "ORCH_METRICS_SCHEDULER_PORT": str(metrics)}

@@ -201,6 +201,8 @@ VALID: dict[str, Any] = {
     "/v1/workers/{worker_id}/complete": {"results": [{"job_id": 1, "attempt": 99, "outcome": "succeeded"}]},
     "/v1/workers/{worker_id}/jobs/{job_id}/complete": {"attempt": 1, "outcome": "succeeded", "exit_code": 0},
     "/v1/workers/{worker_id}/hand-back": {"attempts": []},
+    "/v1/jobs/{job_id}/retry": {"by": "fuzz"}, "/v1/jobs/retry": {"state": "cancelled", "queue": "default"},
+    "/v1/limits/{name}": {"rate": "100/s", "burst": 2},
 }
 
 json_values = st.recursive(
@@ -276,6 +278,9 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
     # Fresh state for each operation (an earlier one may have stopped a worker or ended the jobs):
     # queued jobs, two live workers, one attempt running on the first.
     c = cluster
+    for queue in ("default", "email"):  # a fuzzed pause of an earlier operation is undone, a deleted limit made
+        c.json("POST", f"/v1/queues/{queue}/resume", CLIENT)
+        c.json("PUT", f"/v1/limits/{queue}", CLIENT, {"rate": "1000/s"})
     jobs = c.json("POST", "/v1/jobs/batch", CLIENT, {"jobs": [{"command": ["true"]}, {"shell": "exit 3"},
                                                               {"task": "echo", "args": ["x"]}]})["jobs"]
     c.job_ids = [j["id"] for j in jobs]
@@ -296,15 +301,21 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
     good = dict(VALID.get(template, {}))
     if "attempt" in good:
         good["attempt"] = running["attempt"]
-    valid = json.dumps(good).encode() if method == "POST" else None
+    valid = json.dumps(good).encode() if method in ("POST", "PUT") else None
+    first = c.job_ids[0]
+    if template == "/v1/jobs/{job_id}/retry":  # a replay is valid of an ended job only: a cancelled one
+        first = c.job_ids[1]
+        c.json("POST", f"/v1/jobs/{first}/cancel", CLIENT, None)
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @example(job_id=c.job_ids[0], worker_id=workers[0], query={}, body=valid, auth="right")
-    @given(job_id=job_ids, worker_id=worker_ids, query=query_strategy(op), body=body_strategy(op),
+    @example(job_id=first, worker_id=workers[0], queue="default", query={}, body=valid, auth="right")
+    @given(job_id=job_ids, worker_id=worker_ids, queue=st.one_of(st.just("default"), st.just("email"), junk),
+           query=query_strategy(op), body=body_strategy(op),
            auth=st.sampled_from(["right"] * 8 + ["none", "client", "join", "other-worker", "junk"]))
-    def check(job_id: Any, worker_id: str, query: dict[str, str], body: bytes | None, auth: str) -> None:
+    def check(job_id: Any, worker_id: str, queue: str, query: dict[str, str], body: bytes | None, auth: str) -> None:
         path = template.replace("{job_id}", quote(str(job_id), safe="")).replace("{worker_id}", quote(worker_id, safe=""))
+        path = path.replace("{queue}", quote(queue, safe="")).replace("{name}", quote(queue, safe=""))
         query = {k: v for k, v in query.items() if v is not None}
         if template.endswith("/wait") and "timeout" in query:  # hold at most a moment
             try:
@@ -317,7 +328,7 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
         right = {"clientToken": CLIENT, "joinToken": JOIN, "workerCredential": worker_cred, None: None}[scheme]
         token = {"right": right, "none": None, "client": CLIENT, "join": JOIN, "junk": "x" * 10,
                  "other-worker": cluster.credentials[workers[-1]]}[auth]
-        status, ctype, raw = cluster.request(method, path, token, body if method == "POST" else None)
+        status, ctype, raw = cluster.request(method, path, token, body if method in ("POST", "PUT") else None)
         seen[status] = seen.get(status, 0) + 1
         assert status < 500, (method, path, body, status, raw[:500])
         responses = op["responses"]

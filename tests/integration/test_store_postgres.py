@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from storekit import POLICY, TTL, spec, worker
 
+from helpers import until
 from orch.core.errors import IdempotencyKeyReused
 from orch.core.spec import parse_spec
 from orch.core.states import JobState, Outcome, WorkerState
@@ -264,6 +265,33 @@ def test_one_idempotency_key_submitted_through_two_schedulers_at_once_is_one_job
                     await s.submit([parse_spec({"command": ["./charge.sh", "43"], "idempotency_key": "order-42"})],
                                    POLICY)
             assert await a.count_by_state() == {JobState.QUEUED: 1}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_queue_paused_through_one_scheduler_is_paused_for_the_claims_of_another(postgres_server: Any) -> None:
+    """Every claim reads the queues table, so a pause committed through one replica holds for the next claim
+    through any other (no cache to go stale); its resume hints the others' long-polls (a hint naming the queue)."""
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        a, b = PostgresStore(dsn, pool_size=4), PostgresStore(dsn, pool_size=4)
+        await a.open()
+        await b.open()
+        heard: list[Any] = []
+        b.on_remote = heard.append
+        try:
+            await a.submit([parse_spec({"command": ["true"], "queue": "email"})] * 2, POLICY)
+            wid = await b.register_worker(name="w", hostname="h", queues=["email"], concurrency=4)
+            assert await a.pause_queue("email", True)
+            assert (await b.claim(wid, ["email"], 10, 30.0))[0] == []
+            assert [(q.name, q.paused, q.queued) for q in await b.queue_stats()] == [("email", True, 2)]
+            assert await a.pause_queue("email", False)
+            await until(lambda: any(h.queued.get("email") for h in heard), 10, "b to hear of the resume")
+            assert len((await b.claim(wid, ["email"], 10, 30.0))[0]) == 2
         finally:
             await a.close()
             await b.close()

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from orch.core.errors import IllegalTransition, ValidationError
+from orch.core.errors import Conflict, IllegalTransition, ValidationError
 from orch.core.retry import RetryPolicy
 from orch.core.spec import parse_spec
-from orch.core.states import TERMINAL, TRANSITIONS, JobState, Outcome, check_transition, sources_of
+from orch.core.states import REPLAYABLE, TERMINAL, TRANSITIONS, JobState, Outcome, check_transition, sources_of
 from orch.core.times import iso
 
 # --------------------------------------------------------------------------- state machine
@@ -52,12 +52,31 @@ def test_illegal_transitions_raise(frm: str, to: str) -> None:
 
 
 @pytest.mark.parametrize("terminal", sorted(s.value for s in TERMINAL))
-def test_terminal_states_have_no_way_out(terminal: str) -> None:
+def test_ended_states_lead_nowhere_but_a_replay_to_queued(terminal: str) -> None:
+    """An ended job runs nothing; a failed or cancelled one may only be replayed (orch retry: to queued); a
+    succeeded one is done for good."""
     assert JobState(terminal).terminal
-    assert TRANSITIONS[JobState(terminal)] == frozenset()
+    way_out = {JobState.QUEUED} if JobState(terminal) in REPLAYABLE else set()
+    assert TRANSITIONS[JobState(terminal)] == way_out
     for to in JobState:
-        with pytest.raises(IllegalTransition):
-            check_transition(terminal, to)
+        if to not in way_out:
+            with pytest.raises(IllegalTransition):
+                check_transition(terminal, to)
+
+
+def test_a_replay_queues_failed_and_cancelled_jobs_and_refuses_the_rest_naming_the_state() -> None:
+    from orch.core.decisions import REPLAYED_BY, replay
+
+    assert REPLAYABLE == {JobState.FAILED, JobState.CANCELLED}
+    for state in REPLAYABLE:
+        move = replay(5, state, "alice@laptop")
+        assert move.to is JobState.QUEUED and move.reason == REPLAYED_BY + "alice@laptop"
+        check_transition(state, move.to)
+    with pytest.raises(Conflict, match="job 5 has succeeded"):
+        replay(5, JobState.SUCCEEDED, "x")
+    for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.SCHEDULED):
+        with pytest.raises(Conflict, match=f"job 5 is {state}, not ended"):
+            replay(5, state, "x")
 
 
 def test_terminal_set_is_succeeded_failed_cancelled() -> None:
@@ -70,7 +89,7 @@ def test_unknown_state_name_is_rejected() -> None:
 
 
 def test_sources_of_matches_the_table() -> None:
-    assert sources_of(JobState.QUEUED) == ("retrying", "running", "scheduled")
+    assert sources_of(JobState.QUEUED) == ("cancelled", "failed", "retrying", "running", "scheduled")
     assert sources_of(JobState.RUNNING) == ("queued",)
     assert set(sources_of(JobState.CANCELLED)) == {"queued", "retrying", "running", "scheduled"}
 

@@ -129,6 +129,33 @@ def test_why_finished_jobs_explain_themselves() -> None:
     assert out["reason"] == "failed" and "after attempt 3 of 3: exited 3" in out["message"]
     out = why(job("cancelled"), last_event={"reason": "cancelled by user"})
     assert out["reason"] == "cancelled" and "cancelled at 2027-01-15T08:00:00.000Z (cancelled by user)" in out["message"]
+    assert "unless replayed (orch retry 7)" in out["message"]
+
+
+def test_why_a_job_a_rate_limit_put_off_names_the_limit_and_when_it_may_start() -> None:
+    out = why(job("scheduled", attempt=0, run_at=NOW + 90),
+              last_event={"reason": "submitted; held by rate limit api-calls until 2027-01-15T08:01:30.000Z"},
+              workers=[worker()])
+    assert out["reason"] == "rate_limited" and out["rate_limit"] == "api-calls"
+    assert out["message"].startswith("job 7 is held by rate limit api-calls: it may start at 2027-01-15T08:01:30.000Z "
+                                     "(1m30s from now)")
+    paused = why(job("scheduled", attempt=0, run_at=NOW + 90), last_event={"reason": "submitted"},
+                 workers=[worker()], queue_paused=True)
+    assert paused["reason"] == "scheduled" and paused["queue_paused"] is True
+    assert "Queue q is paused" in paused["message"]
+    held = why(job("queued", attempt=0), position=2, queued=5, workers=[worker()], queue_paused=True)
+    assert held["reason"] == "queue_paused" and "orch queue resume q" in held["message"]
+    assert "(position 2 of 5)" in held["message"]
+
+
+def test_why_a_replayed_job_says_who_queued_it_again_and_then_why_it_waits() -> None:
+    out = why(job("queued", attempt=2), last_event={"reason": "replayed by alice@laptop from 127.0.0.1"},
+              position=1, queued=1, workers=[])
+    assert out["reason"] == "no_worker" and out["replayed_by"] == "alice@laptop from 127.0.0.1"
+    assert out["message"].startswith("job 7 was replayed by alice@laptop from 127.0.0.1 at 2027-01-15T08:00:00.000Z; "
+                                     "job 7 is queued, but no live worker serves queue q")
+    plain = why(job("queued", attempt=2), last_event={"reason": "lease expired"}, position=1, queued=1, workers=[])
+    assert "replayed_by" not in plain and plain["message"].startswith("job 7 is queued")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -205,6 +232,16 @@ def test_scheduler_metrics_count_state_changes() -> None:
     m.set_snapshot(Snapshot(jobs={}, queues={}, workers={}, live_workers=[]))
     f = families(m.render()[0].decode())
     assert value(f, "orch_queue_jobs", queue="default", state="queued") == 0
+
+
+def test_a_replay_counts_as_a_replay_not_a_submit() -> None:
+    m = SchedulerMetrics()
+    m.observe([Change(1, "queued", "email", 0), Change(1, "cancelled", "email", 0)])
+    m.observe([Change(1, "queued", "email", 0, replay=True), Change(2, "queued", "email", 3, replay=True)])
+    f = families(m.render()[0].decode())
+    assert value(f, "orch_jobs_submitted", "orch_jobs_submitted_total", queue="email") == 1
+    assert value(f, "orch_jobs_replayed", "orch_jobs_replayed_total", queue="email") == 2
+    assert value(f, "orch_jobs_replayed", "orch_jobs_replayed_total", queue="default") == 0
 
 
 def test_a_scheduled_submit_counts_as_a_submit_once_and_shows_in_the_state_gauges() -> None:
