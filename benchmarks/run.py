@@ -41,6 +41,7 @@ TITLES = {
     "workers": ("many workers", "< 30 % CPU, p99 <= 50 ms"),
     "big": ("big requests", "/healthz p99 <= 10 ms, <= 300 MB"),
     "delayed": ("delayed jobs", "due -> queued p99 <= 100 ms"),
+    "purge": ("retention", "no submit over 50 ms during a purge"),
 }
 
 

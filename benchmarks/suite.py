@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -813,6 +814,100 @@ def bench_delayed(ctx: Context) -> list[Row]:
     return delayed_rows(runs, s.delayed_jobs)
 
 
+# --------------------------------------------------------------------------- retention
+
+# Every queued job made ended the way a run ends it: an attempt, a line of output, its events.
+_ENDED_SQL = (
+    "UPDATE jobs SET state = 'succeeded', attempt = 1, started_at = created_at, finished_at = created_at,"
+    " exit_code = 0 WHERE state = 'queued'",
+    "INSERT INTO attempts (job_id, attempt, worker_id, state, started_at, finished_at, exit_code, duration,"
+    " stdout_bytes, stdout_kept) SELECT id, 1, 'w-bench', 'succeeded', created_at, created_at, 0, 0.001, 6, 6 FROM jobs",
+    "INSERT INTO output (job_id, attempt, stream, data, size, pos) SELECT id, 1, 'stdout', 'hello' || char(10), 6, 0"
+    " FROM jobs",
+    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason) SELECT id, 1, 'queued', 'running',"
+    " created_at, 'claimed by w-bench' FROM jobs",
+    "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason) SELECT id, 1, 'running', 'succeeded',"
+    " created_at, 'exited 0' FROM jobs",
+)
+
+
+async def _submits_during(url: str, done: asyncio.Event, clients: int = 4) -> list[float]:
+    """Single submits, ``clients`` at a time, one after another each, until ``done``: each one's latency (ms)."""
+    out: list[float] = []
+    async with Http(url, connections=clients) as api:
+        async def client() -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await api.call("POST", "/v1/jobs", {"command": ["true"], "queue": "during"})
+                out.append((time.perf_counter() - t0) * 1000)
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
+async def _purge_while_submitting(url: str, wal: Path) -> dict[str, Any]:
+    done = asyncio.Event()
+    submits = asyncio.create_task(_submits_during(url, done))
+    biggest = 0
+
+    async def watch() -> None:  # the WAL file's size, sampled
+        nonlocal biggest
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                biggest = max(biggest, wal.stat().st_size)
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(1.0)  # submits under way before the purge starts
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        purged = (await api.call("POST", "/v1/jobs/purge", {"older_than": 0, "state": "succeeded"}))["purged"]
+        elapsed = time.perf_counter() - t0
+    await asyncio.sleep(1.0)
+    done.set()
+    latencies = await submits
+    await watcher
+    return {"purged": purged, "seconds": elapsed, "submits": len(latencies), "submit_p50_ms": percentile(latencies, 50),
+            "submit_p99_ms": percentile(latencies, 99), "submit_max_ms": max(latencies), "wal_max_bytes": biggest}
+
+
+def bench_purge(ctx: Context) -> list[Row]:
+    """A store of ``scale_jobs`` ended jobs (each with an attempt, its output and three events) purged by `orch
+    purge` while single submits go on: how long it takes, the submits' latency meanwhile, the WAL's largest size."""
+    import sqlite3
+
+    s = ctx.sizes
+    n = s.scale_jobs
+    with ctx.workdir("purge") as tmp, Cluster(tmp, env={"ORCH_RETENTION_FINISHED_JOBS": "0"}) as c:
+        c.start_scheduler()
+        ctx.log(f"purge: filling the store with {n:,} jobs (batched POSTs of 10,000), then ending them in SQL")
+        run(_fill(c.url, n))
+        # Beside the idle scheduler (it keeps no job in memory): its writes wait for this transaction, and back.
+        conn = sqlite3.connect(str(c.db_path), timeout=60)
+        try:
+            with conn:
+                for sql in _ENDED_SQL:
+                    conn.execute(sql)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        ctx.log(f"purge: purging {n:,} ended jobs while 4 clients submit")
+        got = run(_purge_while_submitting(c.url, Path(str(c.db_path) + "-wal")))
+    if got["purged"] != n:
+        raise RuntimeError(f"purged {got['purged']} of {n} jobs")
+    label = f"{n:,}"
+    return [
+        Row(f"retention: purge of {label} ended jobs, seconds", "", got["seconds"], "s", higher_better=False,
+            detail=got),
+        Row(f"retention: purge rate, {label} ended jobs", "", got["purged"] / got["seconds"], "/s"),
+        Row(f"retention: single submit during the purge, max of {got['submits']:,}", "<= 50 ms",
+            got["submit_max_ms"], "ms", goal=50, higher_better=False),
+        Row("retention: single submit during the purge, p99", "", got["submit_p99_ms"], "ms", higher_better=False),
+        Row("retention: largest WAL file during the purge", "", got["wal_max_bytes"] / 2**20, "MiB",
+            higher_better=False),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -822,4 +917,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "workers": bench_workers,
     "big": bench_big,
     "delayed": bench_delayed,
+    "purge": bench_purge,
 }

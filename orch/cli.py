@@ -19,7 +19,7 @@ import typer
 from orch import __version__
 from orch.config import Settings, load_settings, normalize_server
 from orch.core.errors import ApiError, ConfigError, OrchError, ValidationError
-from orch.core.states import REPLAYABLE, JobState
+from orch.core.states import REPLAYABLE, TERMINAL, JobState
 from orch.text import visible
 
 T = TypeVar("T")
@@ -1060,6 +1060,33 @@ def cancel(
             typer.echo(f"job {data['id']} cancelled")
         else:
             typer.echo(f"job {data['id']} is running; its worker will stop it")
+
+    run_async(main())
+
+
+@app.command()
+def purge(
+    older_than: str = typer.Option(..., "--older-than", help="Jobs that ended longer ago than this: 90s, 10m, 12h, 7d (0: every ended job)."),
+    state: str | None = typer.Option(None, "--state", help="Only jobs that ended so: succeeded, failed or cancelled."),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Delete ended jobs with their attempts, output and events (retention.finished_jobs does it on its own)."""
+    seconds = parse_duration(older_than)
+    if seconds is None:
+        fail(f"--older-than takes a duration like 90s, 10m, 12h or 7d, not {older_than!r}", 2)
+    if state is not None and state not in TERMINAL:
+        fail(f"--state is {', '.join(sorted(TERMINAL))}, not {state!r}", 2)
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            n = await client.purge(seconds, state)
+        what = f"{state} " if state else "ended "
+        typer.echo(f"purged {n} {what}job{'' if n == 1 else 's'} that ended more than {older_than.strip()} ago")
 
     run_async(main())
 

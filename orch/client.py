@@ -158,6 +158,11 @@ class Client:
         """Pause (or, ``paused`` False, resume) a queue: its answer, with ``changed``."""
         return await self.request("POST", f"/v1/queues/{quote(queue, safe='')}/{'pause' if paused else 'resume'}")
 
+    async def purge(self, older_than: float, state: str | None = None) -> int:
+        """Purge the jobs that ended more than ``older_than`` seconds ago (of ``state``): how many."""
+        body: dict[str, Any] = {"older_than": older_than, **({"state": state} if state else {})}
+        return int((await self.request("POST", "/v1/jobs/purge", body=body, read_timeout=None))["purged"])
+
     async def limits(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/limits"))["limits"]
 

@@ -81,6 +81,8 @@ KEYS: dict[str, Key] = {
     "scheduler.max_client_long_polls": Key("int", 4096, "long-polls (wait, follow) all clients together may hold open at once; more get 429, which orch's CLI waits out", minimum=1),
     "scheduler.body_timeout": Key("float", 30.0, "seconds a request body may take to arrive; a slower sender gets 408", minimum=0.1),
     "scheduler.worker_retention": Key("float", 3600.0, "seconds a stopped or lost worker stays in orch workers after its last heartbeat (orch workers --all shows every one)", minimum=0),
+    "retention.finished_jobs": Key("float", 604800.0, "seconds an ended job (succeeded, failed, cancelled) is kept after it ended, with its attempts, output and events; then it is purged (0: every job is kept)", minimum=0),
+    "retention.interval": Key("float", 60.0, "seconds between two passes of retention", minimum=0.1),
     "scheduler.idle_timeout": Key("float", 75.0, "seconds a connection may sit idle (or without a complete request head) before it is closed", minimum=1),
 }
 

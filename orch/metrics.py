@@ -58,6 +58,10 @@ class SchedulerMetrics:
             "orch_jobs_replayed", "Ended jobs queued again by a replay (orch retry), by queue.", ["queue"],
             registry=self.registry,
         )
+        self.purged = Counter(
+            "orch_jobs_purged", "Ended jobs purged with their attempts, output and events (retention, orch purge).",
+            registry=self.registry,
+        )
         self.stale = Counter(
             "orch_stale_reports",
             "Worker reports refused because they named an attempt that is no longer current.",

@@ -43,7 +43,7 @@ from orch.core.spec import (
     validate_name,
     view_defaults,
 )
-from orch.core.states import REPLAYABLE, JobState, Outcome
+from orch.core.states import REPLAYABLE, TERMINAL, JobState, Outcome
 from orch.logs import info_lines
 from orch.metrics import SchedulerMetrics
 from orch.output import marker as output_marker
@@ -51,6 +51,8 @@ from orch.scheduler import wire
 from orch.scheduler.bodies import each, encode, encode_list, let_go, loads_object
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import MAX_METRICS_ADDRESS, METRICS_ADDRESS_RE
+from orch.scheduler.retention import keep_purging
+from orch.scheduler.retention import purge as purge_jobs
 from orch.scheduler.routes import JOB_ID_PATHS, ROUTES
 from orch.scheduler.routes import document as openapi_document
 from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, ProtocolLog, guard_request, unencodable_field
@@ -64,6 +66,7 @@ STORE = web.AppKey("store", Store)  # type: ignore[type-abstract]
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
 MAX_BATCH = 10_000
+MAX_AGE = 100 * 366 * 86400.0  # seconds: an older_than past any job's age
 REPLAY_PAGE = 1000  # jobs replayed in one transaction by a replay of a state's jobs
 ACCOUNT_SLICE = 256  # committed changes counted and logged per turn of the loop, at most
 BIG_OUTPUT = 128 * 1024  # characters of output in an answer beyond which it is encoded a slice at a time
@@ -391,6 +394,7 @@ class Api:
         self.max_spec: int = settings["scheduler.max_spec_bytes"]
         self.output_limit: int = settings["scheduler.output_limit_bytes"]
         self.metrics = SchedulerMetrics()
+        self.leading = False  # this scheduler runs the reaper (and retention) now: the reaper says
         self._backlog: deque[Change] = deque()  # committed changes not counted and logged yet (see committed)
         self._accounting = False
 
@@ -622,6 +626,27 @@ class Api:
             if not paused and info.queued:
                 self.hub.wake_queue(queue, info.queued)
         return ok({**wire.queue_json(info, self.store.clock()), "changed": changed})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        """Purge the ended jobs (of ``state``, or every ended state) that ended more than ``older_than`` seconds
+        ago, with their attempts, output and events; a batch at a time (orch/scheduler/retention.py)."""
+        data = await read_json(request)
+        only(data, {"older_than", "state"})
+        if "older_than" not in data:
+            raise ValidationError("older_than is required: seconds since a job ended (0: every ended job)",
+                                  field="older_than")
+        older = num_field(data, "older_than", 0, MAX_AGE, 0)
+        states = tuple(TERMINAL)
+        if "state" in data:
+            state = data["state"]
+            if not isinstance(state, str) or state not in TERMINAL:
+                raise ValidationError(f"state must be an ended state: {', '.join(sorted(TERMINAL))}", field="state")
+            states = (JobState(state),)
+        n = await purge_jobs(self.store, self.store.clock() - older, states)
+        if n:
+            self.metrics.purged.inc(n)
+            log.info("purged %d ended job%s that ended more than %gs ago", n, "" if n == 1 else "s", older)
+        return ok({"purged": n})
 
     # ---- rate limits
 
@@ -1122,7 +1147,7 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
             role = await store.lead(holder, ttl)
             took = role.held and not leading
             if role.held != leading:
-                leading = role.held
+                leading = api.leading = role.held
                 api.metrics.leader.set(1 if leading else 0)
                 if store.shared:
                     log.info("this scheduler %s the reaper%s", "runs" if leading else "no longer runs",
@@ -1221,8 +1246,10 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         task = asyncio.create_task(reaper(store, hub, api, settings, holder))
         polls = asyncio.create_task(poll_shared(store, hub, settings["storage.poll_interval"])) if store.shared else None
         tokens = asyncio.create_task(watch_tokens(store, guard)) if guard.shared else None
+        keep = settings["retention.finished_jobs"]
+        purging = asyncio.create_task(keep_purging(store, api, keep, settings["retention.interval"])) if keep else None
         yield
-        for t in (task, polls, tokens):
+        for t in (task, polls, tokens, purging):
             if t is not None:
                 t.cancel()
                 with suppress(asyncio.CancelledError):

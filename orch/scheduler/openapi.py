@@ -28,7 +28,7 @@ from orch.core.spec import (
     MAX_TIMEOUT,
     NAME_RE,
 )
-from orch.core.states import REPLAYABLE, JobState, Outcome, WorkerState
+from orch.core.states import REPLAYABLE, TERMINAL, JobState, Outcome, WorkerState
 
 MAX_BATCH = 10_000  # the same as orch.scheduler.app.MAX_BATCH (not imported: app imports this module)
 REF = "#/components/schemas/"
@@ -317,6 +317,12 @@ SCHEMAS: dict[str, Any] = {
                   "description": "starts a bucket left unused may let through at once (default 1)"},
     }, ("rate",), closed=True),
     "Deleted": obj({"name": {"type": "string"}, "deleted": {"type": "boolean"}}, ("name", "deleted")),
+    "Purge": obj({
+        "older_than": {"type": "number", "minimum": 0, "maximum": 100 * 366 * 86400,
+                       "description": "seconds since the job ended (0: every ended job)"},
+        "state": {"type": "string", "enum": sorted(TERMINAL), "description": "only jobs that ended so"},
+    }, ("older_than",), closed=True),
+    "Purged": obj({"purged": COUNT}, ("purged",)),
     "Queues": obj({"queues": {"type": "array", "items": ref("Queue")}}, ("queues",)),
     "Health": obj({"status": {"type": "string", "const": "ok"}}, ("status",)),
     "WaitMany": obj({

@@ -264,6 +264,13 @@ class Store(Protocol):
         replayed was not (NotFound, or a Conflict naming its state); every other id was. All in one transaction."""
         ...
 
+    # ---- retention
+    async def purge(self, before: float, states: Sequence[JobState], limit: int) -> tuple[int, float]:
+        """Delete up to ``limit`` jobs that ended (in ``states``: ended ones only) before ``before`` (wall clock),
+        oldest first, with their attempts, output and events; their idempotency keys are free again. Returns
+        how many, and the seconds the write took (the caller sizes its next batch by it)."""
+        ...
+
     # ---- queues
     async def pause_queue(self, queue: str, paused: bool) -> bool:
         """Pause a queue (no claim hands out its jobs from the commit on; running ones go on) or resume it.

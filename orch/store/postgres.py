@@ -124,6 +124,7 @@ Q_QUEUED, Q_RUNNING, Q_RETRYING, Q_SCHEDULED = _lit(_QUEUED), _lit(_RUNNING), _l
 Q_ALIVE, Q_DRAINING = _lit(_ALIVE), _lit(_DRAINING)
 Q_LIVE = "(" + ", ".join(_lit(v) for v in _LIVE) + ")"
 Q_UNFINISHED = "(" + ", ".join(_lit(v) for v in _UNFINISHED) + ")"
+Q_FINISHED = "(" + ", ".join(_lit(v) for v in (_SUCCEEDED, JobState.FAILED.value, _CANCELLED)) + ")"  # jobs_finished's
 
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
@@ -885,6 +886,27 @@ class PostgresStore:
     async def limits(self) -> list[LimitInfo]:
         rows = await self._rows("SELECT name, count, per, burst, tat FROM limits ORDER BY name")
         return [LimitInfo(r[0], Rate(r[1], r[2], r[3]), r[4]) for r in rows]
+
+    async def purge(self, before: float, states: Sequence[JobState], limit: int) -> tuple[int, float]:
+        """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
+        attempts, output and events, in one statement (see Store.purge); rows another transaction holds (a
+        replay of one of them) are skipped, not waited for."""
+        wanted = [s.value for s in states if s.terminal]
+        if not wanted:
+            return 0, 0.0
+
+        async def op(conn: Conn, out: list[Change]) -> tuple[int, float]:
+            started = time.perf_counter()
+            rows = await _fetch(conn,
+                f"WITH doomed AS (SELECT id FROM jobs WHERE state IN {Q_FINISHED} AND finished_at < %s"
+                " AND state = ANY(%s) ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+                " e AS (DELETE FROM events WHERE job_id IN (SELECT id FROM doomed)),"
+                " o AS (DELETE FROM output WHERE job_id IN (SELECT id FROM doomed)),"
+                " a AS (DELETE FROM attempts WHERE job_id IN (SELECT id FROM doomed))"
+                " DELETE FROM jobs WHERE id IN (SELECT id FROM doomed) RETURNING id", (before, wanted, limit))
+            return len(rows), time.perf_counter() - started
+
+        return await self._auto(op)
 
     async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
                               credential_hash: str | None = None, metrics: str | None = None) -> str:

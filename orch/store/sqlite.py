@@ -145,6 +145,8 @@ def _sql_set(states: Iterable[enum.Enum]) -> str:
 
 _LIVE = _sql_set(sorted(LIVE_WORKERS))
 _UNFINISHED = _sql_set(st for st in JobState if not st.terminal)
+# The ended states in the order of the partial index jobs_finished (migration 10): a query names them so to use it.
+_FINISHED = _sql_set((JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED))
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -1162,6 +1164,28 @@ class SqliteStore:
     async def limits(self) -> list[LimitInfo]:
         rows = await self._read("SELECT name, count, per, burst, tat FROM limits ORDER BY name")
         return [LimitInfo(r[0], Rate(r[1], r[2], r[3]), r[4]) for r in rows]
+
+    async def purge(self, before: float, states: Sequence[JobState], limit: int) -> tuple[int, float]:
+        """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
+        attempts, output and events (see Store.purge). A batch is one write, on the writer thread."""
+        wanted = [s.value for s in states if s.terminal]
+        only_some = f" AND state IN ({', '.join('?' * len(wanted))})" if len(wanted) < 3 else ""
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[int, float]:
+            started = time.perf_counter()
+            ids = [r[0] for r in conn.execute(
+                f"SELECT id FROM jobs INDEXED BY jobs_finished WHERE state IN {_FINISHED} AND finished_at < ?"
+                f"{only_some} ORDER BY finished_at LIMIT ?", (before, *(wanted if only_some else ()), limit))]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                for table, column in (("events", "job_id"), ("output", "job_id"), ("attempts", "job_id"),
+                                      ("jobs", "id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+            return len(ids), time.perf_counter() - started
+
+        if not wanted:
+            return 0, 0.0
+        return await self._write(op, durable=True, weight=max(limit, INLINE_WEIGHT + 1))
 
     async def register_worker(
         self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,

@@ -25,7 +25,7 @@ from orch.core.errors import Conflict, IdempotencyKeyReused, NotFound, UnknownWo
 from orch.core.policy import Ask, Candidate, pick
 from orch.core.rates import Rate
 from orch.core.spec import JobSpec
-from orch.core.states import JobState, Outcome
+from orch.core.states import TERMINAL, JobState, Outcome
 from orch.core.times import iso
 from orch.scheduler import wire
 from orch.store.base import AttemptResult, OutputChunk, Store
@@ -1245,5 +1245,59 @@ def test_a_replayed_idempotent_submit_takes_no_start_from_its_limit(run: Run, tm
         assert again[0].replayed and again[0].id == first[0].id and first[0].state is JobState.QUEUED
         other = await store.submit([spec(rate_keys=["api"])], POLICY)
         assert other[0].state is JobState.SCHEDULED and other[0].run_at == pytest.approx(T0 + 1)  # not T0 + 2
+
+    run(tmp_path, body)
+
+
+# ---- retention
+
+
+def test_purge_deletes_jobs_ended_before_a_time_with_all_that_is_theirs_oldest_first(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        wid = await worker(store)
+        ended: list[int] = []
+        for outcome in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.SUCCEEDED):
+            jid = await submit_one(store, max_attempts=1, idempotency_key=f"k-{len(ended)}")
+            lease = await claim_one(store, wid)
+            out = (OutputChunk(jid, lease.attempt, "stdout", "x" * 100, 0),)
+            await store.append_output(wid, out)
+            await finish(store, wid, jid, lease.attempt, outcome, exit_code=0 if outcome is Outcome.SUCCEEDED else 1)
+            ended.append(jid)
+            clock.advance(10)
+        cancelled = await submit_one(store)
+        await store.cancel(cancelled)
+        waiting = await submit_one(store)  # queued: never purged, however old
+        clock.advance(100)
+        # Only the failed ones, then every ended one before a time, in batches of one: oldest first.
+        assert await store.purge(clock() - 1, [JobState.FAILED], 10) == (1, pytest.approx(0, abs=1))
+        assert await store.purge(clock() - 1, list(TERMINAL), 1) == (1, pytest.approx(0, abs=1))
+        with pytest.raises(NotFound):
+            await store.get_job(ended[0])
+        assert (await store.get_job(ended[2])).job.state is JobState.SUCCEEDED
+        assert (await store.purge(clock() - 1, list(TERMINAL), 10))[0] == 2  # the last success and the cancel
+        assert (await store.purge(clock() - 1, list(TERMINAL), 10))[0] == 0
+        assert await store.events(ended[2]) == [] and await store.output_after(ended[2]) == []
+        left, _ = await store.list_jobs(limit=100)
+        assert [j.id for j in left] == [waiting]
+        # A purged job's idempotency key is free again: a submit with it makes a new job.
+        again = await store.submit([spec(idempotency_key="k-0")], POLICY)
+        assert not again[0].replayed and again[0].id not in ended
+
+    run(tmp_path, body)
+
+
+def test_purge_keeps_jobs_that_ended_after_the_time_and_replayed_ones(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        old, young = await submit_one(store), await submit_one(store)
+        await store.cancel(old)
+        clock.advance(60)
+        await store.cancel(young)
+        replayed = await submit_one(store)
+        await store.cancel(replayed)
+        clock.advance(60)
+        await store.replay([replayed], "ops")  # queued again: not ended, not purged
+        assert (await store.purge(clock() - 90, list(TERMINAL), 10))[0] == 1
+        left = {j.id for j in (await store.list_jobs(limit=10))[0]}
+        assert left == {young, replayed}
 
     run(tmp_path, body)
