@@ -888,7 +888,7 @@ async def _stream(client: Any, job_id: int) -> int:
 
 
 def _job_ref(job: str) -> str:
-    if not job.isdigit():
+    if not (job.isascii() and job.isdigit()):
         fail(f"a job id is a number, not {job!r}", 2)
     return job
 
@@ -1117,7 +1117,8 @@ def retry(
 ) -> None:
     """Replay failed or cancelled jobs: each is queued again with a fresh set of attempts (its max_attempts), and
     its history keeps every earlier attempt. `orch retry 17 18`, or `orch retry --state failed [--queue Q]` for a
-    whole dead-letter set (`orch jobs --state failed` lists it). Exits 5 if a job named could not be replayed."""
+    whole dead-letter set (`orch jobs --state failed` lists it). Exits 5 if a job named could not be replayed for its
+    state, 4 if one named does not exist."""
     if bool(jobs) == (state is not None):
         fail(f"name the jobs to replay: job ids, or --state {'|'.join(sorted(REPLAYABLE))}", 2)
     if queue is not None and state is None:
@@ -1149,7 +1150,10 @@ def retry(
                            + (f": {_id_list(replayed)}" if replayed else ""))
             for r in data["refused"]:
                 typer.echo(f"orch: {visible(r['error']['message'])}", err=True)
-        return 5 if data["refused"] and ids else 0
+        if not data["refused"] or not ids:
+            return 0
+        # 5 if a job named could not be replayed for its state, else 4: one named is not there.
+        return 5 if any(r["error"]["code"] != "not_found" for r in data["refused"]) else 4
 
     raise typer.Exit(run_async(main()))
 

@@ -353,6 +353,10 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     if "idempotency_key" in body:
         key = check_idempotency_key(key, f("idempotency_key"))
     rate_keys = check_rate_keys(body["rate_keys"], field=f("rate_keys")) if "rate_keys" in body else ()
+    if rate_keys and ("run_at" in body or "delay" in body):
+        # A start reserved days ahead would hold the bucket back for every job after it until then (a token bucket
+        # only moves forward): a delayed start is to be reserved when it comes due, which orch does not do yet.
+        raise ValidationError("rate_keys cannot go with run_at or delay", field=f("rate_keys"))
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,

@@ -156,8 +156,10 @@ SCHEMAS: dict[str, Any] = {
                       "description": "rate limits (orch limit set NAME) its start counts against; a start a limit "
                                      "does not allow yet waits, scheduled, for the first time it does"},
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
-        dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}}},
-        description="exactly one of command, shell, task (args only with task); run_at or delay, not both; an "
+        dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}},
+                          "rate_keys": {"not": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}]}}},
+        description="exactly one of command, shell, task (args only with task); run_at or delay, not both, and "
+                    "neither with rate_keys; an "
                     "optional field is left out, never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
                       description="a job as listings show it: bounded in size, without its spec"),

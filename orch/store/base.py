@@ -260,8 +260,9 @@ class Store(Protocol):
     async def replay(self, job_ids: Sequence[int], by: str) -> tuple[dict[int, OrchError], list[Change]]:
         """Give each failed or cancelled job of ``job_ids`` a fresh set of attempts (``decisions.replay``): queued
         again, its attempt numbers going on from its last (they fence), its max_attempts its spec's counted from
-        there, every earlier attempt and event kept, and an event naming ``by``. Returns why each id that was not
-        replayed was not (NotFound, or a Conflict naming its state); every other id was. All in one transaction."""
+        there, its queue wait counted from now (run_at), every earlier attempt and event kept, and an event naming
+        ``by``. Returns why each id that was not replayed was not (NotFound, or a Conflict naming its state); every
+        other id was. All in one transaction."""
         ...
 
     # ---- retention

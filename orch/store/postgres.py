@@ -475,8 +475,11 @@ class PostgresStore:
         self.on_remote(hint)
 
     async def queued_in(self, queues: Sequence[str]) -> list[str]:
+        # A paused queue's jobs are not to be had: its waiters are not woken for them.
         rows = await self._rows("SELECT q FROM unnest(%s::text[]) AS q WHERE EXISTS"
-                                f" (SELECT 1 FROM jobs WHERE state = {Q_QUEUED} AND queue = q)", (list(queues),))
+                                f" (SELECT 1 FROM jobs WHERE state = {Q_QUEUED} AND queue = q)"
+                                " AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q AND p.paused)",
+                                (list(queues),))
         return [r[0] for r in rows]
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -732,15 +735,23 @@ class PostgresStore:
                 for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
                                             " ORDER BY name FOR UPDATE", (named,)):
                     limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
-                for name in named:
-                    if name not in limits:
-                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
             moved: dict[str, float] = {}
             got: list[tuple[int, bool, JobState, float | None]] = []
             for i, spec in enumerate(specs):
                 key, text = spec.idempotency_key, cols[2][i]
                 state, due, reason = JobState(cols[8][i]), cols[9][i], decisions.SUBMITTED
                 new: dict[str, float] = {}
+                if key is not None and spec.rate_keys:  # a replay takes no start, and needs no limit to exist now
+                    found = await (await conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = %s",
+                                                      (key,))).fetchone()
+                    if found is not None:
+                        if found[1] != text:
+                            raise IdempotencyKeyReused(key_reused(key, found[0]), field="idempotency_key")
+                        got.append((found[0], True, state, due))
+                        continue
+                for name in spec.rate_keys:
+                    if name not in limits:
+                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
                 if spec.rate_keys:
                     state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
                 row = await (await conn.execute(
@@ -824,7 +835,7 @@ class PostgresStore:
                     refused[jid] = e
                     continue
                 fresh = row[2] + int(json.loads(row[4])["max_attempts"])
-                await _move(conn, jid, row[2], state, move, now, finished_at=None, run_at=None, worker_id=None,
+                await _move(conn, jid, row[2], state, move, now, finished_at=None, run_at=now, worker_id=None,
                             lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
                             cancel_requested=False)
                 out.append(Change(jid, _QUEUED, row[3], row[2], replay=True))
@@ -850,7 +861,11 @@ class PostgresStore:
 
         changed = await self._write(op)
         if changed and not paused and self.notify:
-            self._tell([Change(0, _QUEUED, queue, 0)])  # no job changed: job 0 is no job, its queue the wake
+            # No job changed: job 0 is no job, and its queue the wake, once for each job queued there (as many
+            # long-polls as could take one, up to a few hundred; the rest hear at their next poll).
+            (n,), = await self._rows(f"SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state = {Q_QUEUED}"
+                                     " AND queue = %s LIMIT 500) x", (queue,))
+            self._tell([Change(0, _QUEUED, queue, 0)] * max(1, int(n)))
         return changed
 
     async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
@@ -891,20 +906,24 @@ class PostgresStore:
         """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
         attempts, output and events, in one statement (see Store.purge); rows another transaction holds (a
         replay of one of them) are skipped, not waited for."""
-        wanted = [s.value for s in states if s.terminal]
+        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) if s in states]
         if not wanted:
             return 0, 0.0
 
         async def op(conn: Conn, out: list[Change]) -> tuple[int, float]:
             started = time.perf_counter()
-            rows = await _fetch(conn,
-                f"WITH doomed AS (SELECT id FROM jobs WHERE state IN {Q_FINISHED} AND finished_at < %s"
-                " AND state = ANY(%s) ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED),"
-                " e AS (DELETE FROM events WHERE job_id IN (SELECT id FROM doomed)),"
-                " o AS (DELETE FROM output WHERE job_id IN (SELECT id FROM doomed)),"
-                " a AS (DELETE FROM attempts WHERE job_id IN (SELECT id FROM doomed))"
-                " DELETE FROM jobs WHERE id IN (SELECT id FROM doomed) RETURNING id", (before, wanted, limit))
-            return len(rows), time.perf_counter() - started
+            n = 0
+            for state in wanted:  # a state at a time, each oldest first (the index is by state, then end time)
+                n += len(await _fetch(conn,
+                    f"WITH doomed AS (SELECT id FROM jobs WHERE state IN {Q_FINISHED} AND state = %s"
+                    " AND finished_at < %s ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+                    " e AS (DELETE FROM events WHERE job_id IN (SELECT id FROM doomed)),"
+                    " o AS (DELETE FROM output WHERE job_id IN (SELECT id FROM doomed)),"
+                    " a AS (DELETE FROM attempts WHERE job_id IN (SELECT id FROM doomed))"
+                    " DELETE FROM jobs WHERE id IN (SELECT id FROM doomed) RETURNING id", (state, before, limit - n)))
+                if n >= limit:
+                    break
+            return n, time.perf_counter() - started
 
         return await self._auto(op)
 

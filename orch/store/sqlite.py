@@ -874,7 +874,7 @@ class SqliteStore:
             lease_expires_at=(now + row["lease_expires_at"] - steady if row["lease_expires_at"] is not None else None),
             last_event=event_of(last[0]) if last else None,
         )
-        facts.queue_paused = job.queue in self._paused
+        facts.queue_paused = not job.state.terminal and job.state is not JobState.RUNNING and job.queue in self._paused
         if job.state is JobState.QUEUED:
             ahead = await self._read(
                 "SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND queue = ?"
@@ -1010,18 +1010,25 @@ class SqliteStore:
                 for r in conn.execute(f"SELECT name, count, per, burst, tat FROM limits WHERE name IN"
                                       f" ({', '.join('?' * len(named))})", named):
                     limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
-                for name in named:
-                    if name not in limits:
-                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
             moved: dict[str, float] = {}
             got: list[tuple[int, bool, JobState, float | None]] = []
             for i, spec in enumerate(specs):
                 row, state, due, reason = rows[i], JobState(rows[i][8]), rows[i][9], decisions.SUBMITTED
                 new: dict[str, float] = {}
+                key = spec.idempotency_key
+                if key is not None and spec.rate_keys:  # a replay takes no start, and needs no limit to exist now
+                    old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+                    if old is not None:
+                        if old["spec"] != row[2]:
+                            raise IdempotencyKeyReused(_key_reused(key, old["id"]), field="idempotency_key")
+                        got.append((old["id"], True, state, due))
+                        continue
+                for name in spec.rate_keys:
+                    if name not in limits:
+                        raise NotFound(decisions.unknown_limit(name), field="rate_keys")
                 if spec.rate_keys:
                     state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
                     row = (*row[:8], state.value, due)
-                key = spec.idempotency_key
                 cur = conn.execute(
                     "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
                     " state, run_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1100,7 +1107,7 @@ class SqliteStore:
                     refused[jid] = e
                     continue
                 fresh = row["attempt"] + int(json.loads(row["spec"])["max_attempts"])
-                _move(conn, jid, row["attempt"], state, move, now, finished_at=None, run_at=None,
+                _move(conn, jid, row["attempt"], state, move, now, finished_at=None, run_at=now,
                       worker_id=None, lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
                       cancel_requested=0)
                 out.append(Change(jid, _QUEUED, row["queue"], row["attempt"], replay=True))
@@ -1168,14 +1175,17 @@ class SqliteStore:
     async def purge(self, before: float, states: Sequence[JobState], limit: int) -> tuple[int, float]:
         """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
         attempts, output and events (see Store.purge). A batch is one write, on the writer thread."""
-        wanted = [s.value for s in states if s.terminal]
-        only_some = f" AND state IN ({', '.join('?' * len(wanted))})" if len(wanted) < 3 else ""
+        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) if s in states]
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[int, float]:
             started = time.perf_counter()
-            ids = [r[0] for r in conn.execute(
-                f"SELECT id FROM jobs INDEXED BY jobs_finished WHERE state IN {_FINISHED} AND finished_at < ?"
-                f"{only_some} ORDER BY finished_at LIMIT ?", (before, *(wanted if only_some else ()), limit))]
+            ids: list[int] = []
+            for state in wanted:  # a state at a time, each oldest first (the index is by state, then end time)
+                ids += [r[0] for r in conn.execute(
+                    f"SELECT id FROM jobs INDEXED BY jobs_finished WHERE state IN {_FINISHED} AND state = ?"
+                    " AND finished_at < ? ORDER BY finished_at LIMIT ?", (state, before, limit - len(ids)))]
+                if len(ids) >= limit:
+                    break
             if ids:
                 marks = ", ".join("?" * len(ids))
                 for table, column in (("events", "job_id"), ("output", "job_id"), ("attempts", "job_id"),
@@ -1218,6 +1228,8 @@ class SqliteStore:
     async def queued_in(self, queues: Sequence[str]) -> list[str]:
         found = []
         for q in queues:
+            if q in self._paused:  # its jobs are not to be had
+                continue
             if await self._point(f"SELECT 1 FROM jobs WHERE state = '{_QUEUED}' AND queue = ? LIMIT 1", (q,)):
                 found.append(q)
         return found

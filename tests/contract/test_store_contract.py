@@ -1146,6 +1146,14 @@ def test_a_paused_queue_hands_out_nothing_while_its_running_jobs_go_on(run: Run,
         assert [v.state for v in verdicts] == [JobState.SUCCEEDED] and more == []
         facts = await store.why_facts(second)
         assert facts.queue_paused is True
+        assert await store.queued_in(["email", "default"]) == []  # no waiter is woken for a paused queue's jobs
+        wid2 = await worker(store, "w2", queues=("email",))
+        await store.pause_queue("email", False)
+        running = await claim_one(store, wid2, ("email",))
+        await store.pause_queue("email", True)
+        assert (await store.why_facts(running.job_id)).queue_paused is False  # running: the pause is not its story
+        await finish(store, wid2, running.job_id, running.attempt, Outcome.SUCCEEDED)
+        second = (await store.submit([spec(queue="email")], POLICY))[0].id
         (email,) = await store.queue_stats(["email"])
         assert (email.name, email.paused, email.queued, email.running) == ("email", True, 1, 0)
         clock.advance(5)
@@ -1225,10 +1233,9 @@ def test_a_burst_lets_that_many_start_at_once_and_the_strictest_limit_holds(run:
         assert [j.state for j in jobs] == [JobState.QUEUED] * 3 + [JobState.SCHEDULED]
         assert jobs[3].run_at == pytest.approx(T0 + 60)
         assert (await store.events(jobs[3].id))[0].reason.startswith("submitted; held by rate limit per-minute")
-        # A delayed job reserves its start at its own due time, not now.
-        later = await store.submit([spec(rate_keys=["fast"], delay=3600)], POLICY)
-        assert later[0].state is JobState.SCHEDULED and later[0].run_at == pytest.approx(T0 + 3600)
-        assert (await store.events(later[0].id))[0].reason == "submitted"
+        # A delayed start would hold the bucket back until its time: refused, for now.
+        with pytest.raises(ValidationError, match="rate_keys cannot go with run_at or delay"):
+            spec(rate_keys=["fast"], delay=3600)
         # It came due, with the others: the sweep queues them as any delayed job.
         clock.advance(60)
         await store.sweep(60, POLICY)
@@ -1245,6 +1252,10 @@ def test_a_replayed_idempotent_submit_takes_no_start_from_its_limit(run: Run, tm
         assert again[0].replayed and again[0].id == first[0].id and first[0].state is JobState.QUEUED
         other = await store.submit([spec(rate_keys=["api"])], POLICY)
         assert other[0].state is JobState.SCHEDULED and other[0].run_at == pytest.approx(T0 + 1)  # not T0 + 2
+        # The limit deleted since, the retried submit is still that job (not a 404 for the limit).
+        await store.delete_limit("api")
+        late = await store.submit([spec(rate_keys=["api"], idempotency_key="k")], POLICY)
+        assert late[0].replayed and late[0].id == first[0].id
 
     run(tmp_path, body)
 

@@ -127,6 +127,10 @@ def test_orch_retry_state_and_queue_replays_that_dead_letter_set_only(cluster: t
     assert mixed.stdout.startswith(f"1 of 3 jobs queued again: {other}"), mixed.stdout
     assert f"job {email[0]} has succeeded" in mixed.stderr and "no job 987654" in mixed.stderr, mixed.stderr
     assert ended(url, other, 30)["state"] == "succeeded"
+    gone = run_cli(["retry", "987654", "987655"], env)
+    assert gone.returncode == 4 and gone.stdout.startswith("0 of 2 jobs queued again"), (gone.stdout, gone.stderr)
+    odd = run_cli(["retry", "\u00b2"], env)  # a digit to str.isdigit, not a job id
+    assert odd.returncode == 2 and "a job id is a number" in odd.stderr, odd.stderr
     nothing = run_cli(["retry", "--state", "failed"], env)
     assert nothing.returncode == 0 and nothing.stdout.startswith("0 failed jobs queued again"), nothing.stdout
     usage = run_cli(["retry"], env)
