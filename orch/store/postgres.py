@@ -716,6 +716,51 @@ class PostgresStore:
         return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
                     cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
 
+    async def _submit_rated(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float,
+                            named: list[str]) -> list[Job]:
+        """A submit naming rate limits and no idempotency key: the limits are locked and read once, every start
+        reserved here in order, then the rows and their events go in a statement each, as an unkeyed submit's
+        do; the limits are held for those few statements, not a round trip per job."""
+
+        async def op(conn: Conn, out: list[Change]) -> tuple[list[int], list[JobState], list[float | None]]:
+            limits: dict[str, Rate] = {}
+            tats: dict[str, float | None] = {}
+            for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
+                                        " ORDER BY name FOR UPDATE", (named,)):
+                limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+            for name in named:
+                if name not in limits:
+                    raise NotFound(decisions.unknown_limit(name), field="rate_keys")
+            states, dues, reasons = [], [], []
+            for i, spec in enumerate(specs):
+                state, due, reason = JobState(cols[8][i]), cols[9][i], decisions.SUBMITTED
+                if spec.rate_keys:
+                    state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
+                    tats.update(new)
+                states.append(state)
+                dues.append(due)
+                reasons.append(reason)
+            rows = await _fetch(conn,
+                "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
+                " spec_bytes, run_at) SELECT q, p, st, s, m, %s, n, c, b, d FROM unnest(%s::text[], %s::int[],"
+                " %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::float8[])"
+                " AS u(q, p, s, m, n, c, b, o, st, d) ORDER BY o RETURNING id",
+                (now, *cols[:8], [st.value for st in states], dues))
+            ids = sorted(r[0] for r in rows)  # ids increase in the order given (the insert's ORDER BY)
+            await conn.execute(
+                "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+                " SELECT j, 0, NULL, st, %s, r FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(j, st, r)",
+                (now, ids, [st.value for st in states], reasons))
+            changed = {n: t for n, t in tats.items() if t is not None and n in limits}
+            await conn.execute("UPDATE limits SET tat = u.tat FROM unnest(%s::text[], %s::float8[]) AS u(name, tat)"
+                               " WHERE limits.name = u.name", (list(changed), list(changed.values())))
+            out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=dues[i]) for i, jid in enumerate(ids))
+            return ids, states, dues
+
+        ids, states, dues = await self._write(op)
+        return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
+                    dues[i], None, False, None, None) for i, jid in enumerate(ids)]
+
     async def _submit_each(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float) -> list[Job]:
         """A submit where some jobs carry an idempotency key or name rate limits, in one transaction, a row at a
         time (which rows the index let in is known only so).
@@ -727,6 +772,8 @@ class PostgresStore:
         them reserves a start (decisions.rated): queued if they allow it now, else scheduled for the first time
         they do; a replayed keyed job takes nothing. A limit no one made refuses the submit, naming it."""
         named = sorted({n for spec in specs for n in spec.rate_keys})
+        if all(spec.idempotency_key is None for spec in specs):
+            return await self._submit_rated(specs, cols, now, named)
 
         async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
             limits: dict[str, Rate] = {}

@@ -1216,9 +1216,16 @@ def test_a_rate_limit_spaces_the_starts_of_the_jobs_naming_it(run: Run, tmp_path
         assert len((await store.list_jobs(limit=100))[0]) == 5
         (info,) = await store.limits()
         assert (info.name, info.rate, info.tat) == ("api", Rate(10, 1.0), pytest.approx(T0 + 0.4))
-        # Once the bucket has refilled, a start is allowed at once again.
+        # Once the bucket has refilled, a start is allowed at once again; in a batch with jobs naming no limit, each
+        # job gets its own state and first event, in the order given.
         clock.advance(10)
-        assert (await store.submit([spec(rate_keys=["api"])], POLICY))[0].state is JobState.QUEUED
+        mixed = await store.submit([spec(rate_keys=["api"]), spec(), spec(rate_keys=["api"])], POLICY)
+        assert [j.state for j in mixed] == [JobState.QUEUED, JobState.QUEUED, JobState.SCHEDULED]
+        assert [j.id for j in mixed] == sorted(j.id for j in mixed)
+        assert [(await store.events(j.id))[0].reason.split(";")[0] for j in mixed] == ["submitted"] * 3
+        assert (await store.events(mixed[2].id))[0].reason.startswith("submitted; held by rate limit api until")
+        assert (await store.job_state(mixed[1].id))[0] is JobState.QUEUED
+        clock.advance(10)
         assert await store.delete_limit("api") is True and await store.delete_limit("api") is False
         assert await store.limits() == []
 
