@@ -11,8 +11,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -250,6 +251,29 @@ def submit(url: str, spec: dict[str, Any]) -> int:
     status, body = http("POST", f"{url}/v1/jobs", spec)
     assert status == 201, body
     return body["id"]
+
+
+def events(url: str, job_id: int) -> list[dict[str, Any]]:
+    """A job's state changes (GET .../events); the request must succeed."""
+    status, body = http("GET", f"{url}/v1/jobs/{job_id}/events")
+    assert status == 200, body
+    return body["events"]
+
+
+@contextmanager
+def one_worker_cluster(tmp: Path, env: dict[str, str], concurrency: int = 4,
+                       queues: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, str]]]:
+    """A scheduler and its worker w1 (serving ``queues``, or default), once the worker is alive: the URL, and the
+    environment with ORCH_SERVER for the CLI. Both are ended on the way out."""
+    sched, url = start_scheduler(tmp, env)
+    worker = start_worker(tmp, env, url, "w1", concurrency=concurrency,
+                          extra=[a for q in queues for a in ("--queue", q)])
+    try:
+        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
+        yield url, {**env, "ORCH_SERVER": url}
+    finally:
+        worker.stop()
+        sched.stop()
 
 
 def ended(url: str, job_id: int, timeout: float = 60.0) -> dict[str, Any]:

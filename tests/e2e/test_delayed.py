@@ -20,9 +20,11 @@ import pytest
 from helpers import (
     Proc,
     ended,
+    events,
     free_port,
     http,
     job,
+    one_worker_cluster,
     orch_test_env,
     run_cli,
     start_scheduler,
@@ -41,12 +43,6 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def events(url: str, job_id: int) -> list[dict[str, Any]]:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}/events")
-    assert status == 200, body
-    return body["events"]
-
-
 def assert_queued_on_time(url: str, job_id: int, due: str, late: float = LATE) -> float:
     """The job went scheduled -> queued at its due time or after it, within ``late``, and ran only after that;
     returns how late it was queued (seconds)."""
@@ -63,14 +59,8 @@ def assert_queued_on_time(url: str, job_id: int, due: str, late: float = LATE) -
 
 @pytest.fixture
 def cluster(tmp_path: Path, orch_env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
-    sched, url = start_scheduler(tmp_path, orch_env)
-    worker = start_worker(tmp_path, orch_env, url, "w1", concurrency=4)
-    try:
-        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
-        yield url, {**orch_env, "ORCH_SERVER": url}
-    finally:
-        worker.stop()
-        sched.stop()
+    with one_worker_cluster(tmp_path, orch_env) as running:
+        yield running
 
 
 def test_a_delayed_job_is_scheduled_runs_after_its_time_and_not_before(

@@ -11,21 +11,22 @@ from typing import Iterator
 
 import pytest
 
-from helpers import ended, http, job, run_cli, start_scheduler, start_worker, wait_until, workers_alive
+from helpers import (
+    ended,
+    http,
+    job,
+    one_worker_cluster,
+    run_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, orch_env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
-    sched, url = start_scheduler(tmp_path, orch_env)
-    worker = start_worker(tmp_path, orch_env, url, "w1", concurrency=4, extra=["--queue", "email", "--queue", "default"])
-    try:
-        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
-        yield url, {**orch_env, "ORCH_SERVER": url}
-    finally:
-        worker.stop()
-        sched.stop()
+    with one_worker_cluster(tmp_path, orch_env, queues=("email", "default")) as running:
+        yield running
 
 
 def queues(env: dict[str, str]) -> dict[str, dict[str, object]]:

@@ -8,31 +8,26 @@ from __future__ import annotations
 import getpass
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
-from helpers import ended, http, job, run_cli, start_scheduler, start_worker, wait_until, workers_alive
+from helpers import (
+    ended,
+    events,
+    http,
+    job,
+    one_worker_cluster,
+    run_cli,
+)
 
 pytestmark = pytest.mark.e2e
 
 
-def events(url: str, job_id: int) -> list[dict[str, Any]]:
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}/events")
-    assert status == 200, body
-    return body["events"]
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, orch_env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
-    sched, url = start_scheduler(tmp_path, orch_env)
-    worker = start_worker(tmp_path, orch_env, url, "w1", concurrency=4, extra=["--queue", "default", "--queue", "email"])
-    try:
-        wait_until(lambda: workers_alive(url) == 1, 30, "the worker")
-        yield url, {**orch_env, "ORCH_SERVER": url}
-    finally:
-        worker.stop()
-        sched.stop()
+    with one_worker_cluster(tmp_path, orch_env, queues=("default", "email")) as running:
+        yield running
 
 
 def test_orch_retry_runs_a_failed_job_again_and_its_history_keeps_both_attempts(
