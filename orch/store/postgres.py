@@ -723,11 +723,7 @@ class PostgresStore:
         do; the limits are held for those few statements, not a round trip per job."""
 
         async def op(conn: Conn, out: list[Change]) -> tuple[list[int], list[JobState], list[float | None]]:
-            limits: dict[str, Rate] = {}
-            tats: dict[str, float | None] = {}
-            for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
-                                        " ORDER BY name FOR UPDATE", (named,)):
-                limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+            limits, tats = await _locked_limits(conn, named)
             for name in named:
                 if name not in limits:
                     raise NotFound(decisions.unknown_limit(name), field="rate_keys")
@@ -776,12 +772,7 @@ class PostgresStore:
             return await self._submit_rated(specs, cols, now, named)
 
         async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
-            limits: dict[str, Rate] = {}
-            tats: dict[str, float | None] = {}
-            if named:
-                for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
-                                            " ORDER BY name FOR UPDATE", (named,)):
-                    limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+            limits, tats = await _locked_limits(conn, named)
             moved: dict[str, float] = {}
             got: list[tuple[int, bool, JobState, float | None]] = []
             for i, spec in enumerate(specs):
@@ -1476,6 +1467,18 @@ def _one_per_job(endings: Sequence[Ending]) -> tuple[list[Ending], list[Ending]]
         else:
             first[e.job_id] = e
     return list(first.values()), rest
+
+
+async def _locked_limits(conn: Conn, names: Sequence[str]) -> tuple[dict[str, Rate], dict[str, float | None]]:
+    """The rate limits ``names`` that exist, and their buckets' tat, their rows locked for the transaction (in name
+    order: submits through every replica take turns on a bucket, and never deadlock over two)."""
+    limits: dict[str, Rate] = {}
+    tats: dict[str, float | None] = {}
+    if names:
+        for r in await _fetch(conn, "SELECT name, count, per, burst, tat FROM limits WHERE name = ANY(%s)"
+                                    " ORDER BY name FOR UPDATE", (sorted(names),)):
+            limits[r[0]], tats[r[0]] = Rate(r[1], r[2], r[3]), r[4]
+    return limits, tats
 
 
 async def _fetch(conn: Conn, sql: str, params: Sequence[Any] = ()) -> list[Any]:
