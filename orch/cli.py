@@ -768,6 +768,9 @@ def run(
     at: str | None = typer.Option(None, "--at", help="Run it no sooner than this time, RFC 3339 with its offset: 2026-12-24T08:00:00+01:00 or ...Z."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key", help="Run it once per key: a submit with the key of a kept job is that job, not a second run."),
     rate_key: List[str] | None = typer.Option(None, "--rate-key", help="A rate limit (orch limit set) its start counts against (repeatable); one that is used up puts the start off."),
+    concurrency_key: str | None = typer.Option(None, "--concurrency-key", help="At most --concurrency-limit jobs with this key run at once, across the cluster."),
+    concurrency_limit: int | None = typer.Option(None, "--concurrency-limit", min=1, max=100000, help="How many jobs of --concurrency-key may run at once (default 1)."),
+    on_limit: str | None = typer.Option(None, "--on-limit", help="When the key is full: queue (wait, the default), skip_new (end this job cancelled) or cancel_running (cancel the oldest to make room)."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -782,6 +785,11 @@ def run(
              "name": name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None,
              "idempotency_key": idempotency_key, "rate_keys": list(rate_key) if rate_key else None}
     spec.update({k: v for k, v in extra.items() if v is not None})
+    if concurrency_key is not None:
+        spec["concurrency"] = {"key": concurrency_key, "limit": concurrency_limit or 1,
+                               **({"on_limit": on_limit} if on_limit is not None else {})}
+    elif concurrency_limit is not None or on_limit is not None:
+        fail("--concurrency-limit and --on-limit go with --concurrency-key KEY", 2)
     if retry_on_exit is not None:
         try:
             spec["retry_on_exit"] = [int(c) for c in retry_on_exit.split(",") if c.strip()]

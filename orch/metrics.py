@@ -148,6 +148,8 @@ class SchedulerMetrics:
             state, queue = c.state, c.queue
             if queue not in known:
                 self.known_queues((queue,))
+            if c.unheld:  # a held job let go: no state change to count
+                continue
             if c.replay:
                 key: tuple[Any, tuple[str, ...]] = (self.replayed, (queue,))
                 counts[key] = counts.get(key, 0) + 1

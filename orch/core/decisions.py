@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from orch.core.concurrency import Concurrency, replaced_reason, skipped_reason
 from orch.core.errors import Conflict
 from orch.core.rates import Rate, reserve
 from orch.core.retry import RetryPolicy
@@ -129,6 +130,17 @@ def unknown_limit(name: str) -> str:
 def submitted_held(holder: str, until: str) -> str:
     """The event reason of a submit whose start the rate limit ``holder`` puts off until ``until``."""
     return f"{SUBMITTED}; {RATE_HELD}{holder} until {until}"
+
+
+def skipped(c: Concurrency, taken: int) -> Move:
+    """on_limit skip_new: a new job whose key is full ends at once, cancelled, saying why (a replay runs it)."""
+    check_transition(JobState.QUEUED, JobState.CANCELLED)
+    return Move(JobState.CANCELLED, skipped_reason(c, taken))
+
+
+def replaced(key: str, new_id: int) -> Move:
+    """on_limit cancel_running: a queued job of a full key that a newer one (``new_id``) takes the place of."""
+    return Move(JobState.CANCELLED, replaced_reason(key, new_id))
 
 
 REPLAYED_BY = "replayed by "  # the start of a replay's event reason (orch why finds it there)

@@ -144,6 +144,8 @@ class JobFacts:
     workers: list[WorkerLoad] = field(default_factory=list)  # queued, scheduled: live workers serving its queue
     worker: WorkerLoad | None = None  # running: the worker holding its lease, if it is still known
     queue_paused: bool = False  # queued, scheduled, retrying: its queue is paused (it hands out nothing)
+    held: bool = False  # queued: held back, its concurrency key's slots all taken (orch/core/concurrency.py)
+    slot_holders: list[int] = field(default_factory=list)  # held: the jobs taking its key's slots (some, oldest first)
 
 
 class QueueInfo(NamedTuple):

@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from orch.core.concurrency import Concurrency, OnLimit, check_concurrency
 from orch.core.errors import ValidationError
 from orch.core.rates import check_rate_keys
 from orch.core.retry import RetryPolicy
@@ -44,7 +45,7 @@ SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
         "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay", "idempotency_key",
-        "rate_keys",
+        "rate_keys", "concurrency",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -71,6 +72,7 @@ class JobSpec:
     run_at_ts: float | None = None  # run_at as Unix seconds
     idempotency_key: str | None = None  # a submit with a key a kept job has is that job, not a new one
     rate_keys: tuple[str, ...] = ()  # the rate limits (orch limit set) its start counts against
+    concurrency: Concurrency | None = None  # at most so many jobs of its key run at once (orch/core/concurrency.py)
 
     def due(self, now: float) -> float | None:
         """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
@@ -121,6 +123,8 @@ class JobSpec:
             out["idempotency_key"] = self.idempotency_key
         if self.rate_keys:
             out["rate_keys"] = list(self.rate_keys)
+        if self.concurrency is not None:
+            out["concurrency"] = self.concurrency.to_json()
         return out
 
     @property
@@ -169,6 +173,9 @@ def spec_view(stored: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[st
             out[k] = v
     if stored.get("backoff"):  # the job's own values over the defaults'
         out["backoff"] = {**out["backoff"], **stored["backoff"]}
+    c = stored.get("concurrency")
+    if c is not None:  # its on_limit too, when it was left to the default
+        out["concurrency"] = {**c, "on_limit": c.get("on_limit", "queue")}
     return out
 
 
@@ -183,7 +190,8 @@ def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
             "backoff": {"base": defaults.base, "factor": defaults.factor, "cap": defaults.cap,
                         "jitter": defaults.jitter},
             "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None,
-            "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": []}
+            "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": [],
+            "concurrency": None}
 
 
 def _is_int(v: Any) -> bool:
@@ -357,12 +365,17 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         # A start reserved days ahead would hold the bucket back for every job after it until then (a token bucket
         # only moves forward): a delayed start is to be reserved when it comes due, which orch does not do yet.
         raise ValidationError("rate_keys cannot go with run_at or delay", field=f("rate_keys"))
+    concurrency = check_concurrency(body["concurrency"], f("concurrency")) if "concurrency" in body else None
+    if concurrency is not None and concurrency.on_limit is not OnLimit.QUEUE and ("run_at" in body or "delay" in body):
+        # skip_new and cancel_running decide at the submit; a delayed job's slot is not weighed until it is due.
+        raise ValidationError(f"concurrency.on_limit {concurrency.on_limit} cannot go with run_at or delay"
+                              " (on_limit queue can)", field=f("concurrency.on_limit"))
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
         retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts, idempotency_key=key,
-        rate_keys=rate_keys,
+        rate_keys=rate_keys, concurrency=concurrency,
     )
 
 

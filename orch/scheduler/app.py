@@ -1048,6 +1048,9 @@ API = web.AppKey("api", Api)
 
 def _change_line(c: Change) -> tuple[str, dict[str, Any]]:
     """The info line of a job state change: job, attempt, state, queue, worker, outcome, times (never the spec)."""
+    if c.unheld:
+        return (f"job {c.job_id} let go: its concurrency key has a free slot (queue {c.queue})",
+                {"job_id": c.job_id, "attempt": c.attempt, "state": c.state, "queue": c.queue, "unheld": True})
     text = f"job {c.job_id} attempt {c.attempt} -> {c.state} (queue {c.queue}, worker {c.worker or '-'}"
     fields: dict[str, Any] = {"job_id": c.job_id, "attempt": c.attempt, "state": c.state, "queue": c.queue,
                               "worker": c.worker}

@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from orch.core.concurrency import MAX_KEY_LEN as CONCURRENCY_KEY_LEN
+from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
+from orch.core.concurrency import OnLimit
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
     CONTROL_CHARS,
@@ -155,11 +158,24 @@ SCHEMAS: dict[str, Any] = {
                       "items": LIMIT_NAME,
                       "description": "rate limits (orch limit set NAME) its start counts against; a start a limit "
                                      "does not allow yet waits, scheduled, for the first time it does"},
+        "concurrency": obj({
+            "key": {"type": "string", "minLength": 1, "maxLength": CONCURRENCY_KEY_LEN,
+                    "pattern": f"^[^{CONTROL_CHARS}]*$"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
+            "on_limit": {"type": "string", "enum": [p.value for p in OnLimit],
+                         "description": "when the key is full at the submit: queue (wait for a slot, the default), "
+                                        "skip_new (end the new job cancelled), cancel_running (cancel the oldest "
+                                        "jobs of the key to make room)"},
+        }, ("key", "limit"), closed=True,
+            description="at most limit jobs with this key run at once, across the cluster; the others wait, "
+                        "queued and held, without blocking other keys or their queue"),
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
         dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}},
                           "rate_keys": {"not": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}]}}},
+        allOf=[{"if": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}]},
+                "then": {"properties": {"concurrency": {"properties": {"on_limit": {"const": "queue"}}}}}}],
         description="exactly one of command, shell, task (args only with task); run_at or delay, not both, and "
-                    "neither with rate_keys; an "
+                    "neither with rate_keys, nor with a concurrency on_limit other than queue; an "
                     "optional field is left out, never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
                       description="a job as listings show it: bounded in size, without its spec"),

@@ -9,6 +9,7 @@ Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_w
 ``backoff``, ``lease_held``
 (the lease holder has gone quiet), ``running``, ``cancel_requested``,
 ``succeeded``, ``failed``, ``cancelled``, ``rate_limited`` (a job a rate limit put off: which, and until when),
+``concurrency_limited`` (a queued job held back: its concurrency key's slots are all taken, and by which jobs),
 ``queue_paused`` (a queued job whose queue is paused; a scheduled or
 retrying one says it too, with ``queue_paused: true``); a queued job a replay queued again says so first (``replayed_by``).
 ``blocked`` (waiting on
@@ -141,9 +142,23 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
         queued = explain_queued(facts, done, jid, queue)
         queued["message"] = replay + queued["message"]
         return queued
+    if state is JobState.QUEUED and facts.held:
+        return explain_held(facts, done, jid, queue)
     if state is JobState.QUEUED:
         return explain_queued(facts, done, jid, queue)
     return done(state.value, f"job {jid} is {state}.")
+
+
+def explain_held(facts: JobFacts, done: Callable[..., dict[str, Any]], jid: int, queue: str) -> dict[str, Any]:
+    """A queued job its concurrency key holds back: which key, its limit, and the jobs taking its slots."""
+    c = facts.record.spec.get("concurrency") or {}
+    key, limit, holders = c.get("key"), c.get("limit"), facts.slot_holders
+    names = ", ".join(str(h) for h in holders) + (", ..." if len(holders) >= 20 else "")
+    return done("concurrency_limited",
+                f"job {jid} is queued on {queue} and held by concurrency key {key!r}: its {_plural(limit or 0, 'slot')}"
+                f" {'is' if limit == 1 else 'are'} taken (by job{'s' if len(holders) != 1 else ''} {names}); it is "
+                f"let go when one of them ends.", concurrency_key=key, concurrency_limit=limit,
+                slot_holders=holders)
 
 
 def explain_queued(facts: JobFacts, done: Callable[..., dict[str, Any]], jid: int, queue: str) -> dict[str, Any]:

@@ -94,6 +94,10 @@ class Change:
     # the move of a scheduled job that came due to queued: the time it was due (so it is not taken for a submit).
     due: float | None = None
     replay: bool = False  # a replay (orch retry) queued this ended job again
+    unheld: bool = False  # a held job let go (its concurrency key has a free slot): queued all along, to be had now
+
+
+SLOT_HOLDERS_SHOWN = 20  # of the jobs taking a held job's key's slots, how many orch why names
 
 
 @dataclass

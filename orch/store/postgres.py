@@ -44,6 +44,7 @@ from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from orch.core import decisions
+from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
 from orch.core.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -78,6 +79,7 @@ from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
 from orch.store.base import (
+    SLOT_HOLDERS_SHOWN,
     AttemptResult,
     Change,
     HeartbeatReply,
@@ -97,6 +99,7 @@ Conn = Any  # psycopg.AsyncConnection, imported when the store opens
 MAX_QUEUES_PER_CLAIM = 32
 HINT_BYTES = 7000  # of a NOTIFY payload (PostgreSQL takes up to 8,000)
 RETRIES = 5  # runs of a transaction the server aborted for a deadlock or a serialization failure
+UNHELD_NOTICE = "orch_unheld "  # a concurrency trigger's notice: [job id, queue, attempt] of the job it let go
 _RETRY_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 MIGRATION_LOCK = 0x6F72636801  # the advisory lock schedulers take to migrate, one at a time
 
@@ -195,6 +198,7 @@ class PostgresStore:
         self._connect_args: dict[str, Any] = {"prepare_threshold": 5 if notify else None}
         self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
         self._own = f'{{"f":"{self.ident}",'  # how its hints start (see _hints)
+        self._sinks: dict[int, list[Change]] = {}  # id of a connection -> the changes of the op running on it
         self._listener: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._told: list[Change] = []
@@ -232,7 +236,23 @@ class PostgresStore:
     async def _connect(self) -> Conn:
         import psycopg
 
-        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._connect_args)
+        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **self._connect_args)
+        # The concurrency triggers tell of the held jobs they let go in a notice (sql/postgres/0008): to the
+        # changes of the op that runs on this connection, so its commit wakes the workers waiting for them.
+        key = id(conn)
+        conn.add_notice_handler(lambda diag: self._noticed(key, diag.message_primary))
+        await conn.execute("SET client_min_messages = notice")
+        return conn
+
+    def _noticed(self, key: int, message: str | None) -> None:
+        sink = self._sinks.get(key)
+        if sink is None or not message or not message.startswith(UNHELD_NOTICE):
+            return
+        try:
+            job_id, queue, attempt = json.loads(message[len(UNHELD_NOTICE):])
+            sink.append(Change(int(job_id), _QUEUED, str(queue), int(attempt), unheld=True))
+        except (ValueError, TypeError):
+            log.warning("ignored a malformed notice: %.80r", message)
 
     async def open(self) -> None:
         try:
@@ -327,6 +347,7 @@ class PostgresStore:
         except psycopg.Error as e:
             raise self._unavailable(e) from None
         self._conns = [c for c in self._conns if c is not old] + [conn]
+        self._sinks.pop(id(old), None)
         return conn
 
     async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
@@ -379,6 +400,7 @@ class PostgresStore:
         for attempt in range(RETRIES):
             changes: list[Change] = []
             async with self._conn() as conn:
+                self._sinks[id(conn)] = changes
                 try:
                     if transaction:
                         async with conn.transaction():
@@ -477,7 +499,7 @@ class PostgresStore:
     async def queued_in(self, queues: Sequence[str]) -> list[str]:
         # A paused queue's jobs are not to be had: its waiters are not woken for them.
         rows = await self._rows("SELECT q FROM unnest(%s::text[]) AS q WHERE EXISTS"
-                                f" (SELECT 1 FROM jobs WHERE state = {Q_QUEUED} AND queue = q)"
+                                f" (SELECT 1 FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = q)"
                                 " AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q AND p.paused)",
                                 (list(queues),))
         return [r[0] for r in rows]
@@ -588,7 +610,8 @@ class PostgresStore:
     async def why_facts(self, job_id: int) -> JobFacts:
         now = self.clock()
         steady = self.lease_clock()
-        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec, lease_expires_at FROM jobs WHERE id = %s", (job_id,))
+        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec, lease_expires_at, held, ckey FROM jobs WHERE id = %s",
+                                (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
         job = job_of(rows[0])
@@ -600,9 +623,14 @@ class PostgresStore:
                          last_event=event_of(last[0]) if last else None)
         if not job.state.terminal and job.state is not JobState.RUNNING:
             facts.queue_paused = bool(await self._rows("SELECT 1 FROM queues WHERE name = %s AND paused", (job.queue,)))
+        if job.state is JobState.QUEUED and rows[0][18]:
+            facts.held = True
+            facts.slot_holders = [r[0] for r in await self._rows(
+                f"SELECT id FROM jobs WHERE ckey = %s AND NOT held AND state IN ({Q_QUEUED}, {Q_RUNNING})"
+                f" ORDER BY id LIMIT {SLOT_HOLDERS_SHOWN}", (rows[0][19],))]
         if job.state is JobState.QUEUED:
-            (ahead,), = await self._rows(
-                f"SELECT count(*) FROM jobs WHERE state = {Q_QUEUED} AND queue = %s"
+            (ahead,), = await self._rows(  # the jobs to be had before it (not those held back by their key)
+                f"SELECT count(*) FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = %s"
                 " AND (priority > %s OR (priority = %s AND id < %s))", (job.queue, job.priority, job.priority, job_id))
             (total,), = await self._rows(f"SELECT count(*) FROM jobs WHERE state = {Q_QUEUED} AND queue = %s",
                                          (job.queue,))
@@ -678,7 +706,7 @@ class PostgresStore:
         if not specs:
             return []
         now = self.clock()
-        cols: list[list[Any]] = [[] for _ in range(10)]
+        cols: list[list[Any]] = [[] for _ in range(12)]
         states: list[JobState] = []
         for i, spec in enumerate(specs):
             if stored is not None:
@@ -691,17 +719,19 @@ class PostgresStore:
             if state is not JobState.SCHEDULED:
                 due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
             states.append(state)
+            c = spec.concurrency
             for col, v in zip(cols, (spec.queue, spec.priority, text, spec_json["max_attempts"], spec.name,
-                                     spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i, state.value, due),
+                                     spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i, state.value, due,
+                                     c.key if c else None, c.limit if c else None),
                               strict=True):
                 col.append(v)
 
         async def op(conn: Conn, out: list[Change]) -> list[int]:
             rows = await (await conn.execute(
                 "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                " spec_bytes, run_at) SELECT q, p, st, s, m, %s, n, c, b, d FROM unnest(%s::text[], %s::int[],"
-                " %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::float8[])"
-                " AS u(q, p, s, m, n, c, b, o, st, d) ORDER BY o"
+                " spec_bytes, run_at, ckey, climit) SELECT q, p, st, s, m, %s, n, c, b, d, k, l FROM unnest(%s::text[],"
+                " %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[],"
+                " %s::float8[], %s::text[], %s::int[]) AS u(q, p, s, m, n, c, b, o, st, d, k, l) ORDER BY o"
                 " RETURNING id, state), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                 " SELECT id, 0, NULL, state, %s, %s FROM new) SELECT id FROM new ORDER BY id",
                 (now, *cols, now, decisions.SUBMITTED))
@@ -710,7 +740,7 @@ class PostgresStore:
             out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=cols[9][i]) for i, jid in enumerate(ids))
             return ids
 
-        if any(spec.idempotency_key is not None or spec.rate_keys for spec in specs):
+        if any(spec.idempotency_key is not None or spec.rate_keys or _decides_at_submit(spec) for spec in specs):
             return await self._submit_each(specs, cols, now)
         ids = await self._auto(op)
         return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
@@ -738,10 +768,10 @@ class PostgresStore:
                 reasons.append(reason)
             rows = await _fetch(conn,
                 "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                " spec_bytes, run_at) SELECT q, p, st, s, m, %s, n, c, b, d FROM unnest(%s::text[], %s::int[],"
-                " %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::float8[])"
-                " AS u(q, p, s, m, n, c, b, o, st, d) ORDER BY o RETURNING id",
-                (now, *cols[:8], [st.value for st in states], dues))
+                " spec_bytes, run_at, ckey, climit) SELECT q, p, st, s, m, %s, n, c, b, d, k, l FROM unnest(%s::text[],"
+                " %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[],"
+                " %s::float8[], %s::text[], %s::int[]) AS u(q, p, s, m, n, c, b, o, st, d, k, l) ORDER BY o RETURNING id",
+                (now, *cols[:8], [st.value for st in states], dues, cols[10], cols[11]))
             ids = sorted(r[0] for r in rows)  # ids increase in the order given (the insert's ORDER BY)
             await conn.execute(
                 "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
@@ -768,7 +798,7 @@ class PostgresStore:
         them reserves a start (decisions.rated): queued if they allow it now, else scheduled for the first time
         they do; a replayed keyed job takes nothing. A limit no one made refuses the submit, naming it."""
         named = sorted({n for spec in specs for n in spec.rate_keys})
-        if all(spec.idempotency_key is None for spec in specs):
+        if all(spec.idempotency_key is None and not _decides_at_submit(spec) for spec in specs):
             return await self._submit_rated(specs, cols, now, named)
 
         async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
@@ -792,12 +822,14 @@ class PostgresStore:
                         raise NotFound(decisions.unknown_limit(name), field="rate_keys")
                 if spec.rate_keys:
                     state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
+                crowd = await _crowd(conn, spec) if _decides_at_submit(spec) and state is JobState.QUEUED else None
                 row = await (await conn.execute(
                     "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                    " spec_bytes, run_at, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " spec_bytes, run_at, ckey, climit, idempotency_key)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                     (cols[0][i], cols[1][i], state.value, text, cols[3][i], now, cols[4][i], cols[5][i], cols[6][i],
-                     due, key))).fetchone()
+                     due, cols[10][i], cols[11][i], key))).fetchone()
                 if row is None:
                     old = await (await conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = %s",
                                                     (key,))).fetchone()
@@ -812,6 +844,8 @@ class PostgresStore:
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                     " VALUES (%s, 0, NULL, %s, %s, %s)", (row[0], state.value, now, reason))
                 out.append(Change(row[0], state.value, spec.queue, 0, due=due))
+                if crowd is not None:
+                    state = await _make_room(conn, row[0], spec, crowd, now, out)
                 got.append((row[0], False, state, due))
             if moved:
                 await conn.execute("UPDATE limits SET tat = u.tat FROM unnest(%s::text[], %s::float8[]) AS u(name, tat)"
@@ -1030,7 +1064,7 @@ class PostgresStore:
             # however many wait), then the first of those: the order of one index over every queue.
             # A paused queue hands out nothing: its name is left out before its jobs are looked at.
             " picked AS (SELECT x.id FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL"
-            f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND queue = q.name"
+            f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = q.name"
             f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE})"
             " AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)"
             " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id LIMIT %s),"
@@ -1220,6 +1254,51 @@ class PostgresStore:
 
 _MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error", "max_attempts",
                            "cancel_requested"})
+
+
+def _decides_at_submit(spec: JobSpec) -> bool:
+    """A keyed job whose submit weighs its key's slots itself (on_limit skip_new, cancel_running): a row at a time."""
+    return spec.concurrency is not None and spec.concurrency.on_limit is not OnLimit.QUEUE
+
+
+async def _crowd(conn: Conn, spec: JobSpec) -> list[Holder]:
+    """The jobs of the spec's key that hold a slot (running, queued) or wait for one (held; cancel_running only),
+    read under the key's lock (the one its insert's trigger takes: taken first here, it is held already then)."""
+    c = spec.concurrency
+    assert c is not None
+    await conn.execute("SELECT pg_advisory_xact_lock(28530, hashtext(%s))", (c.key,))
+    got = [Holder(r[0], r[1] == _RUNNING, False, bool(r[2])) for r in await _fetch(conn,
+        f"SELECT id, state, cancel_requested FROM jobs WHERE ckey = %s AND NOT held AND state IN ({Q_QUEUED},"
+        f" {Q_RUNNING})", (c.key,))]
+    if c.on_limit is OnLimit.CANCEL_RUNNING:
+        got += [Holder(r[0], False, True) for r in await _fetch(conn,
+            f"SELECT id FROM jobs WHERE ckey = %s AND state = {Q_QUEUED} AND held", (c.key,))]
+    return got
+
+
+async def _make_room(conn: Conn, jid: int, spec: JobSpec, crowd: list[Holder], now: float,
+                     out: list[Change]) -> JobState:
+    """As SQLite's: skip_new ends the new job cancelled when its key was full; cancel_running cancels the jobs
+    it takes the place of (queued ones now, held first; running ones are told at their worker's heartbeat)."""
+    c = spec.concurrency
+    assert c is not None
+    if c.on_limit is OnLimit.SKIP_NEW:
+        if not skips(c.limit, crowd):
+            return JobState.QUEUED
+        await _move(conn, jid, 0, JobState.QUEUED, decisions.skipped(c, sum(1 for h in crowd if not h.held)), now,
+                    run_at=None)
+        out.append(Change(jid, _CANCELLED, spec.queue, 0))
+        return JobState.CANCELLED
+    move = decisions.replaced(c.key, jid)
+    for h in sorted(to_cancel(c.limit, crowd), key=lambda h: (h.running, not h.held, h.id)):
+        (state, attempt, queue), = await _fetch(conn, "SELECT state, attempt, queue FROM jobs WHERE id = %s", (h.id,))
+        if state == _RUNNING:
+            await conn.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (h.id,))
+            out.append(Change(h.id, _RUNNING, queue, attempt))
+        else:
+            await _move(conn, h.id, attempt, JobState(state), move, now, run_at=None)
+            out.append(Change(h.id, _CANCELLED, queue, attempt))
+    return JobState.QUEUED
 
 
 async def _move(conn: Conn, job_id: int, attempt: int, frm: JobState, move: decisions.Move, now: float,

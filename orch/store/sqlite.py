@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import aiosqlite
 
 from orch.core import decisions
+from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
 from orch.core.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -98,6 +99,7 @@ from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
 from orch.store.base import (
+    SLOT_HOLDERS_SHOWN,
     AttemptResult,
     Change,
     HeartbeatReply,
@@ -574,6 +576,12 @@ class SqliteStore:
                 # A full disk may fail one statement only; its op is undone alone and says so (507).
                 out.append((False, storage_error(e, self.path), []))
         try:
+            # The held jobs the concurrency triggers let go in this batch (sql/migrations/0011): to be had now,
+            # so their queues' waiters are woken like for a submit (one statement on an empty table, mostly).
+            unheld = conn.execute("DELETE FROM unheld RETURNING job_id, queue, attempt").fetchall()
+            if unheld:  # with the changes of an op that went in (what the others did was rolled back)
+                next(cs for ok, _, cs in reversed(out) if ok).extend(
+                    Change(r[0], _QUEUED, r[1], r[2], unheld=True) for r in unheld)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._abort()
@@ -875,9 +883,14 @@ class SqliteStore:
             last_event=event_of(last[0]) if last else None,
         )
         facts.queue_paused = not job.state.terminal and job.state is not JobState.RUNNING and job.queue in self._paused
+        if job.state is JobState.QUEUED and row["held"]:
+            facts.held = True
+            facts.slot_holders = [r[0] for r in await self._read(
+                f"SELECT id FROM jobs WHERE ckey = ? AND held = 0 AND state IN ('{_QUEUED}', '{_RUNNING}')"
+                f" ORDER BY id LIMIT {SLOT_HOLDERS_SHOWN}", (row["ckey"],))]
         if job.state is JobState.QUEUED:
-            ahead = await self._read(
-                "SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND queue = ?"
+            ahead = await self._read(  # the jobs to be had before it (not those held back by their key)
+                "SELECT COUNT(*) AS n FROM jobs WHERE state = ? AND held = 0 AND queue = ?"
                 " AND (priority > ? OR (priority = ? AND id < ?))",
                 (JobState.QUEUED.value, job.queue, job.priority, job.priority, job_id),
             )
@@ -967,8 +980,9 @@ class SqliteStore:
                 due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
             states.append(state)
             dues.append(due)
+            c = spec.concurrency
             rows.append((spec.queue, spec.priority, text, spec_json["max_attempts"], now, spec.name, command,
-                         len(text), state.value, due))
+                         len(text), state.value, due, c.key if c else None, c.limit if c else None))
             if i & 1023 == 1023:
                 await asyncio.sleep(0)  # a batch of thousands: let the loop serve others meanwhile
 
@@ -977,7 +991,7 @@ class SqliteStore:
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
                 "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes, state,"
-                " run_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                " run_at, ckey, climit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
@@ -987,7 +1001,7 @@ class SqliteStore:
             out.extend(Change(first + i, states[i].value, spec.queue, 0, due=dues[i]) for i, spec in enumerate(specs))
             return first
 
-        if any(spec.idempotency_key is not None or spec.rate_keys for spec in specs):
+        if any(spec.idempotency_key is not None or spec.rate_keys or _decides_at_submit(spec) for spec in specs):
             return await self._submit_each(specs, rows, now)
         first = await self._write(op, durable=True, weight=len(specs))
         return [Job(first + i, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None,
@@ -1028,10 +1042,11 @@ class SqliteStore:
                         raise NotFound(decisions.unknown_limit(name), field="rate_keys")
                 if spec.rate_keys:
                     state, due, reason, new = decisions.rated(spec.due(now), now, spec.rate_keys, limits, tats)
-                    row = (*row[:8], state.value, due)
+                    row = (*row[:8], state.value, due, *row[10:])
+                crowd = _crowd(conn, spec) if _decides_at_submit(spec) and state is JobState.QUEUED else None
                 cur = conn.execute(
                     "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
-                    " state, run_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " state, run_at, ckey, climit, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*row, key))
                 if cur.rowcount == 0:
                     old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
@@ -1045,6 +1060,8 @@ class SqliteStore:
                 moved.update(new)
                 _event(conn, jid, 0, None, state, now, reason)
                 out.append(Change(jid, state.value, spec.queue, 0, due=due))
+                if crowd is not None:
+                    state = _make_room(conn, jid, spec, crowd, now, out)
                 got.append((jid, False, state, due))
             if moved:
                 conn.executemany("UPDATE limits SET tat = ? WHERE name = ?", [(t, n) for n, t in moved.items()])
@@ -1230,7 +1247,8 @@ class SqliteStore:
         for q in queues:
             if q in self._paused:  # its jobs are not to be had
                 continue
-            if await self._point(f"SELECT 1 FROM jobs WHERE state = '{_QUEUED}' AND queue = ? LIMIT 1", (q,)):
+            if await self._point(f"SELECT 1 FROM jobs WHERE state = '{_QUEUED}' AND held = 0 AND queue = ? LIMIT 1",
+                                 (q,)):
                 found.append(q)
         return found
 
@@ -1602,7 +1620,8 @@ def _claim_sql(qs: Sequence[str], limit: int) -> tuple[str, list[Any]]:
     # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
     # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
     # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
-    one = f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND queue = ? ORDER BY priority DESC, id LIMIT ?"
+    one = (f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND held = 0 AND queue = ?"
+           " ORDER BY priority DESC, id LIMIT ?")
     if len(qs) == 1:
         picked, picks = one.replace("id, priority", "id", 1), [qs[0], limit]
     else:
@@ -1619,6 +1638,51 @@ def _claim_sql(qs: Sequence[str], limit: int) -> tuple[str, list[Any]]:
         " COALESCE(run_at, created_at)"
     )
     return sql, picks
+
+
+def _decides_at_submit(spec: JobSpec) -> bool:
+    """A keyed job whose submit weighs its key's slots itself (on_limit skip_new, cancel_running): a row at a time."""
+    return spec.concurrency is not None and spec.concurrency.on_limit is not OnLimit.QUEUE
+
+
+def _crowd(conn: sqlite3.Connection, spec: JobSpec) -> list[Holder]:
+    """The jobs of the spec's key that hold a slot (running, queued) or wait for one (held; cancel_running only)."""
+    c = spec.concurrency
+    assert c is not None
+    got = [Holder(r[0], r[1] == _RUNNING, False, bool(r[2])) for r in conn.execute(
+        f"SELECT id, state, cancel_requested FROM jobs WHERE ckey = ? AND held = 0 AND state IN ('{_QUEUED}',"
+        f" '{_RUNNING}')", (c.key,))]
+    if c.on_limit is OnLimit.CANCEL_RUNNING:
+        got += [Holder(r[0], False, True) for r in conn.execute(
+            f"SELECT id FROM jobs WHERE ckey = ? AND state = '{_QUEUED}' AND held = 1", (c.key,))]
+    return got
+
+
+def _make_room(conn: sqlite3.Connection, jid: int, spec: JobSpec, crowd: list[Holder], now: float,
+               out: list[Change]) -> JobState:
+    """After the insert of job ``jid`` (held by the trigger if its key is full): on_limit skip_new ends it
+    cancelled when the key was full; cancel_running cancels the jobs it takes the place of (queued ones now,
+    held first; running ones are told at their worker's heartbeat). Returns the new job's state."""
+    c = spec.concurrency
+    assert c is not None
+    if c.on_limit is OnLimit.SKIP_NEW:
+        if not skips(c.limit, crowd):
+            return JobState.QUEUED
+        _move(conn, jid, 0, JobState.QUEUED, decisions.skipped(c, sum(1 for h in crowd if not h.held)), now,
+              run_at=None)
+        out.append(Change(jid, _CANCELLED, spec.queue, 0))
+        return JobState.CANCELLED
+    victims = sorted(to_cancel(c.limit, crowd), key=lambda h: (h.running, not h.held, h.id))
+    move = decisions.replaced(c.key, jid)
+    for h in victims:
+        row = conn.execute("SELECT state, attempt, queue FROM jobs WHERE id = ?", (h.id,)).fetchone()
+        if row[0] == _RUNNING:
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (h.id,))
+            out.append(Change(h.id, _RUNNING, row[2], row[1]))
+        else:
+            _move(conn, h.id, row[1], JobState(row[0]), move, now, run_at=None)
+            out.append(Change(h.id, _CANCELLED, row[2], row[1]))
+    return JobState.QUEUED
 
 
 def _event(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState | None, to: JobState,

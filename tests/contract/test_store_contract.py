@@ -1319,3 +1319,118 @@ def test_purge_keeps_jobs_that_ended_after_the_time_and_replayed_ones(run: Run, 
         assert left == {young, replayed}
 
     run(tmp_path, body)
+
+
+# ---- concurrency keys
+
+
+def _ck(key: str, limit: int, on_limit: str = "queue") -> dict[str, Any]:
+    return {"concurrency": {"key": key, "limit": limit, "on_limit": on_limit}}
+
+
+def test_a_concurrency_key_runs_at_most_its_limit_and_never_blocks_other_keys_or_its_queue(
+        run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        t7 = [(await store.submit([spec(**_ck("tenant-7", 2))], POLICY))[0].id for _ in range(5)]
+        t8 = await submit_one(store, **_ck("tenant-8", 2))
+        plain = await submit_one(store)
+        wid = await worker(store)
+        leases, _ = await store.claim(wid, ["default"], 10, TTL)
+        # The first two of tenant-7, then the jobs behind the held three: a full key is skipped, not waited on.
+        assert sorted(x.job_id for x in leases) == sorted([t7[0], t7[1], t8, plain])
+        assert (await store.claim(wid, ["default"], 10, TTL))[0] == []
+        assert await store.queued_in(["default"]) == []  # nothing to be had: no waiter is woken for held jobs
+        facts = await store.why_facts(t7[2])
+        assert facts.held is True and facts.slot_holders == [t7[0], t7[1]]
+        assert (await store.why_facts(t7[2])).record.job.state is JobState.QUEUED
+        (q,) = await store.queue_stats(["default"])
+        assert (q.queued, q.running) == (3, 4)
+        # A slot is freed when its attempt ends: the first held job is let go, and the commit says so (a wake-up).
+        by_id = {x.job_id: x for x in leases}
+        heard: list[Any] = []
+        store.on_commit = heard.extend
+        await finish(store, wid, t7[0], 1, Outcome.SUCCEEDED, exit_code=0)
+        assert [(c.job_id, c.state, c.queue) for c in heard if c.unheld] == [(t7[2], "queued", "default")]
+        assert await store.queued_in(["default"]) == ["default"]
+        assert (await store.why_facts(t7[2])).held is False
+        assert (await store.why_facts(t7[3])).held is True
+        assert [x.job_id for x in (await store.claim(wid, ["default"], 10, TTL))[0]] == [t7[2]]
+        # A failed attempt going to backoff frees its slot too; when it is due again it waits behind the key.
+        await finish(store, wid, t7[1], by_id[t7[1]].attempt, Outcome.FAILED, exit_code=1)
+        assert [x.job_id for x in (await store.claim(wid, ["default"], 10, TTL))[0]] == [t7[3]]
+        clock.advance(2.5)  # its backoff (2 s) is over; the leases (10 s) are not
+        await store.sweep(worker_ttl=10**6, defaults=POLICY)
+        # Back from backoff but the key is full (t7[2] and t7[3] run): queued, held like t7[4].
+        facts = await store.why_facts(t7[1])
+        assert facts.record.job.state is JobState.QUEUED and facts.held is True
+        assert facts.slot_holders == [t7[2], t7[3]]
+        assert (await store.claim(wid, ["default"], 10, TTL))[0] == []
+
+    run(tmp_path, body)
+
+
+def test_a_lost_workers_slots_come_back_when_its_leases_expire(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        ids = [j.id for j in await store.submit([spec(**_ck("k", 1), max_attempts=1) for _ in range(3)], POLICY)]
+        lost = await worker(store, "lost")
+        other = await worker(store, "other")
+        assert [x.job_id for x in (await store.claim(lost, ["default"], 4, TTL))[0]] == [ids[0]]
+        assert (await store.claim(other, ["default"], 4, TTL))[0] == []
+        clock.advance(TTL + 1)  # no heartbeat from "lost": its lease runs out
+        await store.sweep(worker_ttl=10**6, defaults=POLICY)
+        assert (await store.job_state(ids[0]))[0] is JobState.FAILED
+        assert [x.job_id for x in (await store.claim(other, ["default"], 4, TTL))[0]] == [ids[1]]
+
+    run(tmp_path, body)
+
+
+def test_skip_new_ends_a_submit_to_a_full_key_and_cancel_running_makes_room(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        wid = await worker(store)
+        first = await submit_one(store, **_ck("sync", 1, "skip_new"))
+        (skipped,) = await store.submit([spec(**_ck("sync", 1, "skip_new"))], POLICY)
+        assert skipped.state is JobState.CANCELLED
+        events = await store.events(skipped.id)
+        assert [e.to_state for e in events] == [JobState.QUEUED, JobState.CANCELLED]
+        assert events[-1].reason.startswith("skipped: concurrency key 'sync' has 1 of 1 slots taken")
+        assert (await claim_one(store, wid)).job_id == first
+        # The skipped job is replayed like any cancelled one (and then waits for the slot like any retry).
+        refused, _ = await store.replay([skipped.id], "me@host")
+        assert refused == {}
+        assert (await store.why_facts(skipped.id)).held is True
+
+        # cancel_running: the newest wins; a queued job it replaces ends now, a running one is asked to stop.
+        a = await submit_one(store, **_ck("deploy", 1, "cancel_running"))
+        ra = await claim_one(store, wid)
+        assert ra.job_id == a
+        b = await submit_one(store, **_ck("deploy", 1, "cancel_running"))
+        job_a = (await store.get_job(a, with_output=False)).job
+        assert job_a.state is JobState.RUNNING and job_a.cancel_requested
+        assert (await store.why_facts(b)).held is True
+        c = await submit_one(store, **_ck("deploy", 1, "cancel_running"))  # b, still held, is cancelled for it
+        assert (await store.job_state(b))[0] is JobState.CANCELLED
+        assert (await store.events(b))[-1].reason == (
+            f"cancelled: concurrency key 'deploy' is full and job {c} takes its place (on_limit cancel_running)")
+        assert (await store.claim(wid, ["default"], 10, TTL))[0] == []
+        verdict = await finish(store, wid, a, ra.attempt, Outcome.CANCELLED)
+        assert verdict.state is JobState.CANCELLED
+        assert (await claim_one(store, wid)).job_id == c
+
+    run(tmp_path, body)
+
+
+def test_a_hand_back_keeps_its_slot_and_a_cancelled_held_job_frees_nothing(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        ids = [j.id for j in await store.submit([spec(**_ck("k", 1)) for _ in range(3)], POLICY)]
+        wid = await worker(store)
+        lease = await claim_one(store, wid)
+        await store.hand_back(wid, [(lease.job_id, lease.attempt)], stop=False)
+        assert (await store.why_facts(ids[0])).held is False  # handed back: queued again, its slot kept
+        assert (await store.why_facts(ids[1])).held is True
+        await store.cancel(ids[1])  # a held job cancelled frees no slot: the next one stays held
+        assert (await store.why_facts(ids[2])).held is True
+        assert (await claim_one(store, wid)).job_id == ids[0]
+        await store.cancel(ids[0])  # running: asked to stop; its slot is freed when it ends
+        assert (await store.why_facts(ids[2])).held is True
+
+    run(tmp_path, body)
