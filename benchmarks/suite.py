@@ -908,6 +908,92 @@ def bench_purge(ctx: Context) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- concurrency keys
+
+
+KEYS = 10_000  # distinct concurrency keys (full size)
+KEY_LIMIT = 2
+
+
+async def _fill_keyed(url: str, n: int, keys: int) -> dict[str, Any]:
+    """``n`` queued jobs, job i with concurrency key k{i mod keys} (limit 2): the first 2 of each key to be had,
+    the rest held."""
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(2)
+
+        async def one(lo: int) -> int:
+            jobs = [{"command": ["true"], "queue": BIG_QUEUE,
+                     "concurrency": {"key": f"k{i % keys}", "limit": KEY_LIMIT}} for i in range(lo, min(n, lo + 10_000))]
+            async with sem:
+                return len((await api.call("POST", "/v1/jobs/batch", {"jobs": jobs}))["jobs"])
+
+        got = sum(await asyncio.gather(*(one(lo) for lo in range(0, n, 10_000))))
+        elapsed = time.perf_counter() - t0
+    if got != n:
+        raise RuntimeError(f"filled {got} of {n}")
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed}
+
+
+async def _claims_and_cycles(url: str, samples: int) -> dict[str, Any]:
+    """From the big queue: ``samples`` lone claims (POST .../lease, max 1, no wait), then ``samples`` cycles of a
+    completion that asks for the next job in the same request (what a busy worker sends): each one's latency."""
+    async with Http(url) as api:
+        reg = await api.call("POST", "/v1/workers", {"name": "probe", "hostname": "bench", "queues": [BIG_QUEUE],
+                                                     "concurrency": 1})
+        wid = reg["worker_id"]
+        lease = {"max": 1, "queues": [BIG_QUEUE], "wait": 0}
+        claims: list[float] = []
+        for k in range(samples + 10):
+            t0 = time.perf_counter()
+            jobs = (await api.call("POST", f"/v1/workers/{wid}/lease", lease))["jobs"]
+            if k >= 10:  # the first ten warm up the connection and the caches
+                claims.append((time.perf_counter() - t0) * 1000)
+            if len(jobs) != 1:
+                raise RuntimeError(f"a lease from {BIG_QUEUE} returned {len(jobs)} jobs")
+        held = jobs[0]
+        cycles: list[float] = []
+        for k in range(samples + 10):
+            body = {"results": [{"job_id": held["job_id"], "attempt": held["attempt"], "outcome": "succeeded",
+                                 "exit_code": 0, "duration": 0.0}], "lease": {"max": 1, "queues": [BIG_QUEUE]}}
+            t0 = time.perf_counter()
+            got = await api.call("POST", f"/v1/workers/{wid}/complete", body)
+            if k >= 10:
+                cycles.append((time.perf_counter() - t0) * 1000)
+            if len(got["jobs"]) != 1:
+                raise RuntimeError(f"a completion's lease from {BIG_QUEUE} returned {len(got['jobs'])} jobs")
+            held = got["jobs"][0]
+    return {"claim_p50": percentile(claims, 50), "claim_p99": percentile(claims, 99),
+            "cycle_p50": percentile(cycles, 50), "cycle_p99": percentile(cycles, 99)}
+
+
+def bench_keys(ctx: Context) -> list[Row]:
+    """Claim latency from a queue of ``scale_jobs`` jobs spread over 10,000 concurrency keys (limit 2: most are
+    held), beside the same from a queue of as many plain jobs, in one run."""
+    s = ctx.sizes
+    n, keys = s.scale_jobs, min(KEYS, max(1, s.scale_jobs // 100))
+    samples = max(50, s.claim_samples * 2)
+    got: dict[str, dict[str, Any]] = {}
+    for label in ("plain", "keyed"):
+        with ctx.workdir(f"keys-{label}") as tmp, Cluster(tmp) as c:
+            c.start_scheduler()
+            ctx.log(f"keys: filling the store with {n:,} {label} queued jobs"
+                    + (f" over {keys:,} concurrency keys" if label == "keyed" else ""))
+            fill = run(_fill_keyed(c.url, n, keys) if label == "keyed" else _fill(c.url, n))
+            ctx.log(f"keys: filled at {fill['rate']:,.0f} jobs/s; claiming")
+            got[label] = {**run(_claims_and_cycles(c.url, samples)), "fill": fill}
+    plain, keyed = got["plain"], got["keyed"]
+    where = f"{n:,} queued, {keys:,} keys"
+    return [
+        Row(f"concurrency keys: claim latency p50, {where}", "<= 2x plain", keyed["claim_p50"], "ms",
+            higher_better=False, peer=plain["claim_p50"], peer_label=f"{n:,} plain", ratio_goal=0.5, detail=got),
+        Row(f"concurrency keys: complete + claim p50, {where}", "<= 2x plain", keyed["cycle_p50"], "ms",
+            higher_better=False, peer=plain["cycle_p50"], peer_label=f"{n:,} plain", ratio_goal=0.5),
+        Row(f"concurrency keys: batched submit rate, {where}", "", keyed["fill"]["rate"], "/s",
+            peer=plain["fill"]["rate"], peer_label=f"{n:,} plain"),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -918,4 +1004,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "big": bench_big,
     "delayed": bench_delayed,
     "purge": bench_purge,
+    "keys": bench_keys,
 }

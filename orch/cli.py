@@ -559,7 +559,7 @@ token_app = typer.Typer(help="Show or rotate the scheduler's tokens (kept in the
                         no_args_is_help=True)
 certs_app = typer.Typer(help="Make TLS certificates: a small CA and a server certificate.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
-queue_app = typer.Typer(help="Pause or resume a queue (`orch queues` lists them).", no_args_is_help=True)
+queue_app = typer.Typer(help="Pause, resume or limit a queue (`orch queues` lists them).", no_args_is_help=True)
 limit_app = typer.Typer(help="Make, change or delete a rate limit (`orch limits` lists them).", no_args_is_help=True)
 app.add_typer(certs_app, name="certs")
 app.add_typer(queue_app, name="queue")
@@ -1218,11 +1218,13 @@ def queues(
         if as_json:
             emit_json({"queues": items})
             return
-        rows = [["QUEUE", "STATE", "QUEUED", "RUNNING", "SCHEDULED", "RETRYING", "OLDEST QUEUED"]]
+        rows = [["QUEUE", "STATE", "QUEUED", "RUNNING", "SCHEDULED", "RETRYING", "LIMIT", "HELD", "OLDEST QUEUED"]]
         for q in items:
             age = q["oldest_queued_age"]
             rows.append([visible(q["name"]), "paused" if q["paused"] else "active", str(q["queued"]), str(q["running"]),
-                         str(q["scheduled"]), str(q["retrying"]), f"{age:.1f}s ago" if age is not None else "-"])
+                         str(q["scheduled"]), str(q["retrying"]),
+                         str(q["concurrency"]) if q.get("concurrency") is not None else "-", str(q.get("held", 0)),
+                         f"{age:.1f}s ago" if age is not None else "-"])
         typer.echo(table(rows))
 
     run_async(main())
@@ -1274,6 +1276,35 @@ def queue_resume(
 ) -> None:
     """Resume a paused queue: its queued jobs are handed out again."""
     _pause(queue, False, as_json, settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)}))
+
+
+@queue_app.command("set")
+def queue_set(
+    queue: str = typer.Argument(..., help="Queue name."),
+    concurrency: int | None = typer.Option(None, "--concurrency", min=1, max=100000, help="At most this many of its jobs run at once, across the cluster."),
+    unlimited: bool = typer.Option(False, "--unlimited", help="Lift its concurrency limit."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Set a queue's concurrency limit: orch queue set email --concurrency 4 (or --unlimited)."""
+    if (concurrency is None) == (not unlimited):
+        fail("give --concurrency N or --unlimited", 2)
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            q = await client.set_queue(queue, concurrency)
+        if as_json:
+            emit_json(q)
+            return
+        limit = f"at most {q['concurrency']} of its jobs run at once" if q["concurrency"] is not None else "no limit"
+        typer.echo(f"queue {q['name']}: {limit}" + ("" if q["changed"] else " (as it was)"))
+
+    run_async(main())
 
 
 @app.command()

@@ -158,6 +158,10 @@ class Client:
         """Pause (or, ``paused`` False, resume) a queue: its answer, with ``changed``."""
         return await self.request("POST", f"/v1/queues/{quote(queue, safe='')}/{'pause' if paused else 'resume'}")
 
+    async def set_queue(self, queue: str, concurrency: int | None) -> dict[str, Any]:
+        """Set a queue's concurrency limit (None lifts it): its answer, with ``changed``."""
+        return await self.request("PATCH", f"/v1/queues/{quote(queue, safe='')}", body={"concurrency": concurrency})
+
     async def purge(self, older_than: float, state: str | None = None) -> int:
         """Purge the jobs that ended more than ``older_than`` seconds ago (of ``state``): how many."""
         body: dict[str, Any] = {"older_than": older_than, **({"state": state} if state else {})}

@@ -146,6 +146,7 @@ class JobFacts:
     queue_paused: bool = False  # queued, scheduled, retrying: its queue is paused (it hands out nothing)
     held: bool = False  # queued: held back, its concurrency key's slots all taken (orch/core/concurrency.py)
     slot_holders: list[int] = field(default_factory=list)  # held: the jobs taking its key's slots (some, oldest first)
+    queue_limit: tuple[int, int] | None = None  # queued, its queue limited: (its concurrency limit, running there)
 
 
 class QueueInfo(NamedTuple):
@@ -159,6 +160,8 @@ class QueueInfo(NamedTuple):
     retrying: int
     paused: bool
     oldest_queued_at: float | None
+    concurrency: int | None = None  # at most this many of its jobs run at once (orch queue set Q --concurrency N)
+    held: int = 0  # of its queued jobs, those held back by their concurrency key
 
 
 class LimitInfo(NamedTuple):

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
+from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.errors import (
     Conflict,
     NotFound,
@@ -625,6 +626,22 @@ class Api:
             log.info("queue %s %s", queue, "paused" if paused else "resumed")
             if not paused and info.queued:
                 self.hub.wake_queue(queue, info.queued)
+        return ok({**wire.queue_json(info, self.store.clock()), "changed": changed})
+
+    async def set_queue(self, request: web.Request) -> web.Response:
+        """A queue's settings: its concurrency limit (null lifts it); a limit raised or lifted wakes the long-polls
+        waiting on the queue here (another replica's hear of it through the store's hint)."""
+        queue = validate_name(request.match_info["queue"], "queue")
+        data = await read_json(request)
+        only(data, {"concurrency"})
+        if "concurrency" not in data:
+            raise ValidationError("concurrency is required: how many of the queue's jobs may run at once, or null",
+                                  field="concurrency")
+        limit = None if data["concurrency"] is None else int_field(data, "concurrency", 1, MAX_CONCURRENCY, 1)
+        changed = await self.store.set_queue_concurrency(queue, limit)
+        (info,) = await self.store.queue_stats([queue])
+        if changed:
+            log.info("queue %s concurrency %s", queue, limit if limit is not None else "unlimited")
         return ok({**wire.queue_json(info, self.store.clock()), "changed": changed})
 
     async def purge(self, request: web.Request) -> web.Response:

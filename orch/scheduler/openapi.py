@@ -318,8 +318,12 @@ SCHEMAS: dict[str, Any] = {
         "oldest_queued_at": nullable(TIME),
         "oldest_queued_age": nullable({"type": "number", "minimum": 0,
                                        "description": "seconds the oldest queued job has waited"}),
-        "changed": {"type": "boolean", "description": "pause and resume: whether the call changed anything"},
-    }, ("name", *(state.value for state in QUEUE_COUNTS), "paused", "oldest_queued_at", "oldest_queued_age"),
+        "changed": {"type": "boolean", "description": "pause, resume, set: whether the call changed anything"},
+        "concurrency": nullable({"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY,
+                                 "description": "at most this many of its jobs run at once (null: no limit)"}),
+        "held": {**COUNT, "description": "of its queued jobs, those held back by their concurrency key"},
+    }, ("name", *(state.value for state in QUEUE_COUNTS), "paused", "oldest_queued_at", "oldest_queued_age",
+        "concurrency", "held"),
         description="a queue's unfinished jobs by state (queued: its depth)"),
     "Limit": obj({
         "name": LIMIT_NAME, "rate": {"type": "string", "description": "COUNT/UNIT, e.g. 100/m, 10/s, 5/10s"},
@@ -342,6 +346,10 @@ SCHEMAS: dict[str, Any] = {
     }, ("older_than",), closed=True),
     "Purged": obj({"purged": COUNT}, ("purged",)),
     "Queues": obj({"queues": {"type": "array", "items": ref("Queue")}}, ("queues",)),
+    "QueueSettings": obj({
+        "concurrency": nullable({"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY,
+                                 "description": "at most this many of the queue's jobs run at once; null lifts it"}),
+    }, ("concurrency",), closed=True),
     "Health": obj({"status": {"type": "string", "const": "ok"}}, ("status",)),
     "WaitMany": obj({
         "ids": {"type": "array", "items": JOB_ID, "minItems": 1, "maxItems": MAX_BATCH},

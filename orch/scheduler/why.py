@@ -10,6 +10,7 @@ Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_w
 (the lease holder has gone quiet), ``running``, ``cancel_requested``,
 ``succeeded``, ``failed``, ``cancelled``, ``rate_limited`` (a job a rate limit put off: which, and until when),
 ``concurrency_limited`` (a queued job held back: its concurrency key's slots are all taken, and by which jobs),
+``queue_limited`` (a queued job whose queue runs as many jobs as its concurrency limit lets it),
 ``queue_paused`` (a queued job whose queue is paused; a scheduled or
 retrying one says it too, with ``queue_paused: true``); a queued job a replay queued again says so first (``replayed_by``).
 ``blocked`` (waiting on
@@ -170,6 +171,12 @@ def explain_queued(facts: JobFacts, done: Callable[..., dict[str, Any]], jid: in
     if facts.queue_paused:
         return done("queue_paused", f"job {jid} is queued on {queue}, which is paused: no job of it is handed out "
                                     f"until `orch queue resume {queue}` (position {position} of {queued}).", **details)
+    if facts.queue_limit is not None and facts.queue_limit[1] >= facts.queue_limit[0]:
+        limit, running = facts.queue_limit
+        return done("queue_limited", f"job {jid} is queued on {queue}, whose concurrency limit of {limit} is "
+                                     f"reached ({running} running); it starts when one of them ends (position "
+                                     f"{position} of {queued}).", queue_concurrency=limit, queue_running=running,
+                    **details)
     if not alive:
         draining = len(workers) - len(alive)
         extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""

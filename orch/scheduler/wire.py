@@ -169,7 +169,8 @@ def queue_json(q: QueueInfo, now: float) -> dict[str, Any]:
     oldest = q.oldest_queued_at
     return {"name": q.name, "queued": q.queued, "running": q.running, "scheduled": q.scheduled,
             "retrying": q.retrying, "paused": q.paused, "oldest_queued_at": iso(oldest) if oldest is not None else None,
-            "oldest_queued_age": round(max(0.0, now - oldest), 3) if oldest is not None else None}
+            "oldest_queued_age": round(max(0.0, now - oldest), 3) if oldest is not None else None,
+            "concurrency": q.concurrency, "held": q.held}
 
 
 def limit_json(x: LimitInfo, now: float) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from orch.core.errors import OrchError, ValidationError
 from orch.core.rates import Rate
@@ -97,6 +97,13 @@ class Change:
     unheld: bool = False  # a held job let go (its concurrency key has a free slot): queued all along, to be had now
 
 
+def freed_slots(changes: Sequence[Change], limits: Mapping[str, int]) -> list[Change]:
+    """For each attempt that ended (or was handed back) in a queue with a concurrency limit: a wake-up of that
+    queue's waiters, as for a job queued there (its room grew by one; the jobs were queued all along)."""
+    return [Change(c.job_id, _QUEUED, c.queue, c.attempt, unheld=True) for c in changes
+            if c.outcome is not None and c.queue in limits]
+
+
 SLOT_HOLDERS_SHOWN = 20  # of the jobs taking a held job's key's slots, how many orch why names
 
 
@@ -131,22 +138,25 @@ class Sweep:
 
 
 def queue_infos(counts: Iterable[tuple[str, str, int, float | None]], paused: dict[str, bool],
-                names: Sequence[str] | None) -> list[QueueInfo]:
+                names: Sequence[str] | None, limits: dict[str, int | None] | None = None,
+                held: dict[str, int] | None = None) -> list[QueueInfo]:
     """QueueInfo rows, by name, from the unfinished jobs' counts (queue, state, count, and the oldest of that
-    state's COALESCE(run_at, created_at)) and the queues table's rows (name: paused): every queue either names,
-    or with ``names``, those alone (a queue nobody has used yet is an empty one)."""
+    state's COALESCE(run_at, created_at)) and the queues table's rows (name: paused; name: concurrency), and the
+    held jobs' count per queue: every queue either names, or with ``names``, those alone (a queue nobody has
+    used yet is an empty one)."""
+    limits, held = limits or {}, held or {}
     by: dict[str, dict[str, Any]] = {}
     for queue, state, n, oldest in counts:
         q = by.setdefault(queue, {})
         q[state] = n
         if state == _QUEUED:
             q["oldest"] = oldest
-    known = set(names) if names is not None else set(by) | set(paused)
+    known = set(names) if names is not None else set(by) | set(paused) | set(limits)
     out = []
     for name in sorted(known):
         q = by.get(name, {})
         out.append(QueueInfo(name, q.get(_QUEUED, 0), q.get(_RUNNING, 0), q.get(_SCHEDULED, 0), q.get(_RETRYING, 0),
-                             paused.get(name, False), q.get("oldest")))
+                             paused.get(name, False), q.get("oldest"), limits.get(name), held.get(name, 0)))
     return out
 
 
@@ -280,6 +290,12 @@ class Store(Protocol):
     async def pause_queue(self, queue: str, paused: bool) -> bool:
         """Pause a queue (no claim hands out its jobs from the commit on; running ones go on) or resume it.
         Returns whether that changed anything (pausing a paused queue does not)."""
+        ...
+
+    async def set_queue_concurrency(self, queue: str, limit: int | None) -> bool:
+        """At most ``limit`` of the queue's jobs run at once (None: no limit), from the commit on: a claim hands
+        out no more than the queue has room for; jobs running over a lowered limit go on. Returns whether that
+        changed anything."""
         ...
 
     async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:

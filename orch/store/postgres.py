@@ -87,6 +87,7 @@ from orch.store.base import (
     OutputChunk,
     Store,
     Sweep,
+    freed_slots,
     key_reused,
     queue_infos,
 )
@@ -199,6 +200,7 @@ class PostgresStore:
         self.ident = uuid.uuid4().hex[:12]  # this store's name in the hints it sends
         self._own = f'{{"f":"{self.ident}",'  # how its hints start (see _hints)
         self._sinks: dict[int, list[Change]] = {}  # id of a connection -> the changes of the op running on it
+        self._limited: set[str] = set()  # queues with a concurrency limit, as the last claims of each saw them
         self._listener: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._told: list[Change] = []
@@ -414,6 +416,8 @@ class PostgresStore:
                     raise self._unavailable(e) from e
             self.batches += 1
             self.ops += 1
+            if changes and self._limited:
+                changes += freed_slots(changes, dict.fromkeys(self._limited, 0))
             if changes and self.notify:
                 self._tell(changes)
             if changes and self.on_commit is not None:
@@ -635,6 +639,11 @@ class PostgresStore:
             (total,), = await self._rows(f"SELECT count(*) FROM jobs WHERE state = {Q_QUEUED} AND queue = %s",
                                          (job.queue,))
             facts.position, facts.queued = ahead + 1, total
+            limited = await self._rows(f"SELECT concurrency, (SELECT count(*) FROM jobs WHERE queue = %s AND state ="
+                                       f" {Q_RUNNING}) FROM queues WHERE name = %s AND concurrency IS NOT NULL",
+                                       (job.queue, job.queue))
+            if limited:
+                facts.queue_limit = (int(limited[0][0]), int(limited[0][1]))
             facts.workers = await self._live_loads(steady, job.queue)
         elif job.state is JobState.SCHEDULED:
             facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
@@ -944,11 +953,37 @@ class PostgresStore:
         """Queues with unfinished jobs or a setting (or ``names``): counts by state, paused, oldest queued."""
         where, params = (" AND queue = ANY(%s)", [list(names)]) if names is not None else ("", [])
         async with self._conn() as conn:
-            counts = await _fetch(conn, "SELECT queue, state, COUNT(*), MIN(COALESCE(run_at, created_at)) FROM jobs"
+            counts = await _fetch(conn, "SELECT queue, state, COUNT(*), MIN(COALESCE(run_at, created_at)),"
+                                        " COUNT(*) FILTER (WHERE held) FROM jobs"
                                         f" WHERE state IN {Q_UNFINISHED}{where} GROUP BY queue, state", params)
-            settings = await _fetch(conn, "SELECT name, paused FROM queues")
+            settings = await _fetch(conn, "SELECT name, paused, concurrency FROM queues")
         return queue_infos([(r[0], r[1], int(r[2]), r[3]) for r in counts], {r[0]: bool(r[1]) for r in settings},
-                           names)
+                           names, {r[0]: r[2] for r in settings},
+                           {r[0]: int(r[4]) for r in counts if r[1] == _QUEUED and r[4]})
+
+    async def set_queue_concurrency(self, queue: str, limit: int | None) -> bool:
+        """See Store.set_queue_concurrency: every replica's next claim from the queue sees it. A limit raised or
+        lifted hints the others as queued jobs would, so their long-polls on the queue look again."""
+        now = self.clock()
+
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            old = await _fetch(conn, "SELECT concurrency FROM queues WHERE name = %s FOR UPDATE", (queue,))
+            before = old[0][0] if old else None
+            if old and before == limit:
+                return False
+            if not old and limit is None:
+                return False
+            await conn.execute("INSERT INTO queues (name, paused, concurrency, updated_at) VALUES (%s, FALSE, %s, %s)"
+                               " ON CONFLICT (name) DO UPDATE SET concurrency = EXCLUDED.concurrency,"
+                               " updated_at = EXCLUDED.updated_at", (queue, limit, now))
+            if before is not None and (limit is None or limit > before):
+                out.append(Change(0, _QUEUED, queue, 0, unheld=True))  # room made: its waiters look again
+            return True
+
+        changed = await self._write(op)
+        if changed:
+            self._limited = self._limited | {queue} if limit is not None else self._limited - {queue}
+        return changed
 
     async def set_limit(self, name: str, rate: Rate) -> bool:
         now = self.clock()
@@ -1057,33 +1092,24 @@ class PostgresStore:
                      lease_ttl: float, now: float) -> list[Lease]:
         check_transition(JobState.QUEUED, JobState.RUNNING)
         steady = self.lease_clock()
-        # One statement: the worker's state (no row: not registered) and what it claimed (nothing if draining).
-        found = await _fetch(conn,
-            "WITH w AS (SELECT state FROM workers WHERE id = %s),"
-            # Each queue's first jobs by the order of its index (jobs_ready: no queued job is read past them,
-            # however many wait), then the first of those: the order of one index over every queue.
-            # A paused queue hands out nothing: its name is left out before its jobs are looked at.
-            " picked AS (SELECT x.id FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL"
-            f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = q.name"
-            f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE})"
-            " AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)"
-            " ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id LIMIT %s),"
-            f" claimed AS (UPDATE jobs j SET state = {Q_RUNNING}, attempt = j.attempt + 1, worker_id = %s,"
-            " lease_expires_at = %s, started_at = %s, exit_code = NULL, error = NULL"
-            # A job queued once its scheduled time came keeps that time in run_at: it has waited since then.
-            " FROM picked WHERE j.id = picked.id RETURNING j.id, j.attempt, j.spec, j.queue, j.priority,"
-            " COALESCE(j.run_at, j.created_at) AS created_at),"
-            " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
-            f" SELECT id, attempt, %s, {Q_RUNNING}, %s FROM claimed),"
-            " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
-            f" SELECT id, attempt, {Q_QUEUED}, {Q_RUNNING}, %s, %s FROM claimed)"
-            " SELECT c.id, c.attempt, c.spec, c.queue, c.priority, c.created_at, w.state"
-            " FROM w LEFT JOIN claimed c ON TRUE",
-            (worker_id, list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM], limit, limit, worker_id, steady + lease_ttl, now,
-             worker_id, now, now, decisions.claimed(worker_id).reason))
+        qs = list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM]
+        tail = (worker_id, steady + lease_ttl, now, worker_id, now, now, decisions.claimed(worker_id).reason)
+        found = await _fetch(conn, _CLAIM, (worker_id, qs, limit, limit, *tail, qs))
         if not found or not WorkerState(found[0][6]).live:
             raise _unknown(worker_id)
         rows = [r for r in found if r[0] is not None]
+        limited: list[str] = sorted(found[0][7] or ())
+        self._limited = (self._limited - set(qs)) | set(limited)
+        if limited and len(rows) < limit and found[0][6] == _ALIVE:
+            # Queues with a concurrency limit were left out above: claimed from here, each under its advisory
+            # lock (in name order), by a statement that counts what runs there after the locks are held, so two
+            # claims through any replicas never both take a queue's last slot.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(28531, hashtext(q)) FROM unnest(%s::text[]) AS q"
+                                   " ORDER BY q", (limited,))
+                rows += [r for r in await _fetch(conn, _CLAIM_LIMITED,
+                                                 (worker_id, limited, limit - len(rows), limit - len(rows), *tail))
+                         if r[0] is not None]
         rows.sort(key=lambda r: dispatch_order(r[4], r[0]))
         out.extend(Change(r[0], _RUNNING, r[3], r[1], worker=worker_id,
                           queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
@@ -1254,6 +1280,49 @@ class PostgresStore:
 
 _MOVE_COLUMNS = frozenset({"finished_at", "run_at", "worker_id", "lease_expires_at", "exit_code", "error", "max_attempts",
                            "cancel_requested"})
+
+
+def _claim_statement(limited: bool) -> str:
+    """The claim: the worker's state (no row: not registered) and what it claimed (nothing if draining), in one
+    statement. Each queue's first jobs by the order of its index (jobs_ready: no queued job is read past them,
+    however many wait), then the first of those: the order of one index over every queue. A paused queue hands
+    out nothing: its name is left out before its jobs are looked at. ``limited``: the statement for queues
+    with a concurrency limit, each giving at most its room (its limit less what runs there), run under their
+    locks; else those are left out too, and the last column names them."""
+    if limited:
+        queues = (" picked AS (SELECT x.id FROM unnest(%s::text[]) AS q(name) JOIN queues p ON p.name = q.name"
+                  " AND NOT p.paused AND p.concurrency IS NOT NULL CROSS JOIN LATERAL")
+        room = (f"GREATEST(0, LEAST(%s, p.concurrency - (SELECT count(*) FROM jobs r WHERE r.queue = q.name"
+                f" AND r.state = {Q_RUNNING})))")
+        left_out, named = "", "NULL::text[]"
+    else:
+        queues = " picked AS (SELECT x.id FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL"
+        room = "%s"
+        left_out = (" AND NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name"
+                    " AND (p.paused OR p.concurrency IS NOT NULL))")
+        named = ("(SELECT array_agg(name) FROM queues WHERE name = ANY(%s) AND concurrency IS NOT NULL"
+                 " AND NOT paused)")
+    return (
+        "WITH w AS (SELECT state FROM workers WHERE id = %s)," + queues +
+        f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = q.name"
+        f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE}){left_out}"
+        f" ORDER BY priority DESC, id LIMIT {room} FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id"
+        " LIMIT %s),"
+        f" claimed AS (UPDATE jobs j SET state = {Q_RUNNING}, attempt = j.attempt + 1, worker_id = %s,"
+        " lease_expires_at = %s, started_at = %s, exit_code = NULL, error = NULL"
+        # A job queued once its scheduled time came keeps that time in run_at: it has waited since then.
+        " FROM picked WHERE j.id = picked.id RETURNING j.id, j.attempt, j.spec, j.queue, j.priority,"
+        " COALESCE(j.run_at, j.created_at) AS created_at),"
+        " a AS (INSERT INTO attempts (job_id, attempt, worker_id, state, started_at)"
+        f" SELECT id, attempt, %s, {Q_RUNNING}, %s FROM claimed),"
+        " e AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
+        f" SELECT id, attempt, {Q_QUEUED}, {Q_RUNNING}, %s, %s FROM claimed)"
+        f" SELECT c.id, c.attempt, c.spec, c.queue, c.priority, c.created_at, w.state, {named}"
+        " FROM w LEFT JOIN claimed c ON TRUE"
+    )
+
+
+_CLAIM, _CLAIM_LIMITED = _claim_statement(False), _claim_statement(True)
 
 
 def _decides_at_submit(spec: JobSpec) -> bool:

@@ -108,6 +108,7 @@ from orch.store.base import (
     Store,
     Sweep,
     checked_digests,
+    freed_slots,
     queue_infos,
 )
 from orch.store.base import (
@@ -353,6 +354,7 @@ class SqliteStore:
         # The paused queues: the claim leaves them out. The queues table is the truth; this copy is made at open
         # and changed by pause_queue in the writer's transaction (one scheduler per database: no one else writes).
         self._paused: frozenset[str] = frozenset()
+        self._queue_limits: dict[str, int] = {}  # queue -> how many of its jobs may run at once (the queues table's)
         self._kick_handle: asyncio.Handle | None = None
         self._busy = False  # a batch is running on the writer thread
         self._idle_waiters: list[asyncio.Future[None]] = []  # synced() callers waiting for that batch
@@ -420,6 +422,8 @@ class SqliteStore:
             except ValidationError as e:
                 raise ValidationError(f"{self.path}: {e.message}", field=e.field) from None
             self._paused = frozenset(r[0] for r in self._wconn.execute("SELECT name FROM queues WHERE paused = 1"))
+            self._queue_limits = dict(self._wconn.execute(
+                "SELECT name, concurrency FROM queues WHERE concurrency IS NOT NULL").fetchall())
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wconn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._wconn.execute("PRAGMA temp_store=MEMORY")
@@ -576,12 +580,11 @@ class SqliteStore:
                 # A full disk may fail one statement only; its op is undone alone and says so (507).
                 out.append((False, storage_error(e, self.path), []))
         try:
-            # The held jobs the concurrency triggers let go in this batch (sql/migrations/0011): to be had now,
-            # so their queues' waiters are woken like for a submit (one statement on an empty table, mostly).
-            unheld = conn.execute("DELETE FROM unheld RETURNING job_id, queue, attempt").fetchall()
-            if unheld:  # with the changes of an op that went in (what the others did was rolled back)
-                next(cs for ok, _, cs in reversed(out) if ok).extend(
-                    Change(r[0], _QUEUED, r[1], r[2], unheld=True) for r in unheld)
+            # The keys whose jobs freed a slot in this batch (sql/migrations/0011): their first held jobs are let go,
+            # as many as have room, and their queues' waiters woken (one statement on an empty table, mostly).
+            freed = conn.execute("DELETE FROM freed_keys RETURNING ckey").fetchall()
+            if freed:  # with the changes of an op that went in (what the others did was rolled back)
+                next(cs for ok, _, cs in reversed(out) if ok).extend(_let_go(conn, {r[0] for r in freed}))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._abort()
@@ -625,6 +628,8 @@ class SqliteStore:
         self._commit_seq += 1
         seq = self._commit_seq
         changes = [c for ok, _, cs in results if ok for c in cs]
+        if changes and self._queue_limits:
+            changes += freed_slots(changes, self._queue_limits)
         if changes and self.on_commit is not None:
             try:
                 self.on_commit(changes)
@@ -898,6 +903,10 @@ class SqliteStore:
                                      (JobState.QUEUED.value, job.queue))
             facts.position = ahead[0]["n"] + 1
             facts.queued = total[0]["n"]
+            if job.queue in self._queue_limits:
+                running = await self._read(f"SELECT COUNT(*) AS n FROM jobs WHERE queue = ? AND state = '{_RUNNING}'",
+                                           (job.queue,))
+                facts.queue_limit = (self._queue_limits[job.queue], running[0]["n"])
             facts.workers = await self._live_loads(steady, job.queue)
         elif job.state is JobState.SCHEDULED:
             facts.workers = await self._live_loads(steady, job.queue)  # who will take it once it is queued
@@ -991,7 +1000,8 @@ class SqliteStore:
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
                 "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes, state,"
-                " run_at, ckey, climit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                f" run_at, ckey, climit, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, {_HELD_AT_INSERT})",
+                rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
@@ -1046,7 +1056,8 @@ class SqliteStore:
                 crowd = _crowd(conn, spec) if _decides_at_submit(spec) and state is JobState.QUEUED else None
                 cur = conn.execute(
                     "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
-                    " state, run_at, ckey, climit, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " state, run_at, ckey, climit, idempotency_key, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,"
+                    f" ?10, ?11, ?12, ?13, {_HELD_AT_INSERT})"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*row, key))
                 if cur.rowcount == 0:
                     old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
@@ -1160,11 +1171,42 @@ class SqliteStore:
         if names is not None:
             where = f" AND queue IN ({', '.join('?' * len(params))})" if params else " AND 0"
         counts = await self._read(
-            f"SELECT queue, state, COUNT(*) AS n, MIN(COALESCE(run_at, created_at)) AS oldest FROM jobs"
-            f" WHERE state IN {_UNFINISHED}{where} GROUP BY queue, state", params)
-        settings = await self._read("SELECT name, paused FROM queues")  # a few rows: a queue's settings
+            f"SELECT queue, state, COUNT(*) AS n, MIN(COALESCE(run_at, created_at)) AS oldest, SUM(held) AS held"
+            f" FROM jobs WHERE state IN {_UNFINISHED}{where} GROUP BY queue, state", params)
+        settings = await self._read("SELECT name, paused, concurrency FROM queues")  # a few rows: queues' settings
         return queue_infos([(r["queue"], r["state"], r["n"], r["oldest"]) for r in counts],
-                           {r["name"]: bool(r["paused"]) for r in settings}, names)
+                           {r["name"]: bool(r["paused"]) for r in settings}, names,
+                           {r["name"]: r["concurrency"] for r in settings},
+                           {r["queue"]: r["held"] for r in counts if r["state"] == _QUEUED and r["held"]})
+
+    async def set_queue_concurrency(self, queue: str, limit: int | None) -> bool:
+        """See Store.set_queue_concurrency; the claim reads the limits this op leaves (as the paused set)."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            row = conn.execute("SELECT concurrency FROM queues WHERE name = ?", (queue,)).fetchone()
+            if (row[0] if row else None) == limit:
+                return False
+            conn.execute("INSERT INTO queues (name, paused, concurrency, updated_at) VALUES (?, 0, ?, ?)"
+                         " ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency,"
+                         " updated_at = excluded.updated_at", (queue, limit, now))
+            limits = dict(self._queue_limits)
+            if limit is None:
+                limits.pop(queue, None)
+            else:
+                limits[queue] = limit
+            self._queue_limits = limits
+            if row is not None and row[0] is not None and (limit is None or limit > row[0]):
+                out.append(Change(0, _QUEUED, queue, 0, unheld=True))  # room made: its waiters look again
+            return True
+
+        try:
+            return await self._write(op, durable=True)
+        except BaseException:  # as pause_queue: the copy may be ahead of a batch that did not commit
+            with suppress(Exception):
+                self._queue_limits = {r[0]: r[1] for r in await self._read(
+                    "SELECT name, concurrency FROM queues WHERE concurrency IS NOT NULL")}
+            raise
 
     async def set_limit(self, name: str, rate: Rate) -> bool:
         now = self.clock()
@@ -1313,12 +1355,17 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
             if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
-            paused = self._paused  # as of this op: a pause earlier in this batch holds already
-            if paused and not paused.isdisjoint(qs):
-                served = [q for q in qs if q not in paused]
+            paused, limits = self._paused, self._queue_limits  # as of this op: a change earlier in the batch holds
+            if (paused and not paused.isdisjoint(qs)) or (limits and not limits.keys().isdisjoint(qs)):
+                # Paused queues are left out; a limited one is asked for no more than it has room for now
+                # (counted here: the single writer orders claims, so no other can take that room meanwhile).
+                room = {q: limits[q] - conn.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE queue = ? AND state = '{_RUNNING}'", (q,)).fetchone()[0]
+                    for q in qs if q in limits and q not in paused}
+                served = [q for q in qs if q not in paused and room.get(q, 1) > 0]
                 if not served:
                     return []
-                some, some_picks = _claim_sql(served, limit)
+                some, some_picks = _claim_sql(served, limit, room)
                 rows = conn.execute(some, (worker_id, steady + lease_ttl, now, *some_picks)).fetchall()
             else:
                 rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks)).fetchall()
@@ -1511,7 +1558,8 @@ class SqliteStore:
             check_transition(JobState.RETRYING, decisions.BACKOFF_OVER.to)
             check_transition(JobState.SCHEDULED, decisions.DUE.to)
             due = conn.execute(
-                f"UPDATE jobs INDEXED BY jobs_due SET state = '{_QUEUED}', run_at = NULL WHERE state = '{_RETRYING}'"
+                f"UPDATE jobs INDEXED BY jobs_due SET state = '{_QUEUED}', run_at = NULL, held = {_HELD_NOW}"
+                f" WHERE state = '{_RETRYING}'"
                 " AND run_at <= ? RETURNING id, attempt, queue",
                 (now,),
             ).fetchall()
@@ -1524,7 +1572,8 @@ class SqliteStore:
                 out.changes += [Change(r["id"], _QUEUED, r["queue"], r["attempt"]) for r in due]
             # Scheduled jobs whose time came (by jobs_scheduled): queued, keeping in run_at when they were due.
             ready = conn.execute(
-                f"UPDATE jobs INDEXED BY jobs_scheduled SET state = '{_QUEUED}' WHERE state = '{_SCHEDULED}'"
+                f"UPDATE jobs INDEXED BY jobs_scheduled SET state = '{_QUEUED}', held = {_HELD_NOW}"
+                f" WHERE state = '{_SCHEDULED}'"
                 " AND run_at <= ?"
                 " RETURNING id, attempt, queue, run_at",
                 (now,),
@@ -1615,19 +1664,21 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 # These run inside the writer's transaction; they never await.
 
 
-def _claim_sql(qs: Sequence[str], limit: int) -> tuple[str, list[Any]]:
-    """The claim's statement over queues ``qs`` and its parameters after the worker's, lease's and start's."""
+def _claim_sql(qs: Sequence[str], limit: int, room: dict[str, int] | None = None) -> tuple[str, list[Any]]:
+    """The claim's statement over queues ``qs`` and its parameters after the worker's, lease's and start's; a
+    queue in ``room`` gives at most that many jobs."""
+    room = room or {}
     # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
     # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
     # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
     one = (f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND held = 0 AND queue = ?"
            " ORDER BY priority DESC, id LIMIT ?")
     if len(qs) == 1:
-        picked, picks = one.replace("id, priority", "id", 1), [qs[0], limit]
+        picked, picks = one.replace("id, priority", "id", 1), [qs[0], min(limit, room.get(qs[0], limit))]
     else:
         firsts = " UNION ALL ".join(f"SELECT * FROM ({one})" for _ in qs)
         picked, picks = f"SELECT id FROM ({firsts}) ORDER BY priority DESC, id LIMIT ?", [
-            *(v for q in qs for v in (q, limit)), limit]
+            *(v for q in qs for v in (q, min(limit, room.get(q, limit)))), limit]
     sql = (
         f"UPDATE jobs SET state = '{_RUNNING}', attempt = attempt + 1, worker_id = ?,"
         " lease_expires_at = ?, started_at = ?, exit_code = NULL, error = NULL"
@@ -1638,6 +1689,35 @@ def _claim_sql(qs: Sequence[str], limit: int) -> tuple[str, list[Any]]:
         " COALESCE(run_at, created_at)"
     )
     return sql, picks
+
+
+# Whether a keyed job that becomes queued is held: the others of its key take all of its slots. At its insert
+# (parameters ?9 state, ?11 key, ?12 limit: the row is not there yet) and in an UPDATE that queues it (a row
+# updated before it by the same statement counts: SQLite's UPDATE goes a row at a time).
+_TAKEN = f"held = 0 AND state IN ('{_QUEUED}', '{_RUNNING}')"
+_HELD_AT_INSERT = (f"CASE WHEN ?11 IS NULL OR ?9 <> '{_QUEUED}' THEN 0 ELSE"
+                   f" (SELECT COUNT(*) FROM jobs WHERE ckey = ?11 AND {_TAKEN}) >= ?12 END")
+_HELD_NOW = (f"CASE WHEN ckey IS NULL THEN 0 ELSE (SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey"
+             f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit END")
+
+
+def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
+    """Let the first held jobs of ``keys`` go (dispatch order), while each one's limit has room: running and
+    unheld queued jobs of its key fewer than it. Returns a wake-up for each (its queue's waiters)."""
+    out: list[Change] = []
+    for key in sorted(keys):
+        (taken,), = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE ckey = ? AND {_TAKEN}", (key,))
+        go = []
+        for r in conn.execute(f"SELECT id, queue, attempt, climit FROM jobs WHERE ckey = ? AND state = '{_QUEUED}'"
+                              " AND held = 1 ORDER BY priority DESC, id LIMIT 1000", (key,)):
+            if taken >= r[3]:
+                break
+            taken += 1
+            go.append(r)
+        if go:
+            conn.executemany("UPDATE jobs SET held = 0 WHERE id = ?", [(r[0],) for r in go])
+            out += [Change(r[0], _QUEUED, r[1], r[2], unheld=True) for r in go]
+    return out
 
 
 def _decides_at_submit(spec: JobSpec) -> bool:
@@ -1714,6 +1794,8 @@ def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState, mo
     assignments = "".join(f", {col} = ?" for col in sets)
     if move.refund:
         assignments += ", max_attempts = max_attempts + 1"
+    if move.to is JobState.QUEUED:  # queued again: held if its concurrency key is full
+        assignments += f", held = {_HELD_NOW}"
     row = conn.execute(
         f"UPDATE jobs SET state = ?{assignments} WHERE id = ? AND state = ? AND attempt = ? RETURNING queue",
         (move.to.value, *sets.values(), job_id, frm.value, attempt),

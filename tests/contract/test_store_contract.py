@@ -1434,3 +1434,45 @@ def test_a_hand_back_keeps_its_slot_and_a_cancelled_held_job_frees_nothing(run: 
         assert (await store.why_facts(ids[2])).held is True
 
     run(tmp_path, body)
+
+
+def test_a_queue_concurrency_limit_hands_out_no_more_than_it_has_room_for(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        assert await store.set_queue_concurrency("email", 2) is True
+        assert await store.set_queue_concurrency("email", 2) is False  # as it was: nothing changes
+        emails = [j.id for j in await store.submit([spec(queue="email") for _ in range(6)], POLICY)]
+        other = await submit_one(store)
+        wid = await worker(store, queues=("email", "default"))
+        first = (await store.claim(wid, ["email", "default"], 10, TTL))[0]
+        assert sorted(x.job_id for x in first) == sorted([emails[0], emails[1], other])
+        assert (await store.claim(wid, ["email", "default"], 10, TTL))[0] == []
+        (q,) = await store.queue_stats(["email"])
+        assert (q.concurrency, q.queued, q.running, q.held) == (2, 4, 2, 0)
+        # An attempt that ends makes room for one more, and its queue's waiters hear of it.
+        heard: list[Any] = []
+        store.on_commit = heard.extend
+        by_id = {x.job_id: x for x in first}
+        await finish(store, wid, emails[0], by_id[emails[0]].attempt, Outcome.SUCCEEDED, exit_code=0)
+        assert any(c.queue == "email" and c.state == "queued" for c in heard)
+        verdicts, more = await store.complete_and_claim(
+            wid, [AttemptResult(emails[1], by_id[emails[1]].attempt, Outcome.SUCCEEDED, exit_code=0, duration=0.1)],
+            POLICY, ["email"], 10, TTL)
+        assert [x.job_id for x in more] == [emails[2], emails[3]]  # room for two: the first's and its own
+        # Raised, it hands out up to the new limit; lifted, everything.
+        assert await store.set_queue_concurrency("email", 3) is True
+        assert [x.job_id for x in (await store.claim(wid, ["email"], 10, TTL))[0]] == [emails[4]]
+        assert await store.set_queue_concurrency("email", None) is True
+        assert [x.job_id for x in (await store.claim(wid, ["email"], 10, TTL))[0]] == [emails[5]]
+        (q,) = await store.queue_stats(["email"])
+        assert (q.concurrency, q.running) == (None, 4)
+
+    run(tmp_path, body)
+
+
+def test_queue_stats_count_the_jobs_held_by_their_key(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.submit([spec(queue="sync", **_ck("k", 1)) for _ in range(4)], POLICY)
+        (q,) = await store.queue_stats(["sync"])
+        assert (q.queued, q.held, q.concurrency) == (4, 3, None)
+
+    run(tmp_path, body)

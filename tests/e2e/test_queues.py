@@ -66,7 +66,8 @@ def test_a_paused_queue_hands_out_nothing_its_running_job_goes_on_and_resume_run
     assert isinstance(shown["oldest_queued_age"], float) and shown["oldest_queued_age"] >= 0, shown
     table = run_cli(["queues"], env)
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
-        "QUEUE", "STATE", "QUEUED", "RUNNING", "SCHEDULED", "RETRYING", "OLDEST", "QUEUED"], table.stdout
+        "QUEUE", "STATE", "QUEUED", "RUNNING", "SCHEDULED", "RETRYING", "LIMIT", "HELD", "OLDEST", "QUEUED"
+    ], table.stdout
     assert [line.split()[:4] for line in table.stdout.splitlines()[1:] if line.startswith("email")] == [
         ["email", "paused", "3", "1"]], table.stdout
 
@@ -91,3 +92,48 @@ def test_queue_commands_refuse_bad_names_and_the_api_names_the_field(cluster: tu
     assert status == 400 and err["error"]["field"] == "x", err
     status, body = http("POST", url + "/v1/queues/fresh/resume")  # never paused: nothing changes
     assert status == 200 and body["changed"] is False and body["paused"] is False, body
+
+
+def test_a_queue_limit_of_2_runs_no_third_job_of_it_on_a_worker_of_8_slots(
+        cluster: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, env = cluster
+    out = run_cli(["queue", "set", "email", "--concurrency", "2"], env)
+    assert out.returncode == 0 and out.stdout.strip() == "queue email: at most 2 of its jobs run at once", out
+    log = tmp_path / "email.log"
+    go = tmp_path / "go"  # the jobs wait for it: until then two run and six wait, whatever the machine's speed
+    line = (f"echo start $(date +%s.%N) >> {log}; while [ ! -e {go} ]; do sleep 0.02; done; sleep 0.05;"
+            f" echo end $(date +%s.%N) >> {log}")
+    status, sub = http("POST", url + "/v1/jobs/batch", {"jobs": [{"shell": line, "queue": "email"}] * 8
+                                                        + [{"command": ["true"]}] * 4})
+    assert status == 201, sub
+    wait_until(lambda: queues(env)["email"]["running"] == 2, 30, "two email jobs to run")
+    shown = queues(env)["email"]
+    assert shown["concurrency"] == 2 and shown["running"] == 2 and shown["queued"] == 6, shown
+    wait_until(lambda: sum(job(url, j["id"])["state"] == "succeeded" for j in sub["jobs"][8:]) == 4, 30,
+               "the default queue's jobs, not held up by email's limit")
+    waiting = next(j for j in sub["jobs"][:8] if job(url, j["id"])["state"] == "queued")
+    why = run_cli(["why", str(waiting["id"])], env)
+    assert why.stdout.startswith(f"queue_limited: job {waiting['id']} is queued on email, whose concurrency limit "
+                                 "of 2 is reached (2 running)"), why.stdout
+    table = run_cli(["queues"], env).stdout.splitlines()
+    assert table[0].split()[6:8] == ["LIMIT", "HELD"], table
+    assert [r.split()[6] for r in table if r.startswith("email ")] == ["2"], table
+    go.touch()
+    finals = [ended(url, j["id"], 60) for j in sub["jobs"]]
+    assert all(f["state"] == "succeeded" for f in finals)
+    marks = sorted((float(t), 1 if w == "start" else -1) for w, t in (x.split() for x in log.read_text().split("\n") if x))
+    running = most = 0
+    for _, step in marks:
+        running += step
+        most = max(most, running)
+    assert most == 2 and len(marks) == 16
+    out = run_cli(["queue", "set", "email", "--unlimited"], env)
+    assert out.returncode == 0 and out.stdout.strip() == "queue email: no limit", out.stdout
+    assert queues(env).get("email", {}).get("concurrency") is None
+    # Bad input: a message and exit 2, a 400 naming the field.
+    bad = run_cli(["queue", "set", "email"], env)
+    assert bad.returncode == 2 and "--concurrency N or --unlimited" in bad.stderr, bad.stderr
+    for body, field in [({"concurrency": 0}, "concurrency"), ({}, "concurrency"), ({"concurrency": "2"}, "concurrency"),
+                        ({"concurrency": 2, "paused": True}, "paused")]:
+        status, err = http("PATCH", url + "/v1/queues/email", body)
+        assert status == 400 and err["error"]["field"] == field, (body, err)

@@ -297,3 +297,56 @@ def test_a_queue_paused_through_one_scheduler_is_paused_for_the_claims_of_anothe
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_key_limit_and_a_queue_limit_hold_for_claims_through_two_schedulers_at_once(postgres_server: Any) -> None:
+    """Eight workers on two replicas claim, end and claim again all at once: a concurrency key of limit 3 never
+    has a fourth running, and a queue of limit 2 never a third (the key's and the queue's advisory locks), while
+    every job gets done."""
+    from orch.store.base import AttemptResult
+
+    dsn = postgres_server.database()
+
+    async def main() -> None:
+        a, b = PostgresStore(dsn, pool_size=6), PostgresStore(dsn, pool_size=6)
+        await a.open()
+        await b.open()
+        try:
+            await a.set_queue_concurrency("q", 2)
+            await a.submit([spec(concurrency={"key": "k", "limit": 3}) for _ in range(30)], POLICY)
+            await b.submit([spec(queue="q") for _ in range(20)], POLICY)
+            stores = [a, b] * 4
+            wids = [await s.register_worker(name=f"w{i}", hostname="h", queues=["default", "q"], concurrency=8)
+                    for i, s in enumerate(stores)]
+            held: dict[str, list[Any]] = {w: [] for w in wids}
+            most = {"k": 0, "q": 0}
+
+            async def look() -> None:
+                async with a._conn() as conn:
+                    (k,), = await (await conn.execute(
+                        "SELECT count(*) FROM jobs WHERE ckey = 'k' AND state = 'running'")).fetchall()
+                    (q,), = await (await conn.execute(
+                        "SELECT count(*) FROM jobs WHERE queue = 'q' AND state = 'running'")).fetchall()
+                most["k"], most["q"] = max(most["k"], k), max(most["q"], q)
+
+            async def turn(s: PostgresStore, w: str) -> None:
+                done = [AttemptResult(x.job_id, x.attempt, Outcome.SUCCEEDED, exit_code=0, duration=0.0)
+                        for x in held[w]]
+                if done:
+                    _, held[w] = await s.complete_and_claim(w, done, POLICY, ["default", "q"], 4, TTL)
+                else:
+                    held[w] = (await s.claim(w, ["default", "q"], 4, TTL))[0]
+
+            for _ in range(200):
+                await asyncio.gather(*(turn(s, w) for s, w in zip(stores, wids, strict=True)))
+                await look()
+                counts = await a.count_by_state()
+                if counts.get(JobState.SUCCEEDED, 0) == 50:
+                    break
+            assert (await a.count_by_state()).get(JobState.SUCCEEDED) == 50
+            assert most == {"k": 3, "q": 2}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

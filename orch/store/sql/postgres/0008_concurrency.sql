@@ -4,6 +4,9 @@
 -- is kept by triggers, so that every path that moves a job keeps it, through every replica. The claim reads
 -- jobs_ready, which covers unheld queued jobs only: a full key costs it no row read, and never blocks its queue.
 ALTER TABLE jobs ADD COLUMN ckey TEXT, ADD COLUMN climit INTEGER, ADD COLUMN held BOOLEAN NOT NULL DEFAULT FALSE;
+-- A queue-wide limit (orch queue set Q --concurrency N): at most N of its jobs run at once. A claim from such a
+-- queue takes the queue's advisory lock first, then counts what runs there (store/postgres.py).
+ALTER TABLE queues ADD COLUMN concurrency INTEGER CHECK (concurrency IS NULL OR concurrency >= 1);
 DROP INDEX jobs_ready;
 CREATE INDEX jobs_ready ON jobs (queue, priority DESC, id) WHERE state = 'queued' AND NOT held;
 CREATE INDEX jobs_ckey ON jobs (ckey, state) WHERE ckey IS NOT NULL AND NOT held;
