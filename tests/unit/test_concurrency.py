@@ -7,8 +7,8 @@ import pytest
 
 from orch.core.concurrency import Concurrency, Holder, OnLimit, check_concurrency, skips, to_cancel
 from orch.core.errors import ValidationError
-from orch.core.spec import parse_spec, spec_view, view_defaults
 from orch.core.retry import RetryPolicy
+from orch.core.spec import parse_spec, spec_view, view_defaults
 
 
 def test_the_field_takes_a_key_a_limit_and_a_policy_and_keeps_its_submitted_form() -> None:
