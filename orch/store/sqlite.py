@@ -1695,14 +1695,22 @@ def _claim_sql(qs: Sequence[str], limit: int, room: dict[str, int] | None = None
 # (parameters ?9 state, ?11 key, ?12 limit: the row is not there yet) and in an UPDATE that queues it (a row
 # updated before it by the same statement counts: SQLite's UPDATE goes a row at a time).
 _TAKEN = f"held = 0 AND state IN ('{_QUEUED}', '{_RUNNING}')"
+# A job of a key that has held jobs waits behind them, even if a slot came free earlier in the same write batch
+# (they are let go, in order, as the batch commits: _let_go).
 _HELD_AT_INSERT = (f"CASE WHEN ?11 IS NULL OR ?9 <> '{_QUEUED}' THEN 0 ELSE"
-                   f" (SELECT COUNT(*) FROM jobs WHERE ckey = ?11 AND {_TAKEN}) >= ?12 END")
+                   f" (SELECT COUNT(*) FROM jobs WHERE ckey = ?11 AND {_TAKEN}) >= ?12"
+                   f" OR EXISTS (SELECT 1 FROM jobs WHERE ckey = ?11 AND state = '{_QUEUED}' AND held = 1) END")
+# A hand-back keeps the slot its job had (_HELD_BACK: the count alone).
+_HELD_BACK = (f"CASE WHEN ckey IS NULL THEN 0 ELSE (SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey"
+              f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit END")
 _HELD_NOW = (f"CASE WHEN ckey IS NULL THEN 0 ELSE (SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey"
-             f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit END")
+             f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit"
+             f" OR EXISTS (SELECT 1 FROM jobs k WHERE k.ckey = jobs.ckey AND k.state = '{_QUEUED}' AND k.held = 1"
+             f" AND k.id <> jobs.id) END")
 
 
 def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
-    """Let the first held jobs of ``keys`` go (dispatch order), while each one's limit has room: running and
+    """Let the first held jobs of ``keys`` go (dispatch order), each one whose limit has room: running and
     unheld queued jobs of its key fewer than it. Returns a wake-up for each (its queue's waiters)."""
     out: list[Change] = []
     for key in sorted(keys):
@@ -1711,7 +1719,7 @@ def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
         for r in conn.execute(f"SELECT id, queue, attempt, climit FROM jobs WHERE ckey = ? AND state = '{_QUEUED}'"
                               " AND held = 1 ORDER BY priority DESC, id LIMIT 1000", (key,)):
             if taken >= r[3]:
-                break
+                continue  # its own limit (a key's jobs may name different ones) is full: the next may have room
             taken += 1
             go.append(r)
         if go:
@@ -1794,8 +1802,8 @@ def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState, mo
     assignments = "".join(f", {col} = ?" for col in sets)
     if move.refund:
         assignments += ", max_attempts = max_attempts + 1"
-    if move.to is JobState.QUEUED:  # queued again: held if its concurrency key is full
-        assignments += f", held = {_HELD_NOW}"
+    if move.to is JobState.QUEUED:  # queued again: held if its concurrency key is full (or others wait on it)
+        assignments += f", held = {_HELD_BACK if frm is JobState.RUNNING else _HELD_NOW}"
     row = conn.execute(
         f"UPDATE jobs SET state = ?{assignments} WHERE id = ? AND state = ? AND attempt = ? RETURNING queue",
         (move.to.value, *sets.values(), job_id, frm.value, attempt),

@@ -1476,3 +1476,19 @@ def test_queue_stats_count_the_jobs_held_by_their_key(run: Run, tmp_path: Path) 
         assert (q.queued, q.held, q.concurrency) == (4, 3, None)
 
     run(tmp_path, body)
+
+
+def test_a_submit_beside_the_end_that_frees_a_slot_does_not_pass_the_held_job(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        first, waiting = [j.id for j in await store.submit([spec(**_ck("k", 1)) for _ in range(2)], POLICY)]
+        wid = await worker(store)
+        lease = await claim_one(store, wid)
+        assert lease.job_id == first
+        # The end and a new submit of the key at once (SQLite: in one write batch): the held job goes first.
+        _, (late,) = await asyncio.gather(finish(store, wid, first, lease.attempt, Outcome.SUCCEEDED, exit_code=0),
+                                          store.submit([spec(**_ck("k", 1))], POLICY))
+        assert (await store.why_facts(waiting)).held is False
+        assert (await store.why_facts(late.id)).held is True
+        assert (await claim_one(store, wid)).job_id == waiting
+
+    run(tmp_path, body)

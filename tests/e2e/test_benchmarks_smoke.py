@@ -14,7 +14,7 @@ from helpers import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # the benchmark suite, which starts its own clusters on SQLite
 
-BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big", "delayed", "purge")
+BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big", "delayed", "purge", "keys")
 
 
 @pytest.mark.timeout(300)
@@ -41,5 +41,6 @@ def test_smoke_size_runs_every_benchmark(tmp_path: Path) -> None:
             assert row["peer"] is None or row["peer"] > 0, detail
     figures = " ".join(row["figure"] for row in rows)
     for word in ("shell throughput", "raw spawn limit", "control plane", "single submits", "latency",
-                 "claim latency", "bytes per queued job", "scheduler CPU", "lease latency", "due -> queued"):
+                 "claim latency", "bytes per queued job", "scheduler CPU", "lease latency", "due -> queued",
+                 "concurrency keys"):
         assert word in figures, f"no {word!r} figure\n{detail}"

@@ -88,8 +88,10 @@ def test_a_200_mb_job_succeeds_keeps_its_tail_and_leaves_the_worker_healthy(tmp_
 
 def test_a_chatty_job_through_a_scheduler_stop_ends_well(tmp_path: Path, orch_env: dict) -> None:
     """Output piles up while the scheduler is stopped; what is sent after stays under the body limit."""
+    # The lease (10 s) outlasts the stop (4 s): the job's end is about its output, not about a lease the reaper
+    # might sweep before the worker's heartbeat is heard (a lone PostgreSQL scheduler gives no grace after a stall).
     env = {**orch_env, "ORCH_SCHEDULER_MAX_BODY_BYTES": str(256 * 1024), "ORCH_SCHEDULER_HEARTBEAT_INTERVAL": "0.3",
-           "ORCH_SCHEDULER_LEASE_TTL": "3", "ORCH_SCHEDULER_RECOVERY_GRACE": "5"}
+           "ORCH_SCHEDULER_LEASE_TTL": "10", "ORCH_SCHEDULER_RECOVERY_GRACE": "5"}
     sched, url = start_scheduler(tmp_path, env)
     worker = start_worker(tmp_path, env, url, "w", concurrency=2)
     started = tmp_path / "started"

@@ -202,7 +202,7 @@ VALID: dict[str, Any] = {
     "/v1/workers/{worker_id}/jobs/{job_id}/complete": {"attempt": 1, "outcome": "succeeded", "exit_code": 0},
     "/v1/workers/{worker_id}/hand-back": {"attempts": []},
     "/v1/jobs/{job_id}/retry": {"by": "fuzz"}, "/v1/jobs/retry": {"state": "cancelled", "queue": "default"},
-    "/v1/limits/{name}": {"rate": "100/s", "burst": 2},
+    "/v1/limits/{name}": {"rate": "100/s", "burst": 2}, "/v1/queues/{queue}": {"concurrency": 4},
 }
 
 json_values = st.recursive(
@@ -280,6 +280,7 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
     c = cluster
     for queue in ("default", "email"):  # a fuzzed pause of an earlier operation is undone, a deleted limit made
         c.json("POST", f"/v1/queues/{queue}/resume", CLIENT)
+        c.json("PATCH", f"/v1/queues/{queue}", CLIENT, {"concurrency": None})  # and a fuzzed limit lifted
         c.json("PUT", f"/v1/limits/{queue}", CLIENT, {"rate": "1000/s"})
     jobs = c.json("POST", "/v1/jobs/batch", CLIENT, {"jobs": [{"command": ["true"]}, {"shell": "exit 3"},
                                                               {"task": "echo", "args": ["x"]}]})["jobs"]
@@ -301,7 +302,7 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
     good = dict(VALID.get(template, {}))
     if "attempt" in good:
         good["attempt"] = running["attempt"]
-    valid = json.dumps(good).encode() if method in ("POST", "PUT") else None
+    valid = json.dumps(good).encode() if method in ("POST", "PUT", "PATCH") else None
     first = c.job_ids[0]
     if template == "/v1/jobs/{job_id}/retry":  # a replay is valid of an ended job only: a cancelled one
         first = c.job_ids[1]
@@ -328,7 +329,7 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
         right = {"clientToken": CLIENT, "joinToken": JOIN, "workerCredential": worker_cred, None: None}[scheme]
         token = {"right": right, "none": None, "client": CLIENT, "join": JOIN, "junk": "x" * 10,
                  "other-worker": cluster.credentials[workers[-1]]}[auth]
-        status, ctype, raw = cluster.request(method, path, token, body if method in ("POST", "PUT") else None)
+        status, ctype, raw = cluster.request(method, path, token, body if method in ("POST", "PUT", "PATCH") else None)
         seen[status] = seen.get(status, 0) + 1
         assert status < 500, (method, path, body, status, raw[:500])
         responses = op["responses"]

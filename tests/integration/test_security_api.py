@@ -102,6 +102,7 @@ BODIES = {
     "/v1/workers/{worker_id}/hand-back": {"attempts": []},
     "/v1/jobs/wait": {"ids": [1], "timeout": 0},  # the first job of each test
     "/v1/jobs/retry": {"state": "failed"}, "/v1/limits/{name}": {"rate": "10/s"},
+    "/v1/queues/{queue}": {"concurrency": 2},
     "/v1/jobs/purge": {"older_than": 86400},
 }
 

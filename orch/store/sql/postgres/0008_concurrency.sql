@@ -36,7 +36,7 @@ CREATE TRIGGER jobs_ckey_move BEFORE UPDATE OF state ON jobs FOR EACH ROW
 -- worker) lets the first held job of its key go, if its limit allows, and says which in a notice to the
 -- session (store/postgres.py makes it a change: the scheduler wakes the workers waiting on that queue, and hints
 -- the other schedulers as for a submit). A held job another transaction has locked (a cancel of it) is passed
--- over: the next one is let go.
+-- over: the next one is let go; when all are, the first is waited for.
 CREATE FUNCTION orch_ckey_freed() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     next_id BIGINT;
@@ -46,6 +46,12 @@ DECLARE
 BEGIN
     SELECT id, queue, climit, attempt INTO next_id, next_queue, next_limit, next_attempt FROM jobs
         WHERE ckey = NEW.ckey AND state = 'queued' AND held ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF next_id IS NULL THEN
+        -- Every held job is locked by another transaction (a replay reading it, a cancel that may roll back):
+        -- wait for the first (a deadlock with a cancel of it is broken by the server, and the store runs again).
+        SELECT id, queue, climit, attempt INTO next_id, next_queue, next_limit, next_attempt FROM jobs
+            WHERE ckey = NEW.ckey AND state = 'queued' AND held ORDER BY priority DESC, id LIMIT 1 FOR UPDATE;
+    END IF;
     IF next_id IS NOT NULL AND next_limit > (SELECT count(*) FROM jobs WHERE ckey = NEW.ckey AND NOT held
                                             AND state IN ('queued', 'running')) THEN
         UPDATE jobs SET held = FALSE WHERE id = next_id;
