@@ -1700,13 +1700,12 @@ _TAKEN = f"held = 0 AND state IN ('{_QUEUED}', '{_RUNNING}')"
 _HELD_AT_INSERT = (f"CASE WHEN ?11 IS NULL OR ?9 <> '{_QUEUED}' THEN 0 ELSE"
                    f" (SELECT COUNT(*) FROM jobs WHERE ckey = ?11 AND {_TAKEN}) >= ?12"
                    f" OR EXISTS (SELECT 1 FROM jobs WHERE ckey = ?11 AND state = '{_QUEUED}' AND held = 1) END")
+_OTHERS_TAKE = (f"(SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey AND k.held = 0"
+                f" AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit")
 # A hand-back keeps the slot its job had (_HELD_BACK: the count alone).
-_HELD_BACK = (f"CASE WHEN ckey IS NULL THEN 0 ELSE (SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey"
-              f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit END")
-_HELD_NOW = (f"CASE WHEN ckey IS NULL THEN 0 ELSE (SELECT COUNT(*) FROM jobs k WHERE k.ckey = jobs.ckey"
-             f" AND k.held = 0 AND k.state IN ('{_QUEUED}', '{_RUNNING}') AND k.id <> jobs.id) >= climit"
-             f" OR EXISTS (SELECT 1 FROM jobs k WHERE k.ckey = jobs.ckey AND k.state = '{_QUEUED}' AND k.held = 1"
-             f" AND k.id <> jobs.id) END")
+_HELD_BACK = f"CASE WHEN ckey IS NULL THEN 0 ELSE {_OTHERS_TAKE} END"
+_HELD_NOW = (f"CASE WHEN ckey IS NULL THEN 0 ELSE {_OTHERS_TAKE} OR EXISTS (SELECT 1 FROM jobs k"
+             f" WHERE k.ckey = jobs.ckey AND k.state = '{_QUEUED}' AND k.held = 1 AND k.id <> jobs.id) END")
 
 
 def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
