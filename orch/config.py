@@ -41,6 +41,7 @@ KEYS: dict[str, Key] = {
     "scheduler.long_poll_timeout": Key("float", 30.0, "longest a lease or wait request is held open, in seconds", minimum=0.1),
     "scheduler.max_body_bytes": Key("int", 8 << 20, "largest request body accepted, in bytes", minimum=1024),
     "scheduler.output_limit_bytes": Key("int", 1 << 20, "output kept per attempt and stream (the tail; truncation is marked)", minimum=1024),
+    "scheduler.max_result_bytes": Key("int", 64 << 10, "largest JSON value a job may write to $ORCH_RESULT_PATH (its result, its dependents' input)", minimum=16),
     "scheduler.max_spec_bytes": Key("int", 256 << 10, "largest job spec accepted, in bytes of JSON (large data belongs in files the job reads)", minimum=1024),
     "worker.host": Key("str", "", "host name a worker reports about itself (default: this machine's name)"),
     "worker.join": Key("str", "http://127.0.0.1:8080", "scheduler a worker joins when --join is not given; several, comma-separated (schedulers sharing a PostgreSQL database), are tried in turn"),

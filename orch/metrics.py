@@ -43,7 +43,7 @@ TERMINAL = frozenset(st.value for st in JobState if st.terminal)
 # Attempt outcomes whose duration the worker measured (lost and handed-back attempts did not end by themselves).
 TIMED_OUTCOMES = frozenset(o.value for o in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.TIMED_OUT, Outcome.CANCELLED))
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
-_SCHEDULED = JobState.SCHEDULED.value
+_SCHEDULED, _BLOCKED = JobState.SCHEDULED.value, JobState.BLOCKED.value
 ATTEMPT_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.RUNNING)
 STALE_KINDS = ("heartbeat", "output", "completion")
 
@@ -148,13 +148,13 @@ class SchedulerMetrics:
             state, queue = c.state, c.queue
             if queue not in known:
                 self.known_queues((queue,))
-            if c.unheld:  # a held job let go: no state change to count
+            if c.unheld or c.unblocked:  # a held job let go, a blocked one released: no submit, start or end
                 continue
             if c.replay:
                 key: tuple[Any, tuple[str, ...]] = (self.replayed, (queue,))
                 counts[key] = counts.get(key, 0) + 1
                 continue
-            if c.attempt == 0 and (state == _SCHEDULED or state == _QUEUED):
+            if c.attempt == 0 and (state == _SCHEDULED or state == _QUEUED or state == _BLOCKED):
                 # A submit (queued or scheduled before any attempt); not a scheduled job that came due (its
                 # change says when it was due): that one was counted when it was submitted.
                 if state == _SCHEDULED or c.due is None:

@@ -12,7 +12,9 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from orch.core import dag
 from orch.core.concurrency import Concurrency, replaced_reason, skipped_reason
+from orch.core.dag import On
 from orch.core.errors import Conflict
 from orch.core.rates import Rate, reserve
 from orch.core.retry import RetryPolicy
@@ -133,9 +135,25 @@ def submitted_held(holder: str, until: str) -> str:
 
 
 def skipped(c: Concurrency, taken: int) -> Move:
-    """on_limit skip_new: a new job whose key is full ends at once, cancelled, saying why (a replay runs it)."""
-    check_transition(JobState.QUEUED, JobState.CANCELLED)
-    return Move(JobState.CANCELLED, skipped_reason(c, taken))
+    """on_limit skip_new: a new job whose key is full ends at once, skipped, saying why (a replay runs it)."""
+    check_transition(JobState.QUEUED, JobState.SKIPPED)
+    return Move(JobState.SKIPPED, skipped_reason(c, taken))
+
+
+def dependency_failed(dep_id: int, dep_state: JobState, on: On) -> Move:
+    """A blocked job one of whose dependencies ended in a way that cannot meet it: skipped, naming it."""
+    return Move(JobState.SKIPPED, dag.skipped_reason(dep_id, dep_state, on))
+
+
+def dependencies_met(due: float | None, now: float) -> Move:
+    """A blocked job whose last dependency is met: queued, or scheduled while its run_at or delay is ahead."""
+    return Move(dag.first_state(0, due, now), dag.DEPS_MET)
+
+
+def unskipped(pending: int, dep_id: int, due: float | None, now: float) -> Move:
+    """A job skipped because of dependency ``dep_id``, which a replay queued again: blocked while ``pending`` of
+    its dependencies are undecided (that one is, now), else queued."""
+    return Move(dag.first_state(pending, due, now), f"{dag.UNSKIPPED}{dep_id}")
 
 
 def replaced(key: str, new_id: int) -> Move:
@@ -146,13 +164,18 @@ def replaced(key: str, new_id: int) -> Move:
 REPLAYED_BY = "replayed by "  # the start of a replay's event reason (orch why finds it there)
 
 
-def replay(job_id: int, state: JobState, by: str) -> Move:
-    """The move of a replay (``orch retry``) asked for by ``by``: a failed or cancelled job is queued again with
-    a fresh set of attempts (the store counts them from its current attempt on); Conflict for any other state."""
+def replay(job_id: int, state: JobState, by: str, pending: int = 0, failed_dep: tuple[int, str] | None = None) -> Move:
+    """The move of a replay (``orch retry``) asked for by ``by``: a failed, cancelled or skipped job is queued
+    again with a fresh set of attempts (the store counts them from its current attempt on), or blocked while
+    ``pending`` of its dependencies are undecided; Conflict for any other state, and for a job a dependency of
+    which (``failed_dep``: its id and state) ended so that it can never be met (replay that one)."""
     if state not in REPLAYABLE:
         doing = "has succeeded" if state is JobState.SUCCEEDED else f"is {state}, not ended"
-        raise Conflict(f"job {job_id} {doing}: only a failed or cancelled job is replayed", field="id")
-    return Move(JobState.QUEUED, REPLAYED_BY + by)
+        raise Conflict(f"job {job_id} {doing}: only a failed, cancelled or skipped job is replayed", field="id")
+    if failed_dep is not None:
+        raise Conflict(f"job {job_id} depends on job {failed_dep[0]}, which ended {failed_dep[1]}: replay that one "
+                       "(its dependents are un-skipped with it)", field="id")
+    return Move(JobState.BLOCKED if pending else JobState.QUEUED, REPLAYED_BY + by)
 
 
 def claimed(worker_id: str) -> Move:

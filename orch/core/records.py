@@ -46,6 +46,7 @@ class Attempt(NamedTuple):
     duration: float | None
     stdout_bytes: int  # every byte the worker saw the stream write (kept, trimmed or dropped)
     stderr_bytes: int
+    value: str | None = None  # the JSON text the attempt wrote to $ORCH_RESULT_PATH (its result's value)
 
 
 class Event(NamedTuple):
@@ -71,19 +72,42 @@ class OutputPiece(NamedTuple):
     size: int
 
 
+class DepInfo(NamedTuple):
+    """One dependency of a job: the job it waits on, what end of it meets it, whether it is met, the ref it had
+    in the workflow, and that job's state now (None: it was purged)."""
+
+    job_id: int
+    on: str
+    met: bool
+    ref: str | None
+    state: JobState | None
+
+
 @dataclass(slots=True)
 class JobRecord:
     """One job in full: its row, its spec as stored (the submitted form), its attempts, and the output
-    kept of its last attempt (None when not asked for)."""
+    kept of its last attempt (None when not asked for); its dependencies and its workflow (the id of the
+    workflow's first job), if it has them."""
 
     job: Job
     spec: dict[str, Any]
     attempts: list[Attempt]
     output: list[OutputPiece] | None = None
+    dependencies: list[DepInfo] = field(default_factory=list)
+    workflow: int | None = None
+
+
+class WorkflowNode(NamedTuple):
+    """A job of a workflow as its graph shows it: the job, its ref, and its dependencies."""
+
+    job: Job
+    ref: str | None
+    dependencies: list[DepInfo]
 
 
 class Lease(NamedTuple):
-    """A job handed to a worker: ``spec`` is its stored JSON text, embedded as it is in the answer."""
+    """A job handed to a worker: ``spec`` is its stored JSON text, embedded as it is in the answer; ``inputs``,
+    for a job with dependencies, the JSON text of what they left (``{ref or id: {state, exit_code, value}}``)."""
 
     job_id: int
     attempt: int
@@ -91,6 +115,7 @@ class Lease(NamedTuple):
     queue: str
     queued_at: float
     priority: int
+    inputs: str | None = None
 
 
 class Verdict(NamedTuple):
@@ -147,6 +172,7 @@ class JobFacts:
     held: bool = False  # queued: held back, its concurrency key's slots all taken (orch/core/concurrency.py)
     slot_holders: list[int] = field(default_factory=list)  # held: the jobs taking its key's slots (some, oldest first)
     queue_limit: tuple[int, int] | None = None  # queued, its queue limited: (its concurrency limit, running there)
+    dependencies: list[DepInfo] = field(default_factory=list)  # blocked, skipped: its dependencies
 
 
 class QueueInfo(NamedTuple):

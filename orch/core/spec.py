@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from orch.core.concurrency import Concurrency, OnLimit, check_concurrency
+from orch.core.dag import Dep, check_depends_on, check_ref
 from orch.core.errors import ValidationError
 from orch.core.rates import check_rate_keys
 from orch.core.retry import RetryPolicy
@@ -45,7 +46,7 @@ SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
         "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay", "idempotency_key",
-        "rate_keys", "concurrency",
+        "rate_keys", "concurrency", "depends_on", "ref",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -73,6 +74,8 @@ class JobSpec:
     idempotency_key: str | None = None  # a submit with a key a kept job has is that job, not a new one
     rate_keys: tuple[str, ...] = ()  # the rate limits (orch limit set) its start counts against
     concurrency: Concurrency | None = None  # at most so many jobs of its key run at once (orch/core/concurrency.py)
+    depends_on: tuple[Dep, ...] = ()  # blocked until these are met (orch/core/dag.py)
+    ref: str | None = None  # its name in its batch, for the others' depends_on (and its inputs' key)
 
     def due(self, now: float) -> float | None:
         """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
@@ -125,6 +128,10 @@ class JobSpec:
             out["rate_keys"] = list(self.rate_keys)
         if self.concurrency is not None:
             out["concurrency"] = self.concurrency.to_json()
+        if self.depends_on:
+            out["depends_on"] = [d.to_json() for d in self.depends_on]
+        if self.ref is not None:
+            out["ref"] = self.ref
         return out
 
     @property
@@ -191,7 +198,7 @@ def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
                         "jitter": defaults.jitter},
             "retry_on_exit": list(defaults.retry_on_exit) if defaults.retry_on_exit is not None else None,
             "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": [],
-            "concurrency": None}
+            "concurrency": None, "depends_on": [], "ref": None}
 
 
 def _is_int(v: Any) -> bool:
@@ -370,12 +377,20 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         # skip_new and cancel_running decide at the submit; a delayed job's slot is not weighed until it is due.
         raise ValidationError(f"concurrency.on_limit {concurrency.on_limit} cannot go with run_at or delay"
                               " (on_limit queue can)", field=f("concurrency.on_limit"))
+    depends_on = check_depends_on(body["depends_on"], f("depends_on")) if "depends_on" in body else ()
+    if depends_on and rate_keys:
+        # A start is reserved at the submit; a blocked job's start is not known until its dependencies end.
+        raise ValidationError("rate_keys cannot go with depends_on", field=f("rate_keys"))
+    if depends_on and concurrency is not None and concurrency.on_limit is not OnLimit.QUEUE:
+        raise ValidationError(f"concurrency.on_limit {concurrency.on_limit} cannot go with depends_on"
+                              " (on_limit queue can)", field=f("concurrency.on_limit"))
+    ref = check_ref(body["ref"], f("ref")) if "ref" in body else None
     return JobSpec(
         argv=argv, kind=kind, queue=queue, priority=priority, env=env, cwd=cwd,
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
         retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts, idempotency_key=key,
-        rate_keys=rate_keys, concurrency=concurrency,
+        rate_keys=rate_keys, concurrency=concurrency, depends_on=depends_on, ref=ref,
     )
 
 

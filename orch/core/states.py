@@ -8,6 +8,7 @@ from orch.core.errors import IllegalTransition
 
 
 class JobState(enum.StrEnum):
+    BLOCKED = "blocked"  # waits on its dependencies (depends_on): queued (or scheduled) once they are met
     SCHEDULED = "scheduled"  # submitted with a run_at or delay still ahead: queued once it is due
     QUEUED = "queued"
     RUNNING = "running"
@@ -15,27 +16,35 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # never ran: a dependency ended in a way that cannot meet it (or its key was full)
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})  # ended: nothing runs
-REPLAYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})  # ended, and a replay may run them again
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED})  # ended
+REPLAYABLE = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED})  # ended; a replay may run them
 
 # The one table of allowed moves. Every writer goes through check_transition().
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # Its dependencies met: queued, or scheduled while its run_at or delay is still ahead; one that cannot be
+    # met: skipped (and so its own dependents, in turn).
+    JobState.BLOCKED: frozenset({JobState.QUEUED, JobState.SCHEDULED, JobState.SKIPPED, JobState.CANCELLED}),
     JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # (skipped: on_limit skip_new, a submit to a full concurrency key)
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.SKIPPED}),
     JobState.RUNNING: frozenset(
         {JobState.SUCCEEDED, JobState.FAILED, JobState.RETRYING, JobState.QUEUED, JobState.CANCELLED}
     ),
     JobState.RETRYING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    # A replay (orch retry) gives a failed or cancelled job a fresh set of attempts: ended, but not for good.
-    JobState.FAILED: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    # A replay (orch retry) gives a failed or cancelled job a fresh set of attempts: ended, but not for good. A
+    # job with dependencies not all met again (one of them replayed too) waits on them, blocked.
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.BLOCKED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.BLOCKED}),
+    # A skipped job is un-skipped when the dependency that skipped it is replayed (and by a replay of its own).
+    JobState.SKIPPED: frozenset({JobState.QUEUED, JobState.BLOCKED}),
 }
 
 

@@ -348,10 +348,15 @@ def chunk_of(item: Any, p: str) -> OutputChunk:
 _OUTCOMES = {o.value for o in Outcome} - {Outcome.RUNNING.value, Outcome.LOST.value, Outcome.HANDED_BACK.value}
 
 
-def result_of(item: Any, p: str) -> AttemptResult:
+def result_of(item: Any, p: str, max_value: int) -> AttemptResult:
     if not isinstance(item, dict):
         raise ValidationError("each result must be an object", field=p.rstrip("."))
-    only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output", "waited"}, p)
+    only(item, {"job_id", "attempt", "outcome", "exit_code", "error", "duration", "output", "waited", "value"}, p)
+    value = item.get("value")
+    text = dumps(value) if value is not None else None
+    if text is not None and len(text.encode()) > max_value:
+        raise PayloadTooLarge(f"the result value is {len(text.encode()):,} bytes of JSON, more than "
+                              f"scheduler.max_result_bytes ({max_value:,})", field=p + "value")
     outcome = item.get("outcome")
     if not isinstance(outcome, str) or outcome not in _OUTCOMES:  # a list or object: not hashable
         raise ValidationError(f"outcome must be one of {', '.join(sorted(_OUTCOMES))}", field=p + "outcome")
@@ -369,7 +374,7 @@ def result_of(item: Any, p: str) -> AttemptResult:
         attempt=int_field(item, "attempt", 1, 10**6, prefix=p),
         outcome=Outcome(outcome), exit_code=exit_code, error=opt_str(item, "error", 4096, p, nullable=True),
         duration=duration, output=[chunk_of(c, f"{p}output[{i}].") for i, c in enumerate(output)],
-        waited=num_field(item, "waited", 0, 86400, 0.0, prefix=p),
+        waited=num_field(item, "waited", 0, 86400, 0.0, prefix=p), value=text,
     )
 
 
@@ -394,6 +399,7 @@ class Api:
         self._view_defaults = view_defaults(self.defaults)  # what spec_view fills in, made once
         self.max_spec: int = settings["scheduler.max_spec_bytes"]
         self.output_limit: int = settings["scheduler.output_limit_bytes"]
+        self.max_result: int = settings["scheduler.max_result_bytes"]
         self.metrics = SchedulerMetrics()
         self.leading = False  # this scheduler runs the reaper (and retention) now: the reaper says
         self._backlog: deque[Change] = deque()  # committed changes not counted and logged yet (see committed)
@@ -450,6 +456,13 @@ class Api:
             log.exception("could not read the metrics snapshot")
         return self.metrics.render_for(accept)
 
+    async def workflow(self, request: web.Request) -> web.StreamResponse:
+        workflow, nodes = await self.store.workflow(job_id_of(request))
+        body = wire.workflow_json(workflow, nodes)
+        if len(nodes) <= 100:
+            return ok(body)
+        return await big_answer(request, await encode(body))
+
     async def why(self, request: web.Request) -> web.Response:
         facts = await self.store.why_facts(job_id_of(request))
         return ok(explain(facts, self.settings["scheduler.heartbeat_interval"]))
@@ -496,7 +509,12 @@ class Api:
                                "or the same in both", field="Idempotency-Key")
             spec = dataclasses.replace(spec, idempotency_key=key)
         stored = self.stored(spec, "")
-        jobs = await self.store.submit([spec], self.defaults, [stored])
+        try:
+            jobs = await self.store.submit([spec], self.defaults, [stored])
+        except ValidationError as e:  # the store names a dependency's place in a batch: here there is one job
+            if e.field and e.field.startswith("jobs[0]."):
+                e.field = e.field[len("jobs[0]."):]
+            raise
         if jobs[0].replayed:  # the job of this key, as it is now
             return ok({**self.view(await self.store.get_job(jobs[0].id, with_output=False)),
                        "idempotent_replay": True}, 200)
@@ -582,11 +600,11 @@ class Api:
                 raise ValidationError(f"ids must be a list of 1 to {MAX_BATCH} job ids", field="ids")
             ids = [_job_id_item(v, i) for i, v in enumerate(ids)]
             refused, changes = await self.store.replay(ids, by)
-            replayed = [c.job_id for c in changes]
+            replayed = [c.job_id for c in changes if c.replay]  # (not the dependents it un-skipped)
         else:
             state = data.get("state")
             if not isinstance(state, str) or state not in REPLAYABLE:
-                raise ValidationError("state must be failed or cancelled (or give ids)", field="state")
+                raise ValidationError("state must be failed, cancelled or skipped (or give ids)", field="state")
             queue = data.get("queue")
             if queue is not None:
                 validate_name(queue, "queue")
@@ -597,7 +615,7 @@ class Api:
                 if found:
                     more, changes = await self.store.replay([j.id for j in found], by)
                     refused.update(more)
-                    replayed.extend(c.job_id for c in changes)
+                    replayed.extend(c.job_id for c in changes if c.replay)
                 if cursor is None:
                     break
         return ok({"replayed": sorted(replayed),
@@ -873,6 +891,7 @@ class Api:
             # unsent output than that and makes every report fit the limit.
             "max_body_bytes": self.settings["scheduler.max_body_bytes"],
             "output_limit_bytes": self.settings["scheduler.output_limit_bytes"],
+            "max_result_bytes": self.max_result,  # of the value a job writes to $ORCH_RESULT_PATH
             "credential": credential,
         }, 201)
 
@@ -1005,7 +1024,7 @@ class Api:
         items = data.get("results")
         if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
             raise ValidationError(f"results must be a list of 1 to {MAX_BATCH} results", field="results")
-        results = [result_of(r, f"results[{i}].") for i, r in enumerate(items)]
+        results = [result_of(r, f"results[{i}].", self.max_result) for i, r in enumerate(items)]
         ask = data.get("lease")
         if "lease" not in data:
             answers, _ = await self.store.complete(wid, results, self.defaults)
@@ -1037,7 +1056,7 @@ class Api:
         if "job_id" in data:  # result_of allows it, but here the path names the job
             raise ValidationError("unknown field 'job_id' (the path names the job)", field="job_id")
         data["job_id"] = job_id_of(request)
-        result = result_of(data, "")
+        result = result_of(data, "", self.max_result)
         answers, _ = await self.store.complete(wid, [result], self.defaults)
         self._count_stale(answers)
         if answers[0].state is None:

@@ -17,6 +17,7 @@ from typing import Any
 from orch.core.concurrency import MAX_KEY_LEN as CONCURRENCY_KEY_LEN
 from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.concurrency import OnLimit
+from orch.core.dag import MAX_DEPENDS, On
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
     CONTROL_CHARS,
@@ -169,13 +170,21 @@ SCHEMAS: dict[str, Any] = {
         }, ("key", "limit"), closed=True,
             description="at most limit jobs with this key run at once, across the cluster; the others wait, "
                         "queued and held, without blocking other keys or their queue"),
+        "ref": {**NAME, "description": "its name in the batch: the other jobs' depends_on name it so, and its "
+                                       "dependents' inputs file keys what it left by it"},
+        "depends_on": {"type": "array", "maxItems": MAX_DEPENDS, "items": {"oneOf": [
+            JOB_ID, NAME, obj({"job": {"oneOf": [JOB_ID, NAME]},
+                               "on": {"type": "string", "enum": [o.value for o in On]}}, ("job",), closed=True)]},
+            "description": "jobs it waits on, blocked: ids, refs of jobs of the same batch, or {job, on} with on "
+                           "success (the default), failure or completion; one that ends otherwise skips it"},
     }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
         dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}},
-                          "rate_keys": {"not": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}]}}},
-        allOf=[{"if": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}]},
+                          "rate_keys": {"not": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]},
+                                                          {"required": ["depends_on"]}]}}},
+        allOf=[{"if": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}, {"required": ["depends_on"]}]},
                 "then": {"properties": {"concurrency": {"properties": {"on_limit": {"const": "queue"}}}}}}],
         description="exactly one of command, shell, task (args only with task); run_at or delay, not both, and "
-                    "neither with rate_keys, nor with a concurrency on_limit other than queue; an "
+                    "neither (nor depends_on) with rate_keys, nor with a concurrency on_limit other than queue; an "
                     "optional field is left out, never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
                       description="a job as listings show it: bounded in size, without its spec"),
@@ -191,6 +200,7 @@ SCHEMAS: dict[str, Any] = {
     }, ("attempt", "worker", "state", "started_at", "finished_at", "exit_code", "error", "duration")),
     "Result": obj({
         "attempt": INT, "exit_code": nullable(INT), "error": nullable({"type": "string"}),
+        "value": {"description": "the JSON value the attempt wrote to $ORCH_RESULT_PATH (null: none)"},
         "duration": nullable({"type": "number"}), "stdout": {"type": "string"}, "stderr": {"type": "string"},
         "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
     }, ("attempt", "exit_code", "stdout", "stderr", "stdout_truncated", "stderr_truncated")),
@@ -198,7 +208,21 @@ SCHEMAS: dict[str, Any] = {
         "attempts": {"type": "array", "items": ref("Attempt")},
         "duration": nullable({"type": "number"}),
         "result": nullable(ref("Result")),
+        "dependencies": {"type": "array", "items": ref("Dependency")},
+        "workflow": nullable({**JOB_ID, "description": "the workflow it is part of: the id of its first job"}),
     }, ("attempts", "result"))]},
+    "Dependency": obj({
+        "job_id": INT, "on": {"type": "string", "enum": [o.value for o in On]},
+        "met": {"type": "boolean"}, "ref": nullable({"type": "string"}),
+        "state": nullable({"type": "string", "description": "the state of the job it waits on (null: purged)"}),
+    }, ("job_id", "on", "met", "ref", "state")),
+    "Workflow": obj({
+        "id": INT, "state": {"type": "string", "enum": ["running", "succeeded", "failed", "cancelled", "skipped"]},
+        "counts": {"type": "object", "additionalProperties": COUNT, "description": "its jobs by state"},
+        "jobs": {"type": "array", "items": {"allOf": [ref("JobSummary"), obj({
+            "ref": nullable({"type": "string"}), "dependencies": {"type": "array", "items": ref("Dependency")},
+        }, ("ref", "dependencies"))]}},
+    }, ("id", "state", "counts", "jobs")),
     "JobPage": obj({"jobs": {"type": "array", "items": ref("JobSummary")}, "next_cursor": nullable({"type": "string"})},
                    ("jobs", "next_cursor")),
     "Jobs": obj({"jobs": {"type": "array", "items": ref("JobSummary"),
@@ -240,6 +264,7 @@ SCHEMAS: dict[str, Any] = {
         "long_poll_timeout": {"type": "number"},
         "max_body_bytes": {"type": "integer", "description": "the largest request body the scheduler takes"},
         "output_limit_bytes": {"type": "integer", "description": "output kept per attempt and stream (the tail)"},
+        "max_result_bytes": {"type": "integer", "description": "the largest JSON value a job's result may be"},
         "credential": {"type": "string", "description": "this worker's own bearer token for /v1/workers/{worker_id}/..."},
     }, ("worker_id", "heartbeat_interval", "lease_ttl", "long_poll_timeout", "max_body_bytes", "output_limit_bytes",
         "credential")),
@@ -256,7 +281,10 @@ SCHEMAS: dict[str, Any] = {
         "wait": {"type": "number", "minimum": 0, "description": "seconds to hold the request open, at most scheduler.long_poll_timeout"},
     }, closed=True),
     "Lease": obj({"job_id": INT, "attempt": INT, "spec": {"type": "object"}, "queue": {"type": "string"},
-                  "queued_at": {"type": "number"}}, ("job_id", "attempt", "spec")),
+                  "queued_at": {"type": "number"},
+                  "inputs": {"type": "object", "description": "a job with dependencies: what each left, by its ref "
+                                                              "(or id): {state, exit_code, value}"}},
+                 ("job_id", "attempt", "spec")),
     "Leases": obj({"jobs": {"type": "array", "items": ref("Lease")}}, ("jobs",)),
     "Chunk": obj({"job_id": JOB_ID, "attempt": ATTEMPT, "stream": {"type": "string", "enum": ["stdout", "stderr"]},
                   "data": {"type": "string"},
@@ -272,6 +300,8 @@ SCHEMAS: dict[str, Any] = {
         "duration": nullable({"type": "number", "minimum": 0, "maximum": 10**9}),
         "output": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH},
         "waited": {"type": "number", "minimum": 0, "maximum": 86400},
+        "value": {"description": "the JSON value the job wrote to $ORCH_RESULT_PATH, at most "
+                                 "scheduler.max_result_bytes of JSON"},
     }, ("job_id", "attempt", "outcome"), closed=True),
     "OneEnd": obj({
         "attempt": ATTEMPT, "outcome": {"type": "string", "enum": RESULT_OUTCOMES},
@@ -280,6 +310,8 @@ SCHEMAS: dict[str, Any] = {
         "duration": nullable({"type": "number", "minimum": 0, "maximum": 10**9}),
         "output": {"type": "array", "items": ref("Chunk"), "maxItems": MAX_BATCH},
         "waited": {"type": "number", "minimum": 0, "maximum": 86400},
+        "value": {"description": "the JSON value the job wrote to $ORCH_RESULT_PATH, at most "
+                                 "scheduler.max_result_bytes of JSON"},
     }, ("attempt", "outcome"), closed=True),
     "Completions": obj({
         "results": {"type": "array", "items": ref("AttemptEnd"), "minItems": 1, "maxItems": MAX_BATCH},

@@ -13,8 +13,8 @@ Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_w
 ``queue_limited`` (a queued job whose queue runs as many jobs as its concurrency limit lets it),
 ``queue_paused`` (a queued job whose queue is paused; a scheduled or
 retrying one says it too, with ``queue_paused: true``); a queued job a replay queued again says so first (``replayed_by``).
-``blocked`` (waiting on
-dependencies) comes with DAGs, which orch does not have yet.
+``blocked`` (waiting on dependencies: which ones, and what each is doing), ``skipped`` (a dependency ended so that it
+can never be met: which; or its concurrency key was full).
 """
 
 from __future__ import annotations
@@ -87,6 +87,25 @@ def explain(facts: JobFacts, heartbeat_interval: float) -> dict[str, Any]:
         return done(state.value, f"job {jid} was cancelled at {job['finished_at']}"
                                  + (f" ({last_reason})" if last_reason else "")
                     + f"; it will not run again unless replayed (orch retry {jid}).")
+    if state is JobState.BLOCKED:
+        waits = [d for d in facts.dependencies if not d.met]
+        deps = [{"job_id": d.job_id, "ref": d.ref, "on": d.on, "state": d.state.value if d.state else None}
+                for d in waits]
+        if not waits:
+            return done("blocked", f"job {jid} waits on its dependencies; the last one ended and it is being queued.",
+                        waiting_on=deps)
+        first = waits[0]
+        what = f"job {first.job_id}" + (f" ({first.ref})" if first.ref else "")
+        wanted = {"success": "succeed", "failure": "fail", "completion": "end"}[first.on]
+        more = f" and {_plural(len(waits) - 1, 'other dependency')}" if len(waits) > 1 else ""
+        return done("blocked", f"job {jid} is blocked: it waits on {what}, which is "
+                               f"{first.state.value if first.state else 'gone'}, to {wanted}{more}; then it is queued "
+                               f"on {queue}.", waiting_on=deps)
+    if state is JobState.SKIPPED:
+        return done("skipped", f"job {jid} was skipped at {job['finished_at']}"
+                               + (f" ({last_reason})" if last_reason else "") + "; it never ran"
+                    + (": orch retry of the dependency that skipped it runs it" if facts.dependencies else
+                       f"; orch retry {jid} runs it") + ".")
     if state is JobState.SCHEDULED:
         due = j.run_at if j.run_at is not None else now
         left = due - now

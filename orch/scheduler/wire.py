@@ -7,11 +7,14 @@ OpenAPI document (openapi.py) describes the same shapes.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
 
+from orch.core.dag import workflow_state
 from orch.core.rates import allowed_at
 from orch.core.records import (
     Attempt,
+    DepInfo,
     Event,
     Job,
     JobRecord,
@@ -21,6 +24,7 @@ from orch.core.records import (
     QueueInfo,
     Verdict,
     Worker,
+    WorkflowNode,
 )
 from orch.core.spec import COMMAND_SHOWN, spec_view
 from orch.core.states import JobState
@@ -94,7 +98,8 @@ def result_json(last: Attempt, pieces: Iterable[OutputPiece], output_limit: int)
     for p in pieces:
         streams[p.stream].append((p.pos, p.data, p.size))
     result: dict[str, Any] = {"attempt": last.attempt, "exit_code": last.exit_code, "error": last.error,
-                              "duration": last.duration}
+                              "duration": last.duration,
+                              "value": json.loads(last.value) if last.value is not None else None}
     for name, total in (("stdout", last.stdout_bytes), ("stderr", last.stderr_bytes)):
         text, cut = render_output(name, streams[name], total, output_limit)
         result[name] = text
@@ -111,7 +116,22 @@ def job_json(rec: JobRecord, view_defaults: Mapping[str, Any], output_limit: int
     job["duration"] = rec.attempts[-1].duration if rec.attempts else None
     job["result"] = (result_json(rec.attempts[-1], rec.output, output_limit)
                      if rec.attempts and rec.output is not None else None)
+    job["dependencies"] = [dep_json(d) for d in rec.dependencies]
+    job["workflow"] = rec.workflow
     return job
+
+
+def dep_json(d: DepInfo) -> dict[str, Any]:
+    return {"job_id": d.job_id, "on": d.on, "met": d.met, "ref": d.ref,
+            "state": d.state.value if d.state is not None else None}
+
+
+def workflow_json(workflow: int, nodes: Sequence[WorkflowNode]) -> dict[str, Any]:
+    """A workflow: its id (its first job's), its state from its jobs', and each job with its dependencies."""
+    return {"id": workflow, "state": workflow_state([n.job.state for n in nodes]),
+            "counts": {s: n for s, n in sorted(Counter(n.job.state.value for n in nodes).items())},
+            "jobs": [{**job_summary(n.job), "ref": n.ref, "dependencies": [dep_json(d) for d in n.dependencies]}
+                     for n in nodes]}
 
 
 def event_json(e: Event) -> dict[str, Any]:
@@ -161,7 +181,8 @@ def leases_json(leases: Iterable[Lease]) -> str:
     (it was made by json.dumps at submit): no parse and re-encode per job."""
     return "[" + ",".join(
         f'{{"job_id":{j.job_id:d},"attempt":{j.attempt:d},"spec":{j.spec},"queue":{_string(j.queue)},'
-        f'"queued_at":{j.queued_at!r}}}' for j in leases) + "]"
+        f'"queued_at":{j.queued_at!r}' + (f',"inputs":{j.inputs}}}' if j.inputs is not None else "}")
+        for j in leases) + "]"
 
 
 def queue_json(q: QueueInfo, now: float) -> dict[str, Any]:

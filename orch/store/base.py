@@ -50,6 +50,7 @@ from orch.core.records import (
     Snapshot,
     Verdict,
     Worker,
+    WorkflowNode,
 )
 from orch.core.retry import RetryPolicy
 from orch.core.spec import JobSpec
@@ -75,6 +76,7 @@ class AttemptResult:
     duration: float | None = None
     output: Sequence[OutputChunk] = ()
     waited: float = 0.0  # seconds the worker held the job before starting it (started_at moves by this)
+    value: str | None = None  # the JSON text of the value it wrote to $ORCH_RESULT_PATH (checked by the API)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Change:
     due: float | None = None
     replay: bool = False  # a replay (orch retry) queued this ended job again
     unheld: bool = False  # a held job let go (its concurrency key has a free slot): queued all along, to be had now
+    unblocked: bool = False  # a blocked job whose dependencies are met, or a skipped one a replay un-skipped
 
 
 def freed_slots(changes: Sequence[Change], limits: Mapping[str, int]) -> list[Change]:
@@ -232,7 +235,15 @@ class Store(Protocol):
 
         A spec with an ``idempotency_key`` that a kept job has already is that job (``Job.replayed``), not a new
         one, when its stored spec is the same; else the whole submit is refused with IdempotencyKeyReused. A unique
-        index decides it, so submits at once through any scheduler of the database agree on one job."""
+        index decides it, so submits at once through any scheduler of the database agree on one job.
+
+        A spec with ``depends_on`` starts ``blocked`` (core.dag): its dependencies (job ids, or refs of jobs of the
+        same submit, resolved by ``dag.resolve``) are kept, and every move of a job that ends (or, replayed, ends
+        no longer) decides its dependents in the same transaction: a met one is counted, and the job is queued
+        (or scheduled) at its last; one that can never be met skips it, and so on down the graph; a replay of a
+        dependency un-skips what it skipped. A dependency on no job is a ValidationError naming
+        ``jobs[i].depends_on[j]``, and nothing is submitted. A submit with refs or dependencies is a workflow:
+        its jobs have the id of its first one (or of the workflow a job it depends on is part of)."""
         ...
 
     async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
@@ -319,6 +330,10 @@ class Store(Protocol):
     # ---- observability
     async def metrics_snapshot(self) -> Snapshot: ...
     async def why_facts(self, job_id: int) -> JobFacts: ...
+    async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
+        """The workflow job ``job_id`` is part of: its id (its first job's) and every job of it, by id, with its
+        dependencies. NotFound if there is no such job or it is part of no workflow."""
+        ...
     async def queues(self) -> list[str]:
         """Every queue name known: its jobs' and those workers registered for."""
         ...

@@ -43,7 +43,7 @@ from functools import partial
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from orch.core import decisions
+from orch.core import dag, decisions
 from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
 from orch.core.errors import (
     Conflict,
@@ -60,6 +60,7 @@ from orch.core.rates import Rate
 from orch.core.records import (
     Attempt,
     Credential,
+    DepInfo,
     Event,
     Job,
     JobFacts,
@@ -74,6 +75,7 @@ from orch.core.records import (
     Verdict,
     Worker,
     WorkerLoad,
+    WorkflowNode,
 )
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
@@ -101,11 +103,13 @@ MAX_QUEUES_PER_CLAIM = 32
 HINT_BYTES = 7000  # of a NOTIFY payload (PostgreSQL takes up to 8,000)
 RETRIES = 5  # runs of a transaction the server aborted for a deadlock or a serialization failure
 UNHELD_NOTICE = "orch_unheld "  # a concurrency trigger's notice: [job id, queue, attempt] of the job it let go
+# A dependency trigger's notice (sql/postgres/0009): [job id, state, queue, attempt, due, unblocked] of a job it moved
+MOVED_NOTICE = "orch_moved "
 _RETRY_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 MIGRATION_LOCK = 0x6F72636801  # the advisory lock schedulers take to migrate, one at a time
 
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
-_SCHEDULED = JobState.SCHEDULED.value
+_SCHEDULED, _BLOCKED = JobState.SCHEDULED.value, JobState.BLOCKED.value
 _SUCCEEDED, _CANCELLED = JobState.SUCCEEDED.value, JobState.CANCELLED.value
 _ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
 _LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
@@ -128,7 +132,8 @@ Q_QUEUED, Q_RUNNING, Q_RETRYING, Q_SCHEDULED = _lit(_QUEUED), _lit(_RUNNING), _l
 Q_ALIVE, Q_DRAINING = _lit(_ALIVE), _lit(_DRAINING)
 Q_LIVE = "(" + ", ".join(_lit(v) for v in _LIVE) + ")"
 Q_UNFINISHED = "(" + ", ".join(_lit(v) for v in _UNFINISHED) + ")"
-Q_FINISHED = "(" + ", ".join(_lit(v) for v in (_SUCCEEDED, JobState.FAILED.value, _CANCELLED)) + ")"  # jobs_finished's
+Q_FINISHED = "(" + ", ".join(_lit(v) for v in (_SUCCEEDED, JobState.FAILED.value, _CANCELLED,
+                                                 JobState.SKIPPED.value)) + ")"  # jobs_finished's
 
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
@@ -155,11 +160,11 @@ def job_of(r: Any) -> Job:
 
 
 def attempt_of(r: Any) -> Attempt:
-    return Attempt(r[0], r[1], _OUTCOME[r[2]], r[3], r[4], r[5], r[6], r[7], r[8], r[9])  # type: ignore[arg-type]
+    return Attempt(r[0], r[1], _OUTCOME[r[2]], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10])  # type: ignore[arg-type]
 
 
 _ATTEMPT_COLUMNS = ("attempt, worker_id, state, started_at, finished_at, exit_code, error, duration, stdout_bytes,"
-                    " stderr_bytes")
+                    " stderr_bytes, value")
 
 
 def event_of(r: Any) -> Event:
@@ -248,11 +253,16 @@ class PostgresStore:
 
     def _noticed(self, key: int, message: str | None) -> None:
         sink = self._sinks.get(key)
-        if sink is None or not message or not message.startswith(UNHELD_NOTICE):
+        if sink is None or not message:
             return
         try:
-            job_id, queue, attempt = json.loads(message[len(UNHELD_NOTICE):])
-            sink.append(Change(int(job_id), _QUEUED, str(queue), int(attempt), unheld=True))
+            if message.startswith(UNHELD_NOTICE):
+                job_id, queue, attempt = json.loads(message[len(UNHELD_NOTICE):])
+                sink.append(Change(int(job_id), _QUEUED, str(queue), int(attempt), unheld=True))
+            elif message.startswith(MOVED_NOTICE):
+                job_id, state, queue, attempt, due, unblocked = json.loads(message[len(MOVED_NOTICE):])
+                sink.append(Change(int(job_id), JobState(state).value, str(queue), int(attempt),
+                                   due=float(due) if due is not None else None, unblocked=bool(unblocked)))
         except (ValueError, TypeError):
             log.warning("ignored a malformed notice: %.80r", message)
 
@@ -532,18 +542,55 @@ class PostgresStore:
     # ------------------------------------------------------------------ reads
 
     async def get_job(self, job_id: int, *, with_output: bool = True) -> JobRecord:
-        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec FROM jobs WHERE id = %s", (job_id,))
+        rows = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec, workflow FROM jobs WHERE id = %s", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
         attempts = await self._rows(
             f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE job_id = %s ORDER BY attempt", (job_id,))
-        rec = JobRecord(job_of(rows[0]), json.loads(rows[0][16]), [attempt_of(a) for a in attempts])
+        spec = json.loads(rows[0][16])
+        rec = JobRecord(job_of(rows[0]), spec, [attempt_of(a) for a in attempts], workflow=rows[0][17])
+        if "depends_on" in spec:
+            rec.dependencies = await self._deps_of(job_id)
         if attempts and with_output:
             chunks = await self._rows(
                 "SELECT id, attempt, stream, data, pos, size FROM output WHERE job_id = %s AND attempt = %s ORDER BY id",
                 (job_id, attempts[-1][0]))
             rec.output = [OutputPiece(*c) for c in chunks]
         return rec
+
+    async def _deps_of(self, job_id: int) -> list[DepInfo]:
+        rows = await self._rows("SELECT d.dep_id, d.cond, d.met, d.ref, j.state FROM deps d LEFT JOIN jobs j"
+                                " ON j.id = d.dep_id WHERE d.job_id = %s ORDER BY d.dep_id", (job_id,))
+        return [DepInfo(r[0], r[1], bool(r[2]), r[3], _JOB_STATE.get(r[4]) if r[4] else None)  # type: ignore[arg-type]
+                for r in rows]
+
+    async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
+        rows = await self._rows("SELECT workflow FROM jobs WHERE id = %s", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        wf = rows[0][0]
+        if wf is None:
+            raise NotFound(f"job {job_id} is part of no workflow (it was submitted without refs or depends_on)",
+                           field="id")
+        jobs = await self._rows(f"SELECT {SUMMARY_COLUMNS}, spec FROM jobs WHERE workflow = %s ORDER BY id", (wf,))
+        edges = await self._rows(
+            "SELECT d.job_id, d.dep_id, d.cond, d.met, d.ref, j.state FROM jobs w JOIN deps d ON d.job_id = w.id"
+            " LEFT JOIN jobs j ON j.id = d.dep_id WHERE w.workflow = %s ORDER BY d.job_id, d.dep_id", (wf,))
+        by: dict[int, list[DepInfo]] = {}
+        for r in edges:
+            by.setdefault(r[0], []).append(DepInfo(r[1], r[2], bool(r[3]), r[4],
+                                                   _JOB_STATE.get(r[5]) if r[5] else None))  # type: ignore[arg-type]
+        return wf, [WorkflowNode(job_of(r), json.loads(r[16]).get("ref"), by.get(r[0], [])) for r in jobs]
+
+    async def _inputs(self, conn: Conn, job_ids: list[int]) -> dict[int, str]:
+        """What the dependencies of each job left, as the JSON text its inputs file holds (see sqlite._inputs)."""
+        parts: dict[int, list[str]] = {jid: [] for jid in job_ids}
+        for jid, dep, ref, state, code, value in await _fetch(conn,
+                "SELECT d.job_id, d.dep_id, d.ref, j.state, j.exit_code, a.value FROM deps d"
+                " LEFT JOIN jobs j ON j.id = d.dep_id LEFT JOIN attempts a ON a.job_id = d.dep_id"
+                " AND a.attempt = j.attempt WHERE d.job_id = ANY(%s) ORDER BY d.job_id, d.dep_id", (job_ids,)):
+            parts[jid].append(dag.input_entry(ref or str(dep), state, code, value))
+        return {jid: "{" + ",".join(p) + "}" for jid, p in parts.items()}
 
     async def job_state(self, job_id: int) -> tuple[JobState, int]:
         rows = await self._rows("SELECT state, attempt FROM jobs WHERE id = %s", (job_id,))
@@ -627,6 +674,8 @@ class PostgresStore:
                          last_event=event_of(last[0]) if last else None)
         if not job.state.terminal and job.state is not JobState.RUNNING:
             facts.queue_paused = bool(await self._rows("SELECT 1 FROM queues WHERE name = %s AND paused", (job.queue,)))
+        if job.state in (JobState.BLOCKED, JobState.SKIPPED):
+            facts.dependencies = await self._deps_of(job_id)
         if job.state is JobState.QUEUED and rows[0][18]:
             facts.held = True
             facts.slot_holders = [r[0] for r in await self._rows(
@@ -715,7 +764,8 @@ class PostgresStore:
         if not specs:
             return []
         now = self.clock()
-        cols: list[list[Any]] = [[] for _ in range(12)]
+        links = _Links.of(specs)
+        cols: list[list[Any]] = [[] for _ in range(14)]
         states: list[JobState] = []
         for i, spec in enumerate(specs):
             if stored is not None:
@@ -727,36 +777,43 @@ class PostgresStore:
             state = decisions.submitted(due, now)
             if state is not JobState.SCHEDULED:
                 due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
+            if spec.depends_on:  # blocked until its dependencies are met, keeping the time it is due in run_at
+                state = JobState.BLOCKED
             states.append(state)
             c = spec.concurrency
             for col, v in zip(cols, (spec.queue, spec.priority, text, spec_json["max_attempts"], spec.name,
                                      spec.command_text[:COMMAND_SHOWN + 1], len(text.encode()), i, state.value, due,
-                                     c.key if c else None, c.limit if c else None),
+                                     c.key if c else None, c.limit if c else None, len(spec.depends_on),
+                                     links is not None and i in links.targets),
                               strict=True):
                 col.append(v)
+        dues = [d if st is JobState.SCHEDULED else None for d, st in zip(cols[9], states, strict=True)]
 
-        async def op(conn: Conn, out: list[Change]) -> list[int]:
+        async def op(conn: Conn, out: list[Change]) -> tuple[list[int], dict[int, JobState]]:
             rows = await (await conn.execute(
                 "WITH new AS (INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                " spec_bytes, run_at, ckey, climit) SELECT q, p, st, s, m, %s, n, c, b, d, k, l FROM unnest(%s::text[],"
-                " %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[],"
-                " %s::float8[], %s::text[], %s::int[]) AS u(q, p, s, m, n, c, b, o, st, d, k, l) ORDER BY o"
+                " spec_bytes, run_at, ckey, climit, waiting, fanout) SELECT q, p, st, s, m, %s, n, c, b, d, k, l, w, f"
+                " FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[],"
+                " %s::int[], %s::text[], %s::float8[], %s::text[], %s::int[], %s::int[], %s::bool[])"
+                " AS u(q, p, s, m, n, c, b, o, st, d, k, l, w, f) ORDER BY o"
                 " RETURNING id, state), ev AS (INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                 " SELECT id, 0, NULL, state, %s, %s FROM new) SELECT id FROM new ORDER BY id",
                 (now, *cols, now, decisions.SUBMITTED))
             ).fetchall()
             ids = [r[0] for r in rows]
-            out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=cols[9][i]) for i, jid in enumerate(ids))
-            return ids
+            out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=dues[i]) for i, jid in enumerate(ids))
+            moved = await links.link(conn, ids, [True] * len(ids), now, out) if links is not None else {}
+            return ids, moved
 
         if any(spec.idempotency_key is not None or spec.rate_keys or _decides_at_submit(spec) for spec in specs):
-            return await self._submit_each(specs, cols, now)
-        ids = await self._auto(op)
-        return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
-                    cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
+            return await self._submit_each(specs, cols, now, links)
+        # In a transaction when it has dependencies: the rows, their dependencies and what they decide are one.
+        ids, moved = await (self._write(op) if links is not None else self._auto(op))
+        return [Job(jid, moved.get(jid, states[i]), cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i],
+                    now, None, None, cols[9][i], None, False, None, None) for i, jid in enumerate(ids)]
 
     async def _submit_rated(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float,
-                            named: list[str]) -> list[Job]:
+                            named: list[str], links: _Links | None) -> list[Job]:
         """A submit naming rate limits and no idempotency key: the limits are locked and read once, every start
         reserved here in order, then the rows and their events go in a statement each, as an unkeyed submit's
         do; the limits are held for those few statements, not a round trip per job."""
@@ -777,10 +834,11 @@ class PostgresStore:
                 reasons.append(reason)
             rows = await _fetch(conn,
                 "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                " spec_bytes, run_at, ckey, climit) SELECT q, p, st, s, m, %s, n, c, b, d, k, l FROM unnest(%s::text[],"
-                " %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[],"
-                " %s::float8[], %s::text[], %s::int[]) AS u(q, p, s, m, n, c, b, o, st, d, k, l) ORDER BY o RETURNING id",
-                (now, *cols[:8], [st.value for st in states], dues, cols[10], cols[11]))
+                " spec_bytes, run_at, ckey, climit, waiting, fanout) SELECT q, p, st, s, m, %s, n, c, b, d, k, l, w, f"
+                " FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::int[],"
+                " %s::int[], %s::text[], %s::float8[], %s::text[], %s::int[], %s::int[], %s::bool[])"
+                " AS u(q, p, s, m, n, c, b, o, st, d, k, l, w, f) ORDER BY o RETURNING id",
+                (now, *cols[:8], [st.value for st in states], dues, cols[10], cols[11], cols[12], cols[13]))
             ids = sorted(r[0] for r in rows)  # ids increase in the order given (the insert's ORDER BY)
             await conn.execute(
                 "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
@@ -789,14 +847,19 @@ class PostgresStore:
             changed = {n: t for n, t in tats.items() if t is not None and n in limits}
             await conn.execute("UPDATE limits SET tat = u.tat FROM unnest(%s::text[], %s::float8[]) AS u(name, tat)"
                                " WHERE limits.name = u.name", (list(changed), list(changed.values())))
-            out.extend(Change(jid, states[i].value, specs[i].queue, 0, due=dues[i]) for i, jid in enumerate(ids))
+            out.extend(Change(jid, states[i].value, specs[i].queue, 0,
+                              due=dues[i] if states[i] is JobState.SCHEDULED else None) for i, jid in enumerate(ids))
+            if links is not None:
+                moved = await links.link(conn, ids, [True] * len(ids), now, out)
+                states = [moved.get(jid, st) for jid, st in zip(ids, states, strict=True)]
             return ids, states, dues
 
         ids, states, dues = await self._write(op)
         return [Job(jid, states[i], cols[0][i], cols[1][i], cols[4][i], cols[5][i], 0, cols[3][i], now, None, None,
                     dues[i], None, False, None, None) for i, jid in enumerate(ids)]
 
-    async def _submit_each(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float) -> list[Job]:
+    async def _submit_each(self, specs: Sequence[JobSpec], cols: list[list[Any]], now: float,
+                           links: _Links | None) -> list[Job]:
         """A submit where some jobs carry an idempotency key or name rate limits, in one transaction, a row at a
         time (which rows the index let in is known only so).
 
@@ -808,7 +871,7 @@ class PostgresStore:
         they do; a replayed keyed job takes nothing. A limit no one made refuses the submit, naming it."""
         named = sorted({n for spec in specs for n in spec.rate_keys})
         if all(spec.idempotency_key is None and not _decides_at_submit(spec) for spec in specs):
-            return await self._submit_rated(specs, cols, now, named)
+            return await self._submit_rated(specs, cols, now, named, links)
 
         async def op(conn: Conn, out: list[Change]) -> list[tuple[int, bool, JobState, float | None]]:
             limits, tats = await _locked_limits(conn, named)
@@ -834,11 +897,11 @@ class PostgresStore:
                 crowd = await _crowd(conn, spec) if _decides_at_submit(spec) and state is JobState.QUEUED else None
                 row = await (await conn.execute(
                     "INSERT INTO jobs (queue, priority, state, spec, max_attempts, created_at, name, command,"
-                    " spec_bytes, run_at, ckey, climit, idempotency_key)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " spec_bytes, run_at, ckey, climit, waiting, fanout, idempotency_key)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                     (cols[0][i], cols[1][i], state.value, text, cols[3][i], now, cols[4][i], cols[5][i], cols[6][i],
-                     due, cols[10][i], cols[11][i], key))).fetchone()
+                     due, cols[10][i], cols[11][i], cols[12][i], cols[13][i], key))).fetchone()
                 if row is None:
                     old = await (await conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = %s",
                                                     (key,))).fetchone()
@@ -852,13 +915,16 @@ class PostgresStore:
                 await conn.execute(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                     " VALUES (%s, 0, NULL, %s, %s, %s)", (row[0], state.value, now, reason))
-                out.append(Change(row[0], state.value, spec.queue, 0, due=due))
+                out.append(Change(row[0], state.value, spec.queue, 0, due=due if state is JobState.SCHEDULED else None))
                 if crowd is not None:
                     state = await _make_room(conn, row[0], spec, crowd, now, out)
                 got.append((row[0], False, state, due))
             if moved:
                 await conn.execute("UPDATE limits SET tat = u.tat FROM unnest(%s::text[], %s::float8[]) AS u(name, tat)"
                                    " WHERE limits.name = u.name", (list(moved), list(moved.values())))
+            if links is not None:
+                after = await links.link(conn, [g[0] for g in got], [not g[1] for g in got], now, out)
+                got = [(jid, again, after.get(jid, st), due) for jid, again, st, due in got]
             return got
 
         got = await self._write(op)
@@ -902,24 +968,28 @@ class PostgresStore:
         async def op(conn: Conn, out: list[Change]) -> dict[int, OrchError]:
             refused: dict[int, OrchError] = {}
             rows = {r[0]: r for r in await (await conn.execute(
-                "SELECT id, state, attempt, queue, spec FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (ids,))).fetchall()}
+                "SELECT id, state, attempt, queue, spec, EXISTS (SELECT 1 FROM deps WHERE job_id = jobs.id) FROM jobs"
+                " WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))).fetchall()}
             for jid in ids:
                 row = rows.get(jid)
                 if row is None:
                     refused[jid] = NotFound(f"no job {jid}", field="id")
                     continue
                 state = JobState(row[1])
+                pending, broken = await _weigh(conn, jid) if row[5] else (0, None)
                 try:
-                    move = decisions.replay(jid, state, by)
+                    move = decisions.replay(jid, state, by, pending, broken)
                 except Conflict as e:
                     refused[jid] = e
                     continue
                 fresh = row[2] + int(json.loads(row[4])["max_attempts"])
+                if row[5]:
+                    await conn.execute("UPDATE jobs SET waiting = %s WHERE id = %s", (pending, jid))
+                # run_at: its queue wait counts from now; (blocked) the time its dependents are decided at
                 await _move(conn, jid, row[2], state, move, now, finished_at=None, run_at=now, worker_id=None,
                             lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
                             cancel_requested=False)
-                out.append(Change(jid, _QUEUED, row[3], row[2], replay=True))
+                out.append(Change(jid, move.to.value, row[3], row[2], replay=True))
             got[:] = out
             return refused
 
@@ -1013,7 +1083,8 @@ class PostgresStore:
         """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
         attempts, output and events, in one statement (see Store.purge); rows another transaction holds (a
         replay of one of them) are skipped, not waited for."""
-        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) if s in states]
+        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED)
+                  if s in states]
         if not wanted:
             return 0, 0.0
 
@@ -1113,7 +1184,9 @@ class PostgresStore:
         rows.sort(key=lambda r: dispatch_order(r[4], r[0]))
         out.extend(Change(r[0], _RUNNING, r[3], r[1], worker=worker_id,
                           queue_wait=max(0.0, now - r[5]) if r[1] == 1 else None) for r in rows)
-        return [Lease(r[0], r[1], r[2], r[3], r[5], r[4]) for r in rows]
+        wanting = [r[0] for r in rows if '"depends_on":' in r[2]]
+        inputs = await self._inputs(conn, wanting) if wanting else {}
+        return [Lease(r[0], r[1], r[2], r[3], r[5], r[4], inputs.get(r[0])) for r in rows]
 
     async def claim(self, worker_id: str, queues: Sequence[str], limit: int,
                     lease_ttl: float) -> tuple[list[Lease], list[Change]]:
@@ -1140,7 +1213,7 @@ class PostgresStore:
         """End the reported attempts with their last output, in one statement whatever their number (two
         when an outcome needs the job's spec: see ``_end_attempts``)."""
         ends = await _end_attempts(conn, [Ending(r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
-                                                 r.duration, r.waited, r.output) for r in results], now, defaults,
+                                                 r.duration, r.waited, r.output, r.value) for r in results], now, defaults,
                                    self.rand, self.output_limit)
         out.extend(c for c in ends if c is not None)
         return [Verdict(r.job_id, r.attempt, JobState(c.state) if c else None) for r, c in zip(results, ends, strict=True)]
@@ -1345,9 +1418,90 @@ async def _crowd(conn: Conn, spec: JobSpec) -> list[Holder]:
     return got
 
 
+@dataclass
+class _Links:
+    """The dependencies of a submit's jobs, to be written beside them (see sqlite._Links)."""
+
+    specs: Sequence[JobSpec]
+    deps: list[list[tuple[int | None, int | None, dag.On]]]
+    targets: set[int]
+
+    @classmethod
+    def of(cls, specs: Sequence[JobSpec]) -> _Links | None:
+        if not any(s.depends_on or s.ref is not None for s in specs):
+            return None
+        deps = dag.resolve([s.ref for s in specs], [s.depends_on for s in specs])
+        return cls(specs, deps, {k for row in deps for _, k, _ in row if k is not None})
+
+    async def link(self, conn: Conn, ids: list[int], fresh: list[bool], now: float,
+                   out: list[Change]) -> dict[int, JobState]:
+        """Write the new jobs' dependencies, mark the jobs they name (locked, in id order: an end of one of them
+        through another replica either commits first, and is read ended here, or waits, and then sees its new
+        dependents), give the new jobs their workflow, and decide the dependencies on jobs that have ended."""
+        named = {jid for i, row in enumerate(self.deps) if fresh[i] for jid, _, _ in row if jid is not None}
+        named |= {ids[k] for k in self.targets if not fresh[k]}
+        order = sorted(named)
+        known: dict[int, tuple[str, int | None]] = {}
+        if order:
+            known = {r[0]: (r[1], r[2]) for r in await _fetch(conn,
+                "WITH lk AS (SELECT id FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE)"
+                " UPDATE jobs SET fanout = TRUE FROM lk WHERE jobs.id = lk.id RETURNING jobs.id, jobs.state,"
+                " jobs.workflow", (order,))}
+        edges: list[list[Any]] = [[], [], [], []]
+        for i, row in enumerate(self.deps):
+            if not fresh[i]:
+                continue
+            for j, (jid, k, on) in enumerate(row):
+                if jid is not None and jid not in known:
+                    raise ValidationError(f"no job {jid} to depend on", field=f"jobs[{i}].depends_on[{j}]")
+                for col, v in zip(edges, (ids[i], jid if jid is not None else ids[k or 0], on.value,
+                                          self.specs[k].ref if k is not None else None), strict=True):
+                    col.append(v)
+        if edges[0]:
+            await conn.execute("INSERT INTO deps (job_id, dep_id, cond, ref)"
+                               " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[])", edges)
+        new = [ids[i] for i in range(len(ids)) if fresh[i]]
+        if new:
+            workflow = min((w for _, w in known.values() if w is not None), default=new[0])
+            await conn.execute("UPDATE jobs SET workflow = %s WHERE id = ANY(%s)", (workflow, new))
+        ended = [x for x in order if JobState(known[x][0]).terminal]
+        mark = len(out)
+        if ended:  # the trigger's notices land in ``out`` as the statement runs
+            await conn.execute("SELECT orch_settle(x, %s) FROM unnest(%s::bigint[]) AS x", (now, ended))
+        return {c.job_id: JobState(c.state) for c in out[mark:]}
+
+
+async def _weigh(conn: Conn, jid: int) -> tuple[int, tuple[int, str] | None]:
+    """A job's dependencies weighed afresh (see sqlite._weigh), each locked for share: an end of one racing this
+    through another replica commits first (and is read here) or waits for this one (and then sees the job)."""
+    rows = await _fetch(conn,
+        "WITH lk AS (SELECT id, state FROM jobs WHERE id IN (SELECT dep_id FROM deps WHERE job_id = %s) ORDER BY id"
+        " FOR SHARE) SELECT d.dep_id, d.cond, d.met, lk.state FROM deps d LEFT JOIN lk ON lk.id = d.dep_id"
+        " WHERE d.job_id = %s ORDER BY d.dep_id", (jid, jid))
+    pending = 0
+    broken: tuple[int, str] | None = None
+    flips: list[tuple[int, int, bool]] = []
+    for dep, cond, met, state in rows:
+        m = dag.met(cond, state) if state is not None else bool(met)
+        if m is None:
+            pending += 1
+            if met:
+                flips.append((jid, dep, False))
+        elif m:
+            if not met:
+                flips.append((jid, dep, True))
+        elif broken is None:
+            broken = (dep, state or "purged")
+    if broken is None and flips:
+        await conn.execute("UPDATE deps SET met = u.met FROM unnest(%s::bigint[], %s::bigint[], %s::bool[])"
+                           " AS u(j, d, met) WHERE deps.job_id = u.j AND deps.dep_id = u.d",
+                           ([f[0] for f in flips], [f[1] for f in flips], [f[2] for f in flips]))
+    return pending, broken
+
+
 async def _make_room(conn: Conn, jid: int, spec: JobSpec, crowd: list[Holder], now: float,
                      out: list[Change]) -> JobState:
-    """As SQLite's: skip_new ends the new job cancelled when its key was full; cancel_running cancels the jobs
+    """As SQLite's: skip_new ends the new job skipped when its key was full; cancel_running cancels the jobs
     it takes the place of (queued ones now, held first; running ones are told at their worker's heartbeat)."""
     c = spec.concurrency
     assert c is not None
@@ -1356,8 +1510,8 @@ async def _make_room(conn: Conn, jid: int, spec: JobSpec, crowd: list[Holder], n
             return JobState.QUEUED
         await _move(conn, jid, 0, JobState.QUEUED, decisions.skipped(c, sum(1 for h in crowd if not h.held)), now,
                     run_at=None)
-        out.append(Change(jid, _CANCELLED, spec.queue, 0))
-        return JobState.CANCELLED
+        out.append(Change(jid, JobState.SKIPPED.value, spec.queue, 0))
+        return JobState.SKIPPED
     move = decisions.replaced(c.key, jid)
     for h in sorted(to_cancel(c.limit, crowd), key=lambda h: (h.running, not h.held, h.id)):
         (state, attempt, queue), = await _fetch(conn, "SELECT state, attempt, queue FROM jobs WHERE id = %s", (h.id,))
@@ -1498,6 +1652,7 @@ class Ending:
     duration: float | None = None
     waited: float = 0.0
     output: Sequence[OutputChunk] = ()  # its last chunks, kept with its end (in the same statement)
+    value: str | None = None  # the JSON text it wrote to $ORCH_RESULT_PATH
 
 
 async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defaults: RetryPolicy,
@@ -1548,14 +1703,14 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
         chunks = _chunk_columns([c for e in go for c in e.output if c.job_id == e.job_id and c.attempt == e.attempt])
         rows = await _fetch(conn,
             f"WITH {_CHUNKS}, r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::int[], %s::text[],"
-            " %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::int[], %s::bool[])"
-            " AS r(id, attempt, worker, outcome, exit_code, error, duration, waited, to_state, reason, finished_at,"
-            " run_at, refund, cancel_seen)),"
+            " %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::int[], %s::bool[],"
+            " %s::text[]) AS r(id, attempt, worker, outcome, exit_code, error, duration, waited, to_state, reason,"
+            " finished_at, run_at, refund, cancel_seen, value)),"
             " lk AS (SELECT j.id FROM jobs j JOIN r ON j.id = r.id AND j.attempt = r.attempt"
             f" WHERE j.id = ANY(%s) AND j.state = {Q_RUNNING}"
             " AND (r.cancel_seen IS NULL OR j.cancel_requested = r.cancel_seen) ORDER BY j.id FOR UPDATE OF j),"
             " a AS (UPDATE attempts t SET state = r.outcome, finished_at = %s, exit_code = r.exit_code, error = r.error,"
-            f" duration = r.duration, started_at = LEAST(t.started_at + r.waited, %s), {_COUNTS}"
+            f" duration = r.duration, started_at = LEAST(t.started_at + r.waited, %s), value = r.value, {_COUNTS}"
             " FROM r JOIN lk ON lk.id = r.id LEFT JOIN tot ON tot.job_id = r.id AND tot.attempt = r.attempt"
             f" WHERE t.job_id = r.id AND t.attempt = r.attempt AND t.state = {Q_RUNNING}"
             " AND t.worker_id IS NOT DISTINCT FROM r.worker"
@@ -1577,7 +1732,7 @@ async def _end_attempts(conn: Conn, endings: Sequence[Ending], now: float, defau
              [now if moves[e.job_id][0].ends else None for e in go],
              [now + m.retry_in if (m := moves[e.job_id][0]).retry_in is not None else None for e in go],
              [1 if moves[e.job_id][0].refund else 0 for e in go], [moves[e.job_id][1] for e in go],
-             [e.job_id for e in go], now, now, now))
+             [e.value for e in go], [e.job_id for e in go], now, now, now))
         again = []
         by_id = {e.job_id: e for e in go}
         await _trim_over(conn, [(r[0], by_id[r[0]].attempt, r[4], r[5]) for r in rows if r[4] is not None],

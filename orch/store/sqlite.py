@@ -56,13 +56,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 
-from orch.core import decisions
+from orch.core import dag, decisions
 from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
 from orch.core.errors import (
     Conflict,
@@ -80,6 +81,7 @@ from orch.core.rates import Rate
 from orch.core.records import (
     Attempt,
     Credential,
+    DepInfo,
     Event,
     Job,
     JobFacts,
@@ -94,6 +96,7 @@ from orch.core.records import (
     Verdict,
     Worker,
     WorkerLoad,
+    WorkflowNode,
 )
 from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
@@ -136,7 +139,7 @@ SMALL_SPEC = 16 << 10  # bytes of spec a claim returns in its own statement; big
 
 # State names as SQL text reads them (the names themselves live in orch.core.states only).
 _QUEUED, _RUNNING, _RETRYING = JobState.QUEUED.value, JobState.RUNNING.value, JobState.RETRYING.value
-_SCHEDULED = JobState.SCHEDULED.value
+_SCHEDULED, _BLOCKED, _SKIPPED = JobState.SCHEDULED.value, JobState.BLOCKED.value, JobState.SKIPPED.value
 _SUCCEEDED, _FAILED, _CANCELLED = JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value
 _ALIVE, _DRAINING = WorkerState.ALIVE.value, WorkerState.DRAINING.value
 _LOST, _STOPPED = WorkerState.LOST.value, WorkerState.STOPPED.value
@@ -149,7 +152,7 @@ def _sql_set(states: Iterable[enum.Enum]) -> str:
 _LIVE = _sql_set(sorted(LIVE_WORKERS))
 _UNFINISHED = _sql_set(st for st in JobState if not st.terminal)
 # The ended states in the order of the partial index jobs_finished (migration 10): a query names them so to use it.
-_FINISHED = _sql_set((JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED))
+_FINISHED = _sql_set((JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED))
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -307,7 +310,7 @@ def _summary(r: sqlite3.Row) -> Job:
 def attempt_of(r: sqlite3.Row) -> Attempt:
     return Attempt(r["attempt"], r["worker_id"], _OUTCOME[r["state"]], r["started_at"],  # type: ignore[arg-type]
                    r["finished_at"], r["exit_code"], r["error"], r["duration"], r["stdout_bytes"],
-                   r["stderr_bytes"])
+                   r["stderr_bytes"], r["value"])
 
 
 def event_of(r: sqlite3.Row) -> Event:
@@ -580,6 +583,10 @@ class SqliteStore:
                 # A full disk may fail one statement only; its op is undone alone and says so (507).
                 out.append((False, storage_error(e, self.path), []))
         try:
+            # The dependents of the jobs some op ended (sql/migrations/0012) that no op looked at itself.
+            last = next((cs for ok, _, cs in reversed(out) if ok), None)
+            if last is not None:
+                _decide(conn, self.clock(), last)
             # The keys whose jobs freed a slot in this batch (sql/migrations/0011): their first held jobs are let go,
             # as many as have room, and their queues' waiters woken (one statement on an empty table, mostly).
             freed = conn.execute("DELETE FROM freed_keys RETURNING ckey").fetchall()
@@ -752,7 +759,10 @@ class SqliteStore:
         attempts = await self._point(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
         )
-        rec = JobRecord(job_of(row), json.loads(row["spec"]), [attempt_of(a) for a in attempts])
+        spec = json.loads(row["spec"])
+        rec = JobRecord(job_of(row), spec, [attempt_of(a) for a in attempts], workflow=row["workflow"])
+        if "depends_on" in spec:
+            rec.dependencies = await self._deps_of(job_id)
         if attempts and with_output:
             last = attempts[-1]
             # A lot of output is read on the reader thread: reading 2 MiB took ~8 ms of the loop.
@@ -763,6 +773,33 @@ class SqliteStore:
             )
             rec.output = [OutputPiece(*c) for c in chunks]
         return rec
+
+    async def _deps_of(self, job_id: int) -> list[DepInfo]:
+        rows = await self._point(
+            "SELECT d.dep_id, d.cond, d.met, d.ref, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.dep_id"
+            " WHERE d.job_id = ? ORDER BY d.dep_id", (job_id,))
+        return [DepInfo(r[0], r[1], bool(r[2]), r[3], _JOB_STATE.get(r[4]) if r[4] else None)  # type: ignore[arg-type]
+                for r in rows]
+
+    async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
+        """The workflow ``job_id`` is part of (its id, and every job of it with its dependencies, by id); NotFound
+        if there is no such job, or it is part of no workflow."""
+        rows = await self._point("SELECT workflow FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"no job {job_id}", field="id")
+        wf = rows[0][0]
+        if wf is None:
+            raise NotFound(f"job {job_id} is part of no workflow (it was submitted without refs or depends_on)",
+                           field="id")
+        jobs = await self._read(f"SELECT {SUMMARY_COLUMNS}, spec FROM jobs WHERE workflow = ? ORDER BY id", (wf,))
+        edges = await self._read(
+            "SELECT d.job_id, d.dep_id, d.cond, d.met, d.ref, j.state FROM jobs w JOIN deps d ON d.job_id = w.id"
+            " LEFT JOIN jobs j ON j.id = d.dep_id WHERE w.workflow = ? ORDER BY d.job_id, d.dep_id", (wf,))
+        by: dict[int, list[DepInfo]] = {}
+        for r in edges:
+            by.setdefault(r[0], []).append(DepInfo(r[1], r[2], bool(r[3]), r[4],
+                                                   _JOB_STATE.get(r[5]) if r[5] else None))  # type: ignore[arg-type]
+        return wf, [WorkflowNode(_summary(r), json.loads(r["spec"]).get("ref"), by.get(r[0], [])) for r in jobs]
 
     async def job_state(self, job_id: int) -> tuple[JobState, int]:
         rows = await self._point("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
@@ -888,6 +925,8 @@ class SqliteStore:
             last_event=event_of(last[0]) if last else None,
         )
         facts.queue_paused = not job.state.terminal and job.state is not JobState.RUNNING and job.queue in self._paused
+        if job.state in (JobState.BLOCKED, JobState.SKIPPED):
+            facts.dependencies = await self._deps_of(job_id)
         if job.state is JobState.QUEUED and row["held"]:
             facts.held = True
             facts.slot_holders = [r[0] for r in await self._read(
@@ -967,12 +1006,14 @@ class SqliteStore:
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
                      stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
-        """Queue jobs (or schedule those due later: ``JobSpec.due`` on this store's clock, ``decisions.submitted``);
-        their ids are consecutive, in the order given. ``stored``: each spec's stored form and its JSON text,
-        when the caller made them already (core.spec.stored_spec)."""
+        """Queue jobs (or schedule those due later: ``JobSpec.due`` on this store's clock, ``decisions.submitted``;
+        or block those with dependencies until they are met); their ids are consecutive, in the order given.
+        ``stored``: each spec's stored form and its JSON text, when the caller made them already
+        (core.spec.stored_spec)."""
         if not specs:
             return []
         now = self.clock()
+        links = _Links.of(specs)
         rows = []
         states: list[JobState] = []
         dues: list[float | None] = []
@@ -987,21 +1028,25 @@ class SqliteStore:
             state = decisions.submitted(due, now)
             if state is not JobState.SCHEDULED:
                 due = None  # due already (a run_at past, a delay of 0): queued now, as if it had none
+            waiting = len(spec.depends_on)
+            if waiting:  # blocked until its dependencies are met, keeping the time it is due (if it is) in run_at
+                state = JobState.BLOCKED
             states.append(state)
-            dues.append(due)
+            dues.append(due if state is JobState.SCHEDULED else None)
             c = spec.concurrency
             rows.append((spec.queue, spec.priority, text, spec_json["max_attempts"], now, spec.name, command,
-                         len(text), state.value, due, c.key if c else None, c.limit if c else None))
+                         len(text), state.value, due, c.key if c else None, c.limit if c else None, waiting,
+                         int(links is not None and i in links.targets)))
             if i & 1023 == 1023:
                 await asyncio.sleep(0)  # a batch of thousands: let the loop serve others meanwhile
 
-        def op(conn: sqlite3.Connection, out: list[Change]) -> int:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[int, dict[int, JobState]]:
             # One statement for all the rows, one for all their events. With AUTOINCREMENT and a
             # single writer the new ids are consecutive, ending at last_insert_rowid().
             conn.executemany(
                 "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes, state,"
-                f" run_at, ckey, climit, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, {_HELD_AT_INSERT})",
-                rows)
+                " run_at, ckey, climit, waiting, fanout, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,"
+                f" ?12, ?13, ?14, {_HELD_AT_INSERT})", rows)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             first = last - len(rows) + 1
             conn.execute(
@@ -1009,15 +1054,17 @@ class SqliteStore:
                 " SELECT id, 0, NULL, state, ?, ? FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id",
                 (now, decisions.SUBMITTED, first, last))
             out.extend(Change(first + i, states[i].value, spec.queue, 0, due=dues[i]) for i, spec in enumerate(specs))
-            return first
+            moved = links.link(conn, list(range(first, last + 1)), [True] * len(rows), now, out) if links else {}
+            return first, moved
 
         if any(spec.idempotency_key is not None or spec.rate_keys or _decides_at_submit(spec) for spec in specs):
-            return await self._submit_each(specs, rows, now)
-        first = await self._write(op, durable=True, weight=len(specs))
-        return [Job(first + i, states[i], r[0], r[1], r[5], r[6], 0, r[3], now, None, None, r[9], None, False, None,
-                    None) for i, r in enumerate(rows)]
+            return await self._submit_each(specs, rows, now, links)
+        first, moved = await self._write(op, durable=True, weight=len(specs))
+        return [Job(first + i, moved.get(first + i, states[i]), r[0], r[1], r[5], r[6], 0, r[3], now, None, None,
+                    r[9], None, False, None, None) for i, r in enumerate(rows)]
 
-    async def _submit_each(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], now: float) -> list[Job]:
+    async def _submit_each(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], now: float,
+                           links: _Links | None) -> list[Job]:
         """A submit where some jobs carry an idempotency key or name rate limits, a row at a time.
 
         A keyed row is inserted unless the unique index has its key already; then the kept job with it is the
@@ -1056,8 +1103,8 @@ class SqliteStore:
                 crowd = _crowd(conn, spec) if _decides_at_submit(spec) and state is JobState.QUEUED else None
                 cur = conn.execute(
                     "INSERT INTO jobs (queue, priority, spec, max_attempts, created_at, name, command, spec_bytes,"
-                    " state, run_at, ckey, climit, idempotency_key, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9,"
-                    f" ?10, ?11, ?12, ?13, {_HELD_AT_INSERT})"
+                    " state, run_at, ckey, climit, waiting, fanout, idempotency_key, held) VALUES (?1, ?2, ?3, ?4,"
+                    f" ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, {_HELD_AT_INSERT})"
                     " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING", (*row, key))
                 if cur.rowcount == 0:
                     old = conn.execute("SELECT id, spec FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
@@ -1070,12 +1117,15 @@ class SqliteStore:
                 tats.update(new)
                 moved.update(new)
                 _event(conn, jid, 0, None, state, now, reason)
-                out.append(Change(jid, state.value, spec.queue, 0, due=due))
+                out.append(Change(jid, state.value, spec.queue, 0, due=due if state is JobState.SCHEDULED else None))
                 if crowd is not None:
                     state = _make_room(conn, jid, spec, crowd, now, out)
                 got.append((jid, False, state, due))
             if moved:
                 conn.executemany("UPDATE limits SET tat = ? WHERE name = ?", [(t, n) for n, t in moved.items()])
+            if links is not None:
+                after = links.link(conn, [g[0] for g in got], [not g[1] for g in got], now, out)
+                got = [(jid, again, after.get(jid, state), due) for jid, again, state, due in got]
             return got
 
         got = await self._write(op, durable=True, weight=len(specs))
@@ -1121,7 +1171,8 @@ class SqliteStore:
             for at in range(0, len(ids), 500):
                 part = ids[at:at + 500]
                 rows.update((r["id"], r) for r in conn.execute(
-                    f"SELECT id, state, attempt, queue, spec FROM jobs WHERE id IN ({', '.join('?' * len(part))})",
+                    "SELECT id, state, attempt, queue, spec, EXISTS (SELECT 1 FROM deps WHERE job_id = jobs.id) AS has_deps"
+                    f" FROM jobs WHERE id IN ({', '.join('?' * len(part))})",
                     part))
             for jid in ids:
                 row = rows.get(jid)
@@ -1129,16 +1180,20 @@ class SqliteStore:
                     refused[jid] = NotFound(f"no job {jid}", field="id")
                     continue
                 state = JobState(row["state"])
+                pending, broken = _weigh(conn, jid) if row["has_deps"] else (0, None)
                 try:
-                    move = decisions.replay(jid, state, by)
+                    move = decisions.replay(jid, state, by, pending, broken)
                 except Conflict as e:
                     refused[jid] = e
                     continue
                 fresh = row["attempt"] + int(json.loads(row["spec"])["max_attempts"])
-                _move(conn, jid, row["attempt"], state, move, now, finished_at=None, run_at=now,
-                      worker_id=None, lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh,
-                      cancel_requested=0)
-                out.append(Change(jid, _QUEUED, row["queue"], row["attempt"], replay=True))
+                if row["has_deps"]:
+                    conn.execute("UPDATE jobs SET waiting = ? WHERE id = ?", (pending, jid))
+                # run_at: its queue wait counts from now (blocked: a release counts it from then)
+                _move(conn, jid, row["attempt"], state, move, now, finished_at=None, run_at=now, worker_id=None,
+                      lease_expires_at=None, exit_code=None, error=None, max_attempts=fresh, cancel_requested=0)
+                out.append(Change(jid, move.to.value, row["queue"], row["attempt"], replay=True))
+            _decide(conn, now, out)  # the jobs they had skipped wait on them again
             return refused, list(out)
 
         return await self._write(op, durable=True, weight=len(ids))
@@ -1234,7 +1289,8 @@ class SqliteStore:
     async def purge(self, before: float, states: Sequence[JobState], limit: int) -> tuple[int, float]:
         """Delete up to ``limit`` ended jobs of ``states`` that ended before ``before``, oldest first, with their
         attempts, output and events (see Store.purge). A batch is one write, on the writer thread."""
-        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) if s in states]
+        wanted = [s.value for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED)
+                  if s in states]
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> tuple[int, float]:
             started = time.perf_counter()
@@ -1248,7 +1304,7 @@ class SqliteStore:
             if ids:
                 marks = ", ".join("?" * len(ids))
                 for table, column in (("events", "job_id"), ("output", "job_id"), ("attempts", "job_id"),
-                                      ("jobs", "id")):
+                                      ("deps", "job_id"), ("jobs", "id")):
                     conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
             return len(ids), time.perf_counter() - started
 
@@ -1398,7 +1454,24 @@ class SqliteStore:
             part = big[at:at + 500]
             specs.update((r[0], r[1]) for r in await self._read(
                 f"SELECT id, spec FROM jobs WHERE id IN ({','.join('?' * len(part))})", part))
-        return [Lease(r[0], r[1], r[2] if r[2] is not None else specs[r[0]], r[3], r[5], r[4]) for r in rows]
+        texts = {r[0]: r[2] if r[2] is not None else specs[r[0]] for r in rows}
+        wanting = [jid for jid, text in texts.items() if '"depends_on":' in text]
+        inputs = await self._inputs(wanting) if wanting else {}
+        return [Lease(r[0], r[1], texts[r[0]], r[3], r[5], r[4], inputs.get(r[0])) for r in rows]
+
+    async def _inputs(self, job_ids: list[int]) -> dict[int, str]:
+        """What the dependencies of each job left, as the JSON text its inputs file holds:
+        ``{ref or id: {"state", "exit_code", "value"}}`` (a value is the JSON text its attempt wrote)."""
+        parts: dict[int, list[str]] = {jid: [] for jid in job_ids}
+        for at in range(0, len(job_ids), 500):
+            part = job_ids[at:at + 500]
+            for jid, dep, ref, state, code, value in await self._read(
+                    "SELECT d.job_id, d.dep_id, d.ref, j.state, j.exit_code, a.value FROM deps d"
+                    " LEFT JOIN jobs j ON j.id = d.dep_id LEFT JOIN attempts a ON a.job_id = d.dep_id"
+                    f" AND a.attempt = j.attempt WHERE d.job_id IN ({','.join('?' * len(part))})"
+                    " ORDER BY d.job_id, d.dep_id", part):
+                parts[jid].append(dag.input_entry(ref or str(dep), state, code, value))
+        return {jid: "{" + ",".join(p) + "}" for jid, p in parts.items()}
 
     async def claim(
         self, worker_id: str, queues: Sequence[str], limit: int, lease_ttl: float,
@@ -1439,7 +1512,7 @@ class SqliteStore:
                             _append(conn, worker_id, c, limit)
                     change = _end_attempt(
                         conn, r.job_id, r.attempt, worker_id, r.outcome, r.exit_code, r.error,
-                        r.duration, now, defaults, rand, r.waited,
+                        r.duration, now, defaults, rand, r.waited, r.value,
                     )
                 if change is None:
                     answers.append(Verdict(r.job_id, r.attempt, None))
@@ -1450,6 +1523,7 @@ class SqliteStore:
                 conn.executemany(
                     "INSERT INTO events (job_id, attempt, from_state, to_state, at, reason)"
                     f" VALUES (?, ?, '{_RUNNING}', '{_SUCCEEDED}', ?, ?)", events)
+            _decide(conn, now, out)  # the dependents these ends let go: a claim in the same op may take them
             return answers
 
         return op
@@ -1727,6 +1801,142 @@ def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
     return out
 
 
+@dataclass
+class _Links:
+    """The dependencies of a submit's jobs (core.dag.resolve: by job id, or by batch index for a ref), to be
+    written beside them; ``targets``: the batch indexes some job of the batch depends on."""
+
+    specs: Sequence[JobSpec]
+    deps: list[list[tuple[int | None, int | None, dag.On]]]
+    targets: set[int]
+
+    @classmethod
+    def of(cls, specs: Sequence[JobSpec]) -> _Links | None:
+        """None for a submit without dependencies or refs (not a workflow)."""
+        if not any(s.depends_on or s.ref is not None for s in specs):
+            return None
+        deps = dag.resolve([s.ref for s in specs], [s.depends_on for s in specs])
+        return cls(specs, deps, {k for row in deps for _, k, _ in row if k is not None})
+
+    def link(self, conn: sqlite3.Connection, ids: list[int], fresh: list[bool], now: float,
+             out: list[Change]) -> dict[int, JobState]:
+        """Write the dependencies of the new jobs (``fresh``; ``ids``: each job's id, a replayed one's the kept
+        job's), mark the jobs they name as having dependents, give the new jobs their workflow, and decide at
+        once the dependencies on jobs that have ended already. Returns the state of each new job that moved."""
+        named = {jid for i, row in enumerate(self.deps) if fresh[i] for jid, _, _ in row if jid is not None}
+        named |= {ids[k] for k in self.targets if not fresh[k]}  # a replayed job of the batch: it is an old one
+        known: dict[int, tuple[str, int | None]] = {}
+        order = sorted(named)
+        for at in range(0, len(order), 500):
+            part = order[at:at + 500]
+            known.update((r[0], (r[1], r[2])) for r in conn.execute(
+                f"SELECT id, state, workflow FROM jobs WHERE id IN ({', '.join('?' * len(part))})", part))
+        edges = []
+        for i, row in enumerate(self.deps):
+            if not fresh[i]:
+                continue  # a replayed job has its dependencies since its first submit
+            for j, (jid, k, on) in enumerate(row):
+                if jid is not None and jid not in known:
+                    raise ValidationError(f"no job {jid} to depend on", field=f"jobs[{i}].depends_on[{j}]")
+                edges.append((ids[i], jid if jid is not None else ids[k or 0], on.value,
+                              self.specs[k].ref if k is not None else None))
+        conn.executemany("INSERT INTO deps (job_id, dep_id, cond, ref) VALUES (?, ?, ?, ?)", edges)
+        if named:
+            conn.executemany("UPDATE jobs SET fanout = 1 WHERE id = ? AND fanout = 0", [(x,) for x in order])
+        new = [ids[i] for i in range(len(ids)) if fresh[i]]
+        if new:
+            # The workflow of a job added to an earlier one's (it depends on a job of it) is that one's.
+            workflow = min((w for _, w in known.values() if w is not None), default=new[0])
+            if new[-1] - new[0] + 1 == len(new):
+                conn.execute("UPDATE jobs SET workflow = ? WHERE id BETWEEN ? AND ?", (workflow, new[0], new[-1]))
+            else:
+                conn.executemany("UPDATE jobs SET workflow = ? WHERE id = ?", [(workflow, x) for x in new])
+        ended = [x for x in order if JobState(known[x][0]).terminal]
+        if ended:
+            conn.executemany("INSERT INTO settled (job_id) VALUES (?)", [(x,) for x in ended])
+        mark = len(out)
+        _decide(conn, now, out)
+        return {c.job_id: JobState(c.state) for c in out[mark:]}
+
+
+def _decide(conn: sqlite3.Connection, now: float, out: list[Change]) -> None:
+    """Look at the dependents of the jobs in ``settled`` (sql/migrations/0012: they ended, or a replay queued
+    them again), and theirs in turn, until nothing is left to decide: a blocked job whose dependency is met
+    counts it, and is queued at its last; one whose dependency can never be met is skipped; a dependency queued
+    again is undecided again, and the jobs it had skipped wait on it once more (core.dag)."""
+    while True:
+        ids = sorted({r[0] for r in conn.execute("DELETE FROM settled RETURNING job_id")})
+        if not ids:
+            return
+        for x in ids:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (x,)).fetchone()
+            if row is None:
+                continue
+            st = _JOB_STATE[row[0]]
+            users = conn.execute(
+                "SELECT d.job_id, d.cond, d.met, j.state, j.attempt, j.queue, j.run_at FROM deps d"
+                " JOIN jobs j ON j.id = d.job_id WHERE d.dep_id = ? ORDER BY d.job_id", (x,)).fetchall()
+            for jid, cond, met, jstate, attempt, queue, run_at in users:
+                if st.terminal:  # type: ignore[attr-defined]
+                    if jstate != _BLOCKED or met:
+                        continue
+                    if dag.met(cond, st):  # type: ignore[arg-type]
+                        conn.execute("UPDATE deps SET met = 1 WHERE job_id = ? AND dep_id = ?", (jid, x))
+                        (left,), = conn.execute("UPDATE jobs SET waiting = waiting - 1 WHERE id = ? RETURNING waiting",
+                                                (jid,))
+                        if left == 0:
+                            _release(conn, jid, attempt, queue, run_at, now, out)
+                    else:
+                        _move(conn, jid, attempt, JobState.BLOCKED,
+                              decisions.dependency_failed(x, st, dag.On(cond)), now)  # type: ignore[arg-type]
+                        out.append(Change(jid, _SKIPPED, queue, attempt))
+                elif jstate == _BLOCKED and met:  # what it met is undecided again
+                    conn.execute("UPDATE deps SET met = 0 WHERE job_id = ? AND dep_id = ?", (jid, x))
+                    conn.execute("UPDATE jobs SET waiting = waiting + 1 WHERE id = ?", (jid,))
+                elif jstate == _SKIPPED:
+                    pending, broken = _weigh(conn, jid)
+                    if broken is None:  # nothing else it depends on skips it: it waits on them again
+                        move = decisions.unskipped(pending, x, run_at, now)
+                        conn.execute("UPDATE jobs SET waiting = ? WHERE id = ?", (pending, jid))
+                        _move(conn, jid, attempt, JobState.SKIPPED, move, now, finished_at=None,
+                              run_at=now if move.to is JobState.QUEUED else run_at)
+                        out.append(Change(jid, move.to.value, queue, attempt, unblocked=True))
+
+
+def _release(conn: sqlite3.Connection, jid: int, attempt: int, queue: str, run_at: float | None, now: float,
+             out: list[Change]) -> None:
+    """A blocked job whose dependencies are all met: queued (its wait counts from now), or scheduled while the
+    time it is due is ahead."""
+    move = decisions.dependencies_met(run_at, now)
+    later = move.to is JobState.SCHEDULED
+    _move(conn, jid, attempt, JobState.BLOCKED, move, now, run_at=run_at if later else now)
+    out.append(Change(jid, move.to.value, queue, attempt, due=run_at if later else None, unblocked=True))
+
+
+def _weigh(conn: sqlite3.Connection, jid: int) -> tuple[int, tuple[int, str] | None]:
+    """A job's dependencies weighed afresh: how many are undecided, and the first that can never be met (its id
+    and state; None if none), with each one's ``met`` brought up to date unless one is."""
+    pending = 0
+    broken: tuple[int, str] | None = None
+    flips: list[tuple[int, int, int]] = []
+    for dep, cond, met, state in conn.execute(
+            "SELECT d.dep_id, d.cond, d.met, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.dep_id"
+            " WHERE d.job_id = ? ORDER BY d.dep_id", (jid,)):
+        m = dag.met(cond, state) if state is not None else bool(met)  # a purged dependency: as it was decided
+        if m is None:
+            pending += 1
+            if met:
+                flips.append((0, jid, dep))
+        elif m:
+            if not met:
+                flips.append((1, jid, dep))
+        elif broken is None:
+            broken = (dep, state or "purged")
+    if broken is None and flips:
+        conn.executemany("UPDATE deps SET met = ? WHERE job_id = ? AND dep_id = ?", flips)
+    return pending, broken
+
+
 def _decides_at_submit(spec: JobSpec) -> bool:
     """A keyed job whose submit weighs its key's slots itself (on_limit skip_new, cancel_running): a row at a time."""
     return spec.concurrency is not None and spec.concurrency.on_limit is not OnLimit.QUEUE
@@ -1748,7 +1958,7 @@ def _crowd(conn: sqlite3.Connection, spec: JobSpec) -> list[Holder]:
 def _make_room(conn: sqlite3.Connection, jid: int, spec: JobSpec, crowd: list[Holder], now: float,
                out: list[Change]) -> JobState:
     """After the insert of job ``jid`` (held by the trigger if its key is full): on_limit skip_new ends it
-    cancelled when the key was full; cancel_running cancels the jobs it takes the place of (queued ones now,
+    skipped when the key was full; cancel_running cancels the jobs it takes the place of (queued ones now,
     held first; running ones are told at their worker's heartbeat). Returns the new job's state."""
     c = spec.concurrency
     assert c is not None
@@ -1757,8 +1967,8 @@ def _make_room(conn: sqlite3.Connection, jid: int, spec: JobSpec, crowd: list[Ho
             return JobState.QUEUED
         _move(conn, jid, 0, JobState.QUEUED, decisions.skipped(c, sum(1 for h in crowd if not h.held)), now,
               run_at=None)
-        out.append(Change(jid, _CANCELLED, spec.queue, 0))
-        return JobState.CANCELLED
+        out.append(Change(jid, _SKIPPED, spec.queue, 0))
+        return JobState.SKIPPED
     victims = sorted(to_cancel(c.limit, crowd), key=lambda h: (h.running, not h.held, h.id))
     move = decisions.replaced(c.key, jid)
     for h in victims:
@@ -1892,10 +2102,10 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
     row = conn.execute(
         f"UPDATE attempts SET state = '{_SUCCEEDED}', finished_at = ?, exit_code = ?, error = ?, duration = ?,"
         " started_at = MIN(started_at + ?, ?), stdout_bytes = stdout_bytes + ?, stdout_kept = stdout_kept + ?,"
-        " stderr_bytes = stderr_bytes + ?, stderr_kept = stderr_kept + ?"
+        " stderr_bytes = stderr_bytes + ?, stderr_kept = stderr_kept + ?, value = ?"
         f" WHERE job_id = ? AND attempt = ? AND state = '{_RUNNING}' AND worker_id IS ?"
         " RETURNING started_at, stdout_kept, stderr_kept, stdout_bytes, stderr_bytes",
-        (now, r.exit_code, r.error, r.duration, r.waited, now, grown["stdout"], ob, grown["stderr"], eb,
+        (now, r.exit_code, r.error, r.duration, r.waited, now, grown["stdout"], ob, grown["stderr"], eb, r.value,
          r.job_id, r.attempt, worker_id),
     ).fetchone()
     if row is None:
@@ -1932,7 +2142,7 @@ def _succeed(conn: sqlite3.Connection, worker_id: str, r: AttemptResult, now: fl
 def _end_attempt(
     conn: sqlite3.Connection, job_id: int, attempt: int, worker_id: str | None, outcome: Outcome,
     exit_code: int | None, error: str | None, duration: float | None, now: float,
-    defaults: RetryPolicy, rand: Callable[[], float], waited: float = 0.0,
+    defaults: RetryPolicy, rand: Callable[[], float], waited: float = 0.0, value: str | None = None,
 ) -> Change | None:
     """End a running attempt and move its job on; None if the attempt was not current (stale).
 
@@ -1941,10 +2151,10 @@ def _end_attempt(
     """
     row = conn.execute(
         "UPDATE attempts SET state = ?, finished_at = ?, exit_code = ?, error = ?, duration = ?,"
-        " started_at = MIN(started_at + ?, ?)"
+        " started_at = MIN(started_at + ?, ?), value = ?"
         f" WHERE job_id = ? AND attempt = ? AND state = '{_RUNNING}' AND worker_id IS ?"
         " RETURNING started_at",
-        (outcome.value, now, exit_code, error, duration, waited, now, job_id, attempt, worker_id),
+        (outcome.value, now, exit_code, error, duration, waited, now, value, job_id, attempt, worker_id),
     ).fetchone()
     if row is None:
         return None

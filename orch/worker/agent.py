@@ -37,6 +37,7 @@ PREFETCH_MAX = 4  # held jobs beyond the slots, at most this many times the conc
 # What a scheduler that does not say (an older one) takes: its defaults.
 DEFAULT_MAX_BODY = 8 << 20
 DEFAULT_OUTPUT_LIMIT = 1 << 20
+DEFAULT_MAX_RESULT = 64 << 10  # of a job's result value, until registration says (scheduler.max_result_bytes)
 HELD_REF_BYTES = 64  # bytes of JSON one attempt listed in a heartbeat takes, at most (ids of 19 digits)
 AUTH_REFUSALS = 3  # credential refusals in a row (each followed by a new registration) before giving up
 
@@ -110,6 +111,7 @@ class Agent:
         # What one request may carry (told at registration; smaller after a 413 or a refused request).
         self.max_body = DEFAULT_MAX_BODY
         self.output_limit = DEFAULT_OUTPUT_LIMIT
+        self.max_result = DEFAULT_MAX_RESULT
         self._budget = DEFAULT_MAX_BODY
         self._max_items = outbox.MAX_ITEMS
         self._auth_refusals = 0
@@ -198,6 +200,7 @@ class Agent:
         self.opt.long_poll = min(self.opt.long_poll, float(reply["long_poll_timeout"]))
         self.max_body = int(reply.get("max_body_bytes") or DEFAULT_MAX_BODY)
         self.output_limit = int(reply.get("output_limit_bytes") or DEFAULT_OUTPUT_LIMIT)
+        self.max_result = int(reply.get("max_result_bytes") or DEFAULT_MAX_RESULT)
         self._budget = max(outbox.MIN_BUDGET, self.max_body)
         self._registered.set()
         log.info("worker %s joined %s (concurrency %d, queues %s)", self.worker_id, self.client.server,
@@ -320,6 +323,7 @@ class Agent:
 
     def _start(self, job: dict[str, Any]) -> None:
         run = Run.from_lease(job)
+        run.max_result = self.max_result
         if self.draining.is_set():  # claimed while we began to stop: straight back to the queue
             self._results.append({"hand_back": True, **run.ref})
             self._report_wake.set()
@@ -400,6 +404,8 @@ class Agent:
                       "error": ended.error, "duration": round(ended.duration, 6)}
             if waited > 0:
                 result["waited"] = round(waited, 6)
+            if ended.value is not None:
+                result["value"] = ended.value
             self._results.append(result)
         d = ended.duration
         self.metrics.ended(run.queue, ended.outcome.value, d)

@@ -28,15 +28,19 @@ group, and the readers see the pipes close.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import codecs
+import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +79,8 @@ class Run:
     pid: int | None = None  # set as soon as the process exists (by the loop, or the attempt's thread)
     kill_signal: int | None = None  # set by the loop; honoured if the process starts later
     on_stop: Callable[[], None] | None = None  # execute()'s hook: request_stop() ends the run at once
+    inputs: str | None = None  # a job with dependencies: the JSON text of what they left (its inputs file)
+    max_result: int = 64 << 10  # bytes of JSON its result value may be (scheduler.max_result_bytes)
 
     @property
     def ref(self) -> dict[str, int]:
@@ -97,9 +103,11 @@ class Run:
     @classmethod
     def from_lease(cls, job: dict[str, Any]) -> Run:
         spec = job["spec"]
+        inputs = job.get("inputs")
         return cls(job_id=job["job_id"], attempt=job["attempt"], argv=argv_of(spec),
                    env=dict(spec.get("env") or {}), cwd=spec.get("cwd"), timeout=spec.get("timeout"),
-                   queue=job.get("queue") or spec.get("queue") or "default")
+                   queue=job.get("queue") or spec.get("queue") or "default",
+                   inputs=json.dumps(inputs) if inputs is not None else None)
 
 
 @dataclass
@@ -108,6 +116,50 @@ class Ended:
     exit_code: int | None
     error: str | None
     duration: float
+    value: Any = None  # what the job wrote to $ORCH_RESULT_PATH (None: nothing)
+
+
+_files: str | None = None
+
+
+def _files_dir() -> str:
+    """A directory of this worker's own (mode 0700) for the jobs' result and inputs files, made once."""
+    global _files
+    if _files is None or not os.path.isdir(_files):
+        _files = tempfile.mkdtemp(prefix="orch-worker-")
+        atexit.register(shutil.rmtree, _files, ignore_errors=True)
+    return _files
+
+
+def _read_result(path: str, limit: int) -> tuple[Any, str | None]:
+    """The JSON value a job wrote to its result file, and why it is refused (None: it is not). No file, or an
+    empty one, is no value. The file is removed."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"could not read its result file $ORCH_RESULT_PATH: {e.strerror}"
+    try:
+        if size > 4 * limit + 4096:  # far over (a compact form can be no smaller than a quarter of it): unread
+            return None, (f"its result ($ORCH_RESULT_PATH) is {size:,} bytes, over scheduler.max_result_bytes "
+                          f"({limit:,})")
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            return None, None
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            return None, f"its result ($ORCH_RESULT_PATH) is not JSON: {str(e)[:200]}"
+        compact = len(json.dumps(value, separators=(",", ":")))
+        if compact > limit:
+            return None, (f"its result ($ORCH_RESULT_PATH) is {compact:,} bytes of JSON, over "
+                          f"scheduler.max_result_bytes ({limit:,})")
+        return value, None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 class StartError(Exception):
@@ -549,11 +601,42 @@ class _Child:
 
 
 async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: float) -> Ended:
-    """Run the attempt to its end; ``on_output(stream, text)`` gets output as it comes."""
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
+    """Run the attempt to its end; ``on_output(stream, text)`` gets output as it comes. The job finds its
+    dependencies' results in the file named by $ORCH_INPUTS_PATH and may leave a JSON value of its own in the one
+    named by $ORCH_RESULT_PATH (refused over ``run.max_result`` bytes, or when not JSON: a success then fails)."""
     # The job knows who it is: ids to make side effects idempotent across attempts.
     env = {**inherited_env(), **run.env, "ORCH_JOB_ID": str(run.job_id), "ORCH_ATTEMPT": str(run.attempt)}
+    # Where it may leave a JSON value (its result, its dependents' input), and where it finds its dependencies'.
+    base = os.path.join(_files_dir(), f"{run.job_id}-{run.attempt}")
+    result_path = env["ORCH_RESULT_PATH"] = base + ".result.json"
+    inputs_path: str | None = None
+    with contextlib.suppress(OSError):
+        os.unlink(result_path)  # one an earlier run of this attempt left (a worker that crashed)
+    if run.inputs is not None:
+        inputs_path = env["ORCH_INPUTS_PATH"] = base + ".inputs.json"
+        try:
+            with open(inputs_path, "w", encoding="utf-8") as f:
+                f.write(run.inputs)
+        except OSError as e:
+            return Ended(Outcome.FAILED, None, f"could not write its inputs file: {e.strerror}", 0.0)
+    try:
+        ended = await _execute(run, on_output, kill_grace, env)
+    finally:
+        if inputs_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(inputs_path)
+    value, refused = _read_result(result_path, run.max_result)
+    if refused is not None:
+        if ended.outcome is Outcome.SUCCEEDED:
+            return Ended(Outcome.FAILED, ended.exit_code, refused, ended.duration)
+        return ended
+    ended.value = value
+    return ended
+
+
+async def _execute(run: Run, on_output: Callable[[str, str], None], kill_grace: float, env: dict[str, str]) -> Ended:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
 
     child: _Child | None = None
     if FAST_SPAWN and run.cwd is None:

@@ -1389,12 +1389,12 @@ def test_skip_new_ends_a_submit_to_a_full_key_and_cancel_running_makes_room(run:
         wid = await worker(store)
         first = await submit_one(store, **_ck("sync", 1, "skip_new"))
         (skipped,) = await store.submit([spec(**_ck("sync", 1, "skip_new"))], POLICY)
-        assert skipped.state is JobState.CANCELLED
+        assert skipped.state is JobState.SKIPPED
         events = await store.events(skipped.id)
-        assert [e.to_state for e in events] == [JobState.QUEUED, JobState.CANCELLED]
+        assert [e.to_state for e in events] == [JobState.QUEUED, JobState.SKIPPED]
         assert events[-1].reason.startswith("skipped: concurrency key 'sync' has 1 of 1 slots taken")
         assert (await claim_one(store, wid)).job_id == first
-        # The skipped job is replayed like any cancelled one (and then waits for the slot like any retry).
+        # The skipped job is replayed like a cancelled one (and then waits for the slot like any retry).
         refused, _ = await store.replay([skipped.id], "me@host")
         assert refused == {}
         assert (await store.why_facts(skipped.id)).held is True

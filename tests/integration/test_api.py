@@ -183,7 +183,8 @@ def test_submit_and_get_job(tmp_path: Path) -> None:
             "command": ["echo", "hi"], "queue": "default", "priority": 0, "env": {}, "cwd": None, "timeout": None,
             "max_attempts": 3, "labels": {}, "name": "greet",
             "backoff": {"base": 1.0, "factor": 2.0, "cap": 300.0, "jitter": 0.2}, "retry_on_exit": None,
-            "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": [], "concurrency": None}
+            "run_at": None, "delay": None, "idempotency_key": None, "rate_keys": [], "concurrency": None,
+            "depends_on": [], "ref": None}
         status, got = await call(client, "GET", f"/v1/jobs/{job['id']}")
         assert status == 200 and got["spec"] == job["spec"]
         assert got["id"] == job["id"] and got["state"] == "queued" and got["created_at"] == job["created_at"]

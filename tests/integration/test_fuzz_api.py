@@ -282,7 +282,8 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
         c.json("POST", f"/v1/queues/{queue}/resume", CLIENT)
         c.json("PATCH", f"/v1/queues/{queue}", CLIENT, {"concurrency": None})  # and a fuzzed limit lifted
         c.json("PUT", f"/v1/limits/{queue}", CLIENT, {"rate": "1000/s"})
-    jobs = c.json("POST", "/v1/jobs/batch", CLIENT, {"jobs": [{"command": ["true"]}, {"shell": "exit 3"},
+    # A workflow (a ref, a dependency that is met at once): GET /v1/workflows/{job_id} has one to show.
+    jobs = c.json("POST", "/v1/jobs/batch", CLIENT, {"jobs": [{"command": ["true"], "ref": "a"}, {"shell": "exit 3"},
                                                               {"task": "echo", "args": ["x"]}]})["jobs"]
     c.job_ids = [j["id"] for j in jobs]
     c.credentials = {}

@@ -115,7 +115,7 @@ def test_every_route_demands_the_right_role(tmp_path: Path) -> None:
     /healthz is open; a worker's credential is good for its own routes only."""
 
     async def body(client: TestClient, app: web.Application) -> None:
-        job = await submit(client)
+        job = await submit(client, ref="first")  # a workflow of one: GET /v1/workflows/{job_id} shows it
         wid, cred = await register(client)
         other, other_cred = await register(client, name="other")
         status, made, _ = await req(client, "PUT", "/v1/limits/api", CLIENT, {"rate": "10/s"})  # DELETE's, first

@@ -52,11 +52,12 @@ def test_illegal_transitions_raise(frm: str, to: str) -> None:
 
 
 @pytest.mark.parametrize("terminal", sorted(s.value for s in TERMINAL))
-def test_ended_states_lead_nowhere_but_a_replay_to_queued(terminal: str) -> None:
-    """An ended job runs nothing; a failed or cancelled one may only be replayed (orch retry: to queued); a
-    succeeded one is done for good."""
+def test_ended_states_lead_nowhere_but_a_replay_to_queued_or_blocked(terminal: str) -> None:
+    """An ended job runs nothing; a failed, cancelled or skipped one may only be replayed (orch retry: to queued,
+    or blocked while its dependencies are undecided; a skipped one un-skipped likewise); a succeeded one is done
+    for good."""
     assert JobState(terminal).terminal
-    way_out = {JobState.QUEUED} if JobState(terminal) in REPLAYABLE else set()
+    way_out = {JobState.QUEUED, JobState.BLOCKED} if JobState(terminal) in REPLAYABLE else set()
     assert TRANSITIONS[JobState(terminal)] == way_out
     for to in JobState:
         if to not in way_out:
@@ -64,23 +65,28 @@ def test_ended_states_lead_nowhere_but_a_replay_to_queued(terminal: str) -> None
                 check_transition(terminal, to)
 
 
-def test_a_replay_queues_failed_and_cancelled_jobs_and_refuses_the_rest_naming_the_state() -> None:
+def test_a_replay_queues_failed_cancelled_and_skipped_jobs_and_refuses_the_rest_naming_the_state() -> None:
     from orch.core.decisions import REPLAYED_BY, replay
 
-    assert REPLAYABLE == {JobState.FAILED, JobState.CANCELLED}
+    assert REPLAYABLE == {JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED}
     for state in REPLAYABLE:
         move = replay(5, state, "alice@laptop")
         assert move.to is JobState.QUEUED and move.reason == REPLAYED_BY + "alice@laptop"
         check_transition(state, move.to)
+        blocked = replay(5, state, "alice@laptop", pending=2)  # dependencies undecided again: it waits on them
+        assert blocked.to is JobState.BLOCKED
+        check_transition(state, blocked.to)
+    with pytest.raises(Conflict, match="job 5 depends on job 3, which ended failed: replay that one"):
+        replay(5, JobState.SKIPPED, "x", failed_dep=(3, "failed"))
     with pytest.raises(Conflict, match="job 5 has succeeded"):
         replay(5, JobState.SUCCEEDED, "x")
-    for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.SCHEDULED):
+    for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.SCHEDULED, JobState.BLOCKED):
         with pytest.raises(Conflict, match=f"job 5 is {state}, not ended"):
             replay(5, state, "x")
 
 
-def test_terminal_set_is_succeeded_failed_cancelled() -> None:
-    assert {s.value for s in JobState if s.terminal} == {"succeeded", "failed", "cancelled"}
+def test_terminal_set_is_succeeded_failed_cancelled_skipped() -> None:
+    assert {s.value for s in JobState if s.terminal} == {"succeeded", "failed", "cancelled", "skipped"}
 
 
 def test_unknown_state_name_is_rejected() -> None:
@@ -89,16 +95,19 @@ def test_unknown_state_name_is_rejected() -> None:
 
 
 def test_sources_of_matches_the_table() -> None:
-    assert sources_of(JobState.QUEUED) == ("cancelled", "failed", "retrying", "running", "scheduled")
+    assert sources_of(JobState.QUEUED) == ("blocked", "cancelled", "failed", "retrying", "running", "scheduled",
+                                           "skipped")
     assert sources_of(JobState.RUNNING) == ("queued",)
-    assert set(sources_of(JobState.CANCELLED)) == {"queued", "retrying", "running", "scheduled"}
+    assert set(sources_of(JobState.CANCELLED)) == {"blocked", "queued", "retrying", "running", "scheduled"}
+    assert set(sources_of(JobState.SKIPPED)) == {"blocked", "queued"}  # a dependency failed; a full key
 
 
 def test_a_scheduled_job_is_queued_when_due_or_cancelled_and_nothing_else() -> None:
     """``scheduled`` (a job whose run_at or delay is still ahead) goes to queued once due, or is cancelled; no
-    other state leads to it (it is a submit's first state only), and it is not an end."""
+    other state leads to it but blocked (a submit's first state, or a delayed job's once its dependencies are
+    met), and it is not an end."""
     assert TRANSITIONS[JobState.SCHEDULED] == {JobState.QUEUED, JobState.CANCELLED}
-    assert sources_of(JobState.SCHEDULED) == ()
+    assert sources_of(JobState.SCHEDULED) == ("blocked",)
     assert not JobState.SCHEDULED.terminal
     for to in ("running", "retrying", "succeeded", "failed", "scheduled"):
         with pytest.raises(IllegalTransition, match=f"scheduled -> {to}"):
