@@ -1445,8 +1445,9 @@ WAIT_IDS = 10_000  # ids in one POST /v1/jobs/wait, at most (the API's limit)
 _PACE_ABOVE, _PACE = 64, 0.1  # with more jobs left than this, at most one wait request per _PACE seconds
 
 
-def _read_specs(file: str) -> list[dict[str, Any]]:
-    """Job specs of a JSON-lines file (``-``: stdin), every one checked before anything is submitted."""
+def _read_specs(file: str) -> tuple[list[dict[str, Any]], bool]:
+    """Job specs of a JSON-lines file, or of a workflow file (YAML: ``jobs:`` by name with ``needs:``, see
+    orch/workflow.py), ``-`` reading stdin; every one checked before anything is submitted. True: a workflow."""
     from orch.core.spec import parse_spec
 
     name = "stdin" if file == "-" else file
@@ -1454,6 +1455,9 @@ def _read_specs(file: str) -> list[dict[str, Any]]:
         text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read {name}: {getattr(e, 'strerror', None) or e}", 2)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    if file.endswith((".yaml", ".yml")) or (first and not first.startswith("{")):
+        return _read_workflow(text, name), True
     specs = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -1471,6 +1475,25 @@ def _read_specs(file: str) -> list[dict[str, Any]]:
         specs.append(spec)
     if not specs:
         fail(f"{name} holds no job specs", 2)
+    return specs, False
+
+
+def _read_workflow(text: str, name: str) -> list[dict[str, Any]]:
+    import yaml
+
+    from orch.workflow import specs_of
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        fail(f"{name}: not valid YAML: {e}", 2)
+    try:
+        specs = specs_of(doc)
+    except ValidationError as e:
+        where = f" ({e.field})" if e.field and e.field not in e.message else ""
+        fail(f"{name}: {e.message}{where}", 2)
+    if len(specs) > 10_000:
+        fail(f"{name}: a workflow is one batch of at most 10,000 jobs, not {len(specs):,}", 2)
     return specs
 
 
@@ -1501,8 +1524,8 @@ async def _wait_for_jobs(client: Any, ids: list[int], on_progress: Callable[[int
 
 @app.command()
 def submit(
-    file: str = typer.Option(..., "--file", "-f", help="Job specs, one JSON object per line ('-' reads stdin; # comments)."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for every job to end (progress on stderr); exit 0 only if all succeeded."),
+    file: str = typer.Option(..., "--file", "-f", help="Job specs, one JSON object per line ('-' reads stdin; # comments), or a workflow file (YAML: jobs by name with needs:)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for every job to end (progress on stderr); exit 0 only if all succeeded (a workflow: if it succeeded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the new ids as a JSON list."),
     batch_size: int = typer.Option(1000, "--batch-size", min=1, max=10_000, help="Jobs per request (up to 10,000)."),
     server: str | None = ServerOpt,
@@ -1511,11 +1534,14 @@ def submit(
     data_dir: Path | None = DataDirOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Submit many jobs from a JSON-lines file, in batches: orch submit --file jobs.jsonl --wait."""
+    """Submit many jobs from a JSON-lines file, in batches: orch submit --file jobs.jsonl --wait; or a workflow, in
+    one batch: orch submit --file pipeline.yaml --wait."""
     import time
 
     settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
-    specs = _read_specs(file)
+    specs, is_workflow = _read_specs(file)
+    if is_workflow:
+        batch_size = len(specs)  # all or nothing: its jobs name each other
 
     async def main() -> int:
         async with client_for(settings) as client:
@@ -1535,10 +1561,16 @@ def submit(
             if not wait:
                 return 0
             counts = await _wait_with_progress(client, ids)
+            graph = await client.workflow(ids[0]) if is_workflow else None
         elapsed = time.monotonic() - started
         ok = counts["succeeded"]
-        typer.echo(f"succeeded {ok}, failed {counts['failed']}, cancelled {counts['cancelled']}, "
-                   f"elapsed {elapsed:.2f} s, {len(ids) / elapsed:,.1f} jobs/s", err=as_json)
+        if graph is not None:
+            typer.echo(_workflow_text(graph), err=as_json)
+        typer.echo(f"succeeded {ok}, failed {counts['failed']}, cancelled {counts['cancelled']}"
+                   + (f", skipped {counts['skipped']}" if counts["skipped"] else "")
+                   + f", elapsed {elapsed:.2f} s, {len(ids) / elapsed:,.1f} jobs/s", err=as_json)
+        if graph is not None:
+            return 0 if graph["state"] == "succeeded" else 1
         return 0 if ok == len(ids) else 1
 
     raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))
@@ -1555,11 +1587,81 @@ async def _wait_with_progress(client: Any, ids: list[int]) -> dict[str, int]:
 
         def on_progress(done: int, ended: dict[str, int]) -> None:
             bad = ended["failed"] + ended["cancelled"]
-            progress.update(task, completed=done, detail=f"({bad} failed or cancelled)" if bad else "")
+            skipped = f", {ended['skipped']} skipped" if ended["skipped"] else ""
+            progress.update(task, completed=done, detail=f"({bad} failed or cancelled{skipped})" if bad or skipped
+                            else "")
 
         counts = await _wait_for_jobs(client, ids, on_progress)
         progress.update(task, completed=len(ids), detail="")
     return counts
+
+
+# =========================================================================== orch workflow
+
+
+workflow_app = typer.Typer(help="Show a workflow: the jobs of one batch that name each other (depends_on, needs:).",
+                           no_args_is_help=True)
+app.add_typer(workflow_app, name="workflow")
+
+
+def _workflow_text(graph: dict[str, Any]) -> str:
+    """A workflow as a table in the order its jobs may run (each after what it needs), with each job's state and
+    what it waits on; a header with its state and its jobs by state."""
+    jobs = {j["id"]: j for j in graph["jobs"]}
+    order: list[int] = []
+    placed: set[int] = set()
+    depth: dict[int, int] = {}
+
+    def place(jid: int, seen: tuple[int, ...] = ()) -> int:
+        if jid in depth or jid not in jobs or jid in seen:
+            return depth.get(jid, 0)
+        d = 1 + max((place(x["job_id"], (*seen, jid)) for x in jobs[jid]["dependencies"] if x["job_id"] in jobs),
+                    default=-1)
+        depth[jid] = d
+        return d
+
+    for jid in jobs:
+        place(jid)
+    for jid in sorted(jobs, key=lambda i: (depth.get(i, 0), i)):
+        if jid not in placed:
+            placed.add(jid)
+            order.append(jid)
+    counts = ", ".join(f"{n} {s}" for s, n in graph["counts"].items())
+    rows = [["ID", "JOB", "STATE", "NEEDS"]]
+    for jid in order:
+        j = jobs[jid]
+        needs = []
+        for d in j["dependencies"]:
+            who = visible(d["ref"]) if d["ref"] else str(d["job_id"])
+            mark = "" if d["on"] == "success" else f" ({d['on']})"
+            needs.append(who + mark + ("" if d["met"] or d["state"] not in _ENDED else " x"))
+        rows.append([str(jid), "  " * depth.get(jid, 0) + visible(j.get("ref") or j.get("name") or "-"), j["state"],
+                     ", ".join(needs) or "-"])
+    return f"workflow {graph['id']}: {graph['state']} ({counts})\n" + table(rows)
+
+
+@workflow_app.command("show")
+def workflow_show(
+    job: str = typer.Argument(..., help="The id of any job of the workflow."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Print a workflow's graph: each job (indented by how deep it is), its state, and the jobs it needs."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            graph = await client.workflow(_job_ref(job))
+        if as_json:
+            emit_json(graph)
+        else:
+            typer.echo(_workflow_text(graph))
+
+    run_async(main())
 
 
 def main() -> None:

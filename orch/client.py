@@ -197,6 +197,10 @@ class Client:
         async for item in self._stream(f"/v1/jobs/{job_id}/events", {"follow": "1", "after": str(after)}):
             yield item
 
+    async def workflow(self, job_id: int | str) -> dict[str, Any]:
+        """The workflow job ``job_id`` is part of: ``{"id", "state", "counts", "jobs": [... "dependencies"]}``."""
+        return await self.request("GET", f"/v1/workflows/{job_id}")
+
     async def why(self, job_id: int | str) -> dict[str, Any]:
         """Why the job is (not) running: ``{"reason": code, "message": text, ...}``."""
         return await self.request("GET", f"/v1/jobs/{job_id}/why")
