@@ -50,7 +50,7 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
-NON_TERMINAL = ("scheduled", "queued", "running", "retrying")
+NON_TERMINAL = ("blocked", "scheduled", "queued", "running", "retrying")
 ENDED_BY_DISRUPTION = ("lost", "handed_back", "cancelled")
 
 

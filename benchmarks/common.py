@@ -18,8 +18,8 @@ from benchmarks.chaos import Proc, http, new_tokens, use_tokens, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 URL_RE = re.compile(r"listening on (http://[^\s]+)")
-TERMINAL = ("succeeded", "failed", "cancelled")
-NON_TERMINAL = ("scheduled", "queued", "running", "retrying")
+TERMINAL = ("succeeded", "failed", "cancelled", "skipped")
+NON_TERMINAL = ("blocked", "scheduled", "queued", "running", "retrying")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

@@ -56,6 +56,8 @@ class Sizes:
     deep_queue: int  # jobs queued for the backends' claim latency (--backend postgres)
     delayed_jobs: int = 200  # delayed jobs per run (delayed): half run_at in one batch, half delays one by one
     delayed_window: float = 10.0  # seconds their due times are spread over
+    dag_chain: int = 100  # jobs of the chain (dag): each needs the one before
+    dag_fan: int = 10_000  # jobs of the fan-out/fan-in (dag): a root, its legs, a join that needs them all
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
@@ -65,7 +67,8 @@ FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, sub
 SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_clients=8, submit_requests=200,
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
               sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
-              list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000, delayed_jobs=20, delayed_window=1.0)
+              list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000, delayed_jobs=20, delayed_window=1.0,
+              dag_chain=10, dag_fan=200)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -994,6 +997,106 @@ def bench_keys(ctx: Context) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- dependencies (workflows)
+
+
+def _db_rows(c: Cluster, dsn: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) read from the cluster's database itself."""
+    if dsn:
+        import psycopg
+
+        with psycopg.connect(dsn) as conn:
+            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+    import sqlite3
+
+    conn = sqlite3.connect(str(c.db_path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+# For each dependency of the jobs in [lo, hi]: when the dependency ended (its end event) and when the dependent
+# first started (its first claim), both stamped by the scheduler's clock.
+_DEP_GAPS_SQL = ("SELECT d.job_id, e.at, s.at FROM deps d"
+                 " JOIN events e ON e.job_id = d.dep_id AND e.from_state = 'running' AND e.to_state = 'succeeded'"
+                 " JOIN events s ON s.job_id = d.job_id AND s.from_state = 'queued' AND s.to_state = 'running'"
+                 " AND s.attempt = 1 WHERE d.job_id BETWEEN ? AND ?")
+
+
+async def _workflow(url: str, specs: list[dict[str, Any]]) -> tuple[list[int], float, float]:
+    """Submit ``specs`` as one batch and wait for every job to end (each must succeed): the ids, the seconds the
+    submit took, and the seconds from the submit to the last end."""
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        ids = [j["id"] for j in (await api.call("POST", "/v1/jobs/batch", {"jobs": specs}))["jobs"]]
+        submitted = time.perf_counter() - t0
+        left = list(ids)
+        while left:
+            got = await api.call("POST", "/v1/jobs/wait", {"ids": left[:10_000], "timeout": 30})
+            bad = [j for j in got["ended"] if j["state"] != "succeeded"]
+            if bad:
+                raise RuntimeError(f"workflow job {bad[0]['id']} ended {bad[0]['state']}")
+            done = {j["id"] for j in got["ended"]}
+            left = [i for i in left if i not in done]
+        return ids, submitted, time.perf_counter() - t0
+
+
+def dag_once(ctx: Context, dsn: str = "") -> dict[str, Any]:
+    """A chain of ``chain`` jobs (each needs the one before), then a fan-out/fan-in of ``fan`` jobs (one root,
+    fan - 2 legs that need it, one join that needs every leg), on a scheduler and one worker; from the database:
+    how long after its dependency ended each chained job started, and how many started before a dependency
+    of theirs had ended (none may)."""
+    s = ctx.sizes
+    with ctx.workdir("dag") as tmp, Cluster(tmp, dsn=dsn) as c:
+        c.start_scheduler()
+        c.start_worker("w1", s.concurrency)
+        c.wait_workers(1)
+        chain = [{"command": ["true"], "ref": "j0"}] + [
+            {"command": ["true"], "ref": f"j{i}", "depends_on": [f"j{i - 1}"]} for i in range(1, s.dag_chain)]
+        ids, _, chain_s = run(_workflow(c.url, chain))
+        gaps = [(started - ended) * 1000 for _, ended, started in
+                _db_rows(c, dsn, _DEP_GAPS_SQL, (min(ids), max(ids)))]
+        if len(gaps) != s.dag_chain - 1:
+            raise RuntimeError(f"found {len(gaps)} of {s.dag_chain - 1} dependencies of the chain")
+        legs = s.dag_fan - 2
+        fan = [{"command": ["true"], "ref": "root"}] + [
+            {"command": ["true"], "ref": f"leg{i}", "depends_on": ["root"]} for i in range(legs)] + [
+            {"command": ["true"], "ref": "join", "depends_on": [f"leg{i}" for i in range(legs)]}]
+        fids, submit_s, fan_s = run(_workflow(c.url, fan))
+        edges = _db_rows(c, dsn, _DEP_GAPS_SQL, (min(fids), max(fids)))
+        if len(edges) != 2 * legs:
+            raise RuntimeError(f"found {len(edges)} of {2 * legs} dependencies of the fan-out/fan-in")
+        early = sum(1 for _, ended, started in edges if started < ended)
+    return {"gaps_ms": gaps, "chain_s": chain_s, "fan_submit_s": submit_s, "fan_s": fan_s, "early": early,
+            "edges": len(edges)}
+
+
+def dag_rows(runs: list[dict[str, Any]], s: Sizes, where: str = "") -> list[Row]:
+    gaps = [g for r in runs for g in r["gaps_ms"]]
+    return [
+        Row(f"workflows: dependency ended -> dependent started, p50 over a chain of {s.dag_chain}{where}", "<= 5 ms",
+            percentile(gaps, 50), "ms", goal=5, higher_better=False, detail={"runs": runs}),
+        Row(f"workflows: dependency ended -> dependent started, p99 over a chain of {s.dag_chain}{where}", "",
+            percentile(gaps, 99), "ms", higher_better=False),
+        Row(f"workflows: submit of a {s.dag_fan:,}-job fan-out/fan-in (one batch){where}", "< 2 s",
+            median([r["fan_submit_s"] for r in runs]), "s", goal=2, higher_better=False),
+        Row(f"workflows: the {s.dag_fan:,}-job fan-out/fan-in, submit to last end{where}", "",
+            median([r["fan_s"] for r in runs]), "s", higher_better=False),
+        Row(f"workflows: dependencies whose dependent started only after they ended{where}", "100 %",
+            100.0 * (1 - sum(r["early"] for r in runs) / sum(r["edges"] for r in runs)), "%", goal=100),
+    ]
+
+
+def bench_dag(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    runs = []
+    for i in range(s.repeats):
+        ctx.log(f"dag: run {i + 1}/{s.repeats}: a chain of {s.dag_chain}, a fan-out/fan-in of {s.dag_fan:,}")
+        runs.append(dag_once(ctx))
+    return dag_rows(runs, s)
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -1005,4 +1108,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "delayed": bench_delayed,
     "purge": bench_purge,
     "keys": bench_keys,
+    "dag": bench_dag,
 }
