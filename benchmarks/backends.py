@@ -30,6 +30,8 @@ from benchmarks.suite import (
     _fill,
     _orch_shell,
     _single_submits,
+    dag_once,
+    dag_rows,
     delayed_once,
     delayed_rows,
     run,
@@ -171,6 +173,8 @@ def bench_backends(ctx: Context) -> list[Row]:
     pg.start()
     try:
         got = _runs(ctx, pg)
+        ctx.log(f"backends: PostgreSQL x1: a chain of {ctx.sizes.dag_chain}, a fan-out/fan-in of {ctx.sizes.dag_fan:,}")
+        dag = dag_once(ctx, pg.database())
     finally:
         pg.stop()
     lite, one, two = got[("sqlite", 1)], got[("postgres", 1)], got[("postgres", 2)]
@@ -201,4 +205,4 @@ def bench_backends(ctx: Context) -> list[Row]:
                         detail={"ms": lite["detail"]["deep"]}))
         rows.append(Row(f"{title}, PostgreSQL x1", "vs SQLite", one[key], "ms", peer=lite[key], peer_label="SQLite",
                         higher_better=False, detail={"ms": one["detail"]["deep"]}))
-    return rows
+    return rows + dag_rows([dag], s, ", PostgreSQL x1")
