@@ -770,7 +770,7 @@ def run(
     rate_key: List[str] | None = typer.Option(None, "--rate-key", help="A rate limit (orch limit set) its start counts against (repeatable); one that is used up puts the start off."),
     concurrency_key: str | None = typer.Option(None, "--concurrency-key", help="At most --concurrency-limit jobs with this key run at once, across the cluster."),
     concurrency_limit: int | None = typer.Option(None, "--concurrency-limit", min=1, max=100000, help="How many jobs of --concurrency-key may run at once (default 1)."),
-    on_limit: str | None = typer.Option(None, "--on-limit", help="When the key is full: queue (wait, the default), skip_new (end this job cancelled) or cancel_running (cancel the oldest to make room)."),
+    on_limit: str | None = typer.Option(None, "--on-limit", help="When the key is full: queue (wait, the default), skip_new (end this job skipped) or cancel_running (cancel the oldest to make room)."),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,

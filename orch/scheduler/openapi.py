@@ -165,7 +165,7 @@ SCHEMAS: dict[str, Any] = {
             "limit": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
             "on_limit": {"type": "string", "enum": [p.value for p in OnLimit],
                          "description": "when the key is full at the submit: queue (wait for a slot, the default), "
-                                        "skip_new (end the new job cancelled), cancel_running (cancel the oldest "
+                                        "skip_new (end the new job skipped), cancel_running (cancel the oldest "
                                         "jobs of the key to make room)"},
         }, ("key", "limit"), closed=True,
             description="at most limit jobs with this key run at once, across the cluster; the others wait, "

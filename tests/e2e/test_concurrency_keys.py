@@ -143,7 +143,7 @@ def test_skip_new_ends_the_new_job_and_bad_concurrency_is_refused_naming_the_fie
         again = run_cli(["run", "--concurrency-key", "sync", "--on-limit", "skip_new", "--json", "--", "true"], cli)
         assert first.returncode == 0 and again.returncode == 0, again.stderr
         skipped = job(url, json.loads(again.stdout)["id"])
-        assert skipped["state"] == "cancelled"
+        assert skipped["state"] == "skipped"
         assert events(url, skipped["id"])[-1]["reason"].startswith(
             "skipped: concurrency key 'sync' has 1 of 1 slots taken (on_limit skip_new)")
         assert job(url, int(first.stdout))["state"] == "queued"
