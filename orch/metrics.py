@@ -70,6 +70,14 @@ class SchedulerMetrics:
         self.lost_workers = Counter(
             "orch_workers_lost", "Workers marked lost after missing heartbeats.", registry=self.registry
         )
+        self.schedule_ticks = Counter(
+            "orch_schedule_ticks",
+            "Ticks of cron schedules, by what became of them: fired (a job submitted), skipped (the overlap policy: "
+            "the previous job still going), missed (older than the catch-up window after downtime, never fired).",
+            ["outcome"], registry=self.registry,
+        )
+        for outcome in ("fired", "skipped", "missed"):
+            self.schedule_ticks.labels(outcome)
         r = self.registry
         self.completed = Counter(
             "orch_jobs_completed", "Jobs that reached an end state, by queue and outcome (succeeded, failed, cancelled).",

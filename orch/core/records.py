@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from orch.core.cron import Schedule
 from orch.core.rates import Rate
 from orch.core.states import JobState, Outcome, WorkerState
 
@@ -229,3 +230,22 @@ class Leadership(NamedTuple):
 
     held: bool
     vacant_for: float | None = None
+
+
+@dataclass(slots=True)
+class ScheduleInfo:
+    """A schedule and what its ticks did: the last tick decided, when the next one falls (None: never), the
+    newest job a tick submitted and its state now, and how many ticks fired, were skipped (overlap) or missed
+    (past the catch-up window)."""
+
+    schedule: Schedule
+    created_at: float
+    updated_at: float
+    last_tick: float
+    next_at: float | None
+    last_job: int | None = None
+    last_job_state: JobState | None = None
+    fired: int = 0
+    skipped: int = 0
+    missed: int = 0
+    last_missed_at: float | None = None

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from orch.auth import new_worker_credential
 from orch.config import Settings
+from orch.core import cron
 from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.errors import (
     Conflict,
@@ -32,7 +33,7 @@ from orch.core.errors import (
     ValidationError,
 )
 from orch.core.rates import MAX_BURST, check_limit_name, parse_rate
-from orch.core.records import JobRecord, Lease, LimitInfo, Verdict
+from orch.core.records import JobRecord, Lease, LimitInfo, ScheduleInfo, Verdict
 from orch.core.spec import (
     CONTROL_RE,
     NAME_RE,
@@ -50,6 +51,7 @@ from orch.metrics import SchedulerMetrics
 from orch.output import marker as output_marker
 from orch.scheduler import wire
 from orch.scheduler.bodies import each, encode, encode_list, let_go, loads_object
+from orch.scheduler.cron import CronRunner
 from orch.scheduler.dispatch import Hub, wait_any
 from orch.scheduler.openapi import MAX_METRICS_ADDRESS, METRICS_ADDRESS_RE
 from orch.scheduler.retention import keep_purging
@@ -402,6 +404,7 @@ class Api:
         self.max_result: int = settings["scheduler.max_result_bytes"]
         self.metrics = SchedulerMetrics()
         self.leading = False  # this scheduler runs the reaper (and retention) now: the reaper says
+        self.cron: Any = None  # the cron runner (orch/scheduler/cron.py), made beside the app
         self._backlog: deque[Change] = deque()  # committed changes not counted and logged yet (see committed)
         self._accounting = False
 
@@ -709,6 +712,87 @@ class Api:
             raise NotFound(f"no rate limit {name!r}", field="name")
         log.info("rate limit %s deleted", name)
         return ok({"name": name, "deleted": True})
+
+    # ---- cron schedules
+
+    def _schedule_view(self, info: ScheduleInfo, nxt: int = 0) -> dict[str, Any]:
+        s = info.schedule
+        upcoming = cron.next_ticks(s.cron, s.tz, max(info.last_tick, self.store.clock()), nxt) if nxt else None
+        return wire.schedule_json(info, upcoming)
+
+    def _next_at(self, s: cron.Schedule, after: float) -> float | None:
+        if s.paused:
+            return None
+        got = cron.next_ticks(s.cron, s.tz, after, 1)
+        return got[0] if got else None
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        only(dict(request.query), {"next"})
+        n = query_int(request, "next", 0, 100, 1)
+        return ok({"schedules": [self._schedule_view(x, n) for x in await self.store.schedules()]})
+
+    async def get_schedule(self, request: web.Request) -> web.Response:
+        only(dict(request.query), {"next"})
+        name = cron.check_name(request.match_info["name"])
+        n = query_int(request, "next", 0, 100, 5)
+        (info,) = await self.store.schedules(name)
+        return ok(self._schedule_view(info, n))
+
+    async def create_schedule(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        if "name" not in data:
+            raise ValidationError("a schedule needs a name", field="name")
+        name = data.pop("name")
+        s = cron.check_schedule(name, data)
+        now = self.store.clock()
+        await self.store.save_schedule(s, create=True, last_tick=now, next_at=self._next_at(s, now))
+        log.info("schedule %s made: %r (%s), overlap %s", s.name, s.cron, s.tz, s.overlap)
+        self.cron.poke()
+        (info,) = await self.store.schedules(s.name)
+        return ok(self._schedule_view(info, 1), 201)
+
+    async def patch_schedule(self, request: web.Request) -> web.Response:
+        name = cron.check_name(request.match_info["name"])
+        data = await read_json(request)
+        return await self._change_schedule(name, data)
+
+    async def _change_schedule(self, name: str, data: dict[str, Any]) -> web.Response:
+        (old,) = await self.store.schedules(name)
+        s = cron.check_schedule(name, data, partial=old.schedule)
+        now = self.store.clock()
+        # A new expression, zone or a resume counts its ticks from now: none of the old one's, none of a pause's.
+        fresh = (s.cron, s.tz) != (old.schedule.cron, old.schedule.tz) or (old.schedule.paused and not s.paused)
+        last = now if fresh else None
+        await self.store.save_schedule(s, create=False, last_tick=last,
+                                       next_at=self._next_at(s, now if fresh else max(old.last_tick, now - s.catchup)))
+        log.info("schedule %s changed: %r (%s), overlap %s%s", s.name, s.cron, s.tz, s.overlap,
+                 ", paused" if s.paused else "")
+        self.cron.poke()
+        (info,) = await self.store.schedules(name)
+        return ok(self._schedule_view(info, 1))
+
+    async def pause_schedule(self, request: web.Request) -> web.Response:
+        return await self._change_schedule(cron.check_name(request.match_info["name"]), {"paused": True})
+
+    async def resume_schedule(self, request: web.Request) -> web.Response:
+        return await self._change_schedule(cron.check_name(request.match_info["name"]), {"paused": False})
+
+    async def delete_schedule(self, request: web.Request) -> web.Response:
+        name = cron.check_name(request.match_info["name"])
+        if not await self.store.delete_schedule(name):
+            raise NotFound(f"no schedule {name!r}", field="name")
+        log.info("schedule %s deleted", name)
+        self.cron.poke()
+        return ok({"name": name, "deleted": True})
+
+    async def trigger_schedule(self, request: web.Request) -> web.Response:
+        """Run a schedule's job now, once, beside its ticks (paused or not; no overlap policy: it was asked)."""
+        name = cron.check_name(request.match_info["name"])
+        (info,) = await self.store.schedules(name)
+        now = self.store.clock()
+        job = await self.cron.submit(name, dict(info.schedule.job), now, now, manual=True)
+        log.info("schedule %s triggered by hand: job %d", name, job.id)
+        return ok(wire.job_summary(job), 201)
 
     async def wait(self, request: web.Request) -> web.StreamResponse:
         job_id = job_id_of(request)
@@ -1259,6 +1343,7 @@ def build_app(settings: Settings, store: Store) -> web.Application:
                           handler_args={"auto_decompress": False, "logger": ProtocolLog(log)})
     hub = Hub()
     api = Api(store, hub, settings)
+    api.cron = CronRunner(api)
     store.on_commit = api.committed  # wake-ups, metrics and state-change logs, once per committed batch
     app[STORE] = store
     app[HUB] = hub
@@ -1287,8 +1372,9 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         tokens = asyncio.create_task(watch_tokens(store, guard)) if guard.shared else None
         keep = settings["retention.finished_jobs"]
         purging = asyncio.create_task(keep_purging(store, api, keep, settings["retention.interval"])) if keep else None
+        ticking = asyncio.create_task(api.cron.run())
         yield
-        for t in (task, polls, tokens, purging):
+        for t in (task, polls, tokens, purging, ticking):
             if t is not None:
                 t.cancel()
                 with suppress(asyncio.CancelledError):

@@ -17,6 +17,7 @@ from typing import Any
 from orch.core.concurrency import MAX_KEY_LEN as CONCURRENCY_KEY_LEN
 from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.concurrency import OnLimit
+from orch.core.cron import MAX_CATCHUP, Overlap
 from orch.core.dag import MAX_DEPENDS, On
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
@@ -328,6 +329,36 @@ SCHEMAS: dict[str, Any] = {
     "HandBack": obj({"attempts": {"type": "array", "items": ref("AttemptRef"), "maxItems": MAX_BATCH},
                      "stop": {"type": "boolean"}}, closed=True),
     "HandedBack": obj({"handed_back": {"type": "array", "items": ref("AttemptRef")}}, ("handed_back",)),
+    "ScheduleBody": obj({
+        "name": NAME,
+        "cron": {"type": "string", "minLength": 1, "maxLength": 200,
+                 "description": "five fields (minute hour day month weekday), or six with seconds first"},
+        "tz": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-/]+$",
+               "description": "an IANA time zone (default UTC)"},
+        "overlap": {"type": "string", "enum": [o.value for o in Overlap],
+                    "description": "while the previous job has not ended: skip (the default), allow, cancel_running, "
+                                   "queue_one (one job waits for it)"},
+        "catchup": {"type": "number", "minimum": 0, "maximum": MAX_CATCHUP,
+                    "description": "seconds late a tick may still fire (default 60); older ones are missed"},
+        "job": ref("JobSpec"),
+        "paused": {"type": "boolean"},
+    }, ("name", "cron", "job"), closed=True,
+        description="the job: a spec as POST /v1/jobs takes, without idempotency_key, run_at, delay, depends_on, ref"),
+    "SchedulePatch": obj({k: v for k, v in {
+        "cron": {"type": "string", "minLength": 1, "maxLength": 200},
+        "tz": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-/]+$"},
+        "overlap": {"type": "string", "enum": [o.value for o in Overlap]},
+        "catchup": {"type": "number", "minimum": 0, "maximum": MAX_CATCHUP},
+        "job": ref("JobSpec"), "paused": {"type": "boolean"}}.items()}, closed=True),
+    "Schedule": obj({
+        "name": {"type": "string"}, "cron": {"type": "string"}, "tz": {"type": "string"},
+        "overlap": {"type": "string"}, "catchup": {"type": "number"}, "job": {"type": "object"},
+        "paused": {"type": "boolean"}, "created_at": TIME, "updated_at": TIME, "next_at": nullable(TIME),
+        "next": {"type": "array", "items": TIME},
+        "last_job": nullable(obj({"id": INT, "state": nullable({"type": "string"})}, ("id", "state"))),
+        "fired": COUNT, "skipped": COUNT, "missed": COUNT, "last_missed_at": nullable(TIME),
+    }, ("name", "cron", "tz", "overlap", "catchup", "job", "paused", "next_at", "fired", "skipped", "missed")),
+    "Schedules": obj({"schedules": {"type": "array", "items": ref("Schedule")}}, ("schedules",)),
     "Batch": obj({"jobs": {"type": "array", "items": ref("JobSpec"), "minItems": 1, "maxItems": MAX_BATCH}},
                  ("jobs",), closed=True),
     "Replay": obj({"by": BY}, closed=True),
@@ -450,6 +481,7 @@ IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": Fal
 WORKER_PARAM = _path("worker_id", NAME)
 QUEUE_PARAM = _path("queue", NAME)
 LIMIT_PARAM = _path("name", LIMIT_NAME)
+SCHEDULE_PARAM = _path("name", NAME)
 FOLLOW = _query("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
                 "1: stream NDJSON lines until the job ends")
 NDJSON = {"description": "the document, or with follow=1 a stream of NDJSON lines",

@@ -22,6 +22,7 @@ from orch.core.records import (
     LimitInfo,
     OutputPiece,
     QueueInfo,
+    ScheduleInfo,
     Verdict,
     Worker,
     WorkflowNode,
@@ -199,3 +200,18 @@ def limit_json(x: LimitInfo, now: float) -> dict[str, Any]:
     first = allowed_at(x.rate, x.tat)
     return {"name": x.name, "rate": x.rate.text(), "count": x.rate.count, "per": x.rate.per, "burst": x.rate.burst,
             "next_start_at": iso(max(first, now))}
+
+
+def schedule_json(x: ScheduleInfo, upcoming: Sequence[float] | None = None) -> dict[str, Any]:
+    """A schedule as the API shows it: its definition, its next tick (and the next few, when asked), what its ticks
+    did and its last job."""
+    s = x.schedule
+    out: dict[str, Any] = {"name": s.name, **s.to_json(), "created_at": iso(x.created_at),
+                           "updated_at": iso(x.updated_at), "next_at": iso(x.next_at) if x.next_at is not None else None,
+                           "last_job": ({"id": x.last_job, "state": x.last_job_state.value if x.last_job_state else None}
+                                        if x.last_job is not None else None),
+                           "fired": x.fired, "skipped": x.skipped, "missed": x.missed,
+                           "last_missed_at": iso(x.last_missed_at) if x.last_missed_at is not None else None}
+    if upcoming is not None:
+        out["next"] = [iso(t) for t in upcoming]
+    return out

@@ -29,10 +29,12 @@ writes them as JSON (``orch/scheduler/wire.py``).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from orch.core.cron import Overlap, Schedule
 from orch.core.errors import OrchError, ValidationError
 from orch.core.rates import Rate
 from orch.core.records import (
@@ -47,6 +49,7 @@ from orch.core.records import (
     MetricsTarget,
     OutputPiece,
     QueueInfo,
+    ScheduleInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -171,6 +174,22 @@ def key_reused(key: str | None, job_id: int) -> str:
     """The message of a submit whose idempotency key a kept job of another spec has."""
     return (f"idempotency key {key!r} is job {job_id}'s, which was submitted with another spec: a retried submit "
             "sends the same spec, a new job needs a new key")
+
+
+SCHEDULE_COLUMNS = ("s.name, s.definition, s.paused, s.created_at, s.updated_at, s.last_tick, s.next_at, s.last_job,"
+                    " s.fired, s.skipped, s.missed, s.last_missed_at, j.state")
+SCHEDULE_FROM = "schedules s LEFT JOIN jobs j ON j.id = s.last_job"
+
+
+def schedule_info(r: Sequence[Any]) -> ScheduleInfo:
+    """A row of SCHEDULE_COLUMNS as a ScheduleInfo (its definition as stored: checked when it was put)."""
+    d = json.loads(r[1])
+    s = Schedule(r[0], d["cron"], d["tz"], Overlap(d["overlap"]), float(d["catchup"]), d["job"], bool(r[2]))
+    return ScheduleInfo(s, r[3], r[4], r[5], r[6], r[7], JobState(r[12]) if r[12] else None, r[8], r[9], r[10], r[11])
+
+
+def schedule_json_text(s: Schedule) -> str:
+    return json.dumps(s.to_json(), separators=(",", ":"))
 
 
 TOKEN_ROLES = ("client", "join")  # the roles of put_tokens (orch.auth.ROLES)
@@ -400,6 +419,38 @@ class Store(Protocol):
         ``replace=False`` puts only the roles that have none yet, so schedulers that start at once agree on one
         set: the first to commit; ``replace=True`` (a rotation) overwrites the given roles. A role other than
         ``client`` or ``join``, or a value that is not a digest, is a ValidationError and nothing is put."""
+        ...
+
+    # ---- cron schedules (orch/core/cron.py)
+    async def save_schedule(self, s: Schedule, *, create: bool, last_tick: float | None,
+                            next_at: float | None) -> None:
+        """Make schedule ``s`` (``create``: Conflict if one has its name; its ticks are counted from
+        ``last_tick``) or change it (NotFound if there is none; ``last_tick`` None keeps where its ticks stand),
+        its next tick at ``next_at`` (None: never)."""
+        ...
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule (the jobs it submitted stay). False if there was none."""
+        ...
+
+    async def schedules(self, name: str | None = None) -> list[ScheduleInfo]:
+        """Every schedule by name (or the one named: NotFound if there is none)."""
+        ...
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleInfo]:
+        """Up to ``limit`` schedules not paused whose next tick is due by ``now``, soonest first."""
+        ...
+
+    async def next_schedule_at(self) -> float | None:
+        """When the soonest next tick of a schedule not paused falls (None: none)."""
+        ...
+
+    async def schedule_ticked(self, name: str, frm: float, last_tick: float, next_at: float | None,
+                              last_job: int | None, fired: int, skipped: int, missed: int,
+                              missed_at: float | None) -> bool:
+        """Record what the ticks of ``name`` after ``frm`` up to ``last_tick`` did (counts added; ``last_job``
+        None keeps the last one) and when the next falls; only if its ticks still stand at ``frm`` (another
+        scheduler did not decide them first). Returns whether it did."""
         ...
 
     # ---- the reaper

@@ -45,6 +45,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from orch.core import dag, decisions
 from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
+from orch.core.cron import Schedule
 from orch.core.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -71,6 +72,7 @@ from orch.core.records import (
     MetricsTarget,
     OutputPiece,
     QueueInfo,
+    ScheduleInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -81,6 +83,8 @@ from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
 from orch.store.base import (
+    SCHEDULE_COLUMNS,
+    SCHEDULE_FROM,
     SLOT_HOLDERS_SHOWN,
     AttemptResult,
     Change,
@@ -92,6 +96,8 @@ from orch.store.base import (
     freed_slots,
     key_reused,
     queue_infos,
+    schedule_info,
+    schedule_json_text,
 )
 
 log = logging.getLogger("orch.store")
@@ -1267,6 +1273,70 @@ class PostgresStore:
 
         await self._write(op)
         return got
+
+    # ---- cron schedules
+
+    async def save_schedule(self, sch: Schedule, *, create: bool, last_tick: float | None,
+                            next_at: float | None) -> None:
+        now = self.clock()
+        text = schedule_json_text(sch)
+
+        async def op(conn: Conn, out: list[Change]) -> None:
+            if create:
+                row = await (await conn.execute(
+                    "INSERT INTO schedules (name, definition, paused, created_at, updated_at, last_tick, next_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING name",
+                    (sch.name, text, sch.paused, now, now, last_tick if last_tick is not None else now,
+                     next_at))).fetchone()
+                if row is None:
+                    raise Conflict(f"a schedule {sch.name!r} exists already: change it (PATCH, orch schedule apply)"
+                                   " or delete it first", field="name")
+                return
+            row = await (await conn.execute(
+                "UPDATE schedules SET definition = %s, paused = %s, updated_at = %s, next_at = %s,"
+                " last_tick = COALESCE(%s, last_tick) WHERE name = %s RETURNING name",
+                (text, sch.paused, now, next_at, last_tick, sch.name))).fetchone()
+            if row is None:
+                raise NotFound(f"no schedule {sch.name!r}", field="name")
+
+        await self._auto(op)
+
+    async def delete_schedule(self, name: str) -> bool:
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            return bool(await _fetch(conn, "DELETE FROM schedules WHERE name = %s RETURNING name", (name,)))
+
+        return bool(await self._auto(op))
+
+    async def schedules(self, name: str | None = None) -> list[ScheduleInfo]:
+        if name is None:
+            rows = await self._rows(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM} ORDER BY s.name")
+        else:
+            rows = await self._rows(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM} WHERE s.name = %s", (name,))
+            if not rows:
+                raise NotFound(f"no schedule {name!r}", field="name")
+        return [schedule_info(r) for r in rows]
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleInfo]:
+        rows = await self._rows(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM} WHERE NOT s.paused"
+                                " AND s.next_at IS NOT NULL AND s.next_at <= %s ORDER BY s.next_at LIMIT %s",
+                                (now, limit))
+        return [schedule_info(r) for r in rows]
+
+    async def next_schedule_at(self) -> float | None:
+        rows = await self._rows("SELECT min(next_at) FROM schedules WHERE NOT paused AND next_at IS NOT NULL")
+        return rows[0][0] if rows else None
+
+    async def schedule_ticked(self, name: str, frm: float, last_tick: float, next_at: float | None,
+                              last_job: int | None, fired: int, skipped: int, missed: int,
+                              missed_at: float | None) -> bool:
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            return bool(await _fetch(conn,
+                "UPDATE schedules SET last_tick = %s, next_at = %s, last_job = COALESCE(%s, last_job),"
+                " fired = fired + %s, skipped = skipped + %s, missed = missed + %s,"
+                " last_missed_at = COALESCE(%s, last_missed_at) WHERE name = %s AND last_tick = %s RETURNING name",
+                (last_tick, next_at, last_job, fired, skipped, missed, missed_at, name, frm)))
+
+        return bool(await self._auto(op))
 
     async def lead(self, holder: str, ttl: float) -> Leadership:
         """A lease on the reaper's role in the ``leader`` table, on the database server's clock."""

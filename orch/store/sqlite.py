@@ -65,6 +65,7 @@ import aiosqlite
 
 from orch.core import dag, decisions
 from orch.core.concurrency import Holder, OnLimit, skips, to_cancel
+from orch.core.cron import Schedule
 from orch.core.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -92,6 +93,7 @@ from orch.core.records import (
     MetricsTarget,
     OutputPiece,
     QueueInfo,
+    ScheduleInfo,
     Snapshot,
     Verdict,
     Worker,
@@ -102,6 +104,8 @@ from orch.core.retry import RetryPolicy, policy_for
 from orch.core.spec import COMMAND_SHOWN, JobSpec, stored_spec
 from orch.core.states import LIVE_WORKERS, JobState, Outcome, WorkerState, check_transition
 from orch.store.base import (
+    SCHEDULE_COLUMNS,
+    SCHEDULE_FROM,
     SLOT_HOLDERS_SHOWN,
     AttemptResult,
     Change,
@@ -113,6 +117,8 @@ from orch.store.base import (
     checked_digests,
     freed_slots,
     queue_infos,
+    schedule_info,
+    schedule_json_text,
 )
 from orch.store.base import (
     key_reused as _key_reused,
@@ -1671,6 +1677,70 @@ class SqliteStore:
 
         # It may expire thousands of leases at once (a lost worker, a stall): on the writer thread.
         return await self._write(op, weight=INLINE_WEIGHT + 1)
+
+    # ---- cron schedules
+
+    async def save_schedule(self, sch: Schedule, *, create: bool, last_tick: float | None,
+                            next_at: float | None) -> None:
+        now = self.clock()
+        text = schedule_json_text(sch)
+
+        def op(conn: sqlite3.Connection, out: list[Change]) -> None:
+            if create:
+                cur = conn.execute(
+                    "INSERT INTO schedules (name, definition, paused, created_at, updated_at, last_tick, next_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                    (sch.name, text, int(sch.paused), now, now, last_tick if last_tick is not None else now, next_at))
+                if cur.rowcount == 0:
+                    raise Conflict(f"a schedule {sch.name!r} exists already: change it (PATCH, orch schedule apply)"
+                                   " or delete it first", field="name")
+                return
+            cur = conn.execute(
+                "UPDATE schedules SET definition = ?, paused = ?, updated_at = ?, next_at = ?,"
+                " last_tick = COALESCE(?, last_tick) WHERE name = ?",
+                (text, int(sch.paused), now, next_at, last_tick, sch.name))
+            if cur.rowcount == 0:
+                raise NotFound(f"no schedule {sch.name!r}", field="name")
+
+        await self._write(op, durable=True)
+
+    async def delete_schedule(self, name: str) -> bool:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            return conn.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount > 0
+
+        return bool(await self._write(op, durable=True))
+
+    async def schedules(self, name: str | None = None) -> list[ScheduleInfo]:
+        if name is None:
+            rows = await self._read(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM} ORDER BY s.name")
+        else:
+            rows = await self._point(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM} WHERE s.name = ?", (name,))
+            if not rows:
+                raise NotFound(f"no schedule {name!r}", field="name")
+        return [schedule_info(r) for r in rows]
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleInfo]:
+        rows = await self._read(f"SELECT {SCHEDULE_COLUMNS} FROM {SCHEDULE_FROM}"
+                                " WHERE s.paused = 0 AND s.next_at IS NOT NULL AND s.next_at <= ?"
+                                " ORDER BY s.next_at LIMIT ?", (now, limit))
+        return [schedule_info(r) for r in rows]
+
+    async def next_schedule_at(self) -> float | None:
+        rows = await self._point("SELECT MIN(next_at) FROM schedules INDEXED BY schedules_due"
+                                 " WHERE paused = 0 AND next_at IS NOT NULL")
+        return rows[0][0] if rows else None
+
+    async def schedule_ticked(self, name: str, frm: float, last_tick: float, next_at: float | None,
+                              last_job: int | None, fired: int, skipped: int, missed: int,
+                              missed_at: float | None) -> bool:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            return conn.execute(
+                "UPDATE schedules SET last_tick = ?, next_at = ?, last_job = COALESCE(?, last_job),"
+                " fired = fired + ?, skipped = skipped + ?, missed = missed + ?,"
+                " last_missed_at = COALESCE(?, last_missed_at) WHERE name = ? AND last_tick = ?",
+                (last_tick, next_at, last_job, fired, skipped, missed, missed_at, name, frm)).rowcount > 0
+
+        return bool(await self._write(op, durable=True))
 
     async def lead(self, holder: str, ttl: float) -> Leadership:
         """The one scheduler of the file leads."""
