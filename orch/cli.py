@@ -1664,6 +1664,230 @@ def workflow_show(
     run_async(main())
 
 
+# =========================================================================== orch schedule
+
+schedule_app = typer.Typer(help="Cron schedules: jobs submitted at times a cron expression names.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+def _schedule_line(x: dict[str, Any]) -> list[str]:
+    last = x.get("last_job")
+    return [visible(x["name"]), x["cron"], x["tz"], x["overlap"], "paused" if x["paused"] else _short(x["next_at"]),
+            f"{last['id']} {last['state']}" if last else "-", str(x["fired"]), str(x["skipped"]), str(x["missed"])]
+
+
+_SCHEDULE_HEAD = ["NAME", "CRON", "TZ", "OVERLAP", "NEXT", "LAST JOB", "FIRED", "SKIPPED", "MISSED"]
+
+
+@schedule_app.command("add", context_settings={"allow_interspersed_args": True, "ignore_unknown_options": True})
+def schedule_add(
+    name: str = typer.Argument(..., help="The schedule's name (1-64 of letters, digits, _ . : -)."),
+    command: List[str] = typer.Argument(..., help="The command and its arguments, after --."),
+    cron_expr: str = typer.Option(..., "--cron", help="Five fields (minute hour day month weekday), or six with seconds first: '*/5 * * * *'."),
+    tz: str = typer.Option("UTC", "--tz", help="IANA time zone of the expression, e.g. Europe/Berlin."),
+    overlap: str = typer.Option("skip", "--overlap", help="While the previous job runs: skip, allow, cancel_running or queue_one."),
+    catchup: str = typer.Option("60s", "--catchup", help="How late a tick may still fire (after downtime): 90s, 10m, 1h; older ones are missed."),
+    paused: bool = typer.Option(False, "--paused", help="Make it paused."),
+    shell: bool = typer.Option(False, "--shell", help="Run the words as one line through /bin/sh -c."),
+    env: List[str] | None = typer.Option(None, "--env", help="KEY=VALUE for the job's environment (repeatable)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds before the job is killed."),
+    retries: int | None = typer.Option(None, "--retries", min=0, max=99, help="Retries after a failure."),
+    queue: str | None = typer.Option(None, "--queue", help="Queue (default: default)."),
+    priority: int | None = typer.Option(None, "--priority", help="Higher runs first (-1000..1000)."),
+    job_name: str | None = typer.Option(None, "--name", help="A name for its jobs."),
+    cwd: str | None = typer.Option(None, "--cwd", help="Working directory on the worker."),
+    concurrency_key: str | None = typer.Option(None, "--concurrency-key", help="At most --concurrency-limit jobs with this key run at once."),
+    concurrency_limit: int | None = typer.Option(None, "--concurrency-limit", min=1, max=100000, help="How many jobs of --concurrency-key may run at once (default 1)."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Make a schedule: orch schedule add nightly --cron '30 2 * * *' --tz Europe/Berlin -- ./backup.sh."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+    job: dict[str, Any] = {"shell": " ".join(command)} if shell else {"command": list(command)}
+    extra = {"env": _parse_env(env) or None, "timeout": timeout, "queue": queue, "priority": priority,
+             "name": job_name, "cwd": cwd, "max_attempts": retries + 1 if retries is not None else None}
+    job.update({k: v for k, v in extra.items() if v is not None})
+    if concurrency_key is not None:
+        job["concurrency"] = {"key": concurrency_key, "limit": concurrency_limit or 1}
+    seconds = parse_duration(catchup)
+    if seconds is None:
+        fail(f"--catchup takes a duration such as 90s, 10m or 1h, not {catchup!r}", 2)
+    body = {"name": name, "cron": cron_expr, "tz": tz, "overlap": overlap, "catchup": seconds, "job": job,
+            "paused": paused}
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            made = await client.create_schedule(body)
+        if as_json:
+            emit_json(made)
+        else:
+            typer.echo(f"schedule {visible(made['name'])}: {made['cron']} ({made['tz']}), next "
+                       f"{'never (paused)' if made['paused'] else _short(made['next_at'])}")
+
+    run_async(main())
+
+
+@schedule_app.command("list")
+def schedule_list(
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """List the schedules: expression, zone, next run, last job, and how many ticks fired, were skipped, missed."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            items = await client.schedules()
+        if as_json:
+            emit_json({"schedules": items})
+        else:
+            typer.echo(table([_SCHEDULE_HEAD, *(_schedule_line(x) for x in items)]))
+
+    run_async(main())
+
+
+@schedule_app.command("next")
+def schedule_next(
+    name: str = typer.Argument(..., help="The schedule."),
+    n: int = typer.Option(5, "-n", min=1, max=100, help="How many next run times."),
+    as_json: bool = JsonOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Print a schedule's next run times (UTC and in its zone)."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> None:
+        from datetime import datetime
+        from zoneinfo import ZoneInfo
+
+        async with client_for(settings) as client:
+            x = await client.schedule(name, n)
+        if as_json:
+            emit_json(x["next"])
+            return
+        zone = ZoneInfo(x["tz"]) if x["tz"] != "UTC" else None
+        for t in x["next"]:
+            when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+            local = f"  ({when.astimezone(zone).isoformat()} {x['tz']})" if zone else ""
+            typer.echo(f"{t}{local}")
+
+    run_async(main())
+
+
+def _schedule_verb(verb: str, doc: str) -> None:
+    @schedule_app.command(verb, help=doc)
+    def command(
+        name: str = typer.Argument(..., help="The schedule."),
+        as_json: bool = JsonOpt,
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+        ca: Path | None = CaOpt,
+        data_dir: Path | None = DataDirOpt,
+        config: Path | None = ConfigOpt,
+    ) -> None:
+        settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+        async def main() -> None:
+            async with client_for(settings) as client:
+                if verb == "delete":
+                    got = await client.delete_schedule(name)
+                else:
+                    got = await client.schedule_action(name, verb)
+            if as_json:
+                emit_json(got)
+            elif verb == "trigger":
+                typer.echo(got["id"])
+            elif verb == "delete":
+                typer.echo(f"schedule {visible(name)} deleted")
+            else:
+                typer.echo(f"schedule {visible(name)} {verb}d" + ("" if verb == "pause" else
+                                                              f": next {_short(got['next_at'])}"))
+
+        run_async(main())
+
+
+_schedule_verb("pause", "Pause a schedule: its ticks do not fire until it is resumed.")
+_schedule_verb("resume", "Resume a paused schedule: its ticks count from now.")
+_schedule_verb("trigger", "Run a schedule's job now, once (prints the job's id).")
+_schedule_verb("delete", "Delete a schedule (the jobs it submitted stay).")
+
+
+@schedule_app.command("apply")
+def schedule_apply(
+    file: Path = typer.Option(..., "--file", "-f", help="YAML: schedules: {NAME: {cron, tz, overlap, catchup, job, paused}}."),
+    prune: bool = typer.Option(False, "--prune", help="Delete the schedules the file does not name."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would change; change nothing."),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Make the cluster's schedules what a file says: create, change, and with --prune delete."""
+    import yaml
+
+    from orch.core.cron import check_schedule
+
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+    try:
+        doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        fail(f"cannot read {file}: {getattr(e, 'strerror', None) or e}", 2)
+    if not isinstance(doc, dict) or not isinstance(doc.get("schedules"), dict) or set(doc) - {"schedules"}:
+        fail(f"{file}: a schedules file is a map with 'schedules': a map of names to schedules", 2)
+    wanted: dict[str, dict[str, Any]] = {}
+    for name, body in doc["schedules"].items():
+        if isinstance(body, dict) and isinstance(body.get("catchup"), str):
+            seconds = parse_duration(body["catchup"])
+            if seconds is None:
+                fail(f"{file}: schedules.{name}.catchup is a duration such as 90s, 10m or 1h", 2)
+            body = {**body, "catchup": seconds}
+        try:
+            check_schedule(str(name), body, prefix=f"schedules.{name}.")
+        except ValidationError as e:
+            fail(f"{file}: {e.message} ({e.field})", 2)
+        wanted[str(name)] = body
+
+    async def main() -> None:
+        async with client_for(settings) as client:
+            have = {x["name"]: x for x in await client.schedules(0)}
+            for name, body in wanted.items():
+                if name not in have:
+                    typer.echo(f"create {visible(name)}")
+                    if not dry_run:
+                        await client.create_schedule({"name": name, **body})
+                    continue
+                old = have[name]
+                changed = {k: v for k, v in body.items() if old.get(k) != v}
+                if changed:
+                    typer.echo(f"change {visible(name)}: {', '.join(sorted(changed))}")
+                    if not dry_run:
+                        await client.change_schedule(name, changed)
+                else:
+                    typer.echo(f"keep {visible(name)}")
+            for name in sorted(set(have) - set(wanted)):
+                if prune:
+                    typer.echo(f"delete {visible(name)}")
+                    if not dry_run:
+                        await client.delete_schedule(name)
+                else:
+                    typer.echo(f"leave {visible(name)} (not in {file}; --prune deletes it)")
+
+    run_async(main())
+
+
 def main() -> None:
     app()
 

@@ -197,6 +197,25 @@ class Client:
         async for item in self._stream(f"/v1/jobs/{job_id}/events", {"follow": "1", "after": str(after)}):
             yield item
 
+    async def schedules(self, next_n: int = 1) -> list[dict[str, Any]]:
+        return list((await self.request("GET", "/v1/schedules", params={"next": str(next_n)}))["schedules"])
+
+    async def schedule(self, name: str, next_n: int = 5) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/schedules/{quote(name, safe='')}", params={"next": str(next_n)})
+
+    async def create_schedule(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", "/v1/schedules", body=body)
+
+    async def change_schedule(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("PATCH", f"/v1/schedules/{quote(name, safe='')}", body=body)
+
+    async def schedule_action(self, name: str, action: str) -> dict[str, Any]:
+        """POST /v1/schedules/NAME/ACTION: pause, resume or trigger."""
+        return await self.request("POST", f"/v1/schedules/{quote(name, safe='')}/{action}")
+
+    async def delete_schedule(self, name: str) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v1/schedules/{quote(name, safe='')}")
+
     async def workflow(self, job_id: int | str) -> dict[str, Any]:
         """The workflow job ``job_id`` is part of: ``{"id", "state", "counts", "jobs": [... "dependencies"]}``."""
         return await self.request("GET", f"/v1/workflows/{job_id}")

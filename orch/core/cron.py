@@ -162,7 +162,11 @@ def _ticks(cron: str, tz: str, after: float) -> Iterator[float]:
     zone = _zone(tz)
     start = datetime.fromtimestamp(int(after), zone)  # whole seconds: cron's finest grain
     for dt in CronSim(cron, start):
-        yield dt.timestamp()
+        t = dt.timestamp()
+        # In the hour that comes twice, cronsim reads a fixed time on the local clock: started from its second
+        # pass, it names the first pass's tick again (an hour before the start). That one was had: go on.
+        if t > after:
+            yield t
 
 
 def next_ticks(cron: str, tz: str, after: float, n: int) -> list[float]:
