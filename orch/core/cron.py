@@ -23,6 +23,7 @@ from orch.core.spec import MAX_LABELS, NAME_RE, parse_spec
 
 MAX_CATCHUP = 366 * 86400.0
 DEFAULT_CATCHUP = 60.0  # seconds late a tick may still fire (a scheduler restart); older ones are missed
+ON_TIME = 1.0  # seconds late a tick counts as on time whatever its catch-up window (0: "only on time")
 MAX_MISSED_COUNTED = 100_000  # missed ticks counted one by one after downtime; beyond, "at least"
 MAX_EXPR_LEN = 200
 SCHEDULE_FIELDS = frozenset({"cron", "tz", "overlap", "catchup", "job", "paused"})
@@ -193,9 +194,9 @@ class Plan:
 
 def plan(s: Schedule, last_tick: float, now: float, limit: int = 1000) -> Plan:
     """The ticks of ``s`` after ``last_tick`` up to ``now``: those within its catch-up window (no older than
-    ``now - s.catchup``) fire, at most ``limit`` of them, the newest; the others are missed, never fired. After
+    ``now - s.catchup``, or ON_TIME) fire, at most ``limit`` of them, the newest; the others are missed, never fired. After
     long downtime the missed ones are counted up to MAX_MISSED_COUNTED, then the count jumps to the window."""
-    edge = now - s.catchup
+    edge = now - max(s.catchup, ON_TIME)
     fire: list[float] = []
     missed, first, more = 0, None, False
     nxt: float | None = None
