@@ -203,6 +203,8 @@ VALID: dict[str, Any] = {
     "/v1/workers/{worker_id}/hand-back": {"attempts": []},
     "/v1/jobs/{job_id}/retry": {"by": "fuzz"}, "/v1/jobs/retry": {"state": "cancelled", "queue": "default"},
     "/v1/limits/{name}": {"rate": "100/s", "burst": 2}, "/v1/queues/{queue}": {"concurrency": 4},
+    "/v1/schedules": {"name": "fuzz-new", "cron": "0 3 * * *", "job": {"command": ["true"]}},
+    "/v1/schedules/{name}": {"overlap": "allow"},
 }
 
 json_values = st.recursive(
@@ -282,6 +284,9 @@ def test_fuzz_no_5xx_and_answers_match_the_schema(cluster: Cluster, method: str,
         c.json("POST", f"/v1/queues/{queue}/resume", CLIENT)
         c.json("PATCH", f"/v1/queues/{queue}", CLIENT, {"concurrency": None})  # and a fuzzed limit lifted
         c.json("PUT", f"/v1/limits/{queue}", CLIENT, {"rate": "1000/s"})
+        c.request("DELETE", f"/v1/schedules/{queue}", CLIENT, None)  # a schedule of each name, as made (a fuzzed one undone)
+        c.json("POST", "/v1/schedules", CLIENT, {"name": queue, "cron": "0 4 * * *", "job": {"command": ["true"]}})
+    c.request("DELETE", "/v1/schedules/fuzz-new", CLIENT, None)  # the valid create's name is free
     # A workflow (a ref, a dependency that is met at once): GET /v1/workflows/{job_id} has one to show.
     jobs = c.json("POST", "/v1/jobs/batch", CLIENT, {"jobs": [{"command": ["true"], "ref": "a"}, {"shell": "exit 3"},
                                                               {"task": "echo", "args": ["x"]}]})["jobs"]

@@ -104,6 +104,8 @@ BODIES = {
     "/v1/jobs/retry": {"state": "failed"}, "/v1/limits/{name}": {"rate": "10/s"},
     "/v1/queues/{queue}": {"concurrency": 2},
     "/v1/jobs/purge": {"older_than": 86400},
+    "/v1/schedules": {"name": "made", "cron": "0 3 * * *", "job": {"command": ["true"]}},
+    "/v1/schedules/{name}": {"overlap": "allow"},
 }
 
 
@@ -119,6 +121,9 @@ def test_every_route_demands_the_right_role(tmp_path: Path) -> None:
         wid, cred = await register(client)
         other, other_cred = await register(client, name="other")
         status, made, _ = await req(client, "PUT", "/v1/limits/api", CLIENT, {"rate": "10/s"})  # DELETE's, first
+        assert status == 201, made
+        status, made, _ = await req(client, "POST", "/v1/schedules", CLIENT,  # the schedule routes' {name}
+                                    {"name": "api", "cron": "0 3 * * *", "job": {"command": ["true"]}})
         assert status == 201, made
         routes = sorted({(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"})
         assert len(routes) >= 20
@@ -148,6 +153,9 @@ def test_every_route_demands_the_right_role(tmp_path: Path) -> None:
             # 409: a worker's report of no current attempt, a replay of a job that has not ended.
             assert status < 400 or (status == 409 and (template.startswith("/v1/workers/{") or template.endswith(
                 "/{job_id}/retry"))), (method, path, status, data)
+            if (method, template) == ("DELETE", "/v1/schedules/{name}"):  # the next routes name it again
+                await req(client, "POST", "/v1/schedules", CLIENT,
+                          {"name": "api", "cron": "0 3 * * *", "job": {"command": ["true"]}})
             checked += 1
         assert checked == len(routes) - 1
         # Refused requests changed nothing: only `wid`, with its own credential, ever held the job, and
