@@ -1489,7 +1489,7 @@ def _read_workflow(text: str, name: str) -> list[dict[str, Any]]:
         fail(f"{name}: not valid YAML: {e}", 2)
     try:
         specs = specs_of(doc)
-    except ValidationError as e:
+    except OrchError as e:
         where = f" ({e.field})" if e.field and e.field not in e.message else ""
         fail(f"{name}: {e.message}{where}", 2)
     if len(specs) > 10_000:

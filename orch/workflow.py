@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from orch.core.dag import On, resolve
-from orch.core.errors import ValidationError
+from orch.core.errors import OrchError, ValidationError
 from orch.core.spec import parse_spec
 
 _IF = {"success()": On.SUCCESS, "success": On.SUCCESS, "failure()": On.FAILURE, "failure": On.FAILURE,
@@ -93,7 +93,7 @@ def specs_of(doc: Any) -> list[dict[str, Any]]:
     names = list(doc["jobs"])
     try:
         resolve([s["ref"] for s in specs], [parse_spec(s).depends_on for s in specs])
-    except ValidationError as e:  # jobs[i].depends_on[j] -> jobs.NAME.needs[j]
+    except OrchError as e:  # jobs[i].depends_on[j] -> jobs.NAME.needs[j]
         if e.field and e.field.startswith("jobs["):
             i = int(e.field[5:e.field.index("]")])
             e.field = f"jobs.{names[i]}.needs" + e.field[e.field.index("]") + 1:].replace(".depends_on", "")

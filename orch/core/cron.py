@@ -68,6 +68,8 @@ def check_tz(tz: Any, fld: str = "tz") -> str:
             or tz.startswith("/") or ".." in tz:
         raise ValidationError("tz is an IANA time zone name, e.g. Europe/Berlin or UTC", field=fld)
     try:
+        if tz not in _known_zones():
+            raise ValueError(tz)
         _zone(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValidationError(f"no time zone {tz!r} (an IANA name, e.g. Europe/Berlin, America/New_York, UTC)",
@@ -75,9 +77,82 @@ def check_tz(tz: Any, fld: str = "tz") -> str:
     return tz
 
 
+@functools.lru_cache(maxsize=1)
+def _known_zones() -> frozenset[str]:
+    return frozenset(zone_names())
+
+
 @functools.lru_cache(maxsize=512)
 def _zone(tz: str) -> Any:
     return UTC if tz == "UTC" else ZoneInfo(tz)
+
+
+def _ci(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" for c in word)
+
+
+def _field(number: str, names: tuple[str, ...] = ()) -> str:
+    value = f"(?:{number}|{'|'.join(_ci(n) for n in names)})" if names else f"(?:{number})"
+    atom = rf"(?:\*|{value}(?:-{value})?)(?:/[1-9][0-9]?)?"
+    return f"{atom}(?:,{atom})*"
+
+
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_SIXTY = "[0-5]?[0-9]"
+_FIVE = [_field(_SIXTY), _field("[01]?[0-9]|2[0-3]"), _field("0?[1-9]|[12][0-9]|3[01]"),
+         _field("0?[1-9]|1[0-2]", _MONTHS), _field("[0-7]", _DAYS)]
+# What a cron expression may be, as the API document says it (ranges of values, lists, steps, month and day names;
+# five fields, or six with seconds first): the check refuses the same, and cronsim what is left (a range that
+# runs backwards, a date no month has).
+CRON_PATTERN = f"^(?:{_field(_SIXTY)} )?{' '.join(_FIVE)}$"
+_CRON_RE = re.compile(CRON_PATTERN)
+
+
+_BOUNDS = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 6))  # second, minute, hour, day, month, weekday
+_NAMES = ({}, {}, {}, {}, {n: i + 1 for i, n in enumerate(_MONTHS)}, {n: i for i, n in enumerate(_DAYS)})
+
+
+def _wrapped(words: list[str]) -> list[str]:
+    """The fields with each range that runs backwards (22-2) written out as the values it wraps around to
+    (22,23,0,1,2; with a step, every nth of them): cron gives such a range no meaning of its own, and wrapping
+    is what one reads in it."""
+    six = words if len(words) == 6 else ["0", *words]
+    out = []
+    for k, word in enumerate(six):
+        lo, hi = _BOUNDS[k]
+        names = _NAMES[k]
+        atoms = []
+        for atom in word.split(","):
+            rng, _, step = atom.partition("/")
+            a, dash, b = rng.partition("-")
+            if dash and a != "*":
+                x, y = (names.get(v.upper(), None) if not v.isdigit() else int(v) for v in (a, b))
+                if k == 5:
+                    x, y = (0 if v == 7 else v for v in (x, y))
+                if x is not None and y is not None and x > y:
+                    values = [*range(x, hi + 1), *range(lo, y + 1)][::int(step) if step else 1]
+                    atoms.append(",".join(str(v) for v in values))
+                    continue
+                if k == 5 and x is not None and y is not None and "7" in (a, b):  # Sunday as 7, read as 0
+                    atoms.append(f"{x}-{y}" + (f"/{step}" if step else ""))
+                    continue
+            atoms.append(atom)
+        out.append(",".join(atoms))
+    return out if len(words) == 6 else out[1:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _as_cronsim(expr: str) -> str:
+    """An expression as cronsim reads it (backward ranges written out, _wrapped)."""
+    return " ".join(_wrapped(expr.split()))
+
+
+def zone_names() -> list[str]:
+    """Every IANA zone name this machine (or the tzdata package) knows, UTC among them."""
+    from zoneinfo import available_timezones
+
+    return sorted(available_timezones() | {"UTC"})
 
 
 def check_cron(expr: Any, fld: str = "cron") -> str:
@@ -90,8 +165,11 @@ def check_cron(expr: Any, fld: str = "cron") -> str:
     if len(words) not in (5, 6):
         raise ValidationError(f"cron {expr!r} has {len(words)} fields: give five (minute hour day month weekday), "
                               "or six with seconds first", field=fld)
+    if expr != " ".join(words) or not _CRON_RE.fullmatch(expr):
+        raise ValidationError(f"cron {expr!r} is not an expression of numbers in range, *, lists (a,b), ranges (a-b), "
+                              "steps (/n), month or day names, its fields one space apart", field=fld)
     try:
-        it = CronSim(" ".join(words), datetime(2026, 1, 1, tzinfo=UTC))
+        it = CronSim(_as_cronsim(" ".join(words)), datetime(2026, 1, 1, tzinfo=UTC))
         next(it)
     except CronSimError as e:
         raise ValidationError(f"cron {expr!r}: {e}", field=fld) from None
@@ -162,7 +240,7 @@ def _ticks(cron: str, tz: str, after: float) -> Iterator[float]:
 
     zone = _zone(tz)
     start = datetime.fromtimestamp(int(after), zone)  # whole seconds: cron's finest grain
-    for dt in CronSim(cron, start):
+    for dt in CronSim(_as_cronsim(cron), start):
         t = dt.timestamp()
         # In the hour that comes twice, cronsim reads a fixed time on the local clock: started from its second
         # pass, it names the first pass's tick again (an hour before the start). That one was had: go on.

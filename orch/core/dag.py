@@ -16,7 +16,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from orch.core.errors import ValidationError
+from orch.core.errors import Conflict, NotFound, ValidationError
 from orch.core.states import TERMINAL, JobState
 
 MAX_DEPENDS = 10_000  # dependencies one job may name (a fan-in of a 10,000-job batch: its MAX_BATCH)
@@ -84,7 +84,7 @@ def check_depends_on(v: Any, fld: str) -> tuple[Dep, ...]:
     if len(v) > MAX_DEPENDS:
         raise ValidationError(f"{fld} names more than {MAX_DEPENDS} dependencies", field=fld)
     out: list[Dep] = []
-    seen: set[tuple[int | None, str | None]] = set()
+    seen: dict[tuple[int | None, str | None], On] = {}
     for i, item in enumerate(v):
         at = f"{fld}[{i}]"
         on = On.SUCCESS
@@ -99,29 +99,35 @@ def check_depends_on(v: Any, fld: str) -> tuple[Dep, ...]:
             if not isinstance(raw_on, str) or raw_on not in On._value2member_map_:
                 raise ValidationError(f"{at}.on must be one of {', '.join(o.value for o in On)}", field=f"{at}.on")
             on, item, at = On(raw_on), item["job"], f"{at}.job"
+        if isinstance(item, float) and item.is_integer() and 1 <= item <= 2 ** 62:
+            item = int(item)  # 2.0 is the integer 2, as JSON Schema reads it
         if isinstance(item, bool) or not isinstance(item, (int, str)) or (isinstance(item, int) and not
                                                                            1 <= item <= 2 ** 62):
             raise ValidationError(f"{at} must be a job id (a positive integer) or the ref of a job of the batch",
                                   field=at)
         dep = Dep(item, None, on) if isinstance(item, int) else Dep(None, check_ref(item, at), on)
-        if (dep.job, dep.ref) in seen:
-            raise ValidationError(f"{at} names {item!r} a second time", field=at)
-        seen.add((dep.job, dep.ref))
+        if (dep.job, dep.ref) in seen:  # the same twice is once; with another end, the list is at odds with itself
+            if seen[(dep.job, dep.ref)] is not on:
+                raise Conflict(f"{at} names {item!r} a second time, on {on} (it was on "
+                               f"{seen[(dep.job, dep.ref)]} before)", field=at)
+            continue
+        seen[(dep.job, dep.ref)] = on
         out.append(dep)
     return tuple(out)
 
 
 def resolve(refs: Sequence[str | None], deps: Sequence[Sequence[Dep]]) -> list[list[tuple[int | None, int | None, On]]]:
     """The dependencies of each job of a batch as (job id, batch index, on): a ref becomes the index of the job
-    of the batch that has it. A ref two jobs have, a ref none has, and a cycle are ValidationErrors naming
-    the place (``jobs[i].ref``, ``jobs[i].depends_on[j]``)."""
+    of the batch that has it. A ref none has is a NotFound; a ref two jobs have, and a cycle, a Conflict (the
+    batch at odds with itself: each job alone is valid, which is all its schema can say), each naming the place
+    (``jobs[i].ref``, ``jobs[i].depends_on[j]``)."""
     where: dict[str, int] = {}
     for i, ref in enumerate(refs):
         if ref is None:
             continue
         if ref in where:
-            raise ValidationError(f"ref {ref!r} is jobs[{where[ref]}]'s already: each job of a batch has its own",
-                                  field=f"jobs[{i}].ref")
+            raise Conflict(f"ref {ref!r} is jobs[{where[ref]}]'s already: each job of a batch has its own",
+                           field=f"jobs[{i}].ref")
         where[ref] = i
     out: list[list[tuple[int | None, int | None, On]]] = []
     for i, ds in enumerate(deps):
@@ -132,9 +138,9 @@ def resolve(refs: Sequence[str | None], deps: Sequence[Sequence[Dep]]) -> list[l
                 continue
             k = where.get(d.ref)
             if k is None:
-                raise ValidationError(f"no job of this batch has ref {d.ref!r}", field=f"jobs[{i}].depends_on[{j}]")
+                raise NotFound(f"no job of this batch has ref {d.ref!r}", field=f"jobs[{i}].depends_on[{j}]")
             if k == i:
-                raise ValidationError(f"jobs[{i}] depends on itself", field=f"jobs[{i}].depends_on[{j}]")
+                raise Conflict(f"jobs[{i}] depends on itself", field=f"jobs[{i}].depends_on[{j}]")
             row.append((None, k, d.on))
         out.append(row)
     cycle = find_cycle([[k for _, k, _ in row if k is not None] for row in out])
@@ -142,8 +148,8 @@ def resolve(refs: Sequence[str | None], deps: Sequence[Sequence[Dep]]) -> list[l
         names = [refs[k] or f"jobs[{k}]" for k in cycle]
         i = cycle[0]
         j = next(n for n, (_, k, _) in enumerate(out[i]) if k == cycle[1 % len(cycle)])
-        raise ValidationError(f"the batch's dependencies make a cycle: {' -> '.join(names + names[:1])}",
-                              field=f"jobs[{i}].depends_on[{j}]")
+        raise Conflict(f"the batch's dependencies make a cycle: {' -> '.join(names + names[:1])}",
+                       field=f"jobs[{i}].depends_on[{j}]")
     return out
 
 

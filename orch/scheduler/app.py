@@ -514,7 +514,7 @@ class Api:
         stored = self.stored(spec, "")
         try:
             jobs = await self.store.submit([spec], self.defaults, [stored])
-        except ValidationError as e:  # the store names a dependency's place in a batch: here there is one job
+        except (ValidationError, NotFound, Conflict) as e:  # a dependency's place in a batch: here, one job
             if e.field and e.field.startswith("jobs[0]."):
                 e.field = e.field[len("jobs[0]."):]
             raise

@@ -17,7 +17,7 @@ from typing import Any
 from orch.core.concurrency import MAX_KEY_LEN as CONCURRENCY_KEY_LEN
 from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.concurrency import OnLimit
-from orch.core.cron import MAX_CATCHUP, Overlap
+from orch.core.cron import CRON_PATTERN, MAX_CATCHUP, Overlap, zone_names
 from orch.core.dag import MAX_DEPENDS, On
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
@@ -111,6 +111,14 @@ JOB_FIELDS: dict[str, Any] = {
 }
 JOB_REQUIRED = ("id", "state", "queue", "priority", "name", "command", "command_truncated", "attempt", "max_attempts",
                 "created_at", "started_at", "finished_at", "worker", "cancel_requested", "exit_code", "error")
+
+CRON = {"type": "string", "maxLength": 200, "pattern": CRON_PATTERN,
+        "description": "five fields (minute hour day month weekday), or six with seconds first: *, numbers, a-b, "
+                       "a,b, /step, month and day names"}
+TZ = {"type": "string", "enum": zone_names(), "description": "an IANA time zone (default UTC)"}
+SCHEDULE_JOB = {"allOf": [ref("JobSpec")], "not": {"anyOf": [{"required": [k]} for k in (
+    "idempotency_key", "run_at", "delay", "depends_on", "ref")]},
+    "description": "a job spec without idempotency_key, run_at, delay, depends_on or ref (each tick decides them)"}
 
 SCHEMAS: dict[str, Any] = {
     "ErrorBody": obj({
@@ -331,25 +339,21 @@ SCHEMAS: dict[str, Any] = {
     "HandedBack": obj({"handed_back": {"type": "array", "items": ref("AttemptRef")}}, ("handed_back",)),
     "ScheduleBody": obj({
         "name": NAME,
-        "cron": {"type": "string", "minLength": 1, "maxLength": 200,
-                 "description": "five fields (minute hour day month weekday), or six with seconds first"},
-        "tz": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-/]+$",
-               "description": "an IANA time zone (default UTC)"},
+        "cron": CRON, "tz": TZ,
         "overlap": {"type": "string", "enum": [o.value for o in Overlap],
                     "description": "while the previous job has not ended: skip (the default), allow, cancel_running, "
                                    "queue_one (one job waits for it)"},
         "catchup": {"type": "number", "minimum": 0, "maximum": MAX_CATCHUP,
                     "description": "seconds late a tick may still fire (default 60); older ones are missed"},
-        "job": ref("JobSpec"),
+        "job": SCHEDULE_JOB,
         "paused": {"type": "boolean"},
     }, ("name", "cron", "job"), closed=True,
         description="the job: a spec as POST /v1/jobs takes, without idempotency_key, run_at, delay, depends_on, ref"),
     "SchedulePatch": obj({k: v for k, v in {
-        "cron": {"type": "string", "minLength": 1, "maxLength": 200},
-        "tz": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_+\-/]+$"},
+        "cron": CRON, "tz": TZ,
         "overlap": {"type": "string", "enum": [o.value for o in Overlap]},
         "catchup": {"type": "number", "minimum": 0, "maximum": MAX_CATCHUP},
-        "job": ref("JobSpec"), "paused": {"type": "boolean"}}.items()}, closed=True),
+        "job": SCHEDULE_JOB, "paused": {"type": "boolean"}}.items()}, closed=True),
     "Schedule": obj({
         "name": {"type": "string"}, "cron": {"type": "string"}, "tz": {"type": "string"},
         "overlap": {"type": "string"}, "catchup": {"type": "number"}, "job": {"type": "object"},

@@ -351,7 +351,7 @@ class Store(Protocol):
     async def why_facts(self, job_id: int) -> JobFacts: ...
     async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
         """The workflow job ``job_id`` is part of: its id (its first job's) and every job of it, by id, with its
-        dependencies. NotFound if there is no such job or it is part of no workflow."""
+        dependencies; a job submitted alone is a workflow of one. NotFound if there is no such job."""
         ...
     async def queues(self) -> list[str]:
         """Every queue name known: its jobs' and those workers registered for."""

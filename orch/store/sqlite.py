@@ -794,9 +794,9 @@ class SqliteStore:
         if not rows:
             raise NotFound(f"no job {job_id}", field="id")
         wf = rows[0][0]
-        if wf is None:
-            raise NotFound(f"job {job_id} is part of no workflow (it was submitted without refs or depends_on)",
-                           field="id")
+        if wf is None:  # a job submitted alone, without refs or dependencies: a workflow of one
+            rec = await self.get_job(job_id, with_output=False)
+            return job_id, [WorkflowNode(rec.job, rec.spec.get("ref"), rec.dependencies)]
         jobs = await self._read(f"SELECT {SUMMARY_COLUMNS}, spec FROM jobs WHERE workflow = ? ORDER BY id", (wf,))
         edges = await self._read(
             "SELECT d.job_id, d.dep_id, d.cond, d.met, d.ref, j.state FROM jobs w JOIN deps d ON d.job_id = w.id"
@@ -1907,7 +1907,7 @@ class _Links:
                 continue  # a replayed job has its dependencies since its first submit
             for j, (jid, k, on) in enumerate(row):
                 if jid is not None and jid not in known:
-                    raise ValidationError(f"no job {jid} to depend on", field=f"jobs[{i}].depends_on[{j}]")
+                    raise NotFound(f"no job {jid} to depend on", field=f"jobs[{i}].depends_on[{j}]")
                 edges.append((ids[i], jid if jid is not None else ids[k or 0], on.value,
                               self.specs[k].ref if k is not None else None))
         conn.executemany("INSERT INTO deps (job_id, dep_id, cond, ref) VALUES (?, ?, ?, ?)", edges)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from storekit import POLICY, TTL, FakeClock, Run, claim_one, spec, worker
 
-from orch.core.errors import Conflict, ValidationError
+from orch.core.errors import Conflict, NotFound
 from orch.core.states import JobState, Outcome
 from orch.store.base import AttemptResult, Store
 
@@ -212,18 +212,18 @@ def test_cancelling_a_blocked_job_skips_its_dependents_and_a_cancelled_dependenc
     run(tmp_path, body)
 
 
-@pytest.mark.parametrize("jobs, field, words", [
-    ([{"ref": "a", "depends_on": ["b"]}, {"ref": "b", "depends_on": ["a"]}], "jobs[0].depends_on[0]",
+@pytest.mark.parametrize("jobs, error, field, words", [
+    ([{"ref": "a", "depends_on": ["b"]}, {"ref": "b", "depends_on": ["a"]}], Conflict, "jobs[0].depends_on[0]",
      "cycle: a -> b -> a"),
-    ([{"ref": "a", "depends_on": ["a"]}], "jobs[0].depends_on[0]", "depends on itself"),
-    ([{"ref": "a"}, {"depends_on": ["nope"]}], "jobs[1].depends_on[0]", "no job of this batch has ref 'nope'"),
-    ([{"ref": "a"}, {"ref": "a"}], "jobs[1].ref", "ref 'a' is jobs[0]'s already"),
-    ([{"ref": "a"}, {"depends_on": ["a", 999999]}], "jobs[1].depends_on[1]", "no job 999999"),
+    ([{"ref": "a", "depends_on": ["a"]}], Conflict, "jobs[0].depends_on[0]", "depends on itself"),
+    ([{"ref": "a"}, {"depends_on": ["nope"]}], NotFound, "jobs[1].depends_on[0]", "no job of this batch has ref 'nope'"),
+    ([{"ref": "a"}, {"ref": "a"}], Conflict, "jobs[1].ref", "ref 'a' is jobs[0]'s already"),
+    ([{"ref": "a"}, {"depends_on": ["a", 999999]}], NotFound, "jobs[1].depends_on[1]", "no job 999999"),
 ])
 def test_a_cycle_an_unknown_ref_or_id_or_a_ref_twice_is_refused_naming_it_and_nothing_is_submitted(
-        run: Run, tmp_path: Path, jobs: list[dict[str, Any]], field: str, words: str) -> None:
+        run: Run, tmp_path: Path, jobs: list[dict[str, Any]], error: type[Exception], field: str, words: str) -> None:
     async def body(store: Store, clock: FakeClock) -> None:
-        with pytest.raises(ValidationError) as e:
+        with pytest.raises(error) as e:
             await store.submit([spec(**j) for j in jobs], POLICY)
         assert e.value.field == field
         assert words in str(e.value)

@@ -69,11 +69,9 @@ def test_schemathesis_finds_nothing(tmp_path: Path, orch_env: dict[str, str]) ->
             lines += ["[[operations]]", f"include-name = {toml_string(f'{method.upper()} {path}')}",
                       f"parameters = {{ {params} }}",
                       f"headers = {{ Authorization = {toml_string('Bearer ' + reg['credential'])} }}"]
-        # A replay is of an ended job: a cancelled one (scheduled far ahead, so nothing runs it) for that route.
-        status, ended_job = http("POST", url + "/v1/jobs", {"command": ["true"], "delay": 3600})
-        assert status == 201 and http("POST", f"{url}/v1/jobs/{ended_job['id']}/cancel")[0] == 200
-        lines += ["[[operations]]", f"include-name = {toml_string('POST /v1/jobs/{job_id}/retry')}",
-                  f"parameters = {{ \"path.job_id\" = {ended_job['id']} }}"]
+        # A replay is of an ended job: not pinned to one (a fuzzed purge deletes it, and the stateful phase, which
+        # chains a submit to its replay, would read the 404 as a created job lost). Replays of ended jobs are
+        # tested in tests/e2e/test_replay.py and the fuzz test.
         config = tmp_path / "schemathesis.toml"
         config.write_text("\n".join(lines) + "\n")
         started = time.monotonic()

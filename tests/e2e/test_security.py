@@ -131,7 +131,10 @@ def test_up_local_cli_finds_the_token_and_jobs_never_see_it(tmp_path: Path, orch
         assert r.returncode == 0, r.stderr
         job_env = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
         assert "ORCH_JOB_ID" in job_env and "ORCH_ATTEMPT" in job_env
-        leaked = {k for k in job_env if k.startswith("ORCH_") and k not in ("ORCH_JOB_ID", "ORCH_ATTEMPT")}
+        # The job's own variables only: who it is, and its result file (ORCH_INPUTS_PATH: a job with dependencies).
+        assert job_env["ORCH_RESULT_PATH"].endswith(f"/{job_env['ORCH_JOB_ID']}-1.result.json")
+        leaked = {k for k in job_env if k.startswith("ORCH_")
+                  and k not in ("ORCH_JOB_ID", "ORCH_ATTEMPT", "ORCH_RESULT_PATH")}
         assert not leaked, leaked
         assert tokens["client"] not in r.stdout and tokens["join"] not in r.stdout and "orch_w_" not in r.stdout
         bare = {k: v for k, v in env.items() if k != "ORCH_DATA_DIR"}

@@ -144,12 +144,15 @@ def test_why_names_the_dependency_a_blocked_job_waits_on_and_bad_workflows_are_r
     gate.touch()
     assert ended(url, after, 30)["state"] == "succeeded"
 
-    # A cycle, a need of no job, and a single submit naming a ref it does not have: 400 naming the place.
+    # A cycle (409: each job is valid, the batch is at odds with itself) and a dependency on no job (404), naming
+    # the place; a bad depends_on itself is a 400.
     status, err = http("POST", url + "/v1/jobs/batch", {"jobs": [
         {"ref": "a", "command": ["true"], "depends_on": ["b"]}, {"ref": "b", "command": ["true"], "depends_on": ["a"]}]})
-    assert status == 400 and err["error"]["field"] == "jobs[0].depends_on[0]" and "cycle" in err["error"]["message"]
+    assert status == 409 and err["error"]["field"] == "jobs[0].depends_on[0]" and "cycle" in err["error"]["message"]
     status, err = http("POST", url + "/v1/jobs", {"command": ["true"], "depends_on": [987654321]})
-    assert status == 400 and err["error"]["field"] == "depends_on[0]", err
+    assert status == 404 and err["error"]["field"] == "depends_on[0]", err
+    status, err = http("POST", url + "/v1/jobs", {"command": ["true"], "depends_on": [{"job": 1, "on": "soon"}]})
+    assert status == 400 and err["error"]["field"] == "depends_on[0].on", err
     bad = tmp_path / "bad.yaml"
     bad.write_text("jobs:\n  a:\n    run: 'true'\n    needs: [b]\n")
     refused = run_cli(["submit", "--file", str(bad)], env)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from orch.core.dag import Dep, On, check_depends_on, find_cycle, met, resolve, workflow_state
-from orch.core.errors import ValidationError
+from orch.core.errors import Conflict, ValidationError
 from orch.core.spec import parse_spec
 from orch.core.states import JobState
 
@@ -32,13 +32,20 @@ def test_depends_on_takes_ids_refs_and_objects_and_writes_them_back_as_given() -
     ([{"on": "success"}], "depends_on[0].job"),
     ([{"job": 3, "on": "maybe"}], "depends_on[0].on"),
     ([{"job": 3, "when": "x"}], "depends_on[0].when"),
-    ([3, 3], "depends_on[1]"),
     ([None], "depends_on[0]"),
 ])
 def test_a_bad_depends_on_is_refused_naming_the_place(value: Any, field: str) -> None:
     with pytest.raises(ValidationError) as e:
         parse_spec({"command": ["true"], "depends_on": value})
     assert e.value.field == field
+
+
+def test_a_dependency_named_twice_is_one_and_twice_with_two_ends_is_refused() -> None:
+    assert check_depends_on([3, 3, {"job": 3}], "depends_on") == (Dep(3, None),)
+    with pytest.raises(Conflict) as e:
+        check_depends_on([3, {"job": 3, "on": "failure"}], "depends_on")
+    assert e.value.field == "depends_on[1].job"
+    assert check_depends_on([4.0], "depends_on") == (Dep(4, None),)  # 4.0 is the integer 4
 
 
 def test_depends_on_does_not_go_with_rate_keys_or_a_policy_that_decides_at_the_submit() -> None:
@@ -69,7 +76,7 @@ def test_a_cycle_is_found_and_named_however_long_and_wherever_it_is() -> None:
     assert find_cycle([[], [0], [1]]) is None
     cycle = find_cycle([[], [3], [1], [2], [0]])  # 1 -> 3 -> 2 -> 1, beside a chain
     assert cycle is not None and sorted(cycle) == [1, 2, 3]
-    with pytest.raises(ValidationError, match="cycle: b -> c -> b") as e:
+    with pytest.raises(Conflict, match="cycle: b -> c -> b") as e:
         resolve(["a", "b", "c"], [(), (Dep(None, "c"),), (Dep(None, "b"), Dep(None, "a"))])
     assert e.value.field == "jobs[1].depends_on[0]"
 
