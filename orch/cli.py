@@ -1570,7 +1570,7 @@ def submit(
                    + (f", skipped {counts['skipped']}" if counts["skipped"] else "")
                    + f", elapsed {elapsed:.2f} s, {len(ids) / elapsed:,.1f} jobs/s", err=as_json)
         if graph is not None:
-            return 0 if graph["state"] == "succeeded" else 1
+            return 0 if graph["state"] == JobState.SUCCEEDED.value else 1
         return 0 if ok == len(ids) else 1
 
     raise typer.Exit(run_async(main(), ORCH_FAILED if wait else None))

@@ -110,7 +110,7 @@ _CRON_RE = re.compile(CRON_PATTERN)
 
 
 _BOUNDS = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 6))  # second, minute, hour, day, month, weekday
-_NAMES = ({}, {}, {}, {}, {n: i + 1 for i, n in enumerate(_MONTHS)}, {n: i for i, n in enumerate(_DAYS)})
+_NAMES: tuple[dict[str, int], ...] = ({}, {}, {}, {}, {n: i + 1 for i, n in enumerate(_MONTHS)}, {n: i for i, n in enumerate(_DAYS)})
 
 
 def _wrapped(words: list[str]) -> list[str]:

@@ -195,16 +195,20 @@ def first_state(pending: int, due: float | None, now: float) -> JobState:
     return JobState.SCHEDULED if due is not None and due > now else JobState.QUEUED
 
 
+# A workflow's states (workflow_state): running, or the end of its jobs that tells its own.
+WORKFLOW_STATES = (JobState.RUNNING.value, JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value,
+                   JobState.SKIPPED.value)
+
+
 def workflow_state(states: Sequence[JobState]) -> str:
     """A workflow's state from its jobs': running while any has not ended; then failed if one failed, cancelled
     if one was cancelled (and none failed), else succeeded (skipped jobs are the others' doing)."""
     if any(s not in TERMINAL for s in states):
-        return "running"
-    if JobState.FAILED in states:
-        return "failed"
-    if JobState.CANCELLED in states:
-        return "cancelled"
-    return "succeeded" if JobState.SUCCEEDED in states or not states else "skipped"
+        return JobState.RUNNING.value
+    for end in (JobState.FAILED, JobState.CANCELLED):
+        if end in states:
+            return end.value
+    return (JobState.SUCCEEDED if JobState.SUCCEEDED in states or not states else JobState.SKIPPED).value
 
 
 def input_entry(key: str, state: str | None, exit_code: int | None, value: str | None) -> str:

@@ -18,7 +18,7 @@ from orch.core.concurrency import MAX_KEY_LEN as CONCURRENCY_KEY_LEN
 from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.concurrency import OnLimit
 from orch.core.cron import CRON_PATTERN, MAX_CATCHUP, Overlap, zone_names
-from orch.core.dag import MAX_DEPENDS, On
+from orch.core.dag import MAX_DEPENDS, WORKFLOW_STATES, On
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
     CONTROL_CHARS,
@@ -226,7 +226,7 @@ SCHEMAS: dict[str, Any] = {
         "state": nullable({"type": "string", "description": "the state of the job it waits on (null: purged)"}),
     }, ("job_id", "on", "met", "ref", "state")),
     "Workflow": obj({
-        "id": INT, "state": {"type": "string", "enum": ["running", "succeeded", "failed", "cancelled", "skipped"]},
+        "id": INT, "state": {"type": "string", "enum": list(WORKFLOW_STATES)},
         "counts": {"type": "object", "additionalProperties": COUNT, "description": "its jobs by state"},
         "jobs": {"type": "array", "items": {"allOf": [ref("JobSummary"), obj({
             "ref": nullable({"type": "string"}), "dependencies": {"type": "array", "items": ref("Dependency")},
