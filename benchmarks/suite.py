@@ -58,6 +58,10 @@ class Sizes:
     delayed_window: float = 10.0  # seconds their due times are spread over
     dag_chain: int = 100  # jobs of the chain (dag): each needs the one before
     dag_fan: int = 10_000  # jobs of the fan-out/fan-in (dag): a root, its legs, a join that needs them all
+    cron_schedules: int = 1000  # schedules every minute (cron), whose firing's CPU is measured
+    cron_minutes: int = 2  # whole minutes they are measured over
+    cron_fast: int = 20  # schedules every second, for lateness
+    cron_seconds: float = 10.0
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
@@ -68,7 +72,7 @@ SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
               sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
               list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000, delayed_jobs=20, delayed_window=1.0,
-              dag_chain=10, dag_fan=200)
+              dag_chain=10, dag_fan=200, cron_schedules=20, cron_minutes=0, cron_fast=3, cron_seconds=2.0)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -1097,6 +1101,87 @@ def bench_dag(ctx: Context) -> list[Row]:
     return dag_rows(runs, s)
 
 
+# --------------------------------------------------------------------------- cron schedules
+
+_FIRED_SQL = "SELECT j.created_at, j.spec FROM jobs j WHERE j.id BETWEEN ? AND ?"
+
+
+async def _make_schedules(url: str, n: int, cron: str, prefix: str) -> None:
+    async with Http(url, connections=8) as api:
+        sem = asyncio.Semaphore(8)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await api.call("POST", "/v1/schedules", {"name": f"{prefix}{i}", "cron": cron, "overlap": "allow",
+                                                         "job": {"command": ["true"]}})
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def cron_once(ctx: Context, dsn: str = "") -> dict[str, Any]:
+    """On one scheduler (no worker: the jobs stay queued, the cost measured is the firing alone): ``cron_schedules``
+    schedules a minute apart each, for ``cron_minutes`` minutes, the scheduler's CPU over whole minutes against
+    the same time idle before; then ``cron_fast`` schedules every second for ``cron_seconds`` seconds. Lateness
+    of every fired job: its created_at (the scheduler's clock) against the tick in its ORCH_SCHEDULED_FOR."""
+    from datetime import datetime
+
+    s = ctx.sizes
+    with ctx.workdir("cron") as tmp, Cluster(tmp, dsn=dsn) as c:
+        c.start_scheduler()
+        pid = c.scheduler.p.pid  # type: ignore[union-attr]
+        t0 = time.time()
+        idle_from = _cpu(pid)
+        time.sleep(20.0 if s.cron_minutes > 1 else 2.0)
+        idle = (_cpu(pid) - idle_from) / (time.time() - t0)
+        busy = idle
+        if s.cron_minutes:
+            run(_make_schedules(c.url, s.cron_schedules, "* * * * *", "m"))
+            # From the next whole minute on, for cron_minutes whole minutes.
+            start = (int(time.time() / 60) + 1) * 60
+            time.sleep(max(0.0, start - time.time() - 1))
+            cpu0, w0 = _cpu(pid), time.time()
+            time.sleep(max(0.0, start + 60 * s.cron_minutes - 1 - time.time()))
+            busy = (_cpu(pid) - cpu0) / (time.time() - w0)
+        fast_from = time.time()
+        run(_make_schedules(c.url, s.cron_fast, "* * * * * *", "s"))
+        time.sleep(s.cron_seconds)
+        rows = _db_rows(c, dsn, _FIRED_SQL, (1, 10 ** 12))
+    late: list[float] = []
+    fired_minutely = 0
+    for created, spec_text in rows:
+        env = json.loads(spec_text).get("env", {})
+        due = datetime.fromisoformat(env["ORCH_SCHEDULED_FOR"].replace("Z", "+00:00")).timestamp()
+        late.append((created - due) * 1000)
+        if env["ORCH_SCHEDULE"].startswith("m"):
+            fired_minutely += 1
+        elif due < fast_from:
+            raise RuntimeError(f"a fast schedule fired a tick before it was made: {env}")
+    expected = s.cron_schedules * s.cron_minutes
+    if fired_minutely < expected:
+        raise RuntimeError(f"{fired_minutely} of at least {expected} minutely ticks fired")
+    return {"late_ms": late, "idle_cpu": idle, "busy_cpu": busy, "fired": len(rows)}
+
+
+def cron_rows(runs: list[dict[str, Any]], s: Sizes, where: str = "") -> list[Row]:
+    late = [v for r in runs for v in r["late_ms"]]
+    cost = median([(r["busy_cpu"] - r["idle_cpu"]) * 100 for r in runs])
+    return [
+        Row(f"cron: tick -> job submitted, p50 of {len(late):,} ticks{where}", "", percentile(late, 50), "ms",
+            higher_better=False, detail={"runs": [{k: v for k, v in r.items() if k != "late_ms"} for r in runs]}),
+        Row(f"cron: tick -> job submitted, p99 of {len(late):,} ticks{where}", "<= 1000 ms", percentile(late, 99), "ms",
+            goal=1000, higher_better=False),
+        Row(f"cron: scheduler CPU for {s.cron_schedules:,} schedules a minute apart, over idle{where}", "< 5 %",
+            max(cost, 0.01), "% of a core", goal=5, higher_better=False),
+    ]
+
+
+def bench_cron(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    ctx.log(f"cron: {s.cron_schedules:,} schedules every minute for {s.cron_minutes} min, then {s.cron_fast} every "
+            f"second for {s.cron_seconds:g} s")
+    return cron_rows([cron_once(ctx)], s)
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -1109,4 +1194,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "purge": bench_purge,
     "keys": bench_keys,
     "dag": bench_dag,
+    "cron": bench_cron,
 }

@@ -14,7 +14,7 @@ from helpers import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # the benchmark suite, which starts its own clusters on SQLite
 
-BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big", "delayed", "purge", "keys", "dag")
+BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big", "delayed", "purge", "keys", "dag", "cron")
 
 
 @pytest.mark.timeout(300)
