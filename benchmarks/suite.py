@@ -780,20 +780,7 @@ def delayed_once(ctx: Context, dsn: str = "", replicas: int = 1) -> dict[str, An
         c.start_worker("w1", s.concurrency)
         c.wait_workers(1)
         ids = run(_delayed(c.urls[-1], s.delayed_jobs, s.delayed_window))
-        lo, hi = min(ids), max(ids)
-        if dsn:
-            import psycopg
-
-            with psycopg.connect(dsn) as conn:
-                rows = [tuple(r) for r in conn.execute(_DELAYED_SQL.replace("?", "%s"), (lo, hi)).fetchall()]
-        else:
-            import sqlite3
-
-            conn = sqlite3.connect(str(c.db_path))
-            try:
-                rows = conn.execute(_DELAYED_SQL, (lo, hi)).fetchall()
-            finally:
-                conn.close()
+        rows = _db_rows(c, dsn, _DELAYED_SQL, (min(ids), max(ids)))
     return _lateness(rows, s.delayed_jobs)
 
 

@@ -34,11 +34,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from orch.core import dag
 from orch.core.cron import Overlap, Schedule
+from orch.core.dag import On
 from orch.core.errors import OrchError, ValidationError
 from orch.core.rates import Rate
 from orch.core.records import (
     Credential,
+    DepInfo,
     Event,
     Job,
     JobFacts,
@@ -190,6 +193,38 @@ def schedule_info(r: Sequence[Any]) -> ScheduleInfo:
 
 def schedule_json_text(s: Schedule) -> str:
     return json.dumps(s.to_json(), separators=(",", ":"))
+
+
+@dataclass
+class Links:
+    """The dependencies of a submit's jobs (core.dag.resolve: by job id, or by batch index for a ref), which a
+    backend writes beside them (its ``link``); ``targets``: the batch indexes some job of the batch depends on."""
+
+    specs: Sequence[JobSpec]
+    deps: list[list[tuple[int | None, int | None, On]]]
+    targets: set[int]
+
+    @classmethod
+    def of(cls, specs: Sequence[JobSpec]) -> Any:
+        """None for a submit without dependencies or refs (not a workflow)."""
+        if not any(s.depends_on or s.ref is not None for s in specs):
+            return None
+        deps = dag.resolve([s.ref for s in specs], [s.depends_on for s in specs])
+        return cls(specs, deps, {k for row in deps for _, k, _ in row if k is not None})
+
+
+def dep_info(r: Sequence[Any]) -> DepInfo:
+    """A row of (dependency id, cond, met, ref, its state or NULL) as a DepInfo."""
+    return DepInfo(r[0], r[1], bool(r[2]), r[3], JobState(r[4]) if r[4] else None)
+
+
+def workflow_nodes(jobs: Iterable[tuple[Job, str]], edges: Iterable[Sequence[Any]]) -> list[WorkflowNode]:
+    """A workflow's nodes from its jobs (each with its stored spec's JSON text) and its edges (rows of the
+    dependent's id, then a ``dep_info`` row), both in id order."""
+    by: dict[int, list[DepInfo]] = {}
+    for r in edges:
+        by.setdefault(r[0], []).append(dep_info(r[1:]))
+    return [WorkflowNode(job, json.loads(spec).get("ref"), by.get(job.id, [])) for job, spec in jobs]
 
 
 TOKEN_ROLES = ("client", "join")  # the roles of put_tokens (orch.auth.ROLES)

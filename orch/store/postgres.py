@@ -90,14 +90,17 @@ from orch.store.base import (
     Change,
     HeartbeatReply,
     Hint,
+    Links,
     OutputChunk,
     Store,
     Sweep,
+    dep_info,
     freed_slots,
     key_reused,
     queue_infos,
     schedule_info,
     schedule_json_text,
+    workflow_nodes,
 )
 
 log = logging.getLogger("orch.store")
@@ -567,8 +570,7 @@ class PostgresStore:
     async def _deps_of(self, job_id: int) -> list[DepInfo]:
         rows = await self._rows("SELECT d.dep_id, d.cond, d.met, d.ref, j.state FROM deps d LEFT JOIN jobs j"
                                 " ON j.id = d.dep_id WHERE d.job_id = %s ORDER BY d.dep_id", (job_id,))
-        return [DepInfo(r[0], r[1], bool(r[2]), r[3], _JOB_STATE.get(r[4]) if r[4] else None)  # type: ignore[arg-type]
-                for r in rows]
+        return [dep_info(r) for r in rows]
 
     async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
         rows = await self._rows("SELECT workflow FROM jobs WHERE id = %s", (job_id,))
@@ -582,11 +584,7 @@ class PostgresStore:
         edges = await self._rows(
             "SELECT d.job_id, d.dep_id, d.cond, d.met, d.ref, j.state FROM jobs w JOIN deps d ON d.job_id = w.id"
             " LEFT JOIN jobs j ON j.id = d.dep_id WHERE w.workflow = %s ORDER BY d.job_id, d.dep_id", (wf,))
-        by: dict[int, list[DepInfo]] = {}
-        for r in edges:
-            by.setdefault(r[0], []).append(DepInfo(r[1], r[2], bool(r[3]), r[4],
-                                                   _JOB_STATE.get(r[5]) if r[5] else None))  # type: ignore[arg-type]
-        return wf, [WorkflowNode(job_of(r), json.loads(r[16]).get("ref"), by.get(r[0], [])) for r in jobs]
+        return wf, workflow_nodes(((job_of(r), r[16]) for r in jobs), edges)
 
     async def _inputs(self, conn: Conn, job_ids: list[int]) -> dict[int, str]:
         """What the dependencies of each job left, as the JSON text its inputs file holds (see sqlite._inputs)."""
@@ -1488,20 +1486,8 @@ async def _crowd(conn: Conn, spec: JobSpec) -> list[Holder]:
     return got
 
 
-@dataclass
-class _Links:
-    """The dependencies of a submit's jobs, to be written beside them (see sqlite._Links)."""
-
-    specs: Sequence[JobSpec]
-    deps: list[list[tuple[int | None, int | None, dag.On]]]
-    targets: set[int]
-
-    @classmethod
-    def of(cls, specs: Sequence[JobSpec]) -> _Links | None:
-        if not any(s.depends_on or s.ref is not None for s in specs):
-            return None
-        deps = dag.resolve([s.ref for s in specs], [s.depends_on for s in specs])
-        return cls(specs, deps, {k for row in deps for _, k, _ in row if k is not None})
+class _Links(Links):
+    """A submit's dependencies, written by this backend (base.Links)."""
 
     async def link(self, conn: Conn, ids: list[int], fresh: list[bool], now: float,
                    out: list[Change]) -> dict[int, JobState]:

@@ -56,7 +56,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -111,14 +110,17 @@ from orch.store.base import (
     Change,
     HeartbeatReply,
     Hint,
+    Links,
     OutputChunk,
     Store,
     Sweep,
     checked_digests,
+    dep_info,
     freed_slots,
     queue_infos,
     schedule_info,
     schedule_json_text,
+    workflow_nodes,
 )
 from orch.store.base import (
     key_reused as _key_reused,
@@ -784,8 +786,7 @@ class SqliteStore:
         rows = await self._point(
             "SELECT d.dep_id, d.cond, d.met, d.ref, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.dep_id"
             " WHERE d.job_id = ? ORDER BY d.dep_id", (job_id,))
-        return [DepInfo(r[0], r[1], bool(r[2]), r[3], _JOB_STATE.get(r[4]) if r[4] else None)  # type: ignore[arg-type]
-                for r in rows]
+        return [dep_info(r) for r in rows]
 
     async def workflow(self, job_id: int) -> tuple[int, list[WorkflowNode]]:
         """The workflow ``job_id`` is part of (its id, and every job of it with its dependencies, by id); NotFound
@@ -801,11 +802,7 @@ class SqliteStore:
         edges = await self._read(
             "SELECT d.job_id, d.dep_id, d.cond, d.met, d.ref, j.state FROM jobs w JOIN deps d ON d.job_id = w.id"
             " LEFT JOIN jobs j ON j.id = d.dep_id WHERE w.workflow = ? ORDER BY d.job_id, d.dep_id", (wf,))
-        by: dict[int, list[DepInfo]] = {}
-        for r in edges:
-            by.setdefault(r[0], []).append(DepInfo(r[1], r[2], bool(r[3]), r[4],
-                                                   _JOB_STATE.get(r[5]) if r[5] else None))  # type: ignore[arg-type]
-        return wf, [WorkflowNode(_summary(r), json.loads(r["spec"]).get("ref"), by.get(r[0], [])) for r in jobs]
+        return wf, workflow_nodes(((_summary(r), r["spec"]) for r in jobs), edges)
 
     async def job_state(self, job_id: int) -> tuple[JobState, int]:
         rows = await self._point("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
@@ -1871,22 +1868,8 @@ def _let_go(conn: sqlite3.Connection, keys: set[str]) -> list[Change]:
     return out
 
 
-@dataclass
-class _Links:
-    """The dependencies of a submit's jobs (core.dag.resolve: by job id, or by batch index for a ref), to be
-    written beside them; ``targets``: the batch indexes some job of the batch depends on."""
-
-    specs: Sequence[JobSpec]
-    deps: list[list[tuple[int | None, int | None, dag.On]]]
-    targets: set[int]
-
-    @classmethod
-    def of(cls, specs: Sequence[JobSpec]) -> _Links | None:
-        """None for a submit without dependencies or refs (not a workflow)."""
-        if not any(s.depends_on or s.ref is not None for s in specs):
-            return None
-        deps = dag.resolve([s.ref for s in specs], [s.depends_on for s in specs])
-        return cls(specs, deps, {k for row in deps for _, k, _ in row if k is not None})
+class _Links(Links):
+    """A submit's dependencies, written by this backend (base.Links)."""
 
     def link(self, conn: sqlite3.Connection, ids: list[int], fresh: list[bool], now: float,
              out: list[Change]) -> dict[int, JobState]:
