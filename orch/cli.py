@@ -337,6 +337,8 @@ def _worker_options(settings: Settings, concurrency: int | None, name: str | Non
         kill_grace=settings["worker.kill_grace"],
         drain_grace=settings["worker.drain_grace"],
         burst=burst,
+        settings={**settings.as_dict(), "worker.concurrency": concurrency or settings.concurrency},
+        plugins=tuple(settings["plugins"]),
     )
 
 
@@ -348,6 +350,8 @@ def worker(
     queue: List[str] | None = typer.Option(None, "--queue", help="Queue to take jobs from (repeatable; default: default)."),
     burst: bool = typer.Option(False, "--burst", help="Exit when no work is left."),
     stop_on_stdin_eof: bool = typer.Option(False, "--stop-on-stdin-eof", hidden=True),
+    imports: List[str] | None = typer.Option(None, "--import", help="Python module the python runner's child interpreters preload (repeatable; default worker.imports)."),
+    plugin: List[str] | None = typer.Option(None, "--plugin", help="Plugin module to load runners from, pkg.mod or pkg.mod:attr (repeatable; beside the plugins setting)."),
     data_dir: Path | None = DataDirOpt,
     log_format: str | None = typer.Option(None, "--log-format", help="text or json."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", min=0, max=65535, help="Port of this worker's Prometheus /metrics listener (default 9091; 0: none)."),
@@ -359,9 +363,11 @@ def worker(
     settings = settings_for(config, **{"worker.join": join, "worker.concurrency": concurrency,
                                        "storage.data_dir": str(data_dir) if data_dir else None,
                                        "logging.format": log_format, "metrics.worker_port": metrics_port,
-                                       "auth.join_token": token, "tls.ca": str(ca) if ca else None})
+                                       "auth.join_token": token, "tls.ca": str(ca) if ca else None,
+                                       "worker.imports": list(imports) if imports else None})
     _logging(settings, log_format)
     options = _worker_options(settings, concurrency, name, queue, burst)
+    options.plugins = (*options.plugins, *(plugin or ()))
 
     async def main() -> None:
         from orch.auth import pick

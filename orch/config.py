@@ -25,7 +25,7 @@ from orch.core.spec import NAME_RE
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # int, float, str, bool, names, codes, choice
+    kind: str  # int, float, str, bool, names, strs, codes, choice
     default: Any
     help: str
     choices: tuple[str, ...] = ()
@@ -51,6 +51,12 @@ KEYS: dict[str, Key] = {
     "worker.kill_grace": Key("float", 5.0, "seconds between SIGTERM and SIGKILL when a job is timed out or cancelled", minimum=0),
     "worker.drain_grace": Key("float", 30.0, "seconds a stopping worker lets running jobs finish before handing them back", minimum=0),
     "concurrency": Key("int", None, "alias of worker.concurrency", minimum=1),
+    "worker.imports": Key("strs", [], "Python modules the python runner's child interpreters import at their start (orch worker --import)"),
+    "plugins": Key("strs", [], "plugin modules (pkg.mod or pkg.mod:attr) a worker loads runners from, beside the orch.runners entry points"),
+    "python.pool": Key("int", 0, "child interpreters of a worker's python runner (0: the worker's concurrency)", minimum=0),
+    "python.max_tasks": Key("int", 1000, "tasks a python child interpreter runs before it is replaced", minimum=1),
+    "docker.host": Key("str", "", "the Docker engine the docker runner uses: unix:///path or tcp://host:port (default DOCKER_HOST, else unix:///var/run/docker.sock)"),
+    "docker.volumes": Key("strs", [], "host directories docker jobs may mount (their subdirectories too); none by default"),
     "retry.max_attempts": Key("int", 3, "attempts a job gets unless it says otherwise (1: no retries)", minimum=1),
     "retry.backoff.base": Key("float", 1.0, "seconds before the first retry", minimum=0),
     "retry.backoff.factor": Key("float", 2.0, "growth of the delay per attempt", minimum=1),
@@ -146,6 +152,11 @@ def _coerce(key: str, raw: Any, where: str, from_text: bool) -> Any:
             for v in value:
                 if not NAME_RE.fullmatch(v):
                     raise ConfigError(f"{bad}: {v!r} is not a valid queue name")
+        elif kind == "strs":
+            items = [i.strip() for i in raw.split(",") if i.strip()] if from_text and isinstance(raw, str) else raw
+            if not isinstance(items, list) or not all(isinstance(i, str) and i and "\x00" not in i for i in items):
+                raise ValueError
+            value = list(items)
         elif kind == "codes":
             items = [i for i in raw.split(",") if i.strip()] if from_text and isinstance(raw, str) else raw
             if not isinstance(items, list):

@@ -143,6 +143,7 @@ class Worker:
     heartbeat_age: float  # seconds since it was last heard from (on the lease clock: immune to clock steps)
     running: int  # jobs it runs now (0 unless it is live)
     metrics: str | None  # the URL of its /metrics listener
+    runners: tuple[str, ...] = ("exec",)  # the runners it has (it is handed only jobs of those)
 
 
 @dataclass(slots=True)
@@ -155,6 +156,7 @@ class WorkerLoad:
     concurrency: int
     busy: int
     heartbeat_age: float
+    runners: tuple[str, ...] = ("exec",)
 
 
 @dataclass(slots=True)

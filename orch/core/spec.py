@@ -13,6 +13,17 @@ from typing import Any, Mapping
 from orch.core.concurrency import Concurrency, OnLimit, check_concurrency
 from orch.core.dag import Dep, check_depends_on, check_ref
 from orch.core.errors import ValidationError
+from orch.core.kinds import (
+    DOCKER,
+    EXEC,
+    PYTHON,
+    check_docker,
+    check_python,
+    check_runner,
+    docker_text,
+    python_text,
+    runner_text,
+)
 from orch.core.rates import check_rate_keys
 from orch.core.retry import RetryPolicy
 
@@ -46,7 +57,7 @@ SPEC_FIELDS = frozenset(
     {
         "command", "shell", "task", "args", "queue", "priority", "env", "cwd", "timeout",
         "max_attempts", "labels", "name", "backoff", "retry_on_exit", "run_at", "delay", "idempotency_key",
-        "rate_keys", "concurrency", "depends_on", "ref",
+        "rate_keys", "concurrency", "depends_on", "ref", "python", "docker", "runner", "params",
     }
 )
 BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
@@ -56,8 +67,8 @@ BACKOFF_FIELDS = frozenset({"base", "factor", "cap", "jitter"})
 class JobSpec:
     """What to run and how: the validated form of a submitted job."""
 
-    argv: tuple[str, ...]
-    kind: str  # "command", "shell" or "task": how the user wrote it
+    argv: tuple[str, ...]  # the exec runner's (command, shell, task); () for the others
+    kind: str  # "command", "shell", "task", "python", "docker" or "runner": how the user wrote it
     queue: str = "default"
     priority: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
@@ -76,6 +87,16 @@ class JobSpec:
     concurrency: Concurrency | None = None  # at most so many jobs of its key run at once (orch/core/concurrency.py)
     depends_on: tuple[Dep, ...] = ()  # blocked until these are met (orch/core/dag.py)
     ref: str | None = None  # its name in its batch, for the others' depends_on (and its inputs' key)
+    # python, docker: the checked object; runner: the plugin runner's params (orch/core/kinds.py)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    plugin: str | None = None  # kind runner: the plugin runner's name
+
+    @property
+    def runner(self) -> str:
+        """The runner a worker needs to run it (a job is leased only to a worker that has it)."""
+        if self.kind in _EXEC_KINDS:
+            return EXEC
+        return self.plugin if self.plugin is not None else self.kind
 
     def due(self, now: float) -> float | None:
         """When the job is due (Unix seconds) if it is submitted at ``now``: its run_at, or ``now`` plus its delay;
@@ -94,6 +115,12 @@ class JobSpec:
             out = {"command": list(self.argv)}
         elif self.kind == "shell":
             out = {"shell": self.argv[2]}
+        elif self.kind in (PYTHON, DOCKER):
+            out = {self.kind: dict(self.params)}
+        elif self.kind == "runner":
+            out = {"runner": self.plugin}
+            if self.params:
+                out["params"] = dict(self.params)
         else:
             out = {"task": self.argv[0]}
             if len(self.argv) > 1:
@@ -137,7 +164,20 @@ class JobSpec:
     @property
     def command_text(self) -> str:
         """What the job runs, as a person reads it: the shell line, or the argv quoted as a shell would."""
-        return self.argv[2] if self.kind == "shell" else _command_text(self.argv)
+        if self.kind == "shell":
+            return self.argv[2]
+        if self.kind == PYTHON:
+            return python_text(self.params)
+        if self.kind == DOCKER:
+            return docker_text(self.params)
+        if self.kind == "runner":
+            assert self.plugin is not None
+            return runner_text(self.plugin, self.params)
+        return _command_text(self.argv)
+
+
+_EXEC_KINDS = frozenset({"command", "shell", "task"})
+KINDS = ("command", "shell", "task", PYTHON, DOCKER, "runner")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -164,14 +204,18 @@ def argv_of(spec: Mapping[str, Any]) -> list[str]:
         return ["/bin/sh", "-c", spec["shell"]]
     if "task" in spec:
         return [spec["task"], *spec.get("args", ())]
-    return list(spec["argv"])
+    if "argv" in spec:
+        return list(spec["argv"])
+    return []  # not the exec runner's
 
 
 def spec_view(stored: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """A stored spec as the API shows it: the form it was submitted in, every field with its value, the
     defaults filled in (those of this scheduler: the retry policy applies as it is now). ``defaults``:
     ``view_defaults(policy)``, made once (this runs for every job answered)."""
-    out: dict[str, Any] = {k: stored[k] for k in ("command", "shell", "task") if k in stored}
+    out: dict[str, Any] = {k: stored[k] for k in KINDS if k in stored}
+    if "runner" in stored:
+        out["params"] = stored.get("params", {})
     if "task" in stored:
         out["args"] = list(stored.get("args", ()))
     out.update(defaults)
@@ -186,7 +230,7 @@ def spec_view(stored: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[st
     return out
 
 
-_NOT_AS_IS = frozenset({"command", "shell", "task", "args", "backoff"})  # copied above, or merged
+_NOT_AS_IS = frozenset({*KINDS, "params", "args", "backoff"})  # copied above, or merged
 
 
 def view_defaults(defaults: RetryPolicy) -> dict[str, Any]:
@@ -294,13 +338,25 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     def f(name: str) -> str:
         return prefix + name
 
-    kinds = [k for k in ("command", "shell", "task") if k in body]
+    kinds = [k for k in KINDS if k in body]
     if len(kinds) != 1:
-        raise ValidationError("a job needs exactly one of 'command', 'shell' or 'task'", field=f("command"))
+        raise ValidationError("a job needs exactly one of 'command', 'shell', 'task', 'python', 'docker' or "
+                              "'runner'", field=f("command"))
     kind = kinds[0]
     if "args" in body and kind != "task":
         raise ValidationError("'args' goes with 'task' only", field=f("args"))
-    if kind == "command":
+    if "params" in body and kind != "runner":
+        raise ValidationError("'params' goes with 'runner' only", field=f("params"))
+    params: Mapping[str, Any] = {}
+    plugin: str | None = None
+    argv: tuple[str, ...] = ()
+    if kind == PYTHON:
+        params = check_python(body[PYTHON], f(PYTHON))
+    elif kind == DOCKER:
+        params = check_docker(body[DOCKER], f(DOCKER))
+    elif kind == "runner":
+        plugin, params = check_runner(body["runner"], body.get("params"), f("runner"))
+    elif kind == "command":
         argv = _str_list(body["command"], f("command"), allow_empty=False)
         if not argv[0]:
             raise ValidationError("command[0] must not be empty", field=f("command[0]"))
@@ -311,7 +367,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         if len(line) > MAX_ARG_LEN or "\x00" in line:
             raise ValidationError("shell is too long or holds a NUL byte", field=f("shell"))
         argv = ("/bin/sh", "-c", line)
-    else:
+    else:  # task
         task = body["task"]
         if not isinstance(task, str) or not task.strip() or "\x00" in task or len(task) > MAX_ARG_LEN:
             raise ValidationError(f"task must be a non-empty string of at most {MAX_ARG_LEN} characters",
@@ -390,7 +446,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
         timeout=float(timeout) if timeout is not None else None, max_attempts=max_attempts,
         labels=labels, name=name, backoff={k: float(v) for k, v in backoff.items()},
         retry_on_exit=retry_on_exit, run_at=run_at, delay=delay, run_at_ts=run_at_ts, idempotency_key=key,
-        rate_keys=rate_keys, concurrency=concurrency, depends_on=depends_on, ref=ref,
+        rate_keys=rate_keys, concurrency=concurrency, depends_on=depends_on, ref=ref, params=params, plugin=plugin,
     )
 
 

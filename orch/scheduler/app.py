@@ -32,6 +32,7 @@ from orch.core.errors import (
     Unauthorized,
     ValidationError,
 )
+from orch.core.kinds import EXEC, RUNNER_RE
 from orch.core.rates import MAX_BURST, check_limit_name, parse_rate
 from orch.core.records import JobRecord, Lease, LimitInfo, ScheduleInfo, Verdict
 from orch.core.spec import (
@@ -269,6 +270,21 @@ def queues_of(data: dict[str, Any], prefix: str = "") -> list[str]:
     for i, qn in enumerate(queues):
         validate_name(qn, f"{prefix}queues[{i}]")
     return queues
+
+
+MAX_RUNNERS = 64
+
+
+def runners_of(data: dict[str, Any]) -> list[str]:
+    """The runners a registering worker has (a worker of before runners says none: it has exec)."""
+    runners = data.get("runners", [EXEC])
+    if not isinstance(runners, list) or not runners or len(runners) > MAX_RUNNERS:
+        raise ValidationError(f"runners must be a list of 1 to {MAX_RUNNERS} runner names", field="runners")
+    for i, r in enumerate(runners):
+        if not isinstance(r, str) or not RUNNER_RE.fullmatch(r):
+            raise ValidationError("a runner's name is lower-case letters, digits, _ and - (at most 32)",
+                                  field=f"runners[{i}]")
+    return list(dict.fromkeys(runners))
 
 
 def metrics_address(data: dict[str, Any], name: str) -> str | None:
@@ -948,7 +964,7 @@ class Api:
 
     async def register(self, request: web.Request) -> web.Response:
         data = await read_json(request)
-        only(data, {"name", "hostname", "queues", "concurrency", "metrics"})
+        only(data, {"name", "hostname", "queues", "concurrency", "metrics", "runners"})
         name = opt_str(data, "name", 200) or "worker"
         hostname = opt_str(data, "hostname", 255) or "unknown"
         for field, text in (("name", name), ("hostname", hostname)):
@@ -958,14 +974,15 @@ class Api:
         queues = queues_of(data)
         concurrency = int_field(data, "concurrency", 1, 10_000, 1)
         metrics = metrics_address(data, "metrics")
+        runners = runners_of(data)
         credential, digest = new_worker_credential()  # the worker's own token; only its digest is kept
         worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
                                                      concurrency=concurrency, credential_hash=digest,
-                                                     metrics=metrics)
+                                                     metrics=metrics, runners=runners)
         if self.guard is not None:
             self.guard.worker_registered(worker_id, digest, queues)
-        log.info("worker %s registered (%s on %s, queues %s, concurrency %d%s)", worker_id, name, hostname,
-                 ",".join(queues), concurrency, f", metrics {metrics}" if metrics else "")
+        log.info("worker %s registered (%s on %s, queues %s, concurrency %d, runners %s%s)", worker_id, name,
+                 hostname, ",".join(queues), concurrency, ",".join(runners), f", metrics {metrics}" if metrics else "")
         return ok({
             "worker_id": worker_id,
             "heartbeat_interval": self.settings["scheduler.heartbeat_interval"],

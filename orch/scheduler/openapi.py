@@ -19,10 +19,26 @@ from orch.core.concurrency import MAX_LIMIT as MAX_CONCURRENCY
 from orch.core.concurrency import OnLimit
 from orch.core.cron import CRON_PATTERN, MAX_CATCHUP, Overlap, zone_names
 from orch.core.dag import MAX_DEPENDS, WORKFLOW_STATES, On
+from orch.core.kinds import (
+    BUILT_IN,
+    FUNCTION_RE,
+    IMAGE_RE,
+    KWARG_RE,
+    MAX_MEMORY,
+    MAX_VOLUMES,
+    MEMORY_RE,
+    MIN_MEMORY,
+    NETWORK_RE,
+    PULL,
+    RUNNER_RE,
+    USER_RE,
+    VOLUME_RE,
+)
 from orch.core.rates import LIMIT_NAME_RE, MAX_BURST, MAX_RATE_KEYS, RATE_PATTERN
 from orch.core.spec import (
     CONTROL_CHARS,
     ENV_KEY_RE,
+    KINDS,
     MAX_ARG_LEN,
     MAX_ARGS,
     MAX_DELAY,
@@ -140,6 +156,34 @@ SCHEMAS: dict[str, Any] = {
         "task": {"type": "string", "minLength": 1, "maxLength": MAX_ARG_LEN, "pattern": NOT_BLANK,
                  "description": "the original form: task + args"},
         "args": {"type": "array", "items": ARG, "maxItems": MAX_ARGS, "description": "only with task"},
+        "python": obj({
+            "function": {"type": "string", "maxLength": 512, "pattern": FUNCTION_RE.pattern,
+                         "description": "package.module:function, imported by the worker's child interpreter"},
+            "args": {"type": "array", "description": "positional arguments (JSON)"},
+            "kwargs": {"type": "object", "propertyNames": {"pattern": KWARG_RE.pattern},
+                       "description": "keyword arguments (JSON)"},
+        }, ("function",), closed=True, description="a Python function, run by the python runner; its return value "
+                                                   "is the job's result value"),
+        "docker": obj({
+            "image": {"type": "string", "pattern": IMAGE_RE.pattern},
+            "command": {"type": "array", "items": ARG, "minItems": 1, "maxItems": MAX_ARGS},
+            "env": {"type": "object", "maxProperties": MAX_ENV, "propertyNames": {"pattern": ENV_KEY_RE.pattern},
+                    "additionalProperties": ARG},
+            "volumes": {"type": "array", "maxItems": MAX_VOLUMES, "items": {
+                "type": "string", "maxLength": 4096, "pattern": VOLUME_RE.pattern,
+                "description": "HOST_PATH:CONTAINER_PATH[:ro|rw]; a worker mounts only those under its "
+                               "docker.volumes"}},
+            "network": {"type": "string", "pattern": NETWORK_RE.pattern},
+            "memory": {"oneOf": [{"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_MEMORY},
+                                 {"type": "string", "pattern": MEMORY_RE.pattern}],
+                       "description": "bytes, or a size like 256m or 2g (6m at least)"},
+            "cpus": {"type": "number", "minimum": 0.01, "maximum": 1024},
+            "user": {"type": "string", "pattern": USER_RE.pattern},
+            "pull": {"type": "string", "enum": list(PULL), "description": "default missing"},
+        }, ("image",), closed=True, description="a container, run by the docker runner"),
+        "runner": {"type": "string", "pattern": RUNNER_RE.pattern, "not": {"enum": list(BUILT_IN)},
+                   "description": "a plugin runner's name (orch plugins lists a worker's)"},
+        "params": {"type": "object", "description": "the plugin runner's parameters (only with runner)"},
         "queue": NAME,
         "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
         "env": {"type": "object", "maxProperties": MAX_ENV, "propertyNames": {"pattern": ENV_KEY_RE.pattern},
@@ -186,13 +230,14 @@ SCHEMAS: dict[str, Any] = {
                                "on": {"type": "string", "enum": [o.value for o in On]}}, ("job",), closed=True)]},
             "description": "jobs it waits on, blocked: ids, refs of jobs of the same batch, or {job, on} with on "
                            "success (the default), failure or completion; one that ends otherwise skips it"},
-    }, closed=True, oneOf=[{"required": ["command"]}, {"required": ["shell"]}, {"required": ["task"]}],
-        dependentRequired={"args": ["task"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}},
+    }, closed=True, oneOf=[{"required": [k]} for k in KINDS],
+        dependentRequired={"args": ["task"], "params": ["runner"]}, dependentSchemas={"run_at": {"not": {"required": ["delay"]}},
                           "rate_keys": {"not": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]},
                                                           {"required": ["depends_on"]}]}}},
         allOf=[{"if": {"anyOf": [{"required": ["run_at"]}, {"required": ["delay"]}, {"required": ["depends_on"]}]},
                 "then": {"properties": {"concurrency": {"properties": {"on_limit": {"const": "queue"}}}}}}],
-        description="exactly one of command, shell, task (args only with task); run_at or delay, not both, and "
+        description="exactly one of command, shell, task (args only with task), python, docker, runner (params only "
+                    "with runner); run_at or delay, not both, and "
                     "neither (nor depends_on) with rate_keys, nor with a concurrency on_limit other than queue; an "
                     "optional field is left out, never null"),
     "JobSummary": obj(JOB_FIELDS, JOB_REQUIRED,
@@ -255,6 +300,7 @@ SCHEMAS: dict[str, Any] = {
         "state": {"type": "string", "enum": [s.value for s in WorkerState]},
         "registered_at": TIME, "last_heartbeat": TIME, "heartbeat_age": {"type": "number"}, "running": INT,
         "metrics": nullable({"type": "string", "description": "URL of the worker's Prometheus metrics"}),
+        "runners": {"type": "array", "items": {"type": "string"}},
     }, ("id", "name", "hostname", "queues", "concurrency", "state", "running")),
     "Workers": obj({"workers": {"type": "array", "items": ref("Worker")}}, ("workers",)),
     "Register": obj({
@@ -263,6 +309,8 @@ SCHEMAS: dict[str, Any] = {
         "hostname": {"type": "string", "maxLength": 255, "pattern": f"^[^{CONTROL_CHARS}]*$"},
         "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},
         "concurrency": {"type": "integer", "minimum": 1, "maximum": 10_000},
+        "runners": {"type": "array", "minItems": 1, "maxItems": 64, "items": {"type": "string",
+                    "pattern": RUNNER_RE.pattern}, "description": "the runners this worker has (default: exec)"},
         "metrics": {"type": "string", "maxLength": MAX_METRICS_ADDRESS,
                     "pattern": f"^(?:{METRICS_ADDRESS_RE.pattern})$",
                     "description": "where this worker serves Prometheus metrics: host:port (path /metrics) or an "

@@ -5,7 +5,7 @@ reads the job row, its last event, its queue position and the live workers
 serving its queue (or the worker holding its lease); this module turns them
 into ``{"reason": code, "message": text, ...details}``.
 
-Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_worker``, ``waiting_for_slot``,
+Reason codes: ``scheduled`` (a delayed job not due yet, or being queued), ``no_worker``, ``no_runner``, ``waiting_for_slot``,
 ``backoff``, ``lease_held``
 (the lease holder has gone quiet), ``running``, ``cancel_requested``,
 ``succeeded``, ``failed``, ``cancelled``, ``rate_limited`` (a job a rate limit put off: which, and until when),
@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from orch.core.decisions import RATE_HELD, REPLAYED_BY
+from orch.core.kinds import runner_of
 from orch.core.records import JobFacts, WorkerLoad
 from orch.core.states import JobState, WorkerState
 from orch.core.times import iso
@@ -196,6 +197,14 @@ def explain_queued(facts: JobFacts, done: Callable[..., dict[str, Any]], jid: in
                                      f"reached ({running} running); it starts when one of them ends (position "
                                      f"{position} of {queued}).", queue_concurrency=limit, queue_running=running,
                     **details)
+    runner = runner_of(facts.record.spec)
+    if alive and not any(runner in w.runners for w in alive):
+        has = sorted({r for w in alive for r in w.runners})
+        return done("no_runner", f"job {jid} is queued, but no live worker has runner {runner}: "
+                                 f"{_plural(len(alive), 'live worker')} serve{'s' if len(alive) == 1 else ''} "
+                                 f"{queue} with {', '.join(has)}; start a worker that has it (`orch plugins` on "
+                                 "its machine lists what it finds).", runner=runner, **details)
+    alive = [w for w in alive if runner in w.runners]
     if not alive:
         draining = len(workers) - len(alive)
         extra = f" ({_plural(draining, 'worker')} serving it {'is' if draining == 1 else 'are'} draining)" if draining else ""

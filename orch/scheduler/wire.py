@@ -161,6 +161,7 @@ def worker_json(w: Worker, now: float) -> dict[str, Any]:
         "heartbeat_age": round(w.heartbeat_age, 3),
         "running": w.running,
         "metrics": w.metrics,
+        "runners": list(w.runners),
     }
 
 

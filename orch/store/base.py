@@ -394,8 +394,9 @@ class Store(Protocol):
 
     # ---- workers
     async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-                              credential_hash: str | None = None, metrics: str | None = None) -> str:
-        """A new live worker; returns its id."""
+                              credential_hash: str | None = None, metrics: str | None = None,
+                              runners: Sequence[str] = ("exec",)) -> str:
+        """A new live worker with the runners it has (it is handed only jobs of those); returns its id."""
         ...
 
     async def worker_credentials(self) -> list[Credential]: ...

@@ -56,6 +56,7 @@ from orch.core.errors import (
     UnknownWorker,
     ValidationError,
 )
+from orch.core.kinds import EXEC
 from orch.core.policy import dispatch_order
 from orch.core.rates import Rate
 from orch.core.records import (
@@ -644,9 +645,9 @@ class PostgresStore:
     async def _live_loads(self, steady: float, queue: str | None = None) -> list[WorkerLoad]:
         live = await self._rows(
             "SELECT w.id, w.name, w.state, w.queues, w.concurrency, w.last_heartbeat,"
-            " (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = %s)"
+            " (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = %s), w.runners"
             " FROM workers w WHERE w.state = ANY(%s) ORDER BY w.registered_at", (_RUNNING, _LIVE))
-        return [WorkerLoad(r[0], r[1], WorkerState(r[2]), r[4], r[6], max(0.0, steady - r[5]))
+        return [WorkerLoad(r[0], r[1], WorkerState(r[2]), r[4], r[6], max(0.0, steady - r[5]), tuple(r[7]))
                 for r in live if queue is None or queue in json.loads(r[3])]
 
     async def metrics_snapshot(self) -> Snapshot:
@@ -750,9 +751,9 @@ class PostgresStore:
         rows = await self._rows(
             "SELECT w.id, w.name, w.hostname, w.queues, w.concurrency, w.state, w.registered_at, w.last_heartbeat,"
             " CASE WHEN w.state = ANY(%s) THEN (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = %s)"
-            " ELSE 0 END, w.metrics FROM workers w" + old + " ORDER BY w.registered_at, w.id", params)
+            " ELSE 0 END, w.metrics, w.runners FROM workers w" + old + " ORDER BY w.registered_at, w.id", params)
         return [Worker(r[0], r[1], r[2], json.loads(r[3]), r[4], WorkerState(r[5]), r[6], max(0.0, steady - r[7]),
-                       r[8], r[9]) for r in rows]
+                       r[8], r[9], tuple(r[10])) for r in rows]
 
     async def metrics_targets(self) -> list[MetricsTarget]:
         rows = await self._rows("SELECT id, name, metrics FROM workers WHERE state = ANY(%s) AND metrics IS NOT NULL"
@@ -1110,16 +1111,17 @@ class PostgresStore:
         return await self._auto(op)
 
     async def register_worker(self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-                              credential_hash: str | None = None, metrics: str | None = None) -> str:
+                              credential_hash: str | None = None, metrics: str | None = None,
+                              runners: Sequence[str] = (EXEC,)) -> str:
         now, heard = self.clock(), self.lease_clock()
         worker_id = "w-" + uuid.uuid4().hex[:12]
 
         async def op(conn: Conn, out: list[Change]) -> None:
             await conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at, last_heartbeat,"
-                " credential_hash, metrics) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " credential_hash, metrics, runners) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (worker_id, name, hostname, json.dumps(list(queues)), concurrency, _ALIVE, now, heard,
-                 credential_hash, metrics))
+                 credential_hash, metrics, list(runners)))
 
         await self._write(op)
         return worker_id
@@ -1444,8 +1446,9 @@ def _claim_statement(limited: bool) -> str:
         named = ("(SELECT array_agg(name) FROM queues WHERE name = ANY(%s) AND concurrency IS NOT NULL"
                  " AND NOT paused)")
     return (
-        "WITH w AS (SELECT state FROM workers WHERE id = %s)," + queues +
+        "WITH w AS (SELECT state, runners FROM workers WHERE id = %s)," + queues +
         f" (SELECT id, priority FROM jobs WHERE state = {Q_QUEUED} AND NOT held AND queue = q.name"
+        " AND runner IN (SELECT unnest(runners) FROM w)"
         f" AND EXISTS (SELECT 1 FROM w WHERE w.state = {Q_ALIVE}){left_out}"
         f" ORDER BY priority DESC, id LIMIT {room} FOR UPDATE SKIP LOCKED) x ORDER BY x.priority DESC, x.id"
         " LIMIT %s),"

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import functools
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ from orch.core.errors import (
     UnknownWorker,
     ValidationError,
 )
+from orch.core.kinds import EXEC, RUNNER_RE
 from orch.core.policy import dispatch_order
 from orch.core.rates import Rate
 from orch.core.records import (
@@ -883,12 +885,12 @@ class SqliteStore:
     async def _live_loads(self, steady: float, queue: str | None = None) -> list[WorkerLoad]:
         """Live workers (those serving ``queue``, when given) with their running jobs and heartbeat ages."""
         live = await self._read(
-            f"SELECT id, name, state, queues, concurrency, last_heartbeat FROM workers WHERE state IN {_LIVE}")
+            f"SELECT id, name, state, queues, concurrency, last_heartbeat, runners FROM workers WHERE state IN {_LIVE}")
         if queue is not None:
             live = [r for r in live if queue in json.loads(r["queues"])]
         busy = await self._busy_by_worker([r["id"] for r in live]) if live else {}
         return [WorkerLoad(r["id"], r["name"], WorkerState(r["state"]), r["concurrency"], busy.get(r["id"], 0),
-                           max(0.0, steady - r["last_heartbeat"])) for r in live]
+                           max(0.0, steady - r["last_heartbeat"]), tuple(json.loads(r["runners"]))) for r in live]
 
     async def metrics_snapshot(self) -> Snapshot:
         """Jobs by state, unfinished jobs by queue and state, workers by state, live workers' slots and heartbeat ages.
@@ -988,7 +990,7 @@ class SqliteStore:
         )
         return [Worker(r["id"], r["name"], r["hostname"], json.loads(r["queues"]), r["concurrency"],
                        WorkerState(r["state"]), r["registered_at"], max(0.0, steady - r["last_heartbeat"]),
-                       r["running_jobs"], r["metrics"]) for r in rows]
+                       r["running_jobs"], r["metrics"], tuple(json.loads(r["runners"]))) for r in rows]
 
     async def metrics_targets(self) -> list[MetricsTarget]:
         """Live workers that serve metrics: id, name and the URL they registered, oldest first."""
@@ -1317,10 +1319,10 @@ class SqliteStore:
 
     async def register_worker(
         self, *, name: str, hostname: str, queues: Sequence[str], concurrency: int,
-        credential_hash: str | None = None, metrics: str | None = None,
+        credential_hash: str | None = None, metrics: str | None = None, runners: Sequence[str] = (EXEC,),
     ) -> str:
         """A new worker, alive; ``credential_hash`` is the SHA-256 of the credential it was issued,
-        ``metrics`` the URL of its Prometheus /metrics listener (None: it has none)."""
+        ``metrics`` the URL of its Prometheus /metrics listener (None: it has none), ``runners`` those it has."""
         now = self.clock()
         heard = self.lease_clock()
         worker_id = "w-" + uuid.uuid4().hex[:12]
@@ -1328,9 +1330,9 @@ class SqliteStore:
         def op(conn: sqlite3.Connection, out: list[Change]) -> None:
             conn.execute(
                 "INSERT INTO workers (id, name, hostname, queues, concurrency, state, registered_at,"
-                f" last_heartbeat, credential_hash, metrics) VALUES (?, ?, ?, ?, ?, '{_ALIVE}', ?, ?, ?, ?)",
+                f" last_heartbeat, credential_hash, metrics, runners) VALUES (?, ?, ?, ?, ?, '{_ALIVE}', ?, ?, ?, ?, ?)",
                 (worker_id, name, hostname, json.dumps(list(queues)), concurrency, now, heard, credential_hash,
-                 metrics),
+                 metrics, json.dumps(list(runners))),
             )
 
         await self._write(op)
@@ -1408,11 +1410,11 @@ class SqliteStore:
         """``now``: the wall clock, for the attempt's start and the events; ``steady``: ``lease_clock()``."""
         check_transition(JobState.QUEUED, JobState.RUNNING)
         qs = list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM]
-        sql, picks = _claim_sql(qs, limit)
         reason = decisions.claimed(worker_id).reason
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> list[sqlite3.Row]:
-            if _live_worker(conn, worker_id) is WorkerState.DRAINING:  # it said it is stopping: no new work for it
+            state, runners = _live_worker_runners(conn, worker_id)
+            if state is WorkerState.DRAINING:  # it said it is stopping: no new work for it
                 return []
             paused, limits = self._paused, self._queue_limits  # as of this op: a change earlier in the batch holds
             if (paused and not paused.isdisjoint(qs)) or (limits and not limits.keys().isdisjoint(qs)):
@@ -1424,9 +1426,10 @@ class SqliteStore:
                 served = [q for q in qs if q not in paused and room.get(q, 1) > 0]
                 if not served:
                     return []
-                some, some_picks = _claim_sql(served, limit, room)
+                some, some_picks = _claim_sql(tuple(served), limit, runners, tuple(sorted(room.items())))
                 rows = conn.execute(some, (worker_id, steady + lease_ttl, now, *some_picks)).fetchall()
             else:
+                sql, picks = _claim_sql(tuple(qs), limit, runners)
                 rows = conn.execute(sql, (worker_id, steady + lease_ttl, now, *picks)).fetchall()
             if rows:
                 conn.executemany(
@@ -1805,15 +1808,20 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
 # These run inside the writer's transaction; they never await.
 
 
-def _claim_sql(qs: Sequence[str], limit: int, room: dict[str, int] | None = None) -> tuple[str, list[Any]]:
+@functools.lru_cache(maxsize=256)
+def _claim_sql(qs: tuple[str, ...], limit: int, runners: tuple[str, ...],
+               rooms: tuple[tuple[str, int], ...] = ()) -> tuple[str, list[Any]]:
     """The claim's statement over queues ``qs`` and its parameters after the worker's, lease's and start's; a
-    queue in ``room`` gives at most that many jobs."""
-    room = room or {}
+    queue in ``rooms`` gives at most that many jobs; only jobs of the worker's ``runners`` (checked names,
+    written into the statement: it is made once per worker's kind of claim)."""
+    room = dict(rooms)
     # Each queue's first jobs in the order of its index (jobs_ready), then the first of those: no queued
     # job is read past them, however many wait (``queue IN (...)`` read and sorted every queued job of
-    # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them).
+    # the queues as soon as there were two: 20 ms a claim with 100,000 in one of them). Jobs of a runner
+    # the worker lacks are passed over (the runner column is read off the rows the index walk meets).
+    has = ", ".join(f"'{r}'" for r in runners if RUNNER_RE.fullmatch(r)) or "''"
     one = (f"SELECT id, priority FROM jobs WHERE state = '{_QUEUED}' AND held = 0 AND queue = ?"
-           " ORDER BY priority DESC, id LIMIT ?")
+           f" AND runner IN ({has}) ORDER BY priority DESC, id LIMIT ?")
     if len(qs) == 1:
         picked, picks = one.replace("id, priority", "id", 1), [qs[0], min(limit, room.get(qs[0], limit))]
     else:
@@ -2096,6 +2104,16 @@ def _move(conn: sqlite3.Connection, job_id: int, attempt: int, frm: JobState, mo
         raise Conflict(f"job {job_id} is no longer {frm} at attempt {attempt}")
     _event(conn, job_id, attempt, frm, move.to, now, move.reason)
     return row[0]
+
+
+def _live_worker_runners(conn: sqlite3.Connection, worker_id: str) -> tuple[WorkerState, tuple[str, ...]]:
+    """The worker's state, alive or draining, and the runners it has; UnknownWorker if it is not live."""
+    row = conn.execute("SELECT state, runners FROM workers WHERE id = ?", (worker_id,)).fetchone()
+    state = WorkerState(row[0]) if row is not None else None
+    if state is None or not state.live:
+        raise UnknownWorker(f"worker {worker_id} is not registered (or was marked lost): register again",
+                            field="worker_id")
+    return state, tuple(json.loads(row[1]))
 
 
 def _live_worker(conn: sqlite3.Connection, worker_id: str) -> WorkerState:

@@ -19,7 +19,7 @@ from orch.core.states import Outcome
 from orch.metrics import WorkerMetrics
 from orch.worker import outbox
 from orch.worker.outbox import Output, Parcel
-from orch.worker.runners import Ended, Run, execute
+from orch.worker.runners import Context, Ended, Run, Runner
 
 log = logging.getLogger("orch.worker")
 
@@ -53,6 +53,9 @@ class WorkerOptions:
     long_poll: float = 30.0
     burst: bool = False  # exit once the queue is empty and nothing runs (tests, batch use)
     metrics: str = ""  # host:port of this worker's /metrics listener, told to the scheduler ("": none)
+    settings: Any = None  # the worker's settings (config.Settings or a mapping): the runners read theirs
+    plugins: tuple[str, ...] = ()  # module paths of plugins (orch/plugins.py), beside the entry points
+    runners: dict[str, Runner] | None = None  # made already (tests); else found by orch.plugins.discover
 
 
 class Backoff:
@@ -118,11 +121,59 @@ class Agent:
         self._bare: set[tuple[int, int]] = set()  # ends the scheduler refused once: sent again without output
         self.fatal: OrchError | None = None  # why the worker gave up (it then drains and run() raises it)
         self.metrics = WorkerMetrics(lambda: (len(self.runs), self.opt.concurrency))
+        self.runners: dict[str, Runner] = {}  # those available here, by name (advertised at registration)
+        self._all_runners: list[Runner] = []  # every one made (closed at the end)
+
+    async def _start_runners(self) -> None:
+        """Make and start each runner found; advertise those that are available. A broken plugin, or a runner
+        whose start fails, is reported in one line and left out."""
+        settings = self.opt.settings if self.opt.settings is not None else {}
+        made = self.opt.runners
+        if made is None:
+            from orch.plugins import discover
+
+            made = {}
+            for found in discover(self.opt.plugins):
+                if found.error is not None:
+                    log.warning("%s", found.line())
+                    continue
+                try:
+                    made[found.name] = found.runner(settings)
+                except Exception as e:  # a plugin's constructor
+                    log.warning("runner %s (%s) failed to load and is left out: %s", found.name, found.target, e)
+        ctx = Context(self.opt.name or f"{self.opt.hostname or socket.gethostname()}-{os.getpid()}",
+                      self.opt.hostname or socket.gethostname(), self.opt.concurrency, settings, log)
+        for name, runner in made.items():
+            self._all_runners.append(runner)
+            try:
+                await runner.start(ctx)
+                why = runner.unavailable()
+            except Exception as e:
+                why = f"its start failed: {type(e).__name__}: {e}"
+            if why is None:
+                self.runners[name] = runner
+            else:
+                log.info("runner %s is unavailable here: %s", name, why)
+        log.info("runners: %s", ", ".join(self.runners) or "none")
+
+    async def _close_runners(self) -> None:
+        for runner in self._all_runners:
+            try:
+                await runner.close()
+            except Exception as e:
+                log.warning("runner %s did not close cleanly: %s", runner.name, e)
 
     # ------------------------------------------------------------------ public
 
     async def run(self) -> None:
         """Work until drained (stop()) or, in burst mode, until there is no work left."""
+        await self._start_runners()
+        try:
+            await self._run_registered()
+        finally:
+            await self._close_runners()
+
+    async def _run_registered(self) -> None:
         await self._register()
         loops = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -171,7 +222,8 @@ class Agent:
     async def _register(self) -> None:
         """Join the scheduler; every transient failure is waited out. Refused (the join token): Refused."""
         backoff = Backoff()
-        extra = {"metrics": self.opt.metrics} if self.opt.metrics else {}
+        extra: dict[str, Any] = {"metrics": self.opt.metrics} if self.opt.metrics else {}
+        extra["runners"] = list(self.runners) or ["exec"]
         while True:
             try:
                 reply = await self.client.register(
@@ -181,7 +233,12 @@ class Agent:
                 )
                 break
             except OrchError as e:
-                if isinstance(e, ApiError) and extra and e.http_status == 400 and e.field == "metrics":
+                if isinstance(e, ApiError) and e.http_status == 400 and e.field == "runners" and "runners" in extra:
+                    # A scheduler of before runners: it hands out command lines only, which every worker runs.
+                    log.warning("the scheduler does not know runners (%s); registering without them", e.message)
+                    del extra["runners"]
+                    continue
+                if isinstance(e, ApiError) and "metrics" in extra and e.http_status == 400 and e.field == "metrics":
                     # An older scheduler, or an address it will not take: joining matters more than discovery.
                     log.warning("the scheduler refused this worker's metrics address (%s); registering without it",
                                 e.message)
@@ -387,8 +444,12 @@ class Agent:
             elif self._flush_handle is None:
                 self._flush_handle = loop.call_later(OUTPUT_COALESCE, self._flush_soon)
 
+        runner = self.runners.get(run.runner)
         try:
-            ended = await execute(run, on_output, self.opt.kill_grace)
+            if runner is None:  # not advertised: the scheduler does not hand such jobs to this worker
+                ended = Ended(Outcome.FAILED, None, f"this worker has no runner {run.runner}", 0.0)
+            else:
+                ended = await runner.execute(run, on_output, self.opt.kill_grace)
         except Exception as e:  # a bug of ours must not leave the attempt hanging
             log.exception("job %s attempt %s: runner failed", run.job_id, run.attempt)
             ended = Ended(Outcome.FAILED, None, f"worker error: {e}", 0.0)

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import until, wait_until
 from orch.core.states import Outcome
-from orch.worker import runners
+from orch.worker.runners import exec as runners
 from orch.worker.runners import Ended, Run
 
 FAST_AVAILABLE = runners.FAST_SPAWN

@@ -1,4 +1,4 @@
-"""Runs one attempt as a subprocess in its own process group: output, timeout, kill.
+"""The exec runner (command, shell, task): one attempt as a subprocess in its own process group.
 
 The fast path starts, reads and reaps the process on the event loop's own
 thread: os.posix_spawn (the child in a session of its own, stdin from
@@ -28,27 +28,23 @@ group, and the readers see the pipes close.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import codecs
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
 import select
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from orch.core.spec import argv_of
 from orch.core.states import Outcome
+from orch.worker.runners.base import Ended, Run, Runner, StartError, files_dir, killpg, read_result, signal_name
 
 log = logging.getLogger("orch.worker")
 
@@ -61,126 +57,6 @@ FAST_SPAWN = all(hasattr(os, n) for n in ("posix_spawn", "pidfd_open", "POSIX_SP
 # Python ignores these; the child gets them at their default, as with Popen(restore_signals=True).
 _SIGDEF = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n))
 
-
-@dataclass
-class Run:
-    """One attempt on this worker."""
-
-    job_id: int
-    attempt: int
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str | None
-    timeout: float | None
-    queue: str = "default"  # for the worker's metrics
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_outcome: Outcome | None = None  # why we were told to stop: cancelled or handed_back
-    stop_reason: str = ""
-    pid: int | None = None  # set as soon as the process exists (by the loop, or the attempt's thread)
-    kill_signal: int | None = None  # set by the loop; honoured if the process starts later
-    on_stop: Callable[[], None] | None = None  # execute()'s hook: request_stop() ends the run at once
-    inputs: str | None = None  # a job with dependencies: the JSON text of what they left (its inputs file)
-    max_result: int = 64 << 10  # bytes of JSON its result value may be (scheduler.max_result_bytes)
-
-    @property
-    def ref(self) -> dict[str, int]:
-        return {"job_id": self.job_id, "attempt": self.attempt}
-
-    def request_stop(self, outcome: Outcome, reason: str) -> None:
-        if not self.stop.is_set():
-            self.stop_outcome = outcome
-            self.stop_reason = reason
-            self.stop.set()
-            if self.on_stop is not None:
-                self.on_stop()
-
-    def signal(self, sig: int) -> None:
-        """Signal the attempt's process group, now or as soon as it exists."""
-        self.kill_signal = sig
-        if self.pid is not None:
-            _killpg(self.pid, sig)
-
-    @classmethod
-    def from_lease(cls, job: dict[str, Any]) -> Run:
-        spec = job["spec"]
-        inputs = job.get("inputs")
-        return cls(job_id=job["job_id"], attempt=job["attempt"], argv=argv_of(spec),
-                   env=dict(spec.get("env") or {}), cwd=spec.get("cwd"), timeout=spec.get("timeout"),
-                   queue=job.get("queue") or spec.get("queue") or "default",
-                   inputs=json.dumps(inputs) if inputs is not None else None)
-
-
-@dataclass
-class Ended:
-    outcome: Outcome
-    exit_code: int | None
-    error: str | None
-    duration: float
-    value: Any = None  # what the job wrote to $ORCH_RESULT_PATH (None: nothing)
-
-
-_files: str | None = None
-
-
-def _files_dir() -> str:
-    """A directory of this worker's own (mode 0700) for the jobs' result and inputs files, made once."""
-    global _files
-    if _files is None or not os.path.isdir(_files):
-        _files = tempfile.mkdtemp(prefix="orch-worker-")
-        atexit.register(shutil.rmtree, _files, ignore_errors=True)
-    return _files
-
-
-def _read_result(path: str, limit: int) -> tuple[Any, str | None]:
-    """The JSON value a job wrote to its result file, and why it is refused (None: it is not). No file, or an
-    empty one, is no value. The file is removed."""
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        return None, None
-    except OSError as e:
-        return None, f"could not read its result file $ORCH_RESULT_PATH: {e.strerror}"
-    try:
-        if size > 4 * limit + 4096:  # far over (a compact form can be no smaller than a quarter of it): unread
-            return None, (f"its result ($ORCH_RESULT_PATH) is {size:,} bytes, over scheduler.max_result_bytes "
-                          f"({limit:,})")
-        with open(path, "rb") as f:
-            raw = f.read()
-        if not raw.strip():
-            return None, None
-        try:
-            value = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            return None, f"its result ($ORCH_RESULT_PATH) is not JSON: {str(e)[:200]}"
-        compact = len(json.dumps(value, separators=(",", ":")))
-        if compact > limit:
-            return None, (f"its result ($ORCH_RESULT_PATH) is {compact:,} bytes of JSON, over "
-                          f"scheduler.max_result_bytes ({limit:,})")
-        return value, None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-class StartError(Exception):
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.message = message
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 _where: dict[tuple[str, str], str] = {}
@@ -241,7 +117,7 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
         raise _start_error(run.argv[0], e) from None
     run.pid = proc.pid
     if run.kill_signal is not None:  # the loop asked before the process existed
-        _killpg(proc.pid, run.kill_signal)
+        killpg(proc.pid, run.kill_signal)
     assert proc.stdout is not None and proc.stderr is not None
     streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
     decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in streams}
@@ -267,7 +143,7 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
             else:
                 now = time.monotonic()
                 if give_up_at is None and now - exited_at >= DRAIN_AFTER_EXIT:
-                    _killpg(proc.pid, signal.SIGKILL)
+                    killpg(proc.pid, signal.SIGKILL)
                     give_up_at = now + READ_AFTER_KILL  # keep reading what they flushed
                 if give_up_at is None:
                     left = DRAIN_AFTER_EXIT - (now - exited_at)
@@ -304,7 +180,7 @@ def _run_blocking(run: Run, env: dict[str, str], emit: Callable[[str, str], None
         proc.stdout.close()
         proc.stderr.close()
         if proc.poll() is None:
-            _killpg(proc.pid, signal.SIGKILL)
+            killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -462,7 +338,7 @@ class _Child:
                 os.close(w)
             child_ends.clear()
             if run.kill_signal is not None:  # asked before the process existed
-                _killpg(self.pid, run.kill_signal)
+                killpg(self.pid, run.kill_signal)
             self._watch_exit()
             return True
         finally:
@@ -518,7 +394,7 @@ class _Child:
 
     def _drain_over(self) -> None:
         assert self.pid is not None
-        _killpg(self.pid, signal.SIGKILL)
+        killpg(self.pid, signal.SIGKILL)
         self._timer = self.loop.call_later(READ_AFTER_KILL, self._give_up)  # read what they flushed
 
     def _give_up(self) -> None:
@@ -586,7 +462,7 @@ class _Child:
             self._pidfd = None
         if self.pid is None or not unfinished:
             return
-        _killpg(self.pid, signal.SIGKILL)
+        killpg(self.pid, signal.SIGKILL)
         if self.code is not None or self._reaper_thread:
             return
         try:
@@ -607,7 +483,7 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
     # The job knows who it is: ids to make side effects idempotent across attempts.
     env = {**inherited_env(), **run.env, "ORCH_JOB_ID": str(run.job_id), "ORCH_ATTEMPT": str(run.attempt)}
     # Where it may leave a JSON value (its result, its dependents' input), and where it finds its dependencies'.
-    base = os.path.join(_files_dir(), f"{run.job_id}-{run.attempt}")
+    base = os.path.join(files_dir(), f"{run.job_id}-{run.attempt}")
     result_path = env["ORCH_RESULT_PATH"] = base + ".result.json"
     inputs_path: str | None = None
     with contextlib.suppress(OSError):
@@ -625,7 +501,7 @@ async def execute(run: Run, on_output: Callable[[str, str], None], kill_grace: f
         if inputs_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(inputs_path)
-    value, refused = _read_result(result_path, run.max_result)
+    value, refused = read_result(result_path, run.max_result)
     if refused is not None:
         if ended.outcome is Outcome.SUCCEEDED:
             return Ended(Outcome.FAILED, ended.exit_code, refused, ended.duration)
@@ -692,7 +568,7 @@ async def _execute(run: Run, on_output: Callable[[str, str], None], kill_grace: 
         outcome, error = ending[0]
     if code < 0:
         exit_code = 128 - code
-        sig_error: str | None = f"killed by {_signal_name(-code)}"
+        sig_error: str | None = f"killed by {signal_name(-code)}"
     else:
         exit_code, sig_error = code, None
     if outcome is None:
@@ -707,3 +583,13 @@ def shutdown() -> None:
     """Let the attempt threads go (they end with their processes)."""
     if _threads is not None:
         _threads.shutdown(wait=False)
+
+
+class ExecRunner(Runner):
+    """Command lines: ``command`` (an argv), ``shell`` (/bin/sh -c) and ``task`` + ``args``."""
+
+    name = "exec"
+    summary = "command lines: command, shell, task"
+
+    async def execute(self, run: Run, on_output: Callable[[str, str], None], kill_grace: float) -> Ended:
+        return await execute(run, on_output, kill_grace)
