@@ -133,6 +133,14 @@ for round in 1 2 3; do
     rm -rf "$STAGE/bin"
 done
 
+# ---- plugins carried inside (ZIPAPP_PLUGINS="examples/orch-hello-runner other-plugin==1.2", space-separated
+# paths or requirements, no dependencies of theirs): their entry points (orch.runners) are found in the zipapp.
+for plugin in ${ZIPAPP_PLUGINS:-}; do
+    say "installing plugin $plugin"
+    pip_target --no-deps "$plugin"
+done
+rm -rf "$STAGE/bin"
+
 # ---- strip what cannot or need not run from a zip. dist-info folders stay: code may ask
 # importlib.metadata for a version or entry points.
 find "$STAGE" \( -name '*.so' -o -name '*.pyd' -o -name '*.dylib' \) -type f -print -delete | sed 's/^/zipapp: dropped /' >&2

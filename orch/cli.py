@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1204,6 +1205,57 @@ def workers(
         typer.echo(table(rows))
 
     run_async(main())
+
+
+@app.command()
+def plugins(
+    plugin: List[str] | None = typer.Option(None, "--plugin", help="Also load this plugin module, as orch worker --plugin does (repeatable)."),
+    as_json: bool = JsonOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """List the runners a worker on this machine would have, where each comes from, and whether it is available
+    here; broken plugins are listed with why. Exits 1 if a plugin is broken."""
+    settings = settings_for(config)
+    found_paths = (*settings["plugins"], *(plugin or ()))
+
+    async def main() -> list[dict[str, Any]]:
+        import socket
+
+        from orch.plugins import discover
+        from orch.worker.runners import Context
+
+        ctx = Context("orch-plugins", settings.worker_host or socket.gethostname(), settings.concurrency,
+                      {**settings.as_dict(), "worker.imports": []})
+        items: list[dict[str, Any]] = []
+        for f in discover(found_paths):
+            item: dict[str, Any] = {"name": f.name, "source": f.source, "target": f.target}
+            if f.error is not None:
+                item.update(status="broken", detail=f.error)
+            else:
+                runner = None
+                try:
+                    runner = f.runner(ctx.settings)
+                    await runner.start(ctx)
+                    why = runner.unavailable()
+                except Exception as e:  # a plugin's own failure: shown, not raised
+                    why = f"its start failed: {type(e).__name__}: {e}"
+                finally:
+                    if runner is not None:
+                        with contextlib.suppress(Exception):
+                            await runner.close()
+                item.update(status="unavailable" if why else "available", detail=why or f.runner.summary)
+            items.append(item)
+        return items
+
+    items = run_async(main())
+    if as_json:
+        emit_json({"runners": items})
+    else:
+        rows = [["RUNNER", "STATUS", "FROM", "TARGET", "DETAIL"]]
+        rows += [[i["name"], i["status"], i["source"], i["target"], i["detail"] or ""] for i in items]
+        typer.echo(table(rows))
+    if any(i["status"] == "broken" for i in items):
+        raise typer.Exit(1)
 
 
 @app.command()

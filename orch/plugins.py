@@ -4,9 +4,10 @@ Found in three places, in this order, the first of a name winning:
 
 - the built-ins (exec, python, docker), by the same loader as the rest;
 - installed distributions' entry points of the group ``orch.runners`` (``name = "pkg.mod:RunnerClass"``);
-- the ``plugins`` setting (config file, ``ORCH_PLUGINS``, ``orch worker --plugin``): module paths, ``pkg.mod`` or
-  ``pkg.mod:attr``. Inside a zipapp, where installing a distribution means rebuilding the zipapp, this is the
-  way: a module on PYTHONPATH (or in the zipapp) is enough.
+- the ``plugins`` setting (config file, ``ORCH_PLUGINS``, ``orch worker --plugin``): ``pkg.mod`` or ``pkg.mod:attr``
+  (importable: on PYTHONPATH), or a file, ``/path/to/mod.py[:attr]``. Inside a zipapp, where installing a
+  distribution means rebuilding it (``ZIPAPP_PLUGINS=... ./zipapp.sh`` carries it, entry points and all), a
+  file is the way that needs nothing else: ``python3 -I orch.pyz`` reads no PYTHONPATH.
 
 What a target names is a Runner subclass, a list of them, or a module whose ``RUNNERS`` lists them. A target
 that cannot be imported, or names nothing of the kind, is reported (one line, at the worker's start and by
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import logging
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,10 +55,22 @@ class Found:
 
 
 def _resolve(target: str) -> Any:
-    if not TARGET_RE.fullmatch(target):
-        raise ValueError("not a module path (pkg.mod or pkg.mod:attr)")
-    module_name, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
+    module_name, _, attr = target.rpartition(":") if target.count(":") and not TARGET_RE.fullmatch(target) \
+        else target.partition(":")
+    if module_name.endswith(".py") and os.path.isabs(module_name):  # a file: a zipapp's isolated Python has no
+        if attr and not re.fullmatch(r"[A-Za-z_][\w.]*", attr):    # PYTHONPATH, but can load one by its path
+            raise ValueError("not a module path (pkg.mod, pkg.mod:attr, /path/to/mod.py[:attr])")
+        name = os.path.basename(module_name)[:-3]
+        spec = importlib.util.spec_from_file_location(name, module_name)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot load {module_name}")
+        obj: Any = importlib.util.module_from_spec(spec)
+        sys.modules[name] = obj
+        spec.loader.exec_module(obj)
+    elif not TARGET_RE.fullmatch(target):
+        raise ValueError("not a module path (pkg.mod, pkg.mod:attr, /path/to/mod.py[:attr])")
+    else:
+        obj = importlib.import_module(module_name)
     for part in attr.split(".") if attr else ():
         obj = getattr(obj, part)
     return obj
