@@ -94,3 +94,16 @@ def postgres_server() -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[object]:
+    """A Docker engine for the session (DOCKER_HOST's, or a dockerd of the tests' own), with the test image."""
+    from dockerd import Dockerd, need_docker
+
+    need_docker()
+    engine = Dockerd().start()
+    try:
+        yield engine
+    finally:
+        engine.stop()

@@ -410,6 +410,7 @@ class Api:
     def __init__(self, store: Store, hub: Hub, settings: Settings) -> None:
         self.store = store
         self.hub = hub
+        self.worker_runners: dict[str, frozenset[str]] = {}  # by worker id: what each registered with
         self.settings = settings
         self.lease_ttl: float = settings["scheduler.lease_ttl"]
         self.long_poll: float = settings["scheduler.long_poll_timeout"]
@@ -979,6 +980,7 @@ class Api:
         worker_id = await self.store.register_worker(name=name, hostname=hostname, queues=queues,
                                                      concurrency=concurrency, credential_hash=digest,
                                                      metrics=metrics, runners=runners)
+        self.worker_runners[worker_id] = frozenset(runners)
         if self.guard is not None:
             self.guard.worker_registered(worker_id, digest, queues)
         log.info("worker %s registered (%s on %s, queues %s, concurrency %d, runners %s%s)", worker_id, name,
@@ -1062,6 +1064,16 @@ class Api:
             return []
         return jobs
 
+    async def _runners_of(self, worker_id: str) -> frozenset[str]:
+        """The runners a worker registered with (kept here; read from the store for one another replica
+        registered)."""
+        got = self.worker_runners.get(worker_id)
+        if got is None:
+            for w in await self.store.list_workers():
+                self.worker_runners[w.id] = frozenset(w.runners)
+            got = self.worker_runners.setdefault(worker_id, frozenset({EXEC}))
+        return got
+
     async def lease(self, request: web.Request) -> web.Response:
         wid = self._worker_id(request)
         data = await read_json(request)
@@ -1077,7 +1089,7 @@ class Api:
         try:
             while True:
                 # Register before claiming: a job queued after the claim looked still wakes us.
-                waiter = self.hub.work_waiter(queues, wid)
+                waiter = self.hub.work_waiter(queues, wid, await self._runners_of(wid))
                 try:
                     transport = request.transport
                     if transport is None or transport.is_closing():

@@ -29,6 +29,11 @@ class Hub:
         # claim for every submit.
         self._waiters: dict[str, deque[asyncio.Future[str | None]]] = {}
         self._by_worker: dict[str, asyncio.Future[str | None]] = {}
+        # The runners of each waiting long-poll's worker: a job wakes one waiter, and also one of each other set
+        # of runners that waits on its queue (the job's runner is not known here; a worker without it takes
+        # nothing and must not swallow the wake). One set among all workers, the usual case, costs nothing.
+        self._kinds: dict[asyncio.Future[str | None], frozenset[str]] = {}
+        self.kinds_seen: set[frozenset[str]] = set()
         self.stopping: set[str] = set()  # workers draining: their long-polls end now
         # Waiters on any of many jobs (POST /v1/jobs/wait): job id -> the futures of the waits naming it.
         self._many: dict[int, list[asyncio.Future[None]]] = {}
@@ -80,9 +85,12 @@ class Hub:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def work_waiter(self, queues: Sequence[str], worker_id: str) -> asyncio.Future[str | None]:
+    def work_waiter(self, queues: Sequence[str], worker_id: str,
+                    runners: frozenset[str] = frozenset({"exec"})) -> asyncio.Future[str | None]:
         """A future set to a queue's name when a job may be waiting there for this long-poll."""
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._kinds[fut] = runners
+        self.kinds_seen.add(runners)
         for q in queues:
             self._waiters.setdefault(q, deque()).append(fut)
         self._by_worker[worker_id] = fut
@@ -101,16 +109,26 @@ class Hub:
                     del self._waiters[q]
         if self._by_worker.get(worker_id) is fut:
             del self._by_worker[worker_id]
+        self._kinds.pop(fut, None)
         if not fut.done():
             fut.cancel()
 
     def wake_queue(self, queue: str, n: int) -> None:
         dq = self._waiters.get(queue)
+        woken: set[frozenset[str]] = set()
         while n > 0 and dq:
             fut = dq.popleft()
             if not fut.done():
                 fut.set_result(queue)
                 n -= 1
+                woken.add(self._kinds.get(fut, frozenset()))
+        if dq and len(self.kinds_seen) > 1:  # workers with other runners wait here too: one of each kind
+            for fut in list(dq):
+                kind = self._kinds.get(fut, frozenset())
+                if kind not in woken and not fut.done():
+                    dq.remove(fut)
+                    fut.set_result(queue)
+                    woken.add(kind)
 
     def waited_queues(self) -> list[str]:
         """Queues a lease long-poll waits on now."""
