@@ -221,9 +221,10 @@ class Cluster:
             if self.scheduler in self.procs:
                 self.procs.remove(self.scheduler)
 
-    def start_worker(self, name: str, concurrency: int, queues: Sequence[str] = ("default",)) -> Proc:
+    def start_worker(self, name: str, concurrency: int, queues: Sequence[str] = ("default",),
+                     extra: Sequence[str] = ()) -> Proc:
         args = [*python_cmd(), "-m", "orch", "worker", "--join", ",".join(self.urls or [self.url]), "--name", name,
-                "--concurrency", str(concurrency)]
+                "--concurrency", str(concurrency), *extra]
         for q in queues:
             args += ["--queue", q]
         p = Proc(name, args, self.tmp / f"{name}.log", self.env)

@@ -2,6 +2,7 @@
 
     python peer_huey.py shell --n 2000 --threads 8 --dir DIR
     python peer_huey.py latency --n 300 --idle 60 --threads 8 --dir DIR
+    python peer_huey.py noop --n 5000 --threads 8 --dir DIR    (function tasks: throughput, then round trips)
 
 It starts a Huey consumer (``huey_consumer peer_huey.huey -w THREADS -k
 thread``, default options otherwise) with SqliteHuey's default storage in a
@@ -37,6 +38,11 @@ def echo_hello() -> list:
 @huey.task()
 def run_true() -> int:
     return subprocess.run(["true"], capture_output=True).returncode
+
+
+@huey.task()
+def noop() -> int:
+    return 1
 
 
 def read_back(result, deadline: float):
@@ -133,9 +139,33 @@ def latency(args: argparse.Namespace, workdir: Path) -> None:
         consumer.stop()
 
 
+def noop_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """A Python function that does nothing: enqueue all, read all back; then one at a time, round trips."""
+    consumer = Consumer(workdir, args.threads)
+    try:
+        deadline = time.monotonic() + args.deadline
+        for _ in range(args.warmup):
+            read_back(noop(), deadline)
+        t0 = time.perf_counter()
+        results = [noop() for _ in range(args.n)]
+        for r in results:
+            if read_back(r, deadline) != 1:
+                raise RuntimeError("a Huey noop did not return 1")
+        elapsed = time.perf_counter() - t0
+        samples = []
+        for _ in range(min(args.n, 300)):
+            t1 = time.perf_counter()
+            read_back(noop(), deadline)
+            samples.append((time.perf_counter() - t1) * 1000)
+        emit({"noop": {"n": args.n, "elapsed": elapsed, "rate": args.n / elapsed, "threads": args.threads,
+                       "latencies_ms": samples, "synchronous": synchronous_level()}})
+    finally:
+        consumer.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["shell", "latency", "check"])
+    ap.add_argument("mode", choices=["shell", "latency", "noop", "check"])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--idle", type=float, default=0.0)
@@ -154,7 +184,7 @@ def main() -> int:
         # The consumer imports this module afresh: it must open the same database file.
         os.environ["PEER_HUEY_DB"] = str(workdir / "huey.db")
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    (shell if args.mode == "shell" else latency)(args, workdir)
+    {"shell": shell, "latency": latency, "noop": noop_mode}[args.mode](args, workdir)
     return 0
 
 

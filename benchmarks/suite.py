@@ -62,6 +62,8 @@ class Sizes:
     cron_minutes: int = 2  # whole minutes they are measured over
     cron_fast: int = 20  # schedules every second, for lateness
     cron_seconds: float = 10.0
+    python_jobs: int = 5000  # no-op Python tasks (python), against as many Huey function tasks
+    docker_runs: int = 20  # `true` containers per run (docker), orch's and bare docker run's
 
 
 FULL = Sizes(repeats=3, shell_jobs=2000, concurrency=8, control_jobs=20_000, submit_clients=64, submit_requests=12_800,
@@ -72,7 +74,8 @@ SMOKE = Sizes(repeats=1, shell_jobs=50, concurrency=8, control_jobs=500, submit_
               latency_runs=20, idle_s=1.0, scale_jobs=10_000, scale_probe_batches=2, claim_samples=20,
               sim_workers=20, sim_settle=0.5, sim_window=2.0, sim_jobs=10, sim_rate=10.0,
               list_samples=5, big_jobs=3, big_seconds=1.0, deep_queue=2_000, delayed_jobs=20, delayed_window=1.0,
-              dag_chain=10, dag_fan=200, cron_schedules=20, cron_minutes=0, cron_fast=3, cron_seconds=2.0)
+              dag_chain=10, dag_fan=200, cron_schedules=20, cron_minutes=0, cron_fast=3, cron_seconds=2.0,
+              python_jobs=200, docker_runs=3)
 SIZES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -1169,6 +1172,163 @@ def bench_cron(ctx: Context) -> list[Row]:
     return cron_rows([cron_once(ctx)], s)
 
 
+# --------------------------------------------------------------------------- runners: python, docker
+
+NOOP = {"python": {"function": "benchmarks.pytasks:noop"}}
+
+
+async def _python_noop(url: str, n: int, latency_runs: int) -> dict[str, Any]:
+    """Submit ``n`` no-op Python tasks in batches (each batch acknowledged durably), wait for all; then one at a
+    time: submit, wait, its return value (the SDK's ``task.submit(...).result()``, over the same HTTP)."""
+    async with Http(url) as api:
+        for _ in range(20):  # warm: every child has imported the module (--import), the connections are open
+            await api.wait_job((await api.call("POST", "/v1/jobs", NOOP))["id"])
+        t0 = time.perf_counter()
+        ids = await api.submit_batches(NOOP, n, 500, in_flight=2)
+        counts = await api.wait_all(ids)
+        elapsed = time.perf_counter() - t0
+        if counts.get("succeeded") != n:
+            raise RuntimeError(f"not every python noop succeeded: {counts}")
+        sample = await api.call("GET", f"/v1/jobs/{ids[-1]}")
+        if (sample["result"] or {}).get("value") != 1:
+            raise RuntimeError(f"job {ids[-1]} did not return 1: {sample['result']}")
+        lat = []
+        for _ in range(latency_runs):
+            t1 = time.perf_counter()
+            job = await api.wait_job((await api.call("POST", "/v1/jobs", NOOP))["id"])
+            lat.append((time.perf_counter() - t1) * 1000)
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"a python noop ended {job['state']}")
+    return {"n": n, "elapsed": elapsed, "rate": n / elapsed, "latencies_ms": lat}
+
+
+def python_once(ctx: Context) -> dict[str, Any]:
+    s = ctx.sizes
+    with ctx.workdir("python") as tmp, Cluster(tmp) as c:
+        c.start_scheduler()
+        c.start_worker("w1", s.concurrency, extra=["--import", "benchmarks.pytasks"])
+        c.wait_workers(1)
+        return run(_python_noop(c.url, s.python_jobs, s.latency_runs))
+
+
+def huey_noop_once(ctx: Context) -> dict[str, Any] | None:
+    if not ctx.huey.ensure(ctx.log):
+        return None
+    s = ctx.sizes
+    with ctx.workdir("huey-noop") as tmp:
+        try:
+            lines = ctx.huey.run("noop", tmp, ["--n", str(s.python_jobs), "--threads", str(s.concurrency)],
+                                 timeout=900)
+            return next(line["noop"] for line in lines if "noop" in line)
+        except (RuntimeError, StopIteration) as e:
+            ctx.log(f"python: the Huey run failed: {e}")
+            return None
+
+
+def bench_python(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    orch_runs, huey_runs = [], []
+    for i in range(s.repeats):
+        ctx.log(f"python: run {i + 1}/{s.repeats}: orch, {s.python_jobs:,} no-op tasks")
+        orch_runs.append(python_once(ctx))
+        ctx.log(f"python: run {i + 1}/{s.repeats}: huey")
+        h = huey_noop_once(ctx)
+        if h is not None:
+            huey_runs.append(h)
+    rate = median([r["rate"] for r in orch_runs])
+    peer = median([r["rate"] for r in huey_runs]) if huey_runs else None
+    lat = [x for r in orch_runs for x in r["latencies_ms"]]
+    hlat = [x for r in huey_runs for x in r["latencies_ms"]]
+    label = f"Huey {ctx.huey.version}".strip()
+    note = "" if peer is not None else (ctx.huey.unavailable or "peer failed: see the log")
+    return [
+        Row(f"python: {s.python_jobs:,} no-op tasks end to end (submit all, wait all; durable), 1 worker x "
+            f"{s.concurrency}", ">= 4x Huey (SQLite, threads)", rate, "/s", peer=peer, peer_label=label,
+            peer_note=note, ratio_goal=4.0, detail={"orch": [{k: v for k, v in r.items() if k != "latencies_ms"}
+                                                             for r in orch_runs],
+                                                    "huey": [{k: v for k, v in r.items() if k != "latencies_ms"}
+                                                             for r in huey_runs]}),
+        Row("python: no-op task round trip p50 (submit, run, result)", "<= 2 ms", percentile(lat, 50), "ms", goal=2,
+            higher_better=False, peer=percentile(hlat, 50) if hlat else None, peer_label=label, peer_note=note),
+        Row("python: no-op task round trip p99", "", percentile(lat, 99), "ms", higher_better=False,
+            peer=percentile(hlat, 99) if hlat else None, peer_label=label, peer_note=note),
+    ]
+
+
+def _docker_host(ctx: Context) -> Any:
+    from benchmarks.dockerd import Dockerd, missing
+
+    why = missing()
+    if why is not None:
+        return why
+    return Dockerd().start()
+
+
+def _bare_docker_runs(sock: str, n: int) -> list[float]:
+    """``docker run --rm IMAGE true``, one at a time: seconds each (the CLI the engine's users type)."""
+    import shutil
+    import subprocess
+
+    from benchmarks.dockerd import IMAGE
+
+    docker = shutil.which("docker") or "/usr/bin/docker"
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        p = subprocess.run([docker, "-H", f"unix://{sock}", "run", "--rm", "--network", "none", IMAGE, "true"],
+                           capture_output=True, timeout=120)
+        out.append(time.perf_counter() - t0)
+        if p.returncode != 0:
+            raise RuntimeError(f"docker run failed: {p.stderr[-500:]!r}")
+    return out
+
+
+async def _orch_docker_runs(url: str, n: int) -> list[float]:
+    from benchmarks.dockerd import IMAGE
+
+    spec = {"docker": {"image": IMAGE, "command": ["true"], "network": "none", "pull": "never"}, "max_attempts": 1}
+    out = []
+    async with Http(url) as api:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            job = await api.wait_job((await api.call("POST", "/v1/jobs", spec))["id"])
+            out.append(time.perf_counter() - t0)
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"a docker true ended {job['state']}: {job.get('error')}")
+    return out
+
+
+def bench_docker(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    engine = _docker_host(ctx)
+    if isinstance(engine, str):
+        return [Row("docker: a `true` job's overhead over `docker run --rm`", "<= 10 %", None, "%",
+                    error=f"no Docker engine: {engine}")]
+    try:
+        bare: list[float] = []
+        orch_s: list[float] = []
+        with ctx.workdir("docker") as tmp, Cluster(tmp, env={"ORCH_DOCKER_HOST": engine.host}) as c:
+            c.start_scheduler()
+            c.start_worker("w1", 1)
+            c.wait_workers(1)
+            _bare_docker_runs(engine.sock, 3)
+            run(_orch_docker_runs(c.url, 3))  # warm both
+            for i in range(s.repeats):  # alternating, so that both see the same machine
+                ctx.log(f"docker: run {i + 1}/{s.repeats}: {s.docker_runs} x docker run --rm, then orch")
+                bare += _bare_docker_runs(engine.sock, s.docker_runs)
+                orch_s += run(_orch_docker_runs(c.url, s.docker_runs))
+    finally:
+        engine.stop()
+    b, o = median(bare) * 1000, median(orch_s) * 1000
+    return [
+        Row("docker: `true` job end to end (submit, container, result), median", "", o, "ms", higher_better=False,
+            peer=b, peer_label="docker run --rm"),
+        Row("docker: its overhead over a bare `docker run --rm` of the same image", "<= 10 %", (o / b - 1) * 100,
+            "%", goal=10, higher_better=False, detail={"orch_ms": [x * 1000 for x in orch_s],
+                                                       "bare_ms": [x * 1000 for x in bare]}),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -1182,4 +1342,6 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "keys": bench_keys,
     "dag": bench_dag,
     "cron": bench_cron,
+    "python": bench_python,
+    "docker": bench_docker,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,8 +44,10 @@ def _pids_running(needle: str) -> list[int]:
 @pytest.mark.slow
 def test_zipapp_runs_a_cluster_with_no_packages(tmp_path: Path, orch_env: dict[str, str]) -> None:
     pyz = tmp_path / "orch.pyz"
+    # With the example plugin carried inside: its entry point must be found in the zip.
     build = subprocess.run(["bash", str(ROOT / "zipapp.sh"), str(pyz)], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "ZIPAPP_BUILD_DIR": str(tmp_path / "build")})
+                           env={**os.environ, "ZIPAPP_BUILD_DIR": str(tmp_path / "build"),
+                                "ZIPAPP_PLUGINS": str(ROOT / "examples" / "orch-hello-runner")})
     assert build.returncode == 0, f"zipapp.sh failed:\n{build.stdout}\n{build.stderr}"
     assert str(pyz) in build.stdout
 
@@ -85,6 +88,27 @@ def test_zipapp_runs_a_cluster_with_no_packages(tmp_path: Path, orch_env: dict[s
         failed = subprocess.run([*orch, "run", "--server", server, "--wait", "--retries", "0", "--", "sh", "-c", "exit 3"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert failed.returncode == 3, failed.stdout + failed.stderr
+
+        # Runners in the zipapp: the plugin by its entry point, inside the zip; a Python task (a stdlib function,
+        # in a child interpreter importing the zipapp's orch); a plugin named by its file (no PYTHONPATH: -I).
+        listed = subprocess.run([*orch, "plugins", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        runners = {r["name"]: r for r in json.loads(listed.stdout)["runners"]}
+        assert runners["hello"]["source"] == "entry point of orch-hello-runner 0.1.0", runners
+        assert runners["python"]["status"] == "available"
+        (tmp_path / "greet.py").write_text((ROOT / "examples" / "orch-hello-runner" / "orch_hello.py").read_text()
+                                           .replace('name = "hello"', 'name = "greet"'))
+        by_file = subprocess.run([*orch, "plugins", "--json"], env={**env, "ORCH_PLUGINS": f"{tmp_path}/greet.py:HelloRunner"},
+                                 capture_output=True, text=True, timeout=60)
+        assert "greet" in {r["name"] for r in json.loads(by_file.stdout)["runners"]}, by_file.stdout
+        for spec, value in (({"python": {"function": "json:dumps", "args": [[1, 2]]}}, "[1, 2]"),
+                            ({"runner": "hello", "params": {"name": "zip"}}, {"greeted": "zip"})):
+            status, body = http("POST", server + "/v1/jobs", {**spec, "max_attempts": 1})
+            assert status == 201, body
+            jid = body["id"]
+            done = wait_until(lambda jid=jid: (j := http("GET", f"{server}/v1/jobs/{jid}")[1])["state"]
+                              in ("succeeded", "failed") and j, 60, "the job")
+            assert (done["state"], done["result"]["value"]) == ("succeeded", value), done
 
         up.signal(signal.SIGTERM)
         assert up.wait(30) == 0, up.log()

@@ -15,8 +15,8 @@ import pytest
 
 from helpers import until, wait_until
 from orch.core.states import Outcome
-from orch.worker.runners import exec as runners
 from orch.worker.runners import Ended, Run
+from orch.worker.runners import exec as runners
 
 FAST_AVAILABLE = runners.FAST_SPAWN
 

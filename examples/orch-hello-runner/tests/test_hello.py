@@ -8,9 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orch_hello import HelloRunner  # noqa: E402
+
 from orch.core.states import Outcome  # noqa: E402
 from orch.worker.runners import Run  # noqa: E402
-from orch_hello import HelloRunner  # noqa: E402
 
 
 def _run(params: dict, timeout: float | None = None) -> Run:
