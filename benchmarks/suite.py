@@ -1323,9 +1323,9 @@ def bench_docker(ctx: Context) -> list[Row]:
     return [
         Row("docker: `true` job end to end (submit, container, result), median", "", o, "ms", higher_better=False,
             peer=b, peer_label="docker run --rm"),
-        Row("docker: its overhead over a bare `docker run --rm` of the same image", "<= 10 %", (o / b - 1) * 100,
-            "%", goal=10, higher_better=False, detail={"orch_ms": [x * 1000 for x in orch_s],
-                                                       "bare_ms": [x * 1000 for x in bare]}),
+        Row("docker: its time as % of a bare `docker run --rm` of the same image", "<= 110 % (overhead <= 10 %)",
+            o / b * 100, "%", goal=110, higher_better=False, detail={"orch_ms": [x * 1000 for x in orch_s],
+                                                                     "bare_ms": [x * 1000 for x in bare]}),
     ]
 
 

@@ -136,6 +136,8 @@ def check_docker(body: Any, field: str) -> dict[str, Any]:
         out["network"] = net
     if "memory" in body:
         mem = body["memory"]
+        if isinstance(mem, float) and mem.is_integer() and abs(mem) < 2 ** 53:  # 2.0 counts as the integer 2
+            mem = int(mem)
         ok = (isinstance(mem, int) and not isinstance(mem, bool) and MIN_MEMORY <= mem <= MAX_MEMORY) or (
             isinstance(mem, str) and MEMORY_RE.fullmatch(mem))
         if not ok:
@@ -169,12 +171,10 @@ def check_runner(name: Any, params: Any, field: str) -> tuple[str, dict[str, Any
     if name in BUILT_IN:
         hint = "command, shell or task" if name == EXEC else name
         raise ValidationError(f"runner {name!r} is built in: give '{hint}' instead", field=field)
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise ValidationError("params must be an object", field="params" if field == "runner" else field + "params")
-    if _compact_size(params, "params") > MAX_PARAMS_BYTES:
-        raise ValidationError(f"params is over {MAX_PARAMS_BYTES:,} bytes of JSON", field="params")
+    if not isinstance(params, dict):  # null too: an optional field is left out, never null
+        raise ValidationError("params must be an object", field=field[:-len("runner")] + "params")
+    if _compact_size(params, field[:-len("runner")] + "params") > MAX_PARAMS_BYTES:
+        raise ValidationError(f"params is over {MAX_PARAMS_BYTES:,} bytes of JSON", field=field[:-len("runner")] + "params")
     return name, params
 
 

@@ -355,7 +355,7 @@ def parse_spec(body: Any, prefix: str = "") -> JobSpec:
     elif kind == DOCKER:
         params = check_docker(body[DOCKER], f(DOCKER))
     elif kind == "runner":
-        plugin, params = check_runner(body["runner"], body.get("params"), f("runner"))
+        plugin, params = check_runner(body["runner"], body["params"] if "params" in body else {}, f("runner"))
     elif kind == "command":
         argv = _str_list(body["command"], f("command"), allow_empty=False)
         if not argv[0]:

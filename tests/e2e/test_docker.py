@@ -13,7 +13,9 @@ import pytest
 
 from helpers import ended, http, start_scheduler, start_worker, submit, wait_until, workers_alive
 
-pytestmark = pytest.mark.e2e
+# The runner speaks to the engine, not the store: once, on SQLite (routing by runner runs on both backends in
+# test_plugins.py and test_python_tasks.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]
 
 IMAGE = "orch-test-busybox"
 

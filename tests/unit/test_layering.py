@@ -31,9 +31,9 @@ def test_import_linter_contracts_are_kept() -> None:
 
 @pytest.mark.slow
 def test_core_store_client_and_worker_are_mypy_clean() -> None:
-    """Each backend passes as an implementation of the Store contract (``_check`` at the end of its module)."""
+    """The SDK (orch/sdk.py, what users import) is typed and checked with them. Each backend passes as an implementation of the Store contract (``_check`` at the end of its module)."""
     done = subprocess.run([_tool("mypy"), "orch/core", "orch/store", "orch/worker", "orch/client.py",
-                           "orch/compose.py"],
+                           "orch/compose.py", "orch/sdk.py", "orch/plugins.py", "orch/__init__.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
