@@ -32,12 +32,13 @@ from typing import Any, Awaitable, Callable, Generic, Iterable, Mapping, ParamSp
 
 from orch.client import Client as _HttpClient
 from orch.core.errors import ApiError, OrchError, ValidationError
+from orch.core.states import JobState
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "skipped"})
+TERMINAL = frozenset(s.value for s in JobState if s.terminal)  # the states a job ends in
 OPTION_NAMES = frozenset({"queue", "priority", "max_attempts", "timeout", "name", "labels", "env", "cwd", "backoff",
                           "retry_on_exit", "run_at", "delay", "idempotency_key", "rate_keys", "concurrency",
                           "depends_on", "ref"})
@@ -204,7 +205,7 @@ def _settings(server: str | None, token: str | None, ca: str | None) -> tuple[st
 
 
 def _value(job: Mapping[str, Any]) -> Any:
-    if job.get("state") != "succeeded":
+    if job.get("state") != JobState.SUCCEEDED.value:
         raise JobFailed(job)
     result = job.get("result") or {}
     return result.get("value")
