@@ -33,7 +33,7 @@ FINAL_REPORT_TIMEOUT = 10.0  # seconds a stopping worker keeps trying to deliver
 # Jobs shorter than this on average are worth holding a few of in hand: a slot that
 # frees then starts the next one at once instead of after a lease round trip.
 PREFETCH_BELOW = 0.05
-PREFETCH_MAX = 4  # held jobs beyond the slots, at most this many times the concurrency
+PREFETCH_MAX = 16  # held jobs beyond the slots, at most this many times the concurrency
 # What a scheduler that does not say (an older one) takes: its defaults.
 DEFAULT_MAX_BODY = 8 << 20
 DEFAULT_OUTPUT_LIMIT = 1 << 20
