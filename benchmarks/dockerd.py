@@ -2,7 +2,8 @@
 
 ``Dockerd.start()`` uses the engine DOCKER_HOST names when one answers there; else it starts Debian's
 ``dockerd`` (package docker.io; it needs root) with a data root, exec root and socket under a temp dir of its own,
-no iptables and no bridge (jobs run with ``network: none`` or ``host``), and stops it at the end. No image
+no iptables and no bridge (jobs run with ``network: none`` or ``host``), the storage driver its own choice
+(overlay2, or vfs where overlay cannot be mounted), and stops it at the end. No image
 registry is reachable: the image ``orch-test-busybox`` is built locally, ``FROM scratch`` with Debian's static
 busybox (package busybox-static) and its applets.
 """
@@ -91,7 +92,7 @@ class Dockerd:
             self.proc = subprocess.Popen(
                 [exe, "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "x"),
                  "--host", self.host, "--pidfile", str(self.dir / "d.pid"), "--iptables=false",
-                 "--ip6tables=false", "--bridge=none", "--storage-driver=overlay2"],
+                 "--ip6tables=false", "--bridge=none"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + timeout
             while not _answers(self.sock):
