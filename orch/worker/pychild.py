@@ -122,7 +122,12 @@ def run_one(req: dict[str, Any], cache: dict[str, Any], fwd: Forwarder) -> dict[
         except (TypeError, ValueError, RecursionError) as e:
             answer = {"ok": False, "error": f"the return value of {req['function']} is not JSON: {e}"}
         else:
-            answer = {"ok": True, "value": value, "size": len(text)}
+            limit = int(req.get("max_result") or 0)
+            if limit and len(text) > limit:  # refused here: a value of gigabytes never crosses the pipe
+                answer = {"ok": False, "error": f"its return value is {len(text):,} bytes of JSON, over "
+                                                f"scheduler.max_result_bytes ({limit:,})"}
+            else:
+                answer = {"ok": True, "value": value, "size": len(text)}
     except SystemExit as e:
         answer = {"ok": False, "error": f"SystemExit({e.code!r})", "exit_code": e.code if isinstance(e.code, int)
                   else 1}

@@ -43,6 +43,10 @@ def opaque() -> object:
     return {1, 2}
 
 @task(max_attempts=1)
+def bulky() -> str:
+    return "x" * (100 << 10)
+
+@task(max_attempts=1)
 def crash() -> None:
     os._exit(9)
 
@@ -140,6 +144,11 @@ def test_a_task_returns_its_value_and_a_raised_exception_fails_it_with_its_trace
         with pytest.raises(JobFailed) as err:
             client.submit(tasks.opaque).result(timeout=30)
         assert "return value of shop_tasks:opaque is not JSON" in (err.value.error or "")
+
+        # A value over scheduler.max_result_bytes (64 KiB) is refused in the child: it never crosses the pipe.
+        with pytest.raises(JobFailed) as err:
+            client.submit(tasks.bulky).result(timeout=30)
+        assert "over scheduler.max_result_bytes (65,536)" in (err.value.error or "")
 
         # Arguments that are not JSON are refused at the submit, naming the argument, before any request.
         with pytest.raises(ValidationError) as bad:

@@ -33,6 +33,7 @@ log = logging.getLogger("orch.worker")
 
 MAX_TASKS = 1000  # tasks a child runs before it is replaced
 START_TIMEOUT = 60.0  # seconds a child may take to preload its modules and say it is ready
+LINE_LIMIT = 1 << 24  # bytes of one message from a child (output comes in pieces of 64 KiB; values are bounded)
 
 
 def _orch_root() -> str:
@@ -51,13 +52,21 @@ class _Child:
         self.answer: asyncio.Future[dict[str, Any]] | None = None
         self.on_output: OnOutput | None = None
         self.dead = False
+        self.overlong = False  # it sent a message over LINE_LIMIT (and was killed for it)
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         try:
             while True:
-                line = await self.proc.stdout.readline()
+                try:
+                    line = await self.proc.stdout.readline()
+                except ValueError:  # a message over the line limit: not a child of ours any more
+                    log.warning("python runner: child %s sent a message over %d bytes; replacing it", self.pid,
+                                LINE_LIMIT)
+                    self.overlong = True
+                    self.signal(signal.SIGKILL)
+                    break
                 if not line:
                     break
                 try:
@@ -115,6 +124,8 @@ class _PyAttempt(Attempt):
             self.runner._retire(child)
             how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
                 else f"exited with code {code}"
+            if child.overlong:
+                how = f"was killed: its answer was over {LINE_LIMIT:,} bytes"
             return Ended(Outcome.FAILED, 128 - code if code < 0 else code,
                          f"the python child interpreter {how} while running it", 0.0)
         child.tasks += 1
@@ -174,7 +185,7 @@ class PythonRunner(Runner):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "orch.worker.pychild", *self.imports, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=None, env=env, start_new_session=True,
-                limit=1 << 24)
+                limit=LINE_LIMIT)
             child = _Child(proc)
             try:
                 ready = await asyncio.wait_for(asyncio.shield(child.ready), START_TIMEOUT)
@@ -233,7 +244,7 @@ class PythonRunner(Runner):
                 f.write(run.inputs)
             env["ORCH_INPUTS_PATH"] = path
         request = {"function": body["function"], "args": body.get("args", []), "kwargs": body.get("kwargs", {}),
-                   "env": env, "cwd": run.cwd}
+                   "env": env, "cwd": run.cwd, "max_result": run.max_result}
         child.on_output = on_output
         child.answer = asyncio.get_running_loop().create_future()
         run.pid = child.pid
