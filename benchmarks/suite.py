@@ -230,18 +230,22 @@ def raw_once(ctx: Context) -> dict[str, Any]:
     return json.loads(p.stdout.strip().splitlines()[-1])["raw"]
 
 
-def huey_shell_once(ctx: Context) -> dict[str, Any] | None:
+def huey_once(ctx: Context, mode: str, n: int) -> dict[str, Any] | None:
+    """One run of the Huey peer (benchmarks/peer_huey.py MODE): its figures, or None if it is unavailable or
+    failed (the peer failing must not cost orch's figures)."""
     if not ctx.huey.ensure(ctx.log):
         return None
-    s = ctx.sizes
-    with ctx.workdir("huey-shell") as tmp:
+    with ctx.workdir(f"huey-{mode}") as tmp:
         try:
-            lines = ctx.huey.run("shell", tmp, ["--n", str(s.shell_jobs), "--threads", str(s.concurrency)],
-                                 timeout=900)
-            return next(line["shell"] for line in lines if "shell" in line)
-        except (RuntimeError, StopIteration) as e:  # the peer failing must not cost orch's figures
-            ctx.log(f"shell: the Huey run failed: {e}")
+            lines = ctx.huey.run(mode, tmp, ["--n", str(n), "--threads", str(ctx.sizes.concurrency)], timeout=900)
+            return next(line[mode] for line in lines if mode in line)
+        except (RuntimeError, StopIteration) as e:
+            ctx.log(f"{mode}: the Huey run failed: {e}")
             return None
+
+
+def huey_shell_once(ctx: Context) -> dict[str, Any] | None:
+    return huey_once(ctx, "shell", ctx.sizes.shell_jobs)
 
 
 def bench_shell(ctx: Context) -> list[Row]:
@@ -1212,17 +1216,7 @@ def python_once(ctx: Context) -> dict[str, Any]:
 
 
 def huey_noop_once(ctx: Context) -> dict[str, Any] | None:
-    if not ctx.huey.ensure(ctx.log):
-        return None
-    s = ctx.sizes
-    with ctx.workdir("huey-noop") as tmp:
-        try:
-            lines = ctx.huey.run("noop", tmp, ["--n", str(s.python_jobs), "--threads", str(s.concurrency)],
-                                 timeout=900)
-            return next(line["noop"] for line in lines if "noop" in line)
-        except (RuntimeError, StopIteration) as e:
-            ctx.log(f"python: the Huey run failed: {e}")
-            return None
+    return huey_once(ctx, "noop", ctx.sizes.python_jobs)
 
 
 def bench_python(ctx: Context) -> list[Row]:

@@ -55,13 +55,19 @@ def _compact_size(value: Any, field: str) -> int:
         raise ValidationError("must be plain JSON (no NaN or infinity)", field=field) from None
 
 
+def _object(body: Any, field: str, known: frozenset[str], what: str) -> dict[str, Any]:
+    """``body`` as an object of ``known`` fields only, or a ValidationError naming the field."""
+    if not isinstance(body, dict):
+        raise ValidationError(what, field=field)
+    for k in body:
+        if k not in known:
+            raise ValidationError(f"unknown field {k!r}", field=f"{field}.{k}")
+    return body
+
+
 def check_python(body: Any, field: str) -> dict[str, Any]:
     """``{"function": "pkg.mod:name", "args": [...], "kwargs": {...}}``: the function a worker imports and calls."""
-    if not isinstance(body, dict):
-        raise ValidationError("python must be an object with 'function' (and 'args', 'kwargs')", field=field)
-    for k in body:
-        if k not in PYTHON_FIELDS:
-            raise ValidationError(f"unknown field {k!r}", field=f"{field}.{k}")
+    body = _object(body, field, PYTHON_FIELDS, "python must be an object with 'function' (and 'args', 'kwargs')")
     fn = body.get("function")
     if not isinstance(fn, str) or len(fn) > 512 or not FUNCTION_RE.fullmatch(fn):
         raise ValidationError("python.function must be 'package.module:function' (what the worker imports)",
@@ -98,11 +104,7 @@ def memory_bytes(value: int | str) -> int:
 def check_docker(body: Any, field: str) -> dict[str, Any]:
     """``{"image", "command", "env", "volumes", "network", "memory", "cpus", "user", "pull"}`` (only image is
     required). Which volumes a worker mounts is the worker's to allow (its docker.volumes)."""
-    if not isinstance(body, dict):
-        raise ValidationError("docker must be an object with at least 'image'", field=field)
-    for k in body:
-        if k not in DOCKER_FIELDS:
-            raise ValidationError(f"unknown field {k!r}", field=f"{field}.{k}")
+    body = _object(body, field, DOCKER_FIELDS, "docker must be an object with at least 'image'")
     image = body.get("image")
     if not isinstance(image, str) or not IMAGE_RE.fullmatch(image):
         raise ValidationError("docker.image must be an image reference (name[:tag] or name@digest)",

@@ -228,28 +228,46 @@ class Runner:
         return None
 
 
+class Stops:
+    """How an attempt is ended early, for every runner's supervisor: its timeout or a stop (cancel, drain) calls
+    ``terminate`` at once and ``kill`` ``kill_grace`` seconds later; the first reason is kept in ``ending``.
+    ``over()``: the attempt has ended already (nothing to stop). ``disarm()`` once it is over."""
+
+    __slots__ = ("run", "loop", "terminate", "kill", "kill_grace", "over", "ending", "timers")
+
+    def __init__(self, run: Run, terminate: Callable[[], None], kill: Callable[[], None], kill_grace: float,
+                 over: Callable[[], bool] = lambda: False) -> None:
+        self.run, self.terminate, self.kill, self.kill_grace, self.over = run, terminate, kill, kill_grace, over
+        self.loop = asyncio.get_running_loop()
+        self.ending: tuple[Outcome, str] | None = None
+        self.timers: list[asyncio.TimerHandle] = []
+        if run.timeout is not None:
+            self.timers.append(self.loop.call_later(run.timeout, self.end, Outcome.TIMED_OUT,
+                                                    f"timed out after {run.timeout:g}s"))
+        run.on_stop = self.stopped
+        if run.stop.is_set():
+            self.stopped()
+
+    def end(self, outcome: Outcome, error: str) -> None:
+        if self.ending is not None or self.over():
+            return
+        self.ending = (outcome, error)
+        self.terminate()
+        self.timers.append(self.loop.call_later(self.kill_grace, self.kill))
+
+    def stopped(self) -> None:
+        self.end(self.run.stop_outcome or Outcome.CANCELLED, self.run.stop_reason or "stopped")
+
+    def disarm(self) -> None:
+        self.run.on_stop = None
+        for t in self.timers:
+            t.cancel()
+
+
 async def supervise(attempt: Attempt, run: Run, kill_grace: float, started: float) -> Ended:
     """Wait for a started attempt; its timeout or a stop (cancel, drain) terminates it, then kills it
-    ``kill_grace`` seconds later. The end says why it was stopped."""
-    loop = asyncio.get_running_loop()
-    ending: list[tuple[Outcome, str]] = []
-    timers: list[asyncio.TimerHandle] = []
-
-    def end(outcome: Outcome, error: str) -> None:
-        if ending:
-            return
-        ending.append((outcome, error))
-        attempt.terminate()
-        timers.append(loop.call_later(kill_grace, attempt.kill))
-
-    def stopped() -> None:
-        end(run.stop_outcome or Outcome.CANCELLED, run.stop_reason or "stopped")
-
-    if run.timeout is not None:
-        timers.append(loop.call_later(run.timeout, end, Outcome.TIMED_OUT, f"timed out after {run.timeout:g}s"))
-    run.on_stop = stopped
-    if run.stop.is_set():
-        stopped()
+    ``kill_grace`` seconds later (Stops). The end says why it was stopped."""
+    stops = Stops(run, attempt.terminate, attempt.kill, kill_grace)
     waiting = asyncio.ensure_future(attempt.wait())
     try:
         ended = await asyncio.shield(waiting)
@@ -259,11 +277,9 @@ async def supervise(attempt: Attempt, run: Run, kill_grace: float, started: floa
             await asyncio.wait_for(waiting, kill_grace + 5)
         raise
     finally:
-        run.on_stop = None
-        for t in timers:
-            t.cancel()
+        stops.disarm()
     ended.duration = time.monotonic() - started
-    if ending:
-        ended.outcome, ended.error = ending[0]
+    if stops.ending is not None:
+        ended.outcome, ended.error = stops.ending
         ended.value = None
     return ended

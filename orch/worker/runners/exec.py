@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from orch.core.states import Outcome
-from orch.worker.runners.base import Ended, Run, Runner, StartError, files_dir, killpg, read_result, signal_name
+from orch.worker.runners.base import Ended, Run, Runner, StartError, Stops, files_dir, killpg, read_result, signal_name
 
 log = logging.getLogger("orch.worker")
 
@@ -531,41 +531,23 @@ async def _execute(run: Run, on_output: Callable[[str, str], None], kill_grace: 
         done = loop.run_in_executor(_pool(), _run_blocking, run, env, emit)
     # A stop or the timeout ends it: SIGTERM to the group now, SIGKILL after kill_grace. Timers and
     # a callback, not a task per attempt waiting on them: at thousands of jobs a second they add up.
-    ending: list[tuple[Outcome, str]] = []
-    timers: list[asyncio.TimerHandle] = []
-
-    def end(outcome: Outcome, error: str) -> None:
-        if ending or done.done():
-            return
-        ending.append((outcome, error))
-        run.signal(signal.SIGTERM)
-        timers.append(loop.call_later(kill_grace, run.signal, signal.SIGKILL))
-
-    def stopped() -> None:
-        end(run.stop_outcome or Outcome.CANCELLED, run.stop_reason or "stopped")
-
-    if run.timeout is not None:
-        timers.append(loop.call_later(run.timeout, end, Outcome.TIMED_OUT, f"timed out after {run.timeout:g}s"))
-    run.on_stop = stopped
-    if run.stop.is_set():
-        stopped()
+    stops = Stops(run, functools.partial(run.signal, signal.SIGTERM), functools.partial(run.signal, signal.SIGKILL),
+                  kill_grace, done.done)
     try:
         try:
             code = await asyncio.shield(done)  # cancelled ourselves: done carries on, and is killed below
         except StartError as e:
             return Ended(Outcome.FAILED, e.exit_code, e.message, time.monotonic() - started)
     finally:
-        run.on_stop = None
-        for t in timers:
-            t.cancel()
+        stops.disarm()
         if not done.done():  # we are being cancelled ourselves: leave nothing running
             run.signal(signal.SIGKILL)
         if child is not None:
             child.close()  # readers and fds; kills and reaps what is unfinished
     outcome: Outcome | None = None
     error: str | None = None
-    if ending:
-        outcome, error = ending[0]
+    if stops.ending is not None:
+        outcome, error = stops.ending
     if code < 0:
         exit_code = 128 - code
         sig_error: str | None = f"killed by {signal_name(-code)}"
