@@ -1278,13 +1278,15 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
     tick = max(0.05, min(1.0, settings["scheduler.heartbeat_interval"] / 2))
     grace = settings["scheduler.recovery_grace"]
     defaults = settings.retry_policy
+    stall = tick + max(2.0, ttl / 2)  # a gap between two looks at the clock longer than this was a stall
     last = time.monotonic()
     failures = ReaperFailures()
     owe_grace = False  # leases are to be extended before the next sweep
     leading = False
+    looked_again = False
     while True:
         now = time.monotonic()
-        if now - last > tick + max(2.0, ttl / 2):
+        if now - last > stall:
             # We were not running (SIGSTOP, a long pause): nobody could heartbeat to us.
             if store.shared:
                 log.warning("scheduler stalled for %.1fs; the other schedulers of the database kept serving",
@@ -1313,6 +1315,13 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
                 if owe_grace:
                     await store.recover(grace, ttl)
                     owe_grace = False
+                if time.monotonic() - now > stall and not looked_again:
+                    # Stalled since the look above (while the role was asked for): nobody could heartbeat meanwhile,
+                    # and the role may have lapsed. The pass starts again, so the stall is seen as one before any
+                    # lease is expired by it (once: a store that is slow every time still gets swept).
+                    looked_again = True
+                    continue
+                looked_again = False
                 sweep = await store.sweep(ttl, defaults)
         except Exception as e:
             failures.failed(e)
