@@ -519,6 +519,8 @@ def up(
     async def main() -> None:
         runner, url = await _start_scheduler(settings)
         print(f"orch is up: API {url}", flush=True)
+        if settings["ui.enabled"]:
+            print(f"dashboard: {url}/ui (orch ui opens it signed in)", flush=True)
         print(f"database: {database_name(settings)}", flush=True)
         argv = orch_argv()
         me = _runnable_orch(argv)
@@ -1051,6 +1053,32 @@ def logs(
         return 0
 
     raise typer.Exit(run_async(main(), ORCH_FAILED if follow else None))
+
+
+@app.command()
+def ui(
+    no_open: bool = typer.Option(False, "--no-open", help="Print the link; do not start a browser."),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    data_dir: Path | None = DataDirOpt,
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Open the web dashboard signed in: a one-time link, good for a minute (the client token signs it)."""
+    settings = settings_for(config, **{"client.server": server, **client_overrides(token, ca, data_dir)})
+
+    async def main() -> str:
+        async with client_for(settings) as client:
+            data = await client.request("POST", "/v1/ui/link")
+            return str(client.server) + str(data["path"])
+
+    link = run_async(main())
+    typer.echo(link)
+    if not no_open:
+        import webbrowser
+
+        if not webbrowser.open(link):
+            typer.echo("(no browser found here: open the link above within a minute)", err=True)
 
 
 @app.command()

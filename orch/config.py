@@ -80,6 +80,9 @@ KEYS: dict[str, Key] = {
     "auth.enabled": Key("bool", True, "demand a token on every /v1 route (false also needs the --no-auth flag)"),
     "auth.token": Key("str", "", "client token (submit, read, cancel); empty: the data dir's tokens.json"),
     "auth.join_token": Key("str", "", "worker join token (register); empty: the data dir's tokens.json"),
+    "auth.read_token": Key("str", "", "a read-only token: the GET routes and a dashboard that shows but cannot act (empty: none)"),
+    "ui.enabled": Key("bool", True, "serve the web dashboard at /ui on the API port"),
+    "ui.session_ttl": Key("float", 43200.0, "seconds a dashboard sign-in lasts", minimum=60),
     "auth.metrics_open": Key("bool", False, "serve /metrics on the API port without a token"),
     "tls.cert": Key("str", "", "the scheduler's TLS certificate chain (PEM); with tls.key, the API speaks HTTPS"),
     "tls.key": Key("str", "", "the private key of tls.cert (PEM)"),
@@ -96,7 +99,7 @@ KEYS: dict[str, Key] = {
 # Environment names that are not simply ORCH_<KEY> upper-cased.
 ENV_ALIASES = {"ORCH_SERVER": "client.server", "ORCH_DATA_DIR": "storage.data_dir",
                "ORCH_CONCURRENCY": "worker.concurrency",
-               "ORCH_TOKEN": "auth.token", "ORCH_JOIN_TOKEN": "auth.join_token"}
+               "ORCH_TOKEN": "auth.token", "ORCH_JOIN_TOKEN": "auth.join_token", "ORCH_READ_TOKEN": "auth.read_token"}
 
 
 def env_name(key: str) -> str:

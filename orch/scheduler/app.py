@@ -14,7 +14,7 @@ import uuid
 from collections import deque
 from contextlib import suppress
 from typing import Any, AsyncIterator, Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
@@ -60,6 +60,8 @@ from orch.scheduler.retention import purge as purge_jobs
 from orch.scheduler.routes import JOB_ID_PATHS, ROUTES
 from orch.scheduler.routes import document as openapi_document
 from orch.scheduler.security import BODY, CHALLENGE, GUARD, Guard, ProtocolLog, guard_request, unencodable_field
+from orch.scheduler.ui import session as ui_session
+from orch.scheduler.ui import views as ui_views
 from orch.scheduler.why import explain
 from orch.scheduler.wire import leases_json
 from orch.store.base import AttemptResult, Change, OutputChunk, Store
@@ -981,6 +983,7 @@ class Api:
                                                      concurrency=concurrency, credential_hash=digest,
                                                      metrics=metrics, runners=runners)
         self.worker_runners[worker_id] = frozenset(runners)
+        self.hub.touched()  # the dashboard's workers
         if self.guard is not None:
             self.guard.worker_registered(worker_id, digest, queues)
         log.info("worker %s registered (%s on %s, queues %s, concurrency %d, runners %s%s)", worker_id, name,
@@ -1004,6 +1007,37 @@ class Api:
         workers = await self.store.list_workers(retention)
         now = self.store.clock()
         return ok({"workers": [wire.worker_json(w, now) for w in workers]})
+
+    async def ui_link(self, request: web.Request) -> web.Response:
+        """A one-time sign-in link for the dashboard (orch ui): signed like a session, good for LINK_TTL."""
+        await optional_json(request)
+        if self.guard is None or not self.settings["ui.enabled"]:
+            raise NotFound("the dashboard is off here (ui.enabled: false)", field="ui.enabled")
+        code = self.guard.sessions.link(ui_session.ADMIN)
+        if code is None:
+            raise Conflict("the scheduler has no client token yet: no link can be signed")
+        return ok({"path": "/ui/link?" + urlencode({"code": code}), "expires_in": ui_session.LINK_TTL}, 201)
+
+    async def set_worker(self, request: web.Request) -> web.Response:
+        """Drain a worker (the dashboard's button): no claim hands it work from the commit on, its lease long-poll
+        here ends, and its next heartbeat tells it to drain as on SIGTERM."""
+        wid = request.match_info["worker_id"]
+        if not NAME_RE.fullmatch(wid):
+            raise NotFound("no such worker", field="worker_id")
+        data = await read_json(request)
+        only(data, {"draining"})
+        if data.get("draining") is not True:
+            raise ValidationError("draining must be true (a drained worker stops; start it again to undo)",
+                                  field="draining")
+        changed = await self.store.drain_worker(wid)
+        if changed:
+            log.info("worker %s asked to drain", wid)
+            self.hub.stopping.add(wid)
+            self.hub.wake_worker(wid)
+            self.hub.touched()
+        now = self.store.clock()
+        (worker,) = [w for w in await self.store.list_workers() if w.id == wid]
+        return ok(wire.worker_json(worker, now))
 
     async def metrics_targets(self, request: web.Request) -> web.Response:
         """Prometheus HTTP service discovery: the scheduler's metrics listener and each live worker's.
@@ -1046,7 +1080,10 @@ class Api:
             self.metrics.stale.labels("heartbeat").inc(len(reply.stale))
         if draining:
             self.hub.wake_worker(wid)
-        return ok({"cancel": wire.refs_json(reply.cancel), "stale": wire.refs_json(reply.stale)})
+        body: dict[str, Any] = {"cancel": wire.refs_json(reply.cancel), "stale": wire.refs_json(reply.stale)}
+        if reply.drain:
+            body["drain"] = True
+        return ok(body)
 
     async def _claim(self, request: web.Request, wid: str, queues: list[str], limit: int) -> list[Lease]:
         """Claim for a worker whose request is still open."""
@@ -1334,6 +1371,7 @@ async def reaper(store: Store, hub: Hub, api: Api, settings: Settings, holder: s
         if sweep is not None:
             for wid in sweep.lost_workers:
                 hub.wake_worker(wid)  # its lease long-poll, if the connection still looks open, ends
+                hub.touched()
                 if api.guard is not None:
                     api.guard.worker_gone(wid)  # its credential now earns 409 unknown_worker
                 api.metrics.lost_workers.inc()
@@ -1422,6 +1460,8 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
+    if settings["ui.enabled"]:
+        ui_views.setup(app, api)
     for route in ROUTES:  # the one table (orch/scheduler/routes.py): router, document and gate read it
         handler = getattr(api, route.handler)
         if route.method == "GET":

@@ -37,6 +37,10 @@ class Hub:
         self.stopping: set[str] = set()  # workers draining: their long-polls end now
         # Waiters on any of many jobs (POST /v1/jobs/wait): job id -> the futures of the waits naming it.
         self._many: dict[int, list[asyncio.Future[None]]] = {}
+        # The dashboard's live pages: a count of the commits told (here or by another scheduler) and of worker
+        # comings and goings, and one event for all its streams, set and replaced at each.
+        self.version = 0
+        self._watch: asyncio.Event | None = None
 
     # Each key has one event until something happens to it; then the event is
     # set and dropped, and the next waiter gets a fresh one.
@@ -51,6 +55,20 @@ class Hub:
     def _fire(table: dict, key: object) -> None:
         ev = table.pop(key, None)
         if ev is not None:
+            ev.set()
+
+    def watch(self) -> asyncio.Event:
+        """An event set at the next change of anything (see ``version``)."""
+        if self._watch is None:
+            self._watch = asyncio.Event()
+        return self._watch
+
+    def touched(self) -> None:
+        """Something a dashboard shows changed: a commit, a worker registered or lost."""
+        self.version += 1
+        ev = self._watch
+        if ev is not None:
+            self._watch = None
             ev.set()
 
     def job_event(self, job_id: int) -> asyncio.Event:
@@ -187,6 +205,7 @@ class Hub:
             self.due(hint.due)
         for q, n in hint.queued.items():
             self.wake_queue(q, n)
+        self.touched()
 
     def committed(self, changes: Iterable[Change]) -> None:
         queued: dict[str, int] = {}
@@ -204,6 +223,7 @@ class Hub:
                 self.due(c.due)
         for q, n in queued.items():
             self.wake_queue(q, n)
+        self.touched()
 
 
 async def wait_any(events: Sequence[asyncio.Event], timeout: float) -> bool:

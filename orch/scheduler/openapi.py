@@ -331,7 +331,16 @@ SCHEMAS: dict[str, Any] = {
         "draining": {"type": "boolean"},
     }, closed=True),
     "HeartbeatReply": obj({"cancel": {"type": "array", "items": ref("AttemptRef")},
-                           "stale": {"type": "array", "items": ref("AttemptRef")}}, ("cancel", "stale")),
+                           "stale": {"type": "array", "items": ref("AttemptRef")},
+                           "drain": {"type": "boolean", "description": "true: the worker was asked to drain "
+                                                                        "(PATCH /v1/workers/{worker_id})"}},
+                          ("cancel", "stale")),
+    "UiLink": obj({"path": {"type": "string", "description": "/ui/link?code=...: open it on the scheduler's address"},
+                   "expires_in": {"type": "number"}}, ("path", "expires_in")),
+    "WorkerPatch": obj({
+        "draining": {"type": "boolean", "const": True,
+                     "description": "true: the worker takes no new job, finishes what it runs, and stops"},
+    }, ("draining",), closed=True),
     "LeaseRequest": obj({
         "max": {"type": "integer", "minimum": 1, "maximum": 1000},
         "queues": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 32},

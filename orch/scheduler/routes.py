@@ -155,11 +155,17 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/schedules/{name}/trigger", "trigger_schedule", CLIENT,
           "run a schedule's job now, once, beside its ticks", _json("JobSummary", "the job"), status="201",
           params=[SCHEDULE_PARAM]),
+    Route("POST", "/v1/ui/link", "ui_link", CLIENT,
+          "a one-time link that signs a browser in to the dashboard, good for a minute (orch ui)",
+          _json("UiLink", "the link's path"), status="201", body_required=False),
     Route("POST", "/v1/workers", "register", JOIN, "register a worker; returns its own credential",
           _json("Registered", "registered"), status="201", body="Register"),
     Route("GET", "/v1/workers", "list_workers", CLIENT, "list workers", _json("Workers", "the workers"),
           params=[_query("all", FOLLOW["schema"], "1: also stopped and lost workers whose last heartbeat is older "
                                                   "than scheduler.worker_retention")]),
+    Route("PATCH", "/v1/workers/{worker_id}", "set_worker", CLIENT,
+          "drain a worker: it is handed no job from now on, and its next heartbeat tells it to finish what it runs "
+          "and stop", _json("Worker", "the worker"), body="WorkerPatch", params=[WORKER_PARAM]),
     Route("GET", "/v1/metrics/targets", "metrics_targets", CLIENT,
           "Prometheus HTTP service discovery: the scheduler's metrics listener and every live worker's",
           _json("MetricsTargets", "target groups, in http_sd_config format")),

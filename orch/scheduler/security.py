@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import secrets
 import time
 import zlib
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ from orch.core.records import Credential
 from orch.core.spec import NAME_RE
 from orch.scheduler import routes
 from orch.scheduler.openapi import query_names
+from orch.scheduler.ui import session as ui_session
 
 log = logging.getLogger("orch.scheduler")
 
@@ -96,6 +98,13 @@ class Guard:
         self.body_timeout: float = settings["scheduler.body_timeout"]
         self.max_body: int = settings["scheduler.max_body_bytes"]
         self.query = query_names(routes.document())
+        read = settings["auth.read_token"].strip()
+        self.read: str | None = auth.digest(read) if read else None  # the read-only token's digest
+        # Dashboard sessions, signed with a key made from the client token in effect (without auth: this
+        # process's own random key, so sessions and their CSRF tokens still hold).
+        own = secrets.token_bytes(32)
+        self.sessions = ui_session.Sessions(
+            lambda: ui_session.key_from(self.client) if self.enabled else own, settings["ui.session_ttl"])
 
     # ------------------------------------------------------------------ tokens
 
@@ -239,17 +248,38 @@ class Guard:
             raise Forbidden(f"a worker credential (of {wid}) cannot be used here: this route needs {want}")
         raise Unauthorized(f"unknown or revoked token: this route needs {want} (orch token show)")
 
+    def session_of(self, request: web.Request) -> ui_session.Session | None:
+        """The dashboard session of the request's cookie (signed, not expired), or None."""
+        return self.sessions.read(request.cookies.get(ui_session.COOKIE))
+
     def authenticate(self, request: web.Request, kind: str, worker_id: str | None) -> None:
         header = request.headers.get("Authorization")
         token = auth.bearer(header)
         want = {"client": "the client token", "join": "the join token",
                 "worker": f"the credential worker {worker_id} got at registration"}[kind]
+        reads = request.method in ("GET", "HEAD")
+        if token is None and not header and kind == "client" and ui_session.COOKIE in request.cookies:
+            # The dashboard's own calls: its session cookie, with the session's CSRF token in a header that
+            # no page of another site can send.
+            found = self.session_of(request)
+            if found is None:
+                raise Unauthorized("the dashboard session has expired or was ended: sign in again at /ui/login")
+            if not self.sessions.csrf_ok(found, request.headers.get(ui_session.CSRF_HEADER)):
+                raise Forbidden(f"a dashboard session needs its CSRF token in the {ui_session.CSRF_HEADER} header",
+                                field=ui_session.CSRF_HEADER)
+            if not reads and not found.may_act:
+                raise Forbidden("this dashboard session is read-only (signed in with the read token)")
+            return
         if token is None:
             how = "missing" if not header else "malformed"
             raise Unauthorized(f"{how} credential: send 'Authorization: Bearer <token>' with {want} (orch token show)")
         digest = auth.digest(token)
         if kind == "client":
             if not self._is(digest, self.client):
+                if self._is(digest, self.read):
+                    if reads:
+                        return
+                    raise Forbidden("the read token may only read (GET): this route needs the client token")
                 self._wrong_role(digest, want)
             return
         if kind == "join":
@@ -274,6 +304,8 @@ class Guard:
 
     def kind_of(self, method: str, path: str) -> str:
         """Who may call the route (orch/scheduler/routes.py); a worker's path always needs its credential."""
+        if path == "/ui" or path.startswith("/ui/"):
+            return routes.OPEN  # the dashboard signs in with its own session cookie (orch/scheduler/ui/views.py)
         kind = routes.access_of(method, path, self.metrics_open)
         return routes.WORKER if path.startswith(WORKER_PREFIX) else kind
 

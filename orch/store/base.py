@@ -135,6 +135,7 @@ class HeartbeatReply:
 
     cancel: list[tuple[int, int]] = field(default_factory=list)
     stale: list[tuple[int, int]] = field(default_factory=list)
+    drain: bool = False  # it was asked to drain (drain_worker) and has not said it drains
 
 
 @dataclass
@@ -309,8 +310,22 @@ class Store(Protocol):
         ...
 
     async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                        cursor: int | None = None) -> tuple[list[Job], int | None]:
-        """Newest first, filtered; the cursor of the next page (the id below which it starts) or None."""
+                        cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
+                        text: str | None = None) -> tuple[list[Job], int | None]:
+        """Newest first, filtered; the cursor of the next page (the id below which it starts) or None.
+
+        ``name``: the job's name exactly; ``label``: (key, value) among its labels; ``text``: in its name or its
+        command as listed, any case. Filters combine (and)."""
+        ...
+
+    async def count_jobs(self, *, state: JobState | None = None, queue: str | None = None, name: str | None = None,
+                         label: tuple[str, str] | None = None, text: str | None = None) -> int:
+        """How many jobs the filters of ``list_jobs`` match."""
+        ...
+
+    async def ended_per_minute(self, since: float) -> list[tuple[int, JobState, int]]:
+        """Jobs that ended (succeeded, failed, cancelled) since ``since`` (wall clock): (minute from ``since``,
+        state, how many), by minute."""
         ...
 
     async def ended_among(self, job_ids: Sequence[int]) -> tuple[list[Job], list[int]]:
@@ -406,6 +421,11 @@ class Store(Protocol):
 
     async def list_workers(self, retention: float | None = None) -> list[Worker]:
         """In the order they registered; with ``retention``, without the stopped and lost ones silent longer."""
+        ...
+
+    async def drain_worker(self, worker_id: str) -> bool:
+        """Ask a live worker to drain: from the commit on it is handed no job, and its next heartbeat tells it to
+        finish what it runs and stop. True if it was alive (False: draining already); NotFound if it is not live."""
         ...
 
     async def metrics_targets(self) -> list[MetricsTarget]: ...
@@ -505,3 +525,8 @@ class Store(Protocol):
         bulk move with its event rows; ``Sweep.next_due``: the earliest due time of the retrying and scheduled
         jobs left, on ``clock()``."""
         ...
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern that finds ``text`` anywhere, its own % _ and \\ taken literally (ESCAPE '\\')."""
+    return "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -98,6 +98,7 @@ from orch.store.base import (
     dep_info,
     freed_slots,
     key_reused,
+    like_pattern,
     queue_infos,
     schedule_info,
     schedule_json_text,
@@ -144,6 +145,31 @@ Q_LIVE = "(" + ", ".join(_lit(v) for v in _LIVE) + ")"
 Q_UNFINISHED = "(" + ", ".join(_lit(v) for v in _UNFINISHED) + ")"
 Q_FINISHED = "(" + ", ".join(_lit(v) for v in (_SUCCEEDED, JobState.FAILED.value, _CANCELLED,
                                                  JobState.SKIPPED.value)) + ")"  # jobs_finished's
+
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)  # those the index jobs_finished has
+
+
+def _job_filter(state: JobState | None, queue: str | None, name: str | None, label: tuple[str, str] | None,
+                text: str | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("state", state), ("queue", queue), ("name", name)):
+        if value is not None:
+            where.append(f"{column} = %s")
+            params.append(str(value))
+    if label is not None:
+        key, value = label
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            # Written as it is in the spec's JSON text: a cheap test that skips most rows before one is parsed.
+            where.append("strpos(spec, %s) > 0")
+            params.append(value)
+        where.append("(spec::jsonb -> 'labels' ->> %s) = %s")
+        params += [key, value]
+    if text is not None:
+        where.append("(lower(name) LIKE %s ESCAPE '\\' OR lower(command) LIKE %s ESCAPE '\\')")
+        params += [like_pattern(text)] * 2
+    return where, params
+
 
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
@@ -604,13 +630,9 @@ class PostgresStore:
         return JobState(rows[0][0]), rows[0][1]
 
     async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-                        cursor: int | None = None) -> tuple[list[Job], int | None]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("state", state), ("queue", queue)):
-            if value is not None:
-                where.append(f"{column} = %s")
-                params.append(str(value))
+                        cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
+                        text: str | None = None) -> tuple[list[Job], int | None]:
+        where, params = _job_filter(state, queue, name, label, text)
         if cursor is not None:
             where.append("id < %s")
             params.append(cursor)
@@ -627,6 +649,20 @@ class PostgresStore:
         found = {r[0] for r in rows}
         ended = [j for j in map(job_of, rows) if j.state.terminal]
         return ended, [i for i in ids if i not in found]
+
+    async def count_jobs(self, *, state: JobState | None = None, queue: str | None = None, name: str | None = None,
+                         label: tuple[str, str] | None = None, text: str | None = None) -> int:
+        where, params = _job_filter(state, queue, name, label, text)
+        rows = await self._rows("SELECT count(*) FROM jobs" + (" WHERE " + " AND ".join(where) if where else ""),
+                                params)
+        return int(rows[0][0])
+
+    async def ended_per_minute(self, since: float) -> list[tuple[int, JobState, int]]:
+        rows = await self._rows(
+            "SELECT floor((finished_at - %s) / 60)::int AS m, state, count(*) FROM jobs"
+            " WHERE state = ANY(%s) AND finished_at >= %s GROUP BY m, state ORDER BY m, state",
+            (since, [s.value for s in TERMINAL_STATES], since))
+        return [(m, JobState(st), n) for m, st, n in rows]
 
     async def count_by_state(self) -> dict[JobState, int]:
         return {JobState(s): n for s, n in await self._rows("SELECT state, count(*) FROM jobs GROUP BY state")}
@@ -1133,6 +1169,19 @@ class PostgresStore:
 
         await self._write(op)
 
+    async def drain_worker(self, worker_id: str) -> bool:
+        async def op(conn: Conn, out: list[Change]) -> bool:
+            row = await (await conn.execute("SELECT state FROM workers WHERE id = %s FOR UPDATE", (worker_id,))
+                         ).fetchone()
+            if row is None or not WorkerState(row[0]).live:
+                raise NotFound(f"no live worker {worker_id}", field="worker_id")
+            if row[0] == _DRAINING:
+                return False
+            await conn.execute(f"UPDATE workers SET state = {Q_DRAINING} WHERE id = %s", (worker_id,))
+            return True
+
+        return await self._write(op)
+
     async def heartbeat(self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
                         draining: bool = False) -> HeartbeatReply:
         now = self.lease_clock()
@@ -1142,16 +1191,17 @@ class PostgresStore:
             ids = [j for j, _ in running]
             rows = await _fetch(conn,
                 "WITH w AS (UPDATE workers SET last_heartbeat = %s, running = %s,"
-                f" state = CASE WHEN %s THEN {Q_DRAINING} ELSE state END WHERE id = %s AND state IN {Q_LIVE} RETURNING id),"
+                f" state = CASE WHEN %s THEN {Q_DRAINING} ELSE state END WHERE id = %s AND state IN {Q_LIVE}"
+                f" RETURNING id, state = {Q_DRAINING} AND NOT %s AS drain),"
                 " j AS (UPDATE jobs j SET lease_expires_at = %s FROM unnest(%s::bigint[], %s::int[]) AS r(id, attempt)"
                 f" WHERE j.id = r.id AND j.id = ANY(%s) AND j.attempt = r.attempt AND j.state = {Q_RUNNING}"
                 " AND j.worker_id = %s AND EXISTS (SELECT 1 FROM w) RETURNING j.id, j.attempt, j.cancel_requested)"
-                " SELECT j.id, j.attempt, j.cancel_requested FROM w LEFT JOIN j ON TRUE",
-                (now, len(running), draining, worker_id, now + lease_ttl, ids, [a for _, a in running], ids,
+                " SELECT j.id, j.attempt, j.cancel_requested, w.drain FROM w LEFT JOIN j ON TRUE",
+                (now, len(running), draining, worker_id, draining, now + lease_ttl, ids, [a for _, a in running], ids,
                  worker_id))
             if not rows:
                 raise _unknown(worker_id)
-            reply = HeartbeatReply()
+            reply = HeartbeatReply(drain=bool(rows[0][3]))
             rows = [r for r in rows if r[0] is not None]
             if not running:
                 return reply

@@ -119,6 +119,7 @@ from orch.store.base import (
     checked_digests,
     dep_info,
     freed_slots,
+    like_pattern,
     queue_infos,
     schedule_info,
     schedule_json_text,
@@ -297,6 +298,32 @@ def storage_error(e: BaseException, path: Path) -> BaseException:
 
 
 # What a listing reads of a job: never its spec, which may be large (scheduler.max_spec_bytes).
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)  # those the index jobs_finished has
+
+
+def _job_filter(state: JobState | None, queue: str | None, name: str | None, label: tuple[str, str] | None,
+                text: str | None) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if state is not None:
+        where.append("state = ?")
+        params.append(str(state))
+    if queue is not None:
+        where.append("queue = ?")
+        params.append(queue)
+    if name is not None:
+        where.append("name = ?")
+        params.append(name)
+    if label is not None:
+        # A label key is a NAME (letters, digits, . _ -): quoted as a JSON path member it cannot break out.
+        where.append("json_extract(spec, ?) = ?")
+        params += ['$.labels."' + label[0] + '"', label[1]]
+    if text is not None:
+        where.append("(lower(name) LIKE ? ESCAPE '\\' OR lower(command) LIKE ? ESCAPE '\\')")
+        params += [like_pattern(text)] * 2
+    return where, params
+
+
 SUMMARY_COLUMNS = ("id, state, queue, priority, name, command, attempt, max_attempts, created_at, started_at,"
                    " finished_at, run_at, worker_id, cancel_requested, exit_code, error")
 _JOB_STATE = JobState._value2member_map_  # a state by its stored name, without the enum's call machinery
@@ -814,7 +841,8 @@ class SqliteStore:
 
     async def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
-        cursor: int | None = None,
+        cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
+        text: str | None = None,
     ) -> tuple[list[Job], int | None]:
         """Newest first; ``cursor`` is the id below which the next page starts. Summaries, not specs.
 
@@ -822,22 +850,20 @@ class SqliteStore:
         gives its rows in id order: (state, id), (queue, state, id), or the table's own.
         """
         below = "" if cursor is None else " AND id < ?"
-        if queue is not None and state is None:
+        params: list[Any]
+        if queue is not None and state is None and name is None and label is None and text is None:
             # A queue alone: a page from each state's run of (queue, state, id), merged in id order. An
             # index of (queue, id) would give it in one run, but it cost every submit ~4 us more.
             part = f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE queue = ? AND state = ?{below} ORDER BY id DESC LIMIT ?"
             parts = " UNION ALL ".join(f"SELECT * FROM ({part})" for _ in JobState)
-            params: list[Any] = []
+            params = []
             for st in JobState:
                 params += [queue, st.value, *(() if cursor is None else (cursor,)), limit + 1]
             rows = await self._read(f"SELECT * FROM ({parts}) ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         else:
-            where: list[str] = []
-            params = []
-            for column, value in (("state", state), ("queue", queue)):
-                if value is not None:
-                    where.append(f"{column} = ?")
-                    params.append(str(value))
+            # The dashboard's filters (name, label, text) have no index: the scan goes newest first (on the index
+            # of the state, or the table's own) and stops at the page's end.
+            where, params = _job_filter(state, queue, name, label, text)
             if cursor is not None:
                 where.append("id < ?")
                 params.append(cursor)
@@ -863,6 +889,22 @@ class SqliteStore:
                 if job.state.terminal:
                     ended.append(job)
         return ended, [i for i in ids if i not in found]
+
+    async def count_jobs(self, *, state: JobState | None = None, queue: str | None = None, name: str | None = None,
+                         label: tuple[str, str] | None = None, text: str | None = None) -> int:
+        where, params = _job_filter(state, queue, name, label, text)
+        rows = await self._read("SELECT COUNT(*) AS n FROM jobs" + (" WHERE " + " AND ".join(where) if where else ""),
+                                params)
+        return int(rows[0]["n"])
+
+    async def ended_per_minute(self, since: float) -> list[tuple[int, JobState, int]]:
+        out: list[tuple[int, JobState, int]] = []
+        for st in TERMINAL_STATES:  # a range of the partial index (state, finished_at) each
+            rows = await self._read(
+                "SELECT CAST((finished_at - ?) / 60 AS INTEGER) AS m, COUNT(*) AS n FROM jobs"
+                " WHERE state = ? AND finished_at >= ? GROUP BY m", (since, st.value, since))
+            out += [(r["m"], st, r["n"]) for r in rows]
+        return sorted(out, key=lambda t: (t[0], t[1].value))
 
     async def count_by_state(self) -> dict[JobState, int]:
         rows = await self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -1377,6 +1419,19 @@ class SqliteStore:
 
         return await self._write(op)
 
+    async def drain_worker(self, worker_id: str) -> bool:
+        def op(conn: sqlite3.Connection, out: list[Change]) -> bool:
+            try:
+                state = _live_worker(conn, worker_id)
+            except UnknownWorker:
+                raise NotFound(f"no live worker {worker_id}", field="worker_id") from None
+            if state is WorkerState.DRAINING:
+                return False
+            conn.execute(f"UPDATE workers SET state = '{_DRAINING}' WHERE id = ?", (worker_id,))
+            return True
+
+        return await self._write(op)
+
     async def heartbeat(
         self, worker_id: str, running: Sequence[tuple[int, int]], lease_ttl: float,
         draining: bool = False,
@@ -1384,13 +1439,13 @@ class SqliteStore:
         now = self.lease_clock()  # a heartbeat stamps only liveness: nothing here is shown as a wall time
 
         def op(conn: sqlite3.Connection, out: list[Change]) -> HeartbeatReply:
-            _live_worker(conn, worker_id)
+            was = _live_worker(conn, worker_id)
             conn.execute(
                 "UPDATE workers SET last_heartbeat = ?, running = ?,"
                 f" state = CASE WHEN ? THEN '{_DRAINING}' ELSE state END WHERE id = ?",
                 (now, len(running), draining, worker_id),
             )
-            reply = HeartbeatReply()
+            reply = HeartbeatReply(drain=was is WorkerState.DRAINING and not draining)
             for job_id, attempt in running:
                 row = conn.execute(
                     "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ?"

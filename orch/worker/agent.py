@@ -677,6 +677,9 @@ class Agent:
                     log.error("heartbeat refused: %s", e.message)
                 await asyncio.sleep(backoff.next())
                 continue
+            if reply.get("drain") and not self.draining.is_set():
+                log.info("the scheduler asked worker %s to drain", wid)
+                self.stop()
             for ref in reply.get("cancel", []):
                 key = (ref["job_id"], ref["attempt"])
                 if self._drop_waiting(key, Outcome.CANCELLED, "cancelled by user"):
@@ -704,6 +707,7 @@ class Agent:
             part = await self.client.heartbeat(wid, held[at:at + per], self.draining.is_set())
             reply["cancel"] += part.get("cancel", [])
             reply["stale"] += part.get("stale", [])
+            reply["drain"] = reply.get("drain") or part.get("drain", False)
         return reply
 
     async def _tell_draining(self) -> None:

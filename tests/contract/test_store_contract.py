@@ -143,6 +143,55 @@ def test_list_jobs_pages_and_filters(run: Run, tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_list_jobs_filters_by_name_label_and_text_and_counts_them(run: Run, tmp_path: Path) -> None:
+    """The dashboard's filters: combinable, with cursor pages, counted alike; a text's % and _ are literal."""
+    async def body(store: Store, clock: FakeClock) -> None:
+        jobs = await store.submit([spec(name=f"resize-{i}" if i % 2 else "report", queue="a" if i % 3 else "b",
+                                        labels={"team": "blue" if i % 4 else 'red"<x>'},
+                                        command=["convert", f"IMG_{i}.png", "100%"]) for i in range(12)], POLICY)
+        ids = [j.id for j in jobs]
+
+        async def every(**kw: Any) -> list[int]:
+            seen, cursor = [], None
+            while True:
+                page, cursor = await store.list_jobs(limit=2, cursor=cursor, **kw)
+                seen += [j.id for j in page]
+                if cursor is None:
+                    break
+            assert await store.count_jobs(**kw) == len(seen), kw
+            return seen
+
+        assert await every(name="report") == [ids[i] for i in (10, 8, 6, 4, 2, 0)]
+        assert await every(label=("team", 'red"<x>')) == [ids[i] for i in (8, 4, 0)]
+        assert await every(label=("team", "blue"), queue="b") == [ids[i] for i in (9, 6, 3)]
+        assert await every(text="img_1") == [ids[i] for i in (11, 10, 1)]  # any case, in the command
+        assert await every(text="RESIZE-1", state=JobState.QUEUED) == [ids[i] for i in (11, 1)]
+        assert await every(text="100%") == list(reversed(ids))
+        assert await every(text="0_") == [] and await every(text="%_") == []  # literal, not wildcards
+        assert await every(name="report", label=("team", "nobody")) == []
+        assert await store.count_jobs() == 12
+
+    run(tmp_path, body)
+
+
+def test_ended_per_minute_counts_the_last_hours_ends_by_state(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        since = clock.t
+        w = await worker(store)
+        for outcome, code in ((Outcome.SUCCEEDED, 0), (Outcome.SUCCEEDED, 0), (Outcome.FAILED, 1)):
+            jid = await submit_one(store, max_attempts=1)
+            await claim_one(store, w)
+            clock.advance(61 if outcome == Outcome.FAILED else 1)
+            assert (await finish(store, w, jid, 1, outcome, code)).accepted
+        cancelled = await submit_one(store)
+        await store.cancel(cancelled)
+        got = await store.ended_per_minute(since)
+        assert got == [(0, JobState.SUCCEEDED, 2), (1, JobState.CANCELLED, 1), (1, JobState.FAILED, 1)], got
+        assert await store.ended_per_minute(clock.t + 1) == []
+
+    run(tmp_path, body)
+
+
 def test_every_transition_writes_an_event(run: Run, tmp_path: Path) -> None:
     async def body(store: Store, clock: FakeClock) -> None:
         jid = await submit_one(store)

@@ -103,6 +103,7 @@ BODIES = {
     "/v1/jobs/wait": {"ids": [1], "timeout": 0},  # the first job of each test
     "/v1/jobs/retry": {"state": "failed"}, "/v1/limits/{name}": {"rate": "10/s"},
     "/v1/queues/{queue}": {"concurrency": 2},
+    "/v1/workers/{worker_id}": {"draining": True},
     "/v1/jobs/purge": {"older_than": 86400},
     "/v1/schedules": {"name": "made", "cron": "0 3 * * *", "job": {"command": ["true"]}},
     "/v1/schedules/{name}": {"overlap": "allow"},
@@ -125,7 +126,9 @@ def test_every_route_demands_the_right_role(tmp_path: Path) -> None:
         status, made, _ = await req(client, "POST", "/v1/schedules", CLIENT,  # the schedule routes' {name}
                                     {"name": "api", "cron": "0 3 * * *", "job": {"command": ["true"]}})
         assert status == 201, made
-        routes = sorted({(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"})
+        # The dashboard's routes sign in with a session cookie of their own (tests/integration/test_ui.py).
+        routes = sorted({(r.method, r.resource.canonical) for r in app.router.routes()
+                         if r.method != "HEAD" and not r.resource.canonical.startswith("/ui")})
         assert len(routes) >= 20
         checked = 0
         for method, template in routes:
@@ -473,7 +476,8 @@ def test_openapi_lists_every_route_and_is_served_with_a_token(tmp_path: Path) ->
         status, doc, _ = await req(client, "GET", "/v1/openapi.json", CLIENT)
         assert status == 200 and doc["openapi"].startswith("3.")
         documented = set(operations(doc))
-        registered = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+        registered = {(r.method, r.resource.canonical) for r in app.router.routes()
+                      if r.method != "HEAD" and not r.resource.canonical.startswith("/ui")}  # pages, not the API
         assert registered - documented == set(), "routes missing from orch/scheduler/openapi.py"
         assert documented - registered == set(), "documented routes that do not exist"
         for (method, path), op in operations(doc).items():
