@@ -1323,6 +1323,104 @@ def bench_docker(ctx: Context) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- dashboard
+
+
+DASH_QUEUES = 10
+DASH_PAGES = 300.0  # ms: the goal of every page, on the server, with the store full
+
+
+async def _dashboard_fill(url: str, n: int) -> dict[str, Any]:
+    """``n`` queued jobs over DASH_QUEUES queues, each with its own name and label, and one rare name (the oldest
+    job's) that only a full scan finds."""
+    async with Http(url) as api:
+        t0 = time.perf_counter()
+        await api.call("POST", "/v1/jobs", {"command": ["true"], "queue": "dash-0", "name": "needle-in-the-haystack"})
+        per = n // DASH_QUEUES
+        for q in range(DASH_QUEUES):
+            await api.submit_batches({"command": ["convert", f"in-{q}.png", "out.png"], "queue": f"dash-{q}",
+                                      "name": f"resize-{q}", "labels": {"team": f"t{q}", "kind": "image"}},
+                                     per, 10_000, in_flight=2)
+        return {"n": per * DASH_QUEUES + 1, "elapsed": time.perf_counter() - t0}
+
+
+async def _dashboard_pages(url: str, samples: int, job_id: int, workflow_id: int) -> dict[str, dict[str, float]]:
+    """Each page's round trip over loopback (the server's time and one local hop), p50 and p99 of ``samples``."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies of 127.0.0.1
+    token = auth_header(url, "/v1/jobs")["Authorization"].removeprefix("Bearer ")
+    out: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession(cookie_jar=jar) as session:
+        async with session.post(url + "/ui/login", data={"token": token}, allow_redirects=False) as r:
+            if r.status != 303:
+                raise RuntimeError(f"dashboard sign-in: HTTP {r.status}")
+        pages = {
+            "overview": "/ui", "jobs": "/ui/jobs", "jobs, a state": "/ui/jobs?state=queued",
+            "jobs, a queue": "/ui/jobs?queue=dash-3", "jobs, a label": "/ui/jobs?label=team%3Dt7",
+            "jobs, a name": "/ui/jobs?name=resize-5", "jobs, text": "/ui/jobs?q=in-2.png",
+            "jobs, all filters": "/ui/jobs?state=queued&queue=dash-4&label=kind%3Dimage&name=resize-4&q=convert",
+            "jobs, page 100": None, "job": f"/ui/jobs/{job_id}", "workflow": f"/ui/workflows/{workflow_id}",
+            "workers": "/ui/workers", "queues": "/ui/queues", "schedules": "/ui/schedules",
+            "jobs, a rare text (matches 1 job)": "/ui/jobs?q=needle-in",
+        }
+        # A deep page: the cursor a user reaches by following "Older" from the newest.
+        cursor = None
+        for _ in range(100):
+            async with session.get(url + "/v1/jobs", params={"limit": "50", **({"cursor": cursor} if cursor else {})},
+                                   headers=auth_header(url, "/v1/jobs")) as r:
+                cursor = (await r.json())["next_cursor"]
+        pages["jobs, page 100"] = f"/ui/jobs?cursor={cursor}"
+        for label, path in pages.items():
+            times = []
+            for i in range(samples + 3):
+                t0 = time.perf_counter()
+                async with session.get(url + str(path)) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{path}: HTTP {r.status}: {body[:200]!r}")
+                if i >= 3:  # after a warm-up
+                    times.append((time.perf_counter() - t0) * 1000)
+            out[label] = {"p50": percentile(times, 50), "p99": percentile(times, 99)}
+    return out
+
+
+def bench_dashboard(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    n = s.scale_jobs
+    with ctx.workdir("dashboard") as tmp, Cluster(tmp) as c:
+        url = c.start_scheduler()
+        ctx.log(f"dashboard: filling the store with {n:,} queued jobs over {DASH_QUEUES} queues")
+        fill = run(_dashboard_fill(url, n))
+        # Jobs that ran, so the overview has an hour of ends, and a workflow with a job page to show.
+        c.start_worker("dash-w", 8, queues=("ran",))
+        c.wait_workers(1)
+
+        async def ran() -> tuple[int, int]:
+            async with Http(url) as api:
+                ids = await api.submit_batches({"shell": "echo out; exit $((RANDOM % 5 == 0))", "queue": "ran",
+                                                "max_attempts": 1}, 500, 500)
+                wf = await api.call("POST", "/v1/jobs/batch", {"jobs": [
+                    {"ref": f"s{i}", "command": ["true"], "queue": "ran",
+                     **({"depends_on": [f"s{i - 1}"]} if i else {})} for i in range(20)]})
+                await api.call("POST", "/v1/schedules", {"name": "nightly", "cron": "0 3 * * *",
+                                                         "job": {"command": ["true"]}})
+                for _ in range(600):
+                    jobs = (await api.call("GET", "/v1/jobs", params={"queue": "ran", "state": "queued"}))["jobs"]
+                    running = (await api.call("GET", "/v1/jobs", params={"queue": "ran", "state": "running"}))["jobs"]
+                    if not jobs and not running:
+                        break
+                    await asyncio.sleep(0.2)
+                return ids[-1], wf["jobs"][0]["id"]
+
+        job_id, workflow_id = run(ran())
+        ctx.log("dashboard: timing every page")
+        times = run(_dashboard_pages(url, max(5, s.list_samples // 5), job_id, workflow_id))
+    rows = []
+    for label, t in times.items():
+        rows.append(Row(f"dashboard: {label} page, p99, {n:,} jobs", "<= 300 ms", t["p99"], "ms", goal=DASH_PAGES,
+                        higher_better=False, detail={"p50_ms": t["p50"], "fill": fill}))
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "shell": bench_shell,
     "control": bench_control,
@@ -1338,4 +1436,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "cron": bench_cron,
     "python": bench_python,
     "docker": bench_docker,
+    "dashboard": bench_dashboard,
 }

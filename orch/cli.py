@@ -518,27 +518,7 @@ def up(
 
     async def main() -> None:
         runner, url = await _start_scheduler(settings)
-        print(f"orch is up: API {url}", flush=True)
-        if settings["ui.enabled"]:
-            print(f"dashboard: {url}/ui (orch ui opens it signed in)", flush=True)
-        print(f"database: {database_name(settings)}", flush=True)
-        argv = orch_argv()
-        me = _runnable_orch(argv)
-        child_env = _local_worker_env(settings, runner)
-        ca = f" --ca {child_env['ORCH_TLS_CA']}" if "ORCH_TLS_CA" in child_env else ""
-        print(f"try: {me} run --server {url}{ca} echo hello --wait", flush=True)
         children: list[asyncio.subprocess.Process] = []
-        for i in range(workers):
-            args = [*argv, "worker", "--join", url, "--stop-on-stdin-eof",
-                    "--concurrency", str(settings.concurrency), "--name", f"local-{i + 1}"]
-            if config:
-                args += ["--config", str(config)]
-            if log_format:
-                args += ["--log-format", log_format]
-            mport = settings["metrics.scheduler_port"]
-            args += ["--metrics-port", str(mport + i + 1 if mport else 0)]
-            children.append(await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.PIPE, start_new_session=True, env=child_env))
         stop = asyncio.Event()
         signals = 0
 
@@ -550,7 +530,29 @@ def up(
                 if child.returncode is None:
                     child.send_signal(signal.SIGTERM)
 
-        _signals(on_signal)
+        _signals(on_signal)  # before anything is printed: a stop asked for at once is a clean one too
+        print(f"orch is up: API {url}", flush=True)
+        if settings["ui.enabled"]:
+            print(f"dashboard: {url}/ui (orch ui opens it signed in)", flush=True)
+        print(f"database: {database_name(settings)}", flush=True)
+        argv = orch_argv()
+        me = _runnable_orch(argv)
+        child_env = _local_worker_env(settings, runner)
+        ca = f" --ca {child_env['ORCH_TLS_CA']}" if "ORCH_TLS_CA" in child_env else ""
+        print(f"try: {me} run --server {url}{ca} echo hello --wait", flush=True)
+        for i in range(workers):
+            if stop.is_set():
+                break
+            args = [*argv, "worker", "--join", url, "--stop-on-stdin-eof",
+                    "--concurrency", str(settings.concurrency), "--name", f"local-{i + 1}"]
+            if config:
+                args += ["--config", str(config)]
+            if log_format:
+                args += ["--log-format", log_format]
+            mport = settings["metrics.scheduler_port"]
+            args += ["--metrics-port", str(mport + i + 1 if mport else 0)]
+            children.append(await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.PIPE, start_new_session=True, env=child_env))
         await stop.wait()
         log.info("stopping: draining %d workers", len(children))
         for child in children:

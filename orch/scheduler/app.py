@@ -1223,6 +1223,7 @@ class Api:
             raise ValidationError("stop must be true or false", field="stop")
         changes = await self.store.hand_back(wid, attempts, stop)
         if stop:
+            self.hub.touched()  # the dashboard's workers
             if self.guard is not None:
                 self.guard.worker_gone(wid)
             log.info("worker %s stopped (%d attempts handed back)", wid, len(changes))

@@ -170,6 +170,21 @@ def queue_infos(counts: Iterable[tuple[str, str, int, float | None]], paused: di
     return out
 
 
+def queue_depths(counts: Iterable[tuple[str, str, int]], settings: Iterable[tuple[str, bool, int | None]]
+                 ) -> tuple[dict[JobState, int], list[QueueInfo]]:
+    """``Store.queue_depths`` from the counts by (queue, state) of every job and the queues table's rows."""
+    by_state: dict[JobState, int] = {}
+    unfinished: list[tuple[str, str, int, float | None]] = []
+    for queue, state, n in counts:
+        st = JobState(state)
+        by_state[st] = by_state.get(st, 0) + n
+        if not st.terminal:
+            unfinished.append((queue, state, n, None))
+    rows = list(settings)
+    return by_state, queue_infos(unfinished, {name: paused for name, paused, _ in rows}, None,
+                                 {name: limit for name, _, limit in rows})
+
+
 _QUEUED, _RUNNING, _SCHEDULED, _RETRYING = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.SCHEDULED.value,
                                             JobState.RETRYING.value)
 
@@ -311,11 +326,12 @@ class Store(Protocol):
 
     async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
                         cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
-                        text: str | None = None) -> tuple[list[Job], int | None]:
+                        text: str | None = None, floor: int | None = None) -> tuple[list[Job], int | None]:
         """Newest first, filtered; the cursor of the next page (the id below which it starts) or None.
 
         ``name``: the job's name exactly; ``label``: (key, value) among its labels; ``text``: in its name or its
-        command as listed, any case. Filters combine (and)."""
+        command as listed, any case. Filters combine (and). ``floor``: only ids above it (a bounded scan: the
+        next page's cursor is then None when the page ends above it)."""
         ...
 
     async def count_jobs(self, *, state: JobState | None = None, queue: str | None = None, name: str | None = None,
@@ -380,6 +396,12 @@ class Store(Protocol):
 
     async def queue_stats(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
         """Every queue that has an unfinished job or a setting (or those ``names``, known or not), by name."""
+        ...
+
+    async def queue_depths(self) -> tuple[dict[JobState, int], list[QueueInfo]]:
+        """Cheaper than queue_stats (the dashboard's overview and queues page, on a big store): every job counted
+        by state, and the queues of queue_stats with their counts and settings but no oldest job (None) and no
+        held count (0). One scan of an index of (queue, state), never of the jobs' rows."""
         ...
 
     # ---- rate limits

@@ -104,6 +104,9 @@ from orch.store.base import (
     schedule_json_text,
     workflow_nodes,
 )
+from orch.store.base import (
+    queue_depths as _depths,
+)
 
 log = logging.getLogger("orch.store")
 
@@ -631,11 +634,14 @@ class PostgresStore:
 
     async def list_jobs(self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
                         cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
-                        text: str | None = None) -> tuple[list[Job], int | None]:
+                        text: str | None = None, floor: int | None = None) -> tuple[list[Job], int | None]:
         where, params = _job_filter(state, queue, name, label, text)
         if cursor is not None:
             where.append("id < %s")
             params.append(cursor)
+        if floor is not None:
+            where.append("id > %s")
+            params.append(floor)
         rows = await self._rows(
             f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY id DESC LIMIT %s", (*params, limit + 1))
@@ -1071,6 +1077,12 @@ class PostgresStore:
         return queue_infos([(r[0], r[1], int(r[2]), r[3]) for r in counts], {r[0]: bool(r[1]) for r in settings},
                            names, {r[0]: r[2] for r in settings},
                            {r[0]: int(r[4]) for r in counts if r[1] == _QUEUED and r[4]})
+
+    async def queue_depths(self) -> tuple[dict[JobState, int], list[QueueInfo]]:
+        async with self._conn() as conn:
+            counts = await _fetch(conn, "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")
+            settings = await _fetch(conn, "SELECT name, paused, concurrency FROM queues")
+        return _depths([(r[0], r[1], int(r[2])) for r in counts], [(r[0], bool(r[1]), r[2]) for r in settings])
 
     async def set_queue_concurrency(self, queue: str, limit: int | None) -> bool:
         """See Store.set_queue_concurrency: every replica's next claim from the queue sees it. A limit raised or

@@ -128,6 +128,9 @@ from orch.store.base import (
 from orch.store.base import (
     key_reused as _key_reused,
 )
+from orch.store.base import (
+    queue_depths as _depths,
+)
 from orch.store.files import db_folder, private_files
 
 log = logging.getLogger("orch.store")
@@ -842,7 +845,7 @@ class SqliteStore:
     async def list_jobs(
         self, *, state: JobState | None = None, queue: str | None = None, limit: int = 50,
         cursor: int | None = None, name: str | None = None, label: tuple[str, str] | None = None,
-        text: str | None = None,
+        text: str | None = None, floor: int | None = None,
     ) -> tuple[list[Job], int | None]:
         """Newest first; ``cursor`` is the id below which the next page starts. Summaries, not specs.
 
@@ -851,7 +854,7 @@ class SqliteStore:
         """
         below = "" if cursor is None else " AND id < ?"
         params: list[Any]
-        if queue is not None and state is None and name is None and label is None and text is None:
+        if queue is not None and state is None and name is None and label is None and text is None and floor is None:
             # A queue alone: a page from each state's run of (queue, state, id), merged in id order. An
             # index of (queue, id) would give it in one run, but it cost every submit ~4 us more.
             part = f"SELECT {SUMMARY_COLUMNS} FROM jobs WHERE queue = ? AND state = ?{below} ORDER BY id DESC LIMIT ?"
@@ -867,6 +870,9 @@ class SqliteStore:
             if cursor is not None:
                 where.append("id < ?")
                 params.append(cursor)
+            if floor is not None:
+                where.append("id > ?")
+                params.append(floor)
             rows = await self._read(
                 f"SELECT {SUMMARY_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
                 + " ORDER BY id DESC LIMIT ?", (*params, limit + 1))
@@ -1280,6 +1286,13 @@ class SqliteStore:
                            {r["name"]: bool(r["paused"]) for r in settings}, names,
                            {r["name"]: r["concurrency"] for r in settings},
                            {r["queue"]: r["held"] for r in counts if r["state"] == _QUEUED and r["held"]})
+
+    async def queue_depths(self) -> tuple[dict[JobState, int], list[QueueInfo]]:
+        counts = await self._read("SELECT queue, state, COUNT(*) AS n FROM jobs INDEXED BY jobs_queue_state"
+                                  " GROUP BY queue, state")
+        settings = await self._read("SELECT name, paused, concurrency FROM queues")
+        return _depths([(r["queue"], r["state"], r["n"]) for r in counts],
+                       [(r["name"], bool(r["paused"]), r["concurrency"]) for r in settings])
 
     async def set_queue_concurrency(self, queue: str, limit: int | None) -> bool:
         """See Store.set_queue_concurrency; the claim reads the limits this op leaves (as the paused set)."""

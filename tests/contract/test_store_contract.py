@@ -174,6 +174,25 @@ def test_list_jobs_filters_by_name_label_and_text_and_counts_them(run: Run, tmp_
     run(tmp_path, body)
 
 
+def test_queue_depths_count_every_job_by_state_and_agree_with_queue_stats(run: Run, tmp_path: Path) -> None:
+    async def body(store: Store, clock: FakeClock) -> None:
+        await store.submit([spec(queue="a") for _ in range(3)] + [spec(queue="b")], POLICY)
+        w = await worker(store, queues=("a",))
+        jid = (await claim_one(store, w, ("a",)))
+        assert jid is not None
+        await store.pause_queue("idle", True)  # a setting and no job
+        done = await submit_one(store, queue="c")
+        await store.cancel(done)
+        by_state, queues = await store.queue_depths()
+        assert by_state == {JobState.QUEUED: 3, JobState.RUNNING: 1, JobState.CANCELLED: 1}, by_state
+        full = {q.name: (q.queued, q.running, q.paused) for q in await store.queue_stats()}
+        assert {q.name: (q.queued, q.running, q.paused) for q in queues} == full == {
+            "a": (2, 1, False), "b": (1, 0, False), "idle": (0, 0, True)}, full
+        assert all(q.oldest_queued_at is None for q in queues)
+
+    run(tmp_path, body)
+
+
 def test_ended_per_minute_counts_the_last_hours_ends_by_state(run: Run, tmp_path: Path) -> None:
     async def body(store: Store, clock: FakeClock) -> None:
         since = clock.t

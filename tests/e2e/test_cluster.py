@@ -33,7 +33,9 @@ def test_up_run_wait_seed_form_and_second_worker(tmp_path: Path, orch_env: dict[
     extra: list[Proc] = []
     try:
         url = wait_until(lambda: (m := URL_RE.search(up.log())) and m.group(1), 30, "orch up to print its URL")
+        wait_until(lambda: "try: " in up.log(), 30, "orch up to print how to try it")  # (printed after the URL)
         assert "database: " + database_shown(orch_env) in up.log()
+        assert f"dashboard: {url}/ui" in up.log()
         wait_until(lambda: workers_alive(url) == 1, 30, "the local worker")
         env = {**orch_env, "ORCH_SERVER": url}
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -437,3 +438,45 @@ def test_a_role_that_may_not_create_the_schema_is_one_line_and_exit_2(tmp_path: 
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     assert re.search(rf"^orch: cannot set up postgresql://{role}@127\.0\.0\.1:\d+/t_\w+ for orch: permission denied "
                      r"for schema public$", r.stderr, re.M), r.stderr
+
+
+def test_the_dashboard_signs_in_on_one_replica_and_the_other_accepts_the_session_and_shows_its_changes_live(
+        tmp_path: Path, postgres_server: Any) -> None:
+    """A session made by replica a is good on replica b (their key is the shared client token's), b's pages show
+    what a committed, and b's event stream tells a submit on a within a second."""
+    data = tmp_path / "data"
+    data.mkdir()
+    env = orch_test_env(data, ORCH_STORAGE_BACKEND="postgres", ORCH_STORAGE_DSN=postgres_server.database())
+    procs: list[Proc] = []
+    try:
+        a, url_a, b, url_b = two_replicas(tmp_path, env, procs)
+        login = urllib.request.Request(url_a + "/ui/login", method="POST",
+                                       data=f"token={client_token(data)}".encode(),
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any, **kw: Any) -> None:
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            opener.open(login, timeout=10)
+            raise AssertionError("the sign-in did not redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 303, e.read()
+            cookie = e.headers["Set-Cookie"].split(";", 1)[0]
+        status, job = http("POST", url_a + "/v1/jobs", {"command": ["true"], "name": "made-on-a"})
+        assert status == 201
+        page = urllib.request.Request(f"{url_b}/ui/jobs/{job['id']}", headers={"Cookie": cookie})
+        with opener.open(page, timeout=10) as resp:
+            assert resp.status == 200 and "made-on-a" in resp.read().decode()
+        stream = urllib.request.Request(url_b + "/ui/events", headers={"Cookie": cookie})
+        with opener.open(stream, timeout=10) as resp:
+            assert resp.readline() == b"retry: 1000\n"
+            resp.readline()
+            http("POST", url_a + "/v1/jobs", {"command": ["true"]})
+            line = resp.readline().decode()  # the change, heard from a through the database (10 s deadline)
+            assert line.startswith("id: ") and resp.readline() == b"event: change\n", line
+    finally:
+        for p in reversed(procs):
+            p.stop()

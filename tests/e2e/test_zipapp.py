@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def test_zipapp_runs_a_cluster_with_no_packages(tmp_path: Path, orch_env: dict[s
         assert server.startswith("http://127.0.0.1:")
         wait_until(lambda: http("GET", server + "/healthz", timeout=5)[0] == 200, 30, "healthz")
         wait_until(lambda: workers_alive(server) >= 1, 60, "a local worker to be alive")
+
+        # The dashboard's files are in the zip: its sign-in page and its script are served from there.
+        for path, kind in (("/ui/login", "text/html"), ("/ui/static/app.js", "text/javascript"),
+                           ("/ui/static/app.css", "text/css")):
+            with urllib.request.urlopen(server + path, timeout=10) as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"].startswith(kind), path
+                assert len(resp.read()) > 500, path
 
         hello = subprocess.run([*orch, "run", "--server", server, "echo", "hello", "--wait"],
                                env=env, capture_output=True, text=True, timeout=60)

@@ -306,3 +306,17 @@ def test_a_drained_worker_is_handed_nothing_and_its_heartbeat_says_drain(tmp_pat
         assert "drain" not in beat  # it said it drains: nothing more to tell
 
     serve(tmp_path, body, **{"auth.join_token": JOIN})
+
+
+def test_under_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    """The cookie's Secure flag follows tls.cert and tls.key (the TLS itself: tests/e2e/test_security.py)."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_text("not read by the app itself\n")
+    key.write_text("not read by the app itself\n")
+
+    async def body(client: TestClient, app: web.Application) -> None:
+        async with client.post("/ui/login", data={"token": CLIENT}, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert "Secure" in resp.headers["Set-Cookie"] and "HttpOnly" in resp.headers["Set-Cookie"]
+
+    serve(tmp_path, body, **{"tls.cert": str(cert), "tls.key": str(key)})

@@ -137,8 +137,7 @@ def overview(counts: Mapping[str, int], per_minute: Sequence[tuple[int, str, int
     qrows = "".join(
         f'<tr><td><a href="{url("/ui/jobs", queue=q["name"])}">{h(q["name"])}</a>{" <span class=muted>paused</span>" if q["paused"] else ""}</td>'
         f'<td class="num">{number(q["queued"])}</td><td class="num">{number(q["running"])}</td>'
-        f'<td class="num">{number(q["retrying"] + q["scheduled"])}</td>'
-        f'<td>{h(ago(q["oldest_queued_age"]).replace(" ago", "")) if q["oldest_queued_age"] is not None else "-"}</td></tr>'
+        f'<td class="num">{number(q["retrying"] + q["scheduled"])}</td></tr>'
         for q in sorted(queues, key=lambda q: -q["queued"])[:10])
     srows = "".join(
         f'<tr><td><a href="/ui/schedules#s-{h(s["name"])}">{h(s["name"])}</a></td><td><code>{h(s["cron"])}</code></td>'
@@ -158,7 +157,7 @@ def overview(counts: Mapping[str, int], per_minute: Sequence[tuple[int, str, int
         '</div><div class="cols">'
         f'<section aria-labelledby="q"><h2 id="q">Queue depths</h2>'
         + (f'<table><thead><tr><th>queue</th><th class="num">queued</th><th class="num">running</th>'
-           f'<th class="num">waiting</th><th>oldest</th></tr></thead><tbody>{qrows}</tbody></table>' if qrows
+           f'<th class="num">waiting</th></tr></thead><tbody>{qrows}</tbody></table>' if qrows
            else '<p class="muted">No queue has unfinished jobs.</p>')
         + '</section>'
         '<section aria-labelledby="s"><h2 id="s">Schedules due next</h2>'
@@ -191,17 +190,15 @@ def chart(per_minute: Sequence[tuple[int, str, int]]) -> str:
 # --------------------------------------------------------------------------- jobs
 
 
-def jobs(rows: Sequence[dict[str, Any]], filters: Mapping[str, str], next_cursor: str | None, queues: Sequence[str],
-         now: float, may_act: bool, error: str | None) -> str:
+def jobs(rows: Sequence[dict[str, Any]], filters: Mapping[str, str], next_cursor: str | None, now: float,
+         may_act: bool, error: str | None, scanned: tuple[int, int] | None = None) -> str:
     state = filters.get("state", "")
     options = "".join(f'<option value="{s.value}"{" selected" if s.value == state else ""}>{s.value}</option>'
                       for s in JobState)
-    qopts = "".join(f'<option value="{h(q)}"></option>' for q in queues)
     form = (
         '<form class="filters" method="get" action="/ui/jobs" role="search">'
         f'<label>state <select name="state"><option value="">any</option>{options}</select></label>'
-        f'<label>queue <input name="queue" list="queues" value="{h(filters.get("queue", ""))}" size="10"></label>'
-        f'<datalist id="queues">{qopts}</datalist>'
+        f'<label>queue <input name="queue" value="{h(filters.get("queue", ""))}" size="10"></label>'
         f'<label>label <input name="label" value="{h(filters.get("label", ""))}" placeholder="key=value" size="12"></label>'
         f'<label>name <input name="name" value="{h(filters.get("name", ""))}" size="12"></label>'
         f'<label>text <input id="q" name="q" value="{h(filters.get("q", ""))}" placeholder="in name or command (/)" size="16"></label>'
@@ -215,6 +212,10 @@ def jobs(rows: Sequence[dict[str, Any]], filters: Mapping[str, str], next_cursor
                 '<button type="button" data-bulk="retry">Retry all failed or cancelled…</button>'
                 '<button type="button" data-bulk="cancel" class="danger">Cancel all unfinished…</button></div>')
     body = "".join(job_row(j, now) for j in rows)
+    searched = ""
+    if scanned is not None and scanned[1] >= scanned[0]:
+        searched = (f'<p class="muted">Searched jobs {number(scanned[0])} to {number(scanned[1])}, newest first'
+                    + (': "Older" searches on.' if next_cursor else ".") + '</p>')
     table = (f'<table class="jobs"><thead><tr><th>id</th><th>state</th><th>name</th><th>queue</th><th>command</th>'
              f'<th class="num">attempt</th><th>created</th></tr></thead><tbody>{body}</tbody></table>'
              if rows else '<p class="muted">No job matches.</p>')
@@ -222,7 +223,7 @@ def jobs(rows: Sequence[dict[str, Any]], filters: Mapping[str, str], next_cursor
     more = (f'<a rel="next" href="{url("/ui/jobs", **{**filters, "cursor": next_cursor})}">Older »</a>'
             if next_cursor else "")
     pager = f'<nav class="pager" aria-label="pages of jobs">{first}{more}</nav>' if first or more else ""
-    return f'<h1>Jobs</h1>{form}{err}{bulk}{table}{pager}'
+    return f'<h1>Jobs</h1>{form}{err}{bulk}{searched}{table}{pager}'
 
 
 def job_row(j: dict[str, Any], now: float) -> str:

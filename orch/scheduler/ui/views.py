@@ -35,6 +35,7 @@ log = logging.getLogger("orch.scheduler")
 
 FRAGMENT = "X-Orch-Fragment"
 BULK_PAGE = 500
+SCAN_WINDOW = 100_000  # ids a page of jobs filtered by name, label or text reads at most
 MAX_FILTER = 200  # characters of a name or text filter
 FILTER_KEYS = ("state", "queue", "label", "name", "q", "cursor")
 STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
@@ -188,6 +189,9 @@ class Ui:
             fresh = self.guard.sessions.issue(ADMIN)
             found = self.guard.sessions.read(fresh)
         csrf = self.guard.sessions.csrf(found) if found is not None else ""
+        if live is not None:
+            # What the page shows is as of this version: a change before its stream opens is told at once.
+            live += ("&" if "?" in live else "?") + f"last={BOOT}-{self.hub.version}"
         resp = self._html(pages.page(title, active, body, session_role=found.role if found else None, csrf=csrf,
                                      live=live, auth=self.guard.enabled), status)
         if fresh is not None:
@@ -219,8 +223,8 @@ class Ui:
     @page("Overview", "overview")
     async def overview(self, request: web.Request, s: Session) -> str:
         now = self.store.clock()
-        counts, per_minute, queues, workers, schedules = await asyncio.gather(
-            self.store.count_by_state(), self.store.ended_per_minute(now - 3600), self.store.queue_stats(),
+        (counts, queues), per_minute, workers, schedules = await asyncio.gather(
+            self.store.queue_depths(), self.store.ended_per_minute(now - 3600),
             self.store.list_workers(self.retention), self.store.schedules())
         return pages.overview({k.value: v for k, v in counts.items()},
                               [(m, st.value, n) for m, st, n in per_minute],
@@ -234,11 +238,24 @@ class Ui:
             f = Filters(request.query)
         except ValidationError as e:  # the form again, with what was typed and what is wrong with it
             given = {k: v[:MAX_FILTER] for k, v in request.query.items() if k in FILTER_KEYS}
-            return pages.jobs([], given, None, [], now, False, e.message), "/ui/events", 400
-        found, nxt = await self.store.list_jobs(limit=50, cursor=f.cursor, **f.store_args())
-        queues = await self.store.queues()
+            return pages.jobs([], given, None, now, False, e.message), "/ui/events", 400
+        scanned = None
+        if f.name is None and f.label is None and f.q is None:
+            found, nxt = await self.store.list_jobs(limit=50, cursor=f.cursor, **f.store_args())
+        else:
+            # No index has these: a page reads at most SCAN_WINDOW ids below its cursor, so a filter that matches
+            # rarely answers as fast as one that matches often, and "Older" searches on from where it stopped.
+            top = f.cursor
+            if top is None:
+                newest, _ = await self.store.list_jobs(limit=1)
+                top = newest[0].id + 1 if newest else 1
+            floor = max(0, top - 1 - SCAN_WINDOW)
+            found, nxt = await self.store.list_jobs(limit=50, cursor=top, floor=floor, **f.store_args())
+            if nxt is None and floor > 0:
+                nxt = floor + 1
+            scanned = (floor + 1, top - 1)
         return pages.jobs([wire.job_summary(j) for j in found], f.text, str(nxt) if nxt is not None else None,
-                          queues[:200], now, s.may_act, None)
+                          now, s.may_act, None, scanned)
 
     @page("Job", "jobs")
     async def job(self, request: web.Request, s: Session) -> tuple[str, str | None, int]:
@@ -265,7 +282,7 @@ class Ui:
     @page("Queues", "queues")
     async def queues(self, request: web.Request, s: Session) -> str:
         now = self.store.clock()
-        rows, limits = await asyncio.gather(self.store.queue_stats(), self.store.limits())
+        (_, rows), limits = await asyncio.gather(self.store.queue_depths(), self.store.limits())
         return pages.queues([wire.queue_json(q, now) for q in rows], [wire.limit_json(x, now) for x in limits],
                             s.may_act)
 
@@ -295,8 +312,10 @@ class Ui:
             boot, _, seen = last.rpartition("-")
             try:
                 await resp.write(b"retry: 1000\n\n")
-                if last and (boot != BOOT or not seen.isdigit() or int(seen) < hub.version):
-                    await self._send(resp, hub.version)  # missed something while away (or another replica's id)
+                if last and (boot != BOOT or not seen.isdigit() or int(seen) < hub.version or job_id is not None):
+                    # Missed something while away (or it is another replica's id). A job page also gets one at
+                    # once: its output moves no version, and some may have come since the page was rendered.
+                    await self._send(resp, hub.version)
                 quiet_since = time.monotonic()
                 while True:
                     waits = [hub.watch()] + ([hub.job_event(job_id)] if job_id is not None else [])
