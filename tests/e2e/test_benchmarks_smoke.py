@@ -15,7 +15,7 @@ from helpers import ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]  # the benchmark suite, which starts its own clusters on SQLite
 
 BENCHMARKS = ("shell", "control", "submits", "latency", "scale", "workers", "big", "delayed", "purge", "keys", "dag", "cron",
-              "python", "docker")
+              "python", "docker", "dashboard")
 
 
 @pytest.mark.timeout(420)
@@ -52,5 +52,5 @@ def test_smoke_size_runs_every_benchmark(tmp_path: Path) -> None:
     figures = " ".join(row["figure"] for row in rows)
     for word in ("shell throughput", "raw spawn limit", "control plane", "single submits", "latency",
                  "claim latency", "bytes per queued job", "scheduler CPU", "lease latency", "due -> queued",
-                 "concurrency keys", "python: ", "docker: "):
+                 "concurrency keys", "python: ", "docker: ", "dashboard: overview page", "live event"):
         assert word in figures, f"no {word!r} figure\n{detail}"

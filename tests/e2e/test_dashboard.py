@@ -26,6 +26,7 @@ from helpers import (
     wait_until,
     workers_alive,
 )
+from orch.core.cron import LABEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.backend_specific]
 
@@ -128,6 +129,12 @@ def test_sign_in_and_every_page_renders(page: Any, cluster: dict[str, Any]) -> N
         assert page.locator("h1").first.inner_text().startswith(heading)
         shot(page, name)
     assert page.locator("text=nightly-report").count() == 1
+    page.goto(url + "/ui")
+    overview = page.locator("main").inner_text()
+    for part in ("Jobs by state", "The last hour", "failure rate", "Workers", "slots busy", "Queue depths",
+                 "Schedules due next", "nightly-report"):
+        assert part in overview, part
+    assert page.locator(".tiles .tile").count() == 9  # one per state
     page.goto(url + "/ui/workers")
     assert page.locator("text=browser-w").count() == 1
     # The session cookie as the browser holds it.
@@ -203,10 +210,12 @@ def test_bulk_cancel_confirms_how_many_then_cancels_them(page: Any, cluster: dic
     page.goto(f"{url}/ui/jobs?queue=bulk&label=batch%3Db7")
     assert page.locator("table.jobs tbody tr").count() == 6
     page.click("button[data-bulk=cancel]")
-    wait_until(lambda: all(job(url, i)["state"] == "cancelled" for i in ids), 30, "the six jobs to be cancelled")
+    # (A Playwright wait, so that the confirmation is answered meanwhile: sync Playwright handles a dialog only
+    # while one of its calls runs.)
+    page.locator("#notice", has_text="6 done").wait_for(timeout=LIVE)
+    assert all(job(url, i)["state"] == "cancelled" for i in ids)
     assert any(m.startswith("Cancel 6 jobs") and "label batch=b7" in m for m in DIALOGS), DIALOGS
     assert job(url, other)["state"] == "queued"  # the filter's, and only those
-    page.wait_for_selector("#notice:has-text('6 done')", timeout=LIVE)
     http("POST", f"{url}/v1/queues/bulk/resume")
 
 
@@ -222,6 +231,54 @@ def test_pause_a_queue_from_its_page(page: Any, cluster: dict[str, Any]) -> None
     page.locator("#q-pausable button[data-act=resume-queue]").click()
     page.wait_for_selector("#q-pausable >> text=serving", timeout=LIVE)
     shot(page, "queues")
+
+
+def test_a_queue_limit_and_a_schedules_pause_resume_and_run_now(page: Any, cluster: dict[str, Any]) -> None:
+    url = cluster["url"]
+    submit(url, {"command": ["true"], "queue": "limited"})
+    page.goto(f"{url}/ui/queues")
+    form = page.locator("#q-limited form.limit")
+    form.locator("input[name=concurrency]").fill("3")
+    form.locator("button[type=submit]").click()
+    page.locator("#notice", has_text="limit 3").wait_for(timeout=LIVE)
+    status, queues = http("GET", f"{url}/v1/queues")
+    assert {q["name"]: q["concurrency"] for q in queues["queues"]}["limited"] == 3
+    page.locator("#q-limited form.limit input[name=concurrency]").fill("")
+    page.locator("#q-limited form.limit button[type=submit]").click()
+    page.locator("#notice", has_text="limit lifted").wait_for(timeout=LIVE)
+    assert {q["name"]: q["concurrency"] for q in http("GET", f"{url}/v1/queues")[1]["queues"]}["limited"] is None
+
+    http("POST", f"{url}/v1/schedules", {"name": "hourly-sync", "cron": "0 * * * *", "job": {"command": ["true"]}})
+    page.goto(f"{url}/ui/schedules")
+    row = "#s-hourly-sync"
+    assert page.locator(f"{row} ul.plain li").count() == 3  # its next three runs
+    page.locator(f"{row} button[data-act=pause-schedule]").click()
+    page.locator(row, has_text="paused").wait_for(timeout=LIVE)
+    assert http("GET", f"{url}/v1/schedules/hourly-sync")[1]["paused"] is True
+    page.locator(f"{row} button[data-act=resume-schedule]").click()
+    page.locator(f"{row} button[data-act=pause-schedule]").wait_for(timeout=LIVE)
+    page.locator(f"{row} button[data-act=trigger]").click()
+    page.locator("#notice", has_text="hourly-sync: a job submitted").wait_for(timeout=LIVE)
+    # The job it ran now, found on the jobs page by the schedule's label.
+    page.goto(f"{url}/ui/jobs?label={LABEL}%3Dhourly-sync")
+    assert page.locator("table.jobs tbody tr").count() == 1
+
+
+def test_the_stream_closes_while_the_tab_is_hidden_and_catches_up_when_shown(page: Any,
+                                                                             cluster: dict[str, Any]) -> None:
+    url = cluster["url"]
+    page.goto(f"{url}/ui/jobs?queue=hidden-tab")
+    page.wait_for_selector("#live:not([hidden])")
+    mark(page)
+    hide = """(hidden) => { Object.defineProperty(document, 'hidden', {value: hidden, configurable: true});
+                            document.dispatchEvent(new Event('visibilitychange')); }"""
+    page.evaluate(hide, True)
+    page.wait_for_selector("#live[hidden]", state="attached")  # the EventSource is closed
+    jid = submit(url, {"command": ["true"], "queue": "hidden-tab"})  # while hidden: nothing is told
+    page.evaluate(hide, False)  # shown again: the stream resumes from its last id and catches up
+    page.locator(f"table.jobs a[href='/ui/jobs/{jid}']").wait_for(timeout=LIVE)
+    page.wait_for_selector("#live:not([hidden])")
+    not_reloaded(page)
 
 
 def test_a_workflow_graph_shows_each_job_in_its_state(page: Any, cluster: dict[str, Any]) -> None:
@@ -353,6 +410,7 @@ def test_orch_ui_link_signs_in_once_and_drain_stops_a_real_worker(browser: Any, 
         pg.goto(url + "/ui/workers")
         row = pg.locator("tr", has_text="to-drain")
         row.locator("button[data-act=drain]").click()
+        pg.locator("#notice", has_text="draining").wait_for(timeout=LIVE)
         assert w.wait(30) == 0  # the worker process drained and exited by itself
         pg.wait_for_selector("tr:has-text('to-drain') .badge.st-stopped", timeout=LIVE)
         shot(pg, "workers")

@@ -110,8 +110,9 @@
   }
 
   document.addEventListener("click", async (e) => {
+    // (A live refresh may have replaced the button since the click began: its data still says what to do.)
     const b = e.target.closest("button[data-act], button[data-bulk]");
-    if (!b || !main.contains(b)) return;
+    if (!b) return;
     e.preventDefault();
     try {
       if (b.dataset.bulk) {
