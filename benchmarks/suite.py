@@ -1380,17 +1380,17 @@ async def _dashboard_pages(url: str, samples: int, job_id: int, workflow_id: int
                 if i >= 3:  # after a warm-up
                     times.append((time.perf_counter() - t0) * 1000)
             out[label] = {"p50": percentile(times, 50), "p99": percentile(times, 99)}
-        # Live: from a submit's answer to the `change` event on an open stream (what a page then refetches).
+        # Live: from a submit's start to the `change` event on an open stream (what a page then refetches).
         lags = []
         async with session.get(url + "/ui/events") as stream:
             await stream.content.readline()  # retry: 1000
             await stream.content.readline()
             for _ in range(samples):
                 await asyncio.sleep(0.5)  # past the stream's spacing of its events (~0.3 s): each one stands alone
+                t0 = time.perf_counter()
                 async with session.post(url + "/v1/jobs", json={"command": ["true"], "queue": "parked-live"},
                                         headers=auth_header(url, "/v1/jobs", "POST")) as r:
                     await r.read()
-                    t0 = time.perf_counter()
                 while not (await stream.content.readline()).startswith(b"event: change"):
                     pass
                 lags.append((time.perf_counter() - t0) * 1000)
@@ -1434,7 +1434,7 @@ def bench_dashboard(ctx: Context) -> list[Row]:
     for label, t in times.items():
         rows.append(Row(f"dashboard: {label} page, p99, {n:,} jobs", "<= 300 ms", t["p99"], "ms", goal=DASH_PAGES,
                         higher_better=False, detail={"p50_ms": t["p50"], "fill": fill}))
-    rows.append(Row(f"dashboard: a submit to its live event on an open page, p99, {n:,} jobs", "<= 1000 ms",
+    rows.append(Row(f"dashboard: a submit (from its start) to its live event on an open page, p99, {n:,} jobs", "<= 1000 ms",
                     live["p99"], "ms", goal=1000, higher_better=False, detail={"p50_ms": live["p50"]}))
     return rows
 

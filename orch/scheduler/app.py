@@ -1461,12 +1461,12 @@ def build_app(settings: Settings, store: Store) -> web.Application:
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)
-    if settings["ui.enabled"]:
-        ui_views.setup(app, api)
     for route in ROUTES:  # the one table (orch/scheduler/routes.py): router, document and gate read it
         handler = getattr(api, route.handler)
         if route.method == "GET":
             app.router.add_get(route.served_path, handler)  # and HEAD
         else:
             app.router.add_route(route.method, route.served_path, handler)
+    if settings["ui.enabled"]:
+        ui_views.setup(app, api)  # after the API's routes: a request of the API is matched before any page
     return app
