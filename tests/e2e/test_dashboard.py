@@ -137,6 +137,14 @@ def test_sign_in_and_every_page_renders(page: Any, cluster: dict[str, Any]) -> N
     assert page.locator(".tiles .tile").count() == 9  # one per state
     page.goto(url + "/ui/workers")
     assert page.locator("text=browser-w").count() == 1
+    signed_out = page.context.browser.new_context(viewport={"width": 1280, "height": 860})
+    try:
+        login_page = signed_out.new_page()
+        login_page.goto(url + "/ui/jobs")  # signed out: sent to the sign-in
+        assert login_page.url.endswith("/ui/login")
+        shot(login_page, "login")
+    finally:
+        signed_out.close()
     # The session cookie as the browser holds it.
     (cookie,) = [c for c in page.context.cookies() if c["name"] == "orch_session"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expires"] > 0
