@@ -9,6 +9,7 @@ would still not run. Charts and timelines are SVG, whose geometry is attributes,
 from __future__ import annotations
 
 import html
+import json
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote, urlencode
@@ -292,7 +293,6 @@ def job(j: dict[str, Any], events: Sequence[dict[str, Any]], why: dict[str, Any]
 
 
 def _json(v: Any) -> str:
-    import json
     return json.dumps(v, indent=2, ensure_ascii=False, sort_keys=False)
 
 

@@ -147,10 +147,7 @@ class Ui:
                 log.warning("dashboard sign-in refused from %s", request.remote)
                 return self._html(pages.login("That is not the client token (nor the read token).",
                                               self.guard.read is not None), 401)
-        resp = web.HTTPSeeOther("/ui")
-        self._cookie(resp, role)
-        log.info("dashboard signed in (%s) from %s", role, request.remote)
-        raise resp
+        raise self._signed_in(request, role, "")
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         found = self.guard.session_of(request)
@@ -167,10 +164,14 @@ class Ui:
         if role is None:
             return self._html(pages.login("That sign-in link was used already or has expired: run orch ui again.",
                                           self.guard.read is not None), 401)
+        raise self._signed_in(request, role, " by a one-time link")
+
+    def _signed_in(self, request: web.Request, role: str, how: str) -> web.HTTPSeeOther:
+        """On to the overview with a new session of ``role``."""
         resp = web.HTTPSeeOther("/ui")
         self._cookie(resp, role)
-        log.info("dashboard signed in (%s) by a one-time link from %s", role, request.remote)
-        raise resp
+        log.info("dashboard signed in (%s)%s from %s", role, how, request.remote)
+        return resp
 
     # ------------------------------------------------------------------ rendering
 
