@@ -24,7 +24,7 @@ from orch import auth
 from orch.core.errors import Conflict, IdempotencyKeyReused, NotFound, UnknownWorker, ValidationError
 from orch.core.policy import Ask, Candidate, pick
 from orch.core.rates import Rate
-from orch.core.spec import JobSpec
+from orch.core.spec import JobSpec, parse_spec
 from orch.core.states import TERMINAL, JobState, Outcome
 from orch.core.times import iso
 from orch.scheduler import wire
@@ -118,6 +118,33 @@ def test_claim_by_unknown_worker_is_refused(run: Run, tmp_path: Path) -> None:
         with pytest.raises(UnknownWorker):
             await store.claim("w-nobody", ["default"], 1, TTL)
         assert (await shown(store, jid))["state"] == "queued"
+
+    run(tmp_path, body)
+
+
+def test_a_claim_with_nothing_there_and_one_of_many_are_what_they_were(run: Run, tmp_path: Path) -> None:
+    """Whatever a store does to answer an empty claim cheaply or to weigh a small one, the claim says the same: an
+    unknown worker is refused with nothing queued too, a draining one is handed nothing, one without a queued
+    job's runner nothing, and a claim asking for more than there is takes all there is, once."""
+    async def body(store: Store, clock: FakeClock) -> None:
+        with pytest.raises(UnknownWorker):
+            await store.claim("w-nobody", ["default"], 1, TTL)
+        w = await worker(store)
+        assert (await store.claim(w, ["default"], 500, TTL))[0] == []
+        ids = [j.id for j in await store.submit([spec(name=f"j{i}") for i in range(100)], POLICY)]
+        got, changes = await store.claim(w, ["default", "other"], 500, TTL)
+        assert sorted(j.job_id for j in got) == ids and sorted(c.job_id for c in changes) == ids
+        assert (await store.claim(w, ["default"], 500, TTL))[0] == []
+        python = await store.submit([parse_spec({"python": {"function": "m:f"}})], POLICY)
+        assert (await store.claim(w, ["default"], 10, TTL))[0] == [], "an exec-only worker took a python job"
+        py = await store.register_worker(name="py", hostname="h", queues=["default"], concurrency=1,
+                                         runners=["exec", "python"])
+        await submit_one(store)
+        assert await store.drain_worker(py)
+        assert (await store.claim(py, ["default"], 10, TTL))[0] == [], "a draining worker was handed work"
+        other = await store.register_worker(name="py2", hostname="h", queues=["default"], concurrency=1,
+                                            runners=["python"])
+        assert [j.job_id for j in (await store.claim(other, ["default"], 10, TTL))[0]] == [python[0].id]
 
     run(tmp_path, body)
 
