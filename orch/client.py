@@ -123,8 +123,14 @@ class Client:
     async def health(self) -> dict[str, Any]:
         return await self.request("GET", "/healthz", read_timeout=10)
 
-    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", "/v1/jobs", body=spec)
+    async def submit(self, spec: dict[str, Any], wait: float = 0.0) -> dict[str, Any]:
+        """Submit a job; with ``wait`` (seconds), the answer comes once it has ended or ``wait`` passed: the job
+        as GET /v1/jobs/{id} shows it then (one request instead of a submit and a wait)."""
+        if wait <= 0:
+            return await self.request("POST", "/v1/jobs", body=spec)
+        # A 429 (too many long-polls open) is answered before anything is submitted: asking again is safe.
+        return await self.request("POST", "/v1/jobs", body=spec, params={"wait": wait}, read_timeout=wait + 30,
+                                  patient=True)
 
     async def submit_many(self, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         return (await self.request("POST", "/v1/jobs/batch", body={"jobs": list(specs)}))["jobs"]

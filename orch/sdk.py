@@ -7,6 +7,7 @@
 
     job = resize.submit("/data/a.png", width=640)   # a Job: .id, .status(), .result(timeout=)
     print(job.result(timeout=30))                   # the return value, or raises JobFailed
+    print(resize.run("/data/b.png", width=320))     # submit and wait in one request: the return value
 
 A task is a function a worker can import (``pkg.mod:name``): a job of it is ``{"python": {"function", "args",
 "kwargs"}}``, run by a worker's python runner in a long-lived child interpreter. Its arguments must be JSON
@@ -42,6 +43,7 @@ TERMINAL = frozenset(s.value for s in JobState if s.terminal)  # the states a jo
 OPTION_NAMES = frozenset({"queue", "priority", "max_attempts", "timeout", "name", "labels", "env", "cwd", "backoff",
                           "retry_on_exit", "run_at", "delay", "idempotency_key", "rate_keys", "concurrency",
                           "depends_on", "ref"})
+RUN_WAIT = 30.0  # seconds a run's submit holds for the end; then it waits on in GET /v1/jobs/{id}/wait
 Dependency = Any  # a Job, a job id, a ref of the same batch, or {"job": ..., "on": ...}
 
 
@@ -168,6 +170,15 @@ class Task(Generic[P, R]):
     async def submit_async(self, client: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> AsyncJob:
         return await client.submit(self.spec(*args, **kwargs))
 
+    def run(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run a call on the cluster and return its return value (JobFailed if it did not succeed): the submit
+        and the wait for its end in one request. Waits as long as it takes (the task's timeout bounds it)."""
+        client = self.client or default_client()
+        return client.run(self.spec(*args, **kwargs))
+
+    async def run_async(self, client: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return await client.run(self.spec(*args, **kwargs))
+
     def __repr__(self) -> str:
         return f"<orch task {self.function}>"
 
@@ -275,6 +286,16 @@ class AsyncClient:
         body = _prepared(spec)
         got = await self.http.submit(body)
         return AsyncJob(self, int(got["id"]), got)
+
+    async def run(self, spec: Mapping[str, Any] | Task[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Submit a job (as ``submit``) and return its return value or result value once it has ended (JobFailed
+        if it did not succeed). One request does both (``POST /v1/jobs?wait=``), asked again while it runs on."""
+        if isinstance(spec, Task):
+            spec = spec.spec(*args, **kwargs)
+        got = await self.http.submit(_prepared(spec), wait=RUN_WAIT)
+        if got.get("state") in TERMINAL:
+            return _value(got)
+        return await AsyncJob(self, int(got["id"]), got).result()
 
     async def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[AsyncJob]:
         """Submit jobs in one atomic batch (a workflow: ``ref`` names a job, ``depends_on`` names refs, ids or
@@ -409,6 +430,10 @@ class Client:
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Job]:
         return [Job(self, j) for j in self._run(self._async.submit_many(list(specs)))]
+
+    def run(self, spec: Mapping[str, Any] | Task[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Submit a job and return its value once it has ended, in one request (see ``AsyncClient.run``)."""
+        return self._run(self._async.run(spec, *args, **kwargs))
 
     def job(self, job_id: int) -> Job:
         return Job(self, self._async.job(job_id))

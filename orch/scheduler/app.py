@@ -82,6 +82,12 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dump
 dumps = _ENCODER.encode
 
 
+def _small(job: dict[str, Any]) -> bool:
+    """A job's answer (or the output route's) with little enough output to be encoded at once."""
+    res = job.get("result") or job
+    return len(res.get("stdout") or "") + len(res.get("stderr") or "") <= BIG_OUTPUT
+
+
 def ok(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=dumps)
 
@@ -495,8 +501,7 @@ class Api:
 
     async def answer(self, request: web.Request, job: dict[str, Any], status: int = 200) -> web.StreamResponse:
         """A job's answer; one with a lot of output is encoded a slice at a time (orch/scheduler/bodies.py)."""
-        res = job.get("result") or job  # a job, or the output route's answer
-        if len(res.get("stdout") or "") + len(res.get("stderr") or "") <= BIG_OUTPUT:
+        if _small(job):
             return ok(job, status)
         return await big_answer(request, await encode(job), status)
 
@@ -513,7 +518,7 @@ class Api:
                 field=prefix + largest)
         return data, text
 
-    async def submit(self, request: web.Request) -> web.Response:
+    async def submit(self, request: web.Request) -> web.StreamResponse:
         raw = request.get(BODY)  # read and decoded by guard_request
         if raw is None:
             raw = await request.read()
@@ -521,6 +526,7 @@ class Api:
             raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
                                   f"({self.max_spec:,}): put large data in a file the job reads", field="body")
         spec = parse_spec(await read_json(request))
+        wait = query_num(request, "wait", 0, 3600, 0) if "wait" in request.query else 0.0
         header = request.headers.get("Idempotency-Key")
         if header is not None:
             key = check_idempotency_key(header, "Idempotency-Key")
@@ -532,11 +538,19 @@ class Api:
             spec = dataclasses.replace(spec, idempotency_key=key)
         stored = self.stored(spec, "")
         try:
-            jobs = await self.store.submit([spec], self.defaults, [stored])
+            # Waiting: the answer comes after the end's commit is on disk (or synced() at the deadline), which
+            # covers the submit's, so the submit itself need not wait for an fsync of its own.
+            jobs = await self.store.submit([spec], self.defaults, [stored], durable=wait <= 0)
         except (ValidationError, NotFound, Conflict) as e:  # a dependency's place in a batch: here, one job
             if e.field and e.field.startswith("jobs[0]."):
                 e.field = e.field[len("jobs[0]."):]
             raise
+        status = 200 if jobs[0].replayed else 201
+        if wait > 0:
+            job = self.view(await self._ended(request, jobs[0].id, time.monotonic() + wait))
+            if jobs[0].replayed:
+                job["idempotent_replay"] = True
+            return await self.synced_answer(request, job, status)
         if jobs[0].replayed:  # the job of this key, as it is now
             return ok({**self.view(await self.store.get_job(jobs[0].id, with_output=False)),
                        "idempotent_replay": True}, 200)
@@ -816,7 +830,22 @@ class Api:
     async def wait(self, request: web.Request) -> web.StreamResponse:
         job_id = job_id_of(request)
         timeout = query_num(request, "timeout", 0, 3600, self.long_poll)
-        deadline = time.monotonic() + timeout
+        job = self.view(await self._ended(request, job_id, time.monotonic() + timeout))
+        return await self.synced_answer(request, job)
+
+    async def synced_answer(self, request: web.Request, job: dict[str, Any], status: int = 200) -> web.StreamResponse:
+        """A waiter's answer, given once what it tells is on disk: woken at the commit of a job's end, maybe
+        before that commit's fsync, a waiter is told only once it is durable (storage.synchronous FULL), and so
+        is the submit of a submit that waited. A small answer is encoded while the fsync runs."""
+        if _small(job):
+            resp = ok(job, status)
+            await self.store.synced()
+            return resp
+        await self.store.synced()
+        return await self.answer(request, job, status)
+
+    async def _ended(self, request: web.Request, job_id: int, deadline: float) -> JobRecord:
+        """The job once it has ended, or as it is at ``deadline`` (or when the caller hung up)."""
         while True:
             ev = self.hub.job_event(job_id)
             state, _ = await self.store.job_state(job_id)
@@ -827,12 +856,7 @@ class Api:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break  # the waiter hung up: do not hold its long-poll slot for the rest of its timeout
-        job = await self.store.get_job(job_id)
-        if job.job.state.terminal:
-            # Woken at the commit of the job's end, maybe before its fsync: a waiter is told
-            # that a job ended only once the end is on disk (storage.synchronous FULL).
-            await self.store.synced()
-        return await self.answer(request, self.view(job))
+        return await self.store.get_job(job_id)
 
     async def wait_many(self, request: web.Request) -> web.Response:
         """Hold until one of the jobs named has ended (or ``timeout`` passes); answer with every one of them

@@ -67,6 +67,11 @@ def _wait_params() -> list[dict[str, Any]]:
     return [JOB_PARAM, _query("timeout", {"type": "number", "minimum": 0, "maximum": 3600})]
 
 
+# A submit that waits for its job's end in the same request: one round trip instead of two (orch run --wait,
+# the SDK's task.run). Its answer waits for the end's commit to be on disk, which covers the submit's too.
+SUBMIT_WAIT = _query("wait", {"type": "number", "minimum": 0, "maximum": 3600},
+                     "seconds to hold the answer until the job has ended (0: answer once it is submitted)")
+
 _REPLAYED = {"200": _json("Job", "the job submitted before with this idempotency key (idempotent_replay: true)")}
 
 ROUTES: tuple[Route, ...] = (
@@ -75,8 +80,13 @@ ROUTES: tuple[Route, ...] = (
           {"description": "text exposition format", "content": {"text/plain": {}}}),
     Route("GET", "/v1/openapi.json", "openapi_json", CLIENT, "this document",
           {"description": "OpenAPI 3.1", "content": {"application/json": {}}}),
-    Route("POST", "/v1/jobs", "submit", CLIENT, "submit one job", _json("Job", "the new job"), status="201",
-          body="JobSpec", params=[IDEMPOTENCY_HEADER], more=_REPLAYED),
+    Route("POST", "/v1/jobs", "submit", CLIENT,
+          "submit one job; with wait, also hold until it ends (or wait seconds pass) and answer with it then",
+          _json("JobDetail", "the new job (with wait: as it is when it ended, or when wait passed)"),
+          status="201", body="JobSpec", params=[IDEMPOTENCY_HEADER, SUBMIT_WAIT],
+          more={"200": _json("JobDetail", "the job submitted before with this idempotency key "
+                                          "(idempotent_replay: true)")},
+          long_poll="wait"),
     Route("GET", "/v1/jobs", "list_jobs", CLIENT, "list jobs, newest first", _json("JobPage", "a page of jobs"),
           params=[_query("state", {"type": "string", "enum": [s.value for s in JobState]}),
                   _query("queue", NAME),

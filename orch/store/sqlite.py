@@ -21,7 +21,8 @@ writer thread checkpoint as they commit, so the WAL stays bounded under load.
 Committed changes. Operations report the job state changes they make
 (``store.base.Change``); once a batch has committed, all of its changes go to
 ``on_commit`` in one call (the scheduler wakes long-polls and counts metrics
-there), before any caller's answer and before the fsync below.
+there), before any caller's answer (the fsync below, which durable answers wait for, is started
+just before it: it is the last step of their way).
 
 Durability (``storage.synchronous``). With FULL, an operation whose answer
 promises durability (a submit, a completion, a cancel, a hand-back) is answered
@@ -683,6 +684,16 @@ class SqliteStore:
         self.ops += len(batch)
         self._commit_seq += 1
         seq = self._commit_seq
+        settle_now = []
+        for (_, fut, durable), (ok, value, _) in zip(batch, results, strict=True):
+            if durable and ok and self._wal_fd is not None:
+                self._unflushed.append((seq, fut, value))
+            else:
+                settle_now.append((fut, ok, value))
+        if self._unflushed and not self._flushing:
+            # The fsync starts before the listener runs: the answers waiting for it are given on a later turn
+            # of the loop (after the listener either way), and the fsync is the last step of their path.
+            self._flush()
         changes = [c for ok, _, cs in results if ok for c in cs]
         if changes and self._queue_limits:
             changes += freed_slots(changes, self._queue_limits)
@@ -691,13 +702,8 @@ class SqliteStore:
                 self.on_commit(changes)
             except Exception:  # a listener's bug must not keep the callers from their answers
                 log.exception("on_commit listener failed")
-        for (_, fut, durable), (ok, value, _) in zip(batch, results, strict=True):
-            if durable and ok and self._wal_fd is not None:
-                self._unflushed.append((seq, fut, value))
-            else:
-                _settle(fut, ok, value)
-        if self._unflushed and not self._flushing:
-            self._flush()
+        for fut, ok, value in settle_now:
+            _settle(fut, ok, value)
         self._since_ckpt += 1
         if self._since_ckpt >= CHECKPOINT_EVERY and self._ckpt_running is None:
             self._checkpoint()
@@ -1069,7 +1075,7 @@ class SqliteStore:
     # ------------------------------------------------------------------ writes
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
-                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None, *, durable: bool = True) -> list[Job]:
         """Queue jobs (or schedule those due later: ``JobSpec.due`` on this store's clock, ``decisions.submitted``;
         or block those with dependencies until they are met); their ids are consecutive, in the order given.
         ``stored``: each spec's stored form and its JSON text, when the caller made them already
@@ -1122,13 +1128,13 @@ class SqliteStore:
             return first, moved
 
         if any(spec.idempotency_key is not None or spec.rate_keys or _decides_at_submit(spec) for spec in specs):
-            return await self._submit_each(specs, rows, now, links)
-        first, moved = await self._write(op, durable=True, weight=len(specs))
+            return await self._submit_each(specs, rows, now, links, durable)
+        first, moved = await self._write(op, durable=durable, weight=len(specs))
         return [Job(first + i, moved.get(first + i, states[i]), r[0], r[1], r[5], r[6], 0, r[3], now, None, None,
                     r[9], None, False, None, None) for i, r in enumerate(rows)]
 
     async def _submit_each(self, specs: Sequence[JobSpec], rows: list[tuple[Any, ...]], now: float,
-                           links: _Links | None) -> list[Job]:
+                           links: _Links | None, durable: bool = True) -> list[Job]:
         """A submit where some jobs carry an idempotency key or name rate limits, a row at a time.
 
         A keyed row is inserted unless the unique index has its key already; then the kept job with it is the
@@ -1192,7 +1198,7 @@ class SqliteStore:
                 got = [(jid, again, after.get(jid, state), due) for jid, again, state, due in got]
             return got
 
-        got = await self._write(op, durable=True, weight=len(specs))
+        got = await self._write(op, durable=durable, weight=len(specs))
         again = sorted({jid for jid, replayed, _, _ in got if replayed})
         kept: dict[int, Job] = {}
         if again:

@@ -131,6 +131,8 @@ def test_a_task_returns_its_value_and_a_raised_exception_fails_it_with_its_trace
                                       "kwargs": {"width": 640}}
     assert info["result"]["stdout"] == "resizing /data/a.png to 640\n"
     assert info["command"] == 'shop_tasks:resize("/data/a.png", width=640)'
+    # run: the submit and the wait for the end in one request, the return value back.
+    assert tasks.resize.run("/data/b.png", width=320) == {"path": "/data/b.png", "width": 320}
 
     with Client(cluster[0], token=client_token()) as client:
         failed = client.submit(tasks.broken, 7)
@@ -140,6 +142,11 @@ def test_a_task_returns_its_value_and_a_raised_exception_fails_it_with_its_trace
         assert err.value.error == "ValueError: cannot handle 7"
         assert "Traceback (most recent call last)" in err.value.stderr
         assert 'raise ValueError(f"cannot handle {n}")' in err.value.stderr
+
+        with pytest.raises(JobFailed) as err:  # the same through run, in one request
+            client.run(tasks.broken, 8)
+        assert err.value.error == "ValueError: cannot handle 8" and "Traceback" in err.value.stderr
+        assert client.run({"python": {"function": "shop_tasks:doubled", "args": [4]}, "max_attempts": 1}) == 8
 
         with pytest.raises(JobFailed) as err:
             client.submit(tasks.opaque).result(timeout=30)
@@ -222,6 +229,7 @@ def test_a_workflow_from_handles_and_the_async_client_waiting_for_many(
             many = [await client.submit(tasks.resize, f"p{i}", width=i) for i in range(30)]
             values = await client.results(many, timeout=60)
             assert [v["width"] for v in values] == list(range(30))
+            assert await tasks.resize.run_async(client, "r", width=5) == {"path": "r", "width": 5}
 
     asyncio.run(main())
 

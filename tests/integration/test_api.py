@@ -509,6 +509,110 @@ async def _state_is(store: Any, job_id: int, state: str) -> bool:
     return (await store.job_state(job_id))[0] == state
 
 
+def test_a_submit_with_wait_answers_with_the_job_once_it_has_ended(tmp_path: Path) -> None:
+    """POST /v1/jobs?wait=S: one request submits the job and answers with it once it has ended (the SDK's run), or
+    as it is when S passes; a replayed idempotency key waits for that job; a bad wait is a 400 naming it."""
+    async def body(client: TestClient) -> None:
+        wid = await register(client)
+        hub = client.server.app[HUB]
+        started = time.monotonic()
+        task = asyncio.ensure_future(call(client, "POST", "/v1/jobs", {"command": ["true"], "idempotency_key": "k1"},
+                                          params={"wait": "10"}))
+        leased: list[dict[str, Any]] = []
+
+        async def leased_one() -> bool:
+            leased.extend(await lease(client, wid))
+            return bool(leased)
+
+        await until(leased_one, what="the job to be handed out")
+        job_id = leased[0]["job_id"]
+        await until(lambda: job_id in hub._jobs, what="the submit to wait on its job")
+        assert not task.done(), "answered before the job ended"
+        status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job_id, "attempt": 1, "outcome": "succeeded", "exit_code": 0, "value": {"n": 7}}]})
+        assert status == 200 and data["results"][0]["accepted"], data
+        status, done = await asyncio.wait_for(task, 5)
+        assert status == 201, done
+        assert done["id"] == job_id and done["state"] == "succeeded" and done["exit_code"] == 0
+        assert done["result"]["value"] == {"n": 7} and [a["state"] for a in done["attempts"]] == ["succeeded"]
+        assert time.monotonic() - started < 8
+
+        # The same key again: that job, already ended, at once (200, as a replay without wait is).
+        status, again = await call(client, "POST", "/v1/jobs", {"command": ["true"], "idempotency_key": "k1"},
+                                   params={"wait": "10"})
+        assert status == 200 and again["id"] == job_id and again["idempotent_replay"] is True
+        assert again["state"] == "succeeded" and again["result"]["value"] == {"n": 7}
+
+        # Nobody takes it within the wait: the job as it is then, submitted (201), and still there.
+        started = time.monotonic()
+        status, queued = await call(client, "POST", "/v1/jobs", {"command": ["true"], "queue": "nobody"},
+                                    params={"wait": "0.3"})
+        assert status == 201 and queued["state"] == "queued" and queued["attempts"] == []
+        assert time.monotonic() - started >= 0.25
+        status, there = await call(client, "GET", f"/v1/jobs/{queued['id']}")
+        assert status == 200 and there["state"] == "queued"
+        # wait=0 is a plain submit.
+        status, plain = await call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": "0"})
+        assert status == 201 and plain["state"] == "queued"
+
+        before = await job_count(client)
+        for bad in ("soon", "-1", "99999", "inf", "nan"):
+            status, data = await call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": bad})
+            assert_error(status, data, 400, field="wait")
+        assert await job_count(client) == before, "a refused submit wrote a job"
+
+    serve(tmp_path, body)
+
+
+@pytest.mark.backend_specific  # (PostgreSQL: a commit that returned is on disk)
+def test_a_submit_that_waits_answers_only_once_its_jobs_end_is_on_disk(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The submit of a submit that waits is not fsynced on its own: its answer comes after the fsync of the end,
+    which covers the submit's commit too (synchronous FULL)."""
+    import os
+    import threading
+
+    real_fdatasync = os.fdatasync
+    gate = threading.Event()
+    gate.set()
+
+    def gated(fd: int) -> None:
+        gate.wait(10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", gated)
+
+    async def body(client: TestClient) -> None:
+        from orch.scheduler.app import STORE
+
+        store = client.server.app[STORE]
+        wid = await register(client)
+        gate.clear()  # from here the disk "takes its time"
+        task = asyncio.ensure_future(call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": "10"}))
+        leased: list[dict[str, Any]] = []
+
+        async def leased_one() -> bool:
+            leased.extend(await lease(client, wid))
+            return bool(leased)
+
+        # The job is handed out while no fsync has returned: the submit did not wait for one of its own.
+        await until(leased_one, what="the job to be handed out before any fsync")
+        job_id = leased[0]["job_id"]
+        done = asyncio.ensure_future(call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
+            {"job_id": job_id, "attempt": 1, "outcome": "succeeded", "exit_code": 0}]}))
+        await until(lambda: _state_is(store, job_id, "succeeded"), what="the end to be committed")
+        for _ in range(50):  # let the woken submit run as far as it will
+            await asyncio.sleep(0)
+        assert not task.done() and not done.done(), "answered before the end reached the disk"
+        gate.set()
+        status, answer = await asyncio.wait_for(task, 5)
+        assert status == 201 and answer["state"] == "succeeded" and answer["id"] == job_id
+        status, reply = await asyncio.wait_for(done, 5)
+        assert status == 200 and reply["results"][0]["accepted"]
+
+    serve(tmp_path, body)
+
+
 def test_short_wait_returns_the_current_state(tmp_path: Path) -> None:
     async def body(client: TestClient) -> None:
         first = await submit(client)
