@@ -619,9 +619,10 @@ class SqliteStore:
                     conn.execute("RELEASE op")
                 out.append((True, value, changes))
             except Exception as e:  # the op's own error goes back to its caller
-                if alone:
-                    self._abort()
-                    return [(False, storage_error(e, self.path), [])]
+                if alone:  # its transaction held nothing else: rolled back, it is undone
+                    self._abort()  # (if even that fails, the next batch rolls back first: never a COMMIT of it)
+                    out.append((False, storage_error(e, self.path), []))
+                    break
                 try:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
@@ -633,16 +634,17 @@ class SqliteStore:
                 # A full disk may fail one statement only; its op is undone alone and says so (507).
                 out.append((False, storage_error(e, self.path), []))
         try:
-            # The dependents of the jobs some op ended (sql/migrations/0012) that no op looked at itself.
-            last = next((cs for ok, _, cs in reversed(out) if ok), None)
-            if last is not None:
-                _decide(conn, self.clock(), last)
-            # The keys whose jobs freed a slot in this batch (sql/migrations/0011): their first held jobs are let go,
-            # as many as have room, and their queues' waiters woken (one statement on an empty table, mostly).
-            freed = conn.execute("DELETE FROM freed_keys RETURNING ckey").fetchall()
-            if freed:  # with the changes of an op that went in (what the others did was rolled back)
-                next(cs for ok, _, cs in reversed(out) if ok).extend(_let_go(conn, {r[0] for r in freed}))
-            conn.execute("COMMIT")
+            if not alone or out[0][0]:  # (not after a lone op that failed: rolled back already)
+                # The dependents of the jobs some op ended (sql/migrations/0012) that no op looked at itself.
+                last = next((cs for ok, _, cs in reversed(out) if ok), None)
+                if last is not None:
+                    _decide(conn, self.clock(), last)
+                # The keys whose jobs freed a slot in this batch (sql/migrations/0011): their first held jobs are let
+                # go, as many as have room, and their queues' waiters woken (one statement on an empty table, mostly).
+                freed = conn.execute("DELETE FROM freed_keys RETURNING ckey").fetchall()
+                if freed:  # with the changes of an op that went in (what the others did was rolled back)
+                    next(cs for ok, _, cs in reversed(out) if ok).extend(_let_go(conn, {r[0] for r in freed}))
+                conn.execute("COMMIT")
         except sqlite3.Error as e:
             self._abort()
             return self._all_failed(e, len(ops))

@@ -14,7 +14,7 @@ import pytest
 from storekit import POLICY, TTL, FakeClock, claim_one, run_on, shown, spec, submit_one, worker
 
 from helpers import hold_fsyncs, until
-from orch.core.errors import StorageFull, UnknownWorker
+from orch.core.errors import NotFound, StorageFull, UnknownWorker
 from orch.core.spec import JobSpec, argv_of
 from orch.store.sqlite import SqliteStore, migrate, migrations
 
@@ -437,6 +437,30 @@ def test_a_transaction_sqlite_rolled_back_itself_fails_the_batch(tmp_path: Path,
         assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
         assert (await store.list_jobs(limit=10))[0] == []
         assert (await store.get_job(await submit_one(store))).job.state == "queued"  # and it goes on
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("weight", [1, 100], ids=["inline", "writer-thread"])
+def test_an_op_alone_in_its_batch_that_fails_is_undone_and_the_next_goes_on(tmp_path: Path, weight: int) -> None:
+    """An op alone in its batch runs without a savepoint: one that wrote, then failed, leaves nothing of itself,
+    its caller hears its own error, and the batches after it commit as usual (also with a checkpoint due)."""
+
+    def writes_then_fails(conn: sqlite3.Connection, out: list[Any]) -> None:
+        conn.execute("INSERT INTO queues (name, paused, updated_at) VALUES ('half-made', 1, 0)")
+        raise NotFound("no such thing", field="x")
+
+    async def body(store: SqliteStore, clock: FakeClock) -> None:
+        store._writer_checkpoint = weight > 1  # the thread batch that fails was also to checkpoint
+        with pytest.raises(NotFound):
+            await store._write(writes_then_fails, weight=weight)
+        assert store._wconn is not None and not store._wconn.in_transaction
+        rows = await store._read("SELECT name FROM queues WHERE name = 'half-made'")
+        assert rows == [], "the failed op's write was kept"
+        jid = await submit_one(store, name="after")
+        assert (await store.get_job(jid)).job.state == "queued"
+        if weight > 1:
+            assert store.writer_checkpoints >= 1, "the failed batch's checkpoint was lost"
 
     run(tmp_path, body)
 
