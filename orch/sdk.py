@@ -289,7 +289,9 @@ class AsyncClient:
 
     async def run(self, spec: Mapping[str, Any] | Task[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Submit a job (as ``submit``) and return its return value or result value once it has ended (JobFailed
-        if it did not succeed). One request does both (``POST /v1/jobs?wait=``), asked again while it runs on."""
+        if it did not succeed). One request does both (``POST /v1/jobs?wait=``), asked again while it runs on.
+        If it raises ServerUnavailable (the connection broke while it waited), the job may have been submitted
+        and may run: give the spec an ``idempotency_key`` to run it once however often this is retried."""
         if isinstance(spec, Task):
             spec = spec.spec(*args, **kwargs)
         got = await self.http.submit(_prepared(spec), wait=RUN_WAIT)

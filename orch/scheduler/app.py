@@ -538,9 +538,10 @@ class Api:
             spec = dataclasses.replace(spec, idempotency_key=key)
         stored = self.stored(spec, "")
         try:
-            # Waiting: the answer comes after the end's commit is on disk (or synced() at the deadline), which
-            # covers the submit's, so the submit itself need not wait for an fsync of its own.
-            jobs = await self.store.submit([spec], self.defaults, [stored], durable=wait <= 0)
+            # Durable first, waiting or not: the job may run while the submit waits, and a power cut must not take
+            # back a job that ran. (Without this fsync a waiting submit was 2-11 % faster, its job unsaved for
+            # as long as it ran; with one started after a delay, 0-3 %.)
+            jobs = await self.store.submit([spec], self.defaults, [stored])
         except (ValidationError, NotFound, Conflict) as e:  # a dependency's place in a batch: here, one job
             if e.field and e.field.startswith("jobs[0]."):
                 e.field = e.field[len("jobs[0]."):]

@@ -370,7 +370,7 @@ async def guard_request(request: web.Request,
         await _read_body(request, guard)
     flag = LONG_POLLS.get((method, path))
     try:
-        if flag is not None and (flag == "" or request.query.get(flag, "0") not in _NO):
+        if flag is not None and (flag == "" or _asks(request.query.get(flag, "0"))):
             # Counted per credential: each worker's own, and the client token's (every CLI and program
             # that holds it, on any host: a count per address made unrelated CLIs on one host share a cap).
             if worker_id:
@@ -386,6 +386,16 @@ async def guard_request(request: web.Request,
         if worker_id:
             guard.worker_gone(worker_id)
         raise
+
+
+def _asks(value: str) -> bool:
+    """Whether a long-poll flag's value asks for one: not a no (follow=0, false), nor a zero (a submit's wait=0.0)."""
+    if value in _NO:
+        return False
+    try:
+        return float(value) != 0
+    except ValueError:
+        return True
 
 
 async def _read_body(request: web.Request, guard: Guard) -> None:

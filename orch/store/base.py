@@ -296,10 +296,8 @@ class Store(Protocol):
 
     # ---- jobs: clients
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
-                     stored: Sequence[tuple[dict[str, Any], str]] | None = None, *, durable: bool = True) -> list[Job]:
-        """Queue jobs, all or none, with ids increasing in the order given. ``durable=False``: the call may return
-        once the jobs are committed, before they are on disk; the caller then says nothing of them to anyone
-        before ``synced()`` returns (a submit that waits for its job's end answers after that). A job whose spec has a run_at or
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
+        """Queue jobs, all or none, with ids increasing in the order given. A job whose spec has a run_at or
         a delay is due at ``spec.due(clock())``, the store's clock at this submit: while that is ahead it starts
         ``scheduled`` (``decisions.submitted``) with its due time in ``Job.run_at``, and ``sweep`` queues it.
         ``stored``: each spec's stored form and its JSON text, when the caller made them

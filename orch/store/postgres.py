@@ -805,8 +805,8 @@ class PostgresStore:
     # ------------------------------------------------------------------ writes
 
     async def submit(self, specs: Sequence[JobSpec], defaults: RetryPolicy,
-                     stored: Sequence[tuple[dict[str, Any], str]] | None = None, *, durable: bool = True) -> list[Job]:
-        """Every commit is on disk when it returns (synchronous_commit): ``durable`` changes nothing here. Ids increase in the order given (several schedulers may submit at once: not always consecutive). A job
+                     stored: Sequence[tuple[dict[str, Any], str]] | None = None) -> list[Job]:
+        """Ids increase in the order given (several schedulers may submit at once: not always consecutive). A job
         due later (``JobSpec.due`` on this store's clock) starts scheduled, its due time in run_at."""
         if not specs:
             return []

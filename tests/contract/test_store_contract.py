@@ -149,19 +149,6 @@ def test_a_claim_with_nothing_there_and_one_of_many_are_what_they_were(run: Run,
     run(tmp_path, body)
 
 
-def test_a_submit_not_waiting_for_the_disk_is_there_and_synced_after(run: Run, tmp_path: Path) -> None:
-    """``durable=False``: the call may return before the commit is on disk; synced() returns once it is."""
-    async def body(store: Store, clock: FakeClock) -> None:
-        jobs = await store.submit([spec(name="quick")], POLICY, durable=False)
-        await store.synced()
-        assert (await shown(store, jobs[0].id))["name"] == "quick"
-        keyed = await store.submit([spec(idempotency_key="once")], POLICY, durable=False)
-        again = await store.submit([spec(idempotency_key="once")], POLICY, durable=False)
-        assert again[0].id == keyed[0].id and again[0].replayed
-
-    run(tmp_path, body)
-
-
 def test_list_jobs_pages_and_filters(run: Run, tmp_path: Path) -> None:
     async def body(store: Store, clock: FakeClock) -> None:
         jobs = await store.submit([spec(queue="a" if i % 3 else "b") for i in range(11)], POLICY)

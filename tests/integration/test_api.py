@@ -567,8 +567,8 @@ def test_a_submit_with_wait_answers_with_the_job_once_it_has_ended(tmp_path: Pat
 @pytest.mark.backend_specific  # (PostgreSQL: a commit that returned is on disk)
 def test_a_submit_that_waits_answers_only_once_its_jobs_end_is_on_disk(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The submit of a submit that waits is not fsynced on its own: its answer comes after the fsync of the end,
-    which covers the submit's commit too (synchronous FULL)."""
+    """A submit that waits is answered only once the end of its job is on disk (synchronous FULL); the job runs
+    meanwhile (a claim waits for no fsync)."""
     import os
     import threading
 
@@ -595,8 +595,8 @@ def test_a_submit_that_waits_answers_only_once_its_jobs_end_is_on_disk(tmp_path:
             leased.extend(await lease(client, wid))
             return bool(leased)
 
-        # The job is handed out while no fsync has returned: the submit did not wait for one of its own.
-        await until(leased_one, what="the job to be handed out before any fsync")
+        # The job is handed out while the submit's own fsync is still held.
+        await until(leased_one, what="the job to be handed out")
         job_id = leased[0]["job_id"]
         done = asyncio.ensure_future(call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
             {"job_id": job_id, "attempt": 1, "outcome": "succeeded", "exit_code": 0}]}))
@@ -611,6 +611,24 @@ def test_a_submit_that_waits_answers_only_once_its_jobs_end_is_on_disk(tmp_path:
         assert status == 200 and reply["results"][0]["accepted"]
 
     serve(tmp_path, body)
+
+
+def test_a_submit_with_wait_zero_is_no_long_poll(tmp_path: Path) -> None:
+    """wait=0 (as 0, 0.0 or 00) is a plain submit: it takes no long-poll slot, so it is not refused when they are
+    all held; a submit that does wait takes one."""
+    async def body(client: TestClient) -> None:
+        job = await submit(client, queue="nobody")
+        held = asyncio.ensure_future(call(client, "GET", f"/v1/jobs/{job['id']}/wait", params={"timeout": "5"}))
+        hub = client.server.app[HUB]
+        await until(lambda: job["id"] in hub._jobs, what="the wait to hold the one slot")
+        for zero in ("0", "0.0", "00"):
+            status, plain = await call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": zero})
+            assert status == 201 and plain["state"] == "queued", (zero, plain)
+        status, data = await call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": "1"})
+        assert status == 429, data
+        held.cancel()
+
+    serve(tmp_path, body, **{"scheduler.max_client_long_polls": 1})
 
 
 def test_short_wait_returns_the_current_state(tmp_path: Path) -> None:
