@@ -526,7 +526,7 @@ class Api:
             raise PayloadTooLarge(f"the job spec is {len(raw):,} bytes, more than scheduler.max_spec_bytes "
                                   f"({self.max_spec:,}): put large data in a file the job reads", field="body")
         spec = parse_spec(await read_json(request))
-        wait = query_num(request, "wait", 0, 3600, 0) if "wait" in request.query else 0.0
+        wait = query_num(request, "wait", 0, 3600, 0)
         header = request.headers.get("Idempotency-Key")
         if header is not None:
             key = check_idempotency_key(header, "Idempotency-Key")

@@ -67,8 +67,8 @@ def _wait_params() -> list[dict[str, Any]]:
     return [JOB_PARAM, _query("timeout", {"type": "number", "minimum": 0, "maximum": 3600})]
 
 
-# A submit that waits for its job's end in the same request: one round trip instead of two (orch run --wait,
-# the SDK's task.run). Its answer waits for the end's commit to be on disk.
+# A submit that waits for its job's end in the same request: one round trip instead of two (the SDK's
+# task.run). Its answer waits for the end's commit to be on disk.
 SUBMIT_WAIT = _query("wait", {"type": "number", "minimum": 0, "maximum": 3600},
                      "seconds to hold the answer until the job has ended (0: answer once it is submitted)")
 

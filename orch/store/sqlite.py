@@ -1600,7 +1600,7 @@ class SqliteStore:
         assert conn is not None, "store is not open"
         qs = list(dict.fromkeys(queues))[:MAX_QUEUES_PER_CLAIM]
         try:
-            state, _ = _live_worker_runners(conn, worker_id)
+            state = _live_worker(conn, worker_id)
             if state is WorkerState.DRAINING:
                 return 0
             # Not by runner: the index does not hold it, and a queue of 100,000 jobs of a runner the worker lacks

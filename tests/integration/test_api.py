@@ -85,6 +85,18 @@ async def lease(client: TestClient, wid: str, n: int = 1, wait: float = 0, **kw:
     return body["jobs"]
 
 
+async def lease_one(client: TestClient, wid: str) -> dict[str, Any]:
+    """The first job a lease hands the worker, asking until one comes (a submit in flight commits meanwhile)."""
+    leased: list[dict[str, Any]] = []
+
+    async def asked() -> bool:
+        leased.extend(await lease(client, wid))
+        return bool(leased)
+
+    await until(asked, what="a job to be handed out")
+    return leased[0]
+
+
 async def job_count(client: TestClient) -> int:
     status, body = await call(client, "GET", "/v1/jobs", params={"limit": "1000"})
     assert status == 200
@@ -518,14 +530,7 @@ def test_a_submit_with_wait_answers_with_the_job_once_it_has_ended(tmp_path: Pat
         started = time.monotonic()
         task = asyncio.ensure_future(call(client, "POST", "/v1/jobs", {"command": ["true"], "idempotency_key": "k1"},
                                           params={"wait": "10"}))
-        leased: list[dict[str, Any]] = []
-
-        async def leased_one() -> bool:
-            leased.extend(await lease(client, wid))
-            return bool(leased)
-
-        await until(leased_one, what="the job to be handed out")
-        job_id = leased[0]["job_id"]
+        job_id = (await lease_one(client, wid))["job_id"]
         await until(lambda: job_id in hub._jobs, what="the submit to wait on its job")
         assert not task.done(), "answered before the job ended"
         status, data = await call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
@@ -589,15 +594,8 @@ def test_a_submit_that_waits_answers_only_once_its_jobs_end_is_on_disk(tmp_path:
         wid = await register(client)
         gate.clear()  # from here the disk "takes its time"
         task = asyncio.ensure_future(call(client, "POST", "/v1/jobs", {"command": ["true"]}, params={"wait": "10"}))
-        leased: list[dict[str, Any]] = []
-
-        async def leased_one() -> bool:
-            leased.extend(await lease(client, wid))
-            return bool(leased)
-
         # The job is handed out while the submit's own fsync is still held.
-        await until(leased_one, what="the job to be handed out")
-        job_id = leased[0]["job_id"]
+        job_id = (await lease_one(client, wid))["job_id"]
         done = asyncio.ensure_future(call(client, "POST", f"/v1/workers/{wid}/complete", {"results": [
             {"job_id": job_id, "attempt": 1, "outcome": "succeeded", "exit_code": 0}]}))
         await until(lambda: _state_is(store, job_id, "succeeded"), what="the end to be committed")
